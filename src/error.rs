@@ -1,0 +1,206 @@
+//! The crate's error type.
+//!
+//! Operations that can hand a value back on failure (a lock guard after a poisoning, a
+//! message that could not be sent) use their own error types next to the operation; this
+//! is the error for everything else. Every message says what happened and what to do.
+
+use std::fmt;
+use std::io;
+
+/// What went wrong in a procshare operation.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system call failed.
+    Io {
+        /// What procshare was doing, e.g. `"creating shared memory segment"`.
+        op: &'static str,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A segment name is not usable: names must be 1 to 200 bytes of anything but `/` and NUL.
+    InvalidName {
+        /// The name as given.
+        name: String,
+    },
+    /// [`Segment::create`](crate::Segment::create) found a segment of that name already.
+    SegmentExists {
+        /// The name as given.
+        name: String,
+    },
+    /// [`Segment::open`](crate::Segment::open) found no segment of that name.
+    SegmentNotFound {
+        /// The name as given.
+        name: String,
+    },
+    /// The object is not a procshare segment (it was made by another program, or its
+    /// header was overwritten).
+    ForeignSegment {
+        /// The name as given, or `"<fd>"` for a segment received as a descriptor.
+        name: String,
+        /// What did not look like procshare's header.
+        reason: String,
+    },
+    /// The segment was made by an incompatible version of procshare.
+    VersionMismatch {
+        /// The name as given.
+        name: String,
+        /// The header format version in the segment.
+        found: u32,
+        /// The header format version this build understands.
+        expected: u32,
+    },
+    /// The segment holds a different type (or the same type from a different build).
+    TypeMismatch {
+        /// The name as given.
+        name: String,
+        /// The type this process asked for, as `name (size N, align A, procshare V)`.
+        expected: String,
+        /// The type the creator stored.
+        found: String,
+    },
+    /// The segment's size disagrees with its header or with what was asked for.
+    SizeMismatch {
+        /// The name as given.
+        name: String,
+        /// Bytes expected.
+        expected: u64,
+        /// Bytes found.
+        found: u64,
+    },
+    /// The creator never finished initialising the segment in time (it may have died).
+    NotReady {
+        /// The name as given.
+        name: String,
+    },
+    /// A wait ran out of time.
+    Timeout,
+    /// Shared memory holds a value no correct peer could have written.
+    Corrupted {
+        /// What was found to be inconsistent.
+        what: String,
+    },
+    /// The calling process has more than one thread, so forking it is unsafe.
+    MultiThreaded {
+        /// How many threads were running.
+        threads: u64,
+    },
+    /// An argument was out of range.
+    InvalidArgument {
+        /// What was wrong with it.
+        what: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, source: io::Error) -> Error {
+        Error::Io { op, source }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { op, source } => {
+                write!(f, "{op} failed: {source}")?;
+                match source.raw_os_error() {
+                    Some(libc::EMFILE | libc::ENFILE) => f.write_str(
+                        " (too many open files: raise the limit with `ulimit -n` or drop unused \
+                         segments)",
+                    ),
+                    Some(libc::ENOMEM) => f.write_str(
+                        " (out of memory or mappings: free memory or raise vm.max_map_count)",
+                    ),
+                    Some(libc::ENOSPC) => f.write_str(
+                        " (no space left in /dev/shm: remove stale segments with \
+                         `Segment::remove_stale`)",
+                    ),
+                    Some(libc::EACCES | libc::EPERM) => f.write_str(
+                        " (permission denied: named segments are private to the user who made them)",
+                    ),
+                    _ => Ok(()),
+                }
+            }
+            Error::InvalidName { name } => write!(
+                f,
+                "invalid segment name {name:?}: use 1 to 200 bytes without '/' or NUL"
+            ),
+            Error::SegmentExists { name } => write!(
+                f,
+                "a shared memory segment named {name:?} already exists: open it with \
+                 `Segment::open`, pick another name, or remove a stale one with \
+                 `Segment::remove`"
+            ),
+            Error::SegmentNotFound { name } => write!(
+                f,
+                "no shared memory segment named {name:?}: check the name, and that the creating \
+                 process has created it and not yet dropped it"
+            ),
+            Error::ForeignSegment { name, reason } => write!(
+                f,
+                "{name:?} is not a procshare segment ({reason}): it was made by another program \
+                 or overwritten; check the name"
+            ),
+            Error::VersionMismatch {
+                name,
+                found,
+                expected,
+            } => write!(
+                f,
+                "segment {name:?} has header format {found} but this procshare understands \
+                 {expected}: build every process against the same procshare version"
+            ),
+            Error::TypeMismatch {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "segment {name:?} holds {found}, not {expected}: open it with the type its \
+                 creator used, and build every process against the same code"
+            ),
+            Error::SizeMismatch {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "segment {name:?} is {found} bytes where {expected} were expected: it was \
+                 truncated, or created with another length or type"
+            ),
+            Error::NotReady { name } => write!(
+                f,
+                "segment {name:?} was never marked ready: its creator is still initialising it \
+                 or died doing so; retry, or remove it with `Segment::remove` if its creator is \
+                 gone"
+            ),
+            Error::Timeout => write!(
+                f,
+                "the operation timed out: retry, or allow a longer timeout"
+            ),
+            Error::Corrupted { what } => write!(
+                f,
+                "shared memory is corrupted ({what}): a peer process wrote an impossible value; \
+                 stop using this object and recreate it"
+            ),
+            Error::MultiThreaded { threads } => write!(
+                f,
+                "refusing to fork a process with {threads} threads: the child could deadlock on \
+                 locks held by the other threads; fork before starting threads"
+            ),
+            Error::InvalidArgument { what } => write!(f, "invalid argument: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// `Result<T, procshare::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

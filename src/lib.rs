@@ -1,0 +1,49 @@
+//! # procshare
+//!
+//! Python's `multiprocessing`, for Rust on Linux: process-shared robust locks, semaphores
+//! and typed cells living in shared memory, built on shared futexes.
+//!
+//! * [`Segment`] and [`Shared<T>`]: memory mapped into several processes (memfd by
+//!   default, named POSIX objects on request), with a checked header.
+//! * [`Mutex<T>`] (robust: a holder's death poisons it, never hangs it), [`Semaphore`],
+//!   [`Condvar`], [`Event`], [`Barrier`]: `#[repr(C)]`, usable in place in any mapping.
+//! * [`Value<T>`] and [`Array<T>`]: Python's cells, each with its own lock.
+//!
+//! Anything placed in shared memory must be [`ShmSafe`].
+//!
+//! ```
+//! use procshare::{Mutex, Shared};
+//!
+//! let counter = Shared::new(Mutex::new(0u64))?;
+//! // A forked child sees the same counter; here we stay in one process.
+//! *counter.lock().unwrap() += 1;
+//! assert_eq!(*counter.lock().unwrap(), 1);
+//! # Ok::<(), procshare::Error>(())
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod error;
+#[doc(hidden)]
+pub mod fork;
+pub mod shm;
+pub mod sync;
+mod sys;
+
+pub use error::{Error, Result};
+pub use shm::{Segment, SegmentInfo, Shared, ShmSafe};
+pub use sync::{
+    Array, ArrayGuard, Barrier, BarrierWaitResult, Condvar, Event, Mutex, MutexGuard, RawMutex,
+    Semaphore, Value, WaitTimeoutResult,
+};
+
+/// The number of CPUs this process may run on (its affinity mask and cgroup quota
+/// respected), at least 1: what Python's `cpu_count` is used for, sizing a pool.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[doc(hidden)]
+pub mod __fuzz {
+    pub use crate::shm::header::fuzz_parse as segment_header;
+}

@@ -1,0 +1,426 @@
+//! The header at the start of every segment, and its parser.
+//!
+//! The header is read from memory another process controls, so parsing works on a private
+//! copy of its bytes and checks every field before anything is derived from it. The parser
+//! is a pure function of those bytes so the fuzzer can drive it directly.
+
+use std::fmt;
+
+/// `b"PROCSHR\0"`: what every procshare segment starts with.
+pub(crate) const MAGIC: [u8; 8] = *b"PROCSHR\0";
+/// Bumped whenever the header or any shared layout changes incompatibly.
+pub(crate) const ABI_VERSION: u32 = 1;
+/// Bytes reserved for the header; data starts at a multiple of this (or of the data's
+/// alignment, if larger).
+pub(crate) const HEADER_LEN: usize = 256;
+
+pub(crate) const STATE_INITIALISING: u32 = 0;
+pub(crate) const STATE_READY: u32 = 1;
+
+/// The creator asked for the segment to outlive it.
+pub(crate) const FLAG_PERSISTENT: u32 = 1;
+
+// Field offsets. The header is described by offsets rather than a `#[repr(C)]` struct
+// because it is only ever read as a copied byte array (see `parse`).
+const OFF_MAGIC: usize = 0;
+const OFF_ABI: usize = 8;
+pub(crate) const OFF_STATE: usize = 12;
+const OFF_TOTAL_LEN: usize = 16;
+const OFF_DATA_OFFSET: usize = 24;
+const OFF_DATA_LEN: usize = 32;
+const OFF_FINGERPRINT: usize = 40;
+const OFF_ELEMENTS: usize = 48;
+const OFF_CREATOR_PID: usize = 56;
+/// Flags the creator may change after initialisation (see [`FLAG_PERSISTENT`]).
+pub(crate) const OFF_FLAGS: usize = 60;
+const OFF_CREATOR_START: usize = 64;
+const OFF_TYPE_DESC: usize = 72;
+const TYPE_DESC_LEN: usize = HEADER_LEN - OFF_TYPE_DESC;
+
+/// What a segment holds, as far as the processes sharing it must agree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TypeTag {
+    /// Hash of the description below; compared first because it is cheap and exact.
+    pub(crate) fingerprint: u64,
+    /// Human-readable: `name (size S, align A, procshare V)`, used in error messages.
+    pub(crate) description: String,
+    pub(crate) align: usize,
+}
+
+impl TypeTag {
+    /// The tag for values (or slice elements) of type `T`.
+    pub(crate) fn of<T>(kind: &str) -> TypeTag {
+        Self::new(
+            kind,
+            std::any::type_name::<T>(),
+            size_of::<T>(),
+            align_of::<T>(),
+        )
+    }
+
+    /// The tag for an untyped byte segment.
+    pub(crate) fn bytes() -> TypeTag {
+        Self::new("bytes", "u8", 1, 1)
+    }
+
+    fn new(kind: &str, name: &str, size: usize, align: usize) -> TypeTag {
+        let description = format!(
+            "{kind} {name} (size {size}, align {align}, procshare {})",
+            env!("CARGO_PKG_VERSION")
+        );
+        TypeTag {
+            fingerprint: fnv1a(description.as_bytes()),
+            description,
+            align,
+        }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Where the data lives inside a segment of `total_len` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub(crate) data_offset: usize,
+    pub(crate) data_len: usize,
+    pub(crate) total_len: usize,
+}
+
+impl Placement {
+    /// Lays out `data_len` bytes aligned to `align` after the header.
+    pub(crate) fn for_data(data_len: usize, align: usize) -> Option<Placement> {
+        let align = align.max(1);
+        if !align.is_power_of_two() {
+            return None;
+        }
+        let data_offset = HEADER_LEN.checked_next_multiple_of(align)?;
+        let total_len = data_offset.checked_add(data_len.max(1))?;
+        // Keep every mapping a whole number of pages so no two segments ever share one.
+        let total_len = total_len.checked_next_multiple_of(4096)?;
+        Some(Placement {
+            data_offset,
+            data_len,
+            total_len,
+        })
+    }
+}
+
+/// Everything the creator writes into a header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HeaderFields {
+    pub(crate) placement: Placement,
+    pub(crate) fingerprint: u64,
+    pub(crate) elements: u64,
+    pub(crate) creator_pid: u32,
+    pub(crate) creator_start: u64,
+    pub(crate) description: String,
+}
+
+impl HeaderFields {
+    /// The header's bytes, with the state word left at "initialising".
+    pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        let mut put = |off: usize, bytes: &[u8]| out[off..off + bytes.len()].copy_from_slice(bytes);
+        put(OFF_MAGIC, &MAGIC);
+        put(OFF_ABI, &ABI_VERSION.to_ne_bytes());
+        put(OFF_STATE, &STATE_INITIALISING.to_ne_bytes());
+        put(
+            OFF_TOTAL_LEN,
+            &(self.placement.total_len as u64).to_ne_bytes(),
+        );
+        put(
+            OFF_DATA_OFFSET,
+            &(self.placement.data_offset as u64).to_ne_bytes(),
+        );
+        put(
+            OFF_DATA_LEN,
+            &(self.placement.data_len as u64).to_ne_bytes(),
+        );
+        put(OFF_FINGERPRINT, &self.fingerprint.to_ne_bytes());
+        put(OFF_ELEMENTS, &self.elements.to_ne_bytes());
+        put(OFF_CREATOR_PID, &self.creator_pid.to_ne_bytes());
+        put(OFF_CREATOR_START, &self.creator_start.to_ne_bytes());
+        let desc = self.description.as_bytes();
+        // Truncate on a character boundary so the stored text stays valid UTF-8.
+        let mut n = desc.len().min(TYPE_DESC_LEN - 1);
+        while !self.description.is_char_boundary(n) {
+            n -= 1;
+        }
+        put(OFF_TYPE_DESC, &desc[..n]);
+        out
+    }
+}
+
+/// Why a header was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum HeaderError {
+    /// Fewer bytes than a header.
+    Truncated { found: u64 },
+    /// The magic bytes are not procshare's.
+    BadMagic,
+    /// An incompatible header format.
+    Version { found: u32 },
+    /// Zero state: the creator has not finished (or died before finishing).
+    NotReady,
+    /// The header's own fields contradict each other or the file.
+    Inconsistent(String),
+    /// The header's total length is not the file's length.
+    Size { expected: u64, found: u64 },
+    /// A different type than the caller asked for.
+    Type { expected: String, found: String },
+}
+
+impl fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderError::Truncated { found } => write!(f, "only {found} bytes, less than a header"),
+            HeaderError::BadMagic => f.write_str("wrong magic bytes"),
+            HeaderError::Version { found } => write!(f, "header format {found}"),
+            HeaderError::NotReady => f.write_str("not initialised"),
+            HeaderError::Inconsistent(what) => f.write_str(what),
+            HeaderError::Size { expected, found } => {
+                write!(f, "{found} bytes, expected {expected}")
+            }
+            HeaderError::Type { expected, found } => {
+                write!(f, "holds {found}, expected {expected}")
+            }
+        }
+    }
+}
+
+/// A header that passed every check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ParsedHeader {
+    pub(crate) placement: Placement,
+    pub(crate) fingerprint: u64,
+    /// Element count for slice segments; checked against the byte length by typed callers.
+    pub(crate) elements: u64,
+    pub(crate) description: String,
+}
+
+fn u32_at(bytes: &[u8], off: usize) -> u32 {
+    let mut b = [0; 4];
+    b.copy_from_slice(&bytes[off..off + 4]);
+    u32::from_ne_bytes(b)
+}
+
+fn u64_at(bytes: &[u8], off: usize) -> u64 {
+    let mut b = [0; 8];
+    b.copy_from_slice(&bytes[off..off + 8]);
+    u64::from_ne_bytes(b)
+}
+
+/// Checks a private copy of a segment's first bytes against the size of the file they came
+/// from and, if given, the type the caller expects.
+///
+/// Never panics, whatever `bytes` holds; an `Ok` placement always lies inside `file_len`.
+pub(crate) fn parse(
+    bytes: &[u8],
+    file_len: u64,
+    expected: Option<&TypeTag>,
+) -> Result<ParsedHeader, HeaderError> {
+    if bytes.len() < HEADER_LEN || file_len < HEADER_LEN as u64 {
+        return Err(HeaderError::Truncated {
+            found: file_len.min(bytes.len() as u64),
+        });
+    }
+    if bytes[OFF_MAGIC..OFF_MAGIC + 8] != MAGIC {
+        return Err(HeaderError::BadMagic);
+    }
+    let version = u32_at(bytes, OFF_ABI);
+    if version != ABI_VERSION {
+        return Err(HeaderError::Version { found: version });
+    }
+    match u32_at(bytes, OFF_STATE) {
+        STATE_READY => {}
+        STATE_INITIALISING => return Err(HeaderError::NotReady),
+        other => return Err(HeaderError::Inconsistent(format!("state word {other}"))),
+    }
+    let total_len = u64_at(bytes, OFF_TOTAL_LEN);
+    if total_len != file_len {
+        return Err(HeaderError::Size {
+            expected: total_len,
+            found: file_len,
+        });
+    }
+    let data_offset = u64_at(bytes, OFF_DATA_OFFSET);
+    let data_len = u64_at(bytes, OFF_DATA_LEN);
+    let in_bounds = data_offset >= HEADER_LEN as u64
+        && data_offset
+            .checked_add(data_len)
+            .is_some_and(|end| end <= total_len);
+    if !in_bounds {
+        return Err(HeaderError::Inconsistent(format!(
+            "data at {data_offset}+{data_len} outside {total_len} bytes"
+        )));
+    }
+    let (Ok(data_offset), Ok(data_len), Ok(total_len)) = (
+        usize::try_from(data_offset),
+        usize::try_from(data_len),
+        usize::try_from(total_len),
+    ) else {
+        return Err(HeaderError::Inconsistent(
+            "size exceeds the address space".into(),
+        ));
+    };
+    let desc = &bytes[OFF_TYPE_DESC..HEADER_LEN];
+    let desc_len = desc.iter().position(|&b| b == 0).unwrap_or(desc.len());
+    let description = String::from_utf8_lossy(&desc[..desc_len]).into_owned();
+    let fingerprint = u64_at(bytes, OFF_FINGERPRINT);
+    if let Some(tag) = expected {
+        if tag.fingerprint != fingerprint {
+            return Err(HeaderError::Type {
+                expected: tag.description.clone(),
+                found: description,
+            });
+        }
+        if data_offset % tag.align != 0 {
+            return Err(HeaderError::Inconsistent(format!(
+                "data offset {data_offset} not aligned to {}",
+                tag.align
+            )));
+        }
+    }
+    Ok(ParsedHeader {
+        placement: Placement {
+            data_offset,
+            data_len,
+            total_len,
+        },
+        fingerprint,
+        elements: u64_at(bytes, OFF_ELEMENTS),
+        description,
+    })
+}
+
+/// Who made a segment, read from any header with procshare's magic, ready or not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Identity {
+    pub(crate) creator_pid: u32,
+    pub(crate) creator_start: u64,
+    pub(crate) persistent: bool,
+    pub(crate) description: String,
+}
+
+/// Reads the creator's identity from a header copy, without the readiness and size checks
+/// of [`parse`]: used to decide whether a segment was abandoned.
+pub(crate) fn identify(bytes: &[u8]) -> Option<Identity> {
+    if bytes.len() < HEADER_LEN || bytes[OFF_MAGIC..OFF_MAGIC + 8] != MAGIC {
+        return None;
+    }
+    let desc = &bytes[OFF_TYPE_DESC..HEADER_LEN];
+    let desc_len = desc.iter().position(|&b| b == 0).unwrap_or(desc.len());
+    Some(Identity {
+        creator_pid: u32_at(bytes, OFF_CREATOR_PID),
+        creator_start: u64_at(bytes, OFF_CREATOR_START),
+        persistent: u32_at(bytes, OFF_FLAGS) & FLAG_PERSISTENT != 0,
+        description: String::from_utf8_lossy(&desc[..desc_len]).into_owned(),
+    })
+}
+
+/// Entry point for the `segment_header` fuzz target: parses arbitrary bytes as a header
+/// of a file of `file_len` bytes and checks the parser's promises.
+#[doc(hidden)]
+pub fn fuzz_parse(bytes: &[u8], file_len: u64, expect_bytes_tag: bool) {
+    let tag = TypeTag::bytes();
+    let expected = expect_bytes_tag.then_some(&tag);
+    if let Ok(h) = parse(bytes, file_len, expected) {
+        let p = h.placement;
+        assert!(p.data_offset >= HEADER_LEN);
+        assert!(p.data_offset + p.data_len <= p.total_len);
+        assert_eq!(p.total_len as u64, file_len);
+        if let Some(tag) = expected {
+            assert_eq!(h.fingerprint, tag.fingerprint);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(fields: &HeaderFields) -> [u8; HEADER_LEN] {
+        let mut bytes = fields.encode();
+        bytes[OFF_STATE..OFF_STATE + 4].copy_from_slice(&STATE_READY.to_ne_bytes());
+        bytes
+    }
+
+    fn sample() -> HeaderFields {
+        let tag = TypeTag::of::<u64>("value");
+        HeaderFields {
+            placement: Placement::for_data(8, 8).unwrap(),
+            fingerprint: tag.fingerprint,
+            elements: 1,
+            creator_pid: 42,
+            creator_start: 7,
+            description: tag.description,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let f = sample();
+        let h = parse(
+            &ready(&f),
+            f.placement.total_len as u64,
+            Some(&TypeTag::of::<u64>("value")),
+        )
+        .unwrap();
+        assert_eq!(h.placement, f.placement);
+        assert_eq!(h.elements, 1);
+        assert_eq!(identify(&ready(&f)).unwrap().creator_pid, 42);
+        assert_eq!(h.description, f.description);
+    }
+
+    #[test]
+    fn rejects_each_kind_of_damage() {
+        let f = sample();
+        let len = f.placement.total_len as u64;
+        let good = ready(&f);
+        assert_eq!(
+            parse(&good[..100], len, None),
+            Err(HeaderError::Truncated { found: 100 })
+        );
+        let mut bad = good;
+        bad[0] = b'X';
+        assert_eq!(parse(&bad, len, None), Err(HeaderError::BadMagic));
+        let mut bad = good;
+        bad[OFF_ABI] = 99;
+        assert_eq!(
+            parse(&bad, len, None),
+            Err(HeaderError::Version { found: 99 })
+        );
+        assert_eq!(parse(&f.encode(), len, None), Err(HeaderError::NotReady));
+        assert!(matches!(
+            parse(&good, len + 1, None),
+            Err(HeaderError::Size { .. })
+        ));
+        let mut bad = good;
+        bad[OFF_DATA_LEN..OFF_DATA_LEN + 8].copy_from_slice(&u64::MAX.to_ne_bytes());
+        assert!(matches!(
+            parse(&bad, len, None),
+            Err(HeaderError::Inconsistent(_))
+        ));
+        let err = parse(&good, len, Some(&TypeTag::of::<u32>("value"))).unwrap_err();
+        assert!(matches!(err, HeaderError::Type { ref found, .. } if found.contains("u64")));
+    }
+
+    #[test]
+    fn fuzz_entry_survives_garbage() {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for round in 0..2000 {
+            let mut bytes = ready(&sample());
+            for _ in 0..(round % 7) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                bytes[(x as usize) % HEADER_LEN] = (x >> 32) as u8;
+            }
+            fuzz_parse(&bytes, 4096 + (x % 3) * 4096, round % 2 == 0);
+        }
+    }
+}

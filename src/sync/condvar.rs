@@ -1,0 +1,197 @@
+//! [`Condvar`]: a process-shared condition variable on its own futex sequence word.
+//!
+//! It deliberately does not use `pthread_cond_t`: glibc's process-shared condition
+//! variable can hang `pthread_cond_broadcast` forever after a waiter is killed (sourceware
+//! bug 21422). Here a waiter's whole state is "which sequence number I saw", so a dead
+//! waiter leaves nothing that others must wait for.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{LockResult, PoisonError};
+use std::time::Duration;
+
+use super::mutex::{MutexGuard, RawGuard};
+use crate::shm::ShmSafe;
+use crate::sys::{self, Deadline, FutexWait};
+
+/// A condition variable shared between processes, used with [`Mutex`](crate::Mutex).
+///
+/// Same contract as [`std::sync::Condvar`]: wake-ups may be spurious, so wait in a loop or
+/// use [`wait_while`](Condvar::wait_while). A notification is never lost: a waiter that
+/// has released the mutex before the notifier took it is always woken.
+///
+/// ```
+/// use procshare::{Condvar, Mutex, Shared};
+///
+/// #[repr(C)]
+/// struct Flag { ready: Mutex<bool>, changed: Condvar }
+/// // SAFETY: repr(C) of ShmSafe procshare types.
+/// unsafe impl procshare::ShmSafe for Flag {}
+///
+/// let flag = Shared::new(Flag { ready: Mutex::new(false), changed: Condvar::new() })?;
+/// *flag.ready.lock().unwrap() = true;
+/// flag.changed.notify_all();
+/// let guard = flag.changed.wait_while(flag.ready.lock().unwrap(), |ready| !*ready).unwrap();
+/// assert!(*guard);
+/// # Ok::<(), procshare::Error>(())
+/// ```
+#[repr(C)]
+pub struct Condvar {
+    seq: AtomicU32,
+    /// Threads between "about to wait" and "done waiting". A killed waiter leaves this too
+    /// high, which only costs notifiers a spare wake syscall; it never blocks anyone.
+    waiters: AtomicU32,
+}
+
+// SAFETY: repr(C) atomics, no pointers or drop glue; any values are valid states.
+unsafe impl ShmSafe for Condvar {}
+
+/// Whether a timed wait on a [`Condvar`] ran out of time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitTimeoutResult(bool);
+
+impl WaitTimeoutResult {
+    /// True if the wait ended because the timeout passed.
+    pub fn timed_out(&self) -> bool {
+        self.0
+    }
+}
+
+impl Condvar {
+    /// A new condition variable.
+    pub const fn new() -> Condvar {
+        Condvar {
+            seq: AtomicU32::new(0),
+            waiters: AtomicU32::new(0),
+        }
+    }
+
+    /// Releases the guard's mutex, sleeps until notified, and locks it again.
+    ///
+    /// # Errors
+    ///
+    /// `Err(PoisonError)` holding the relocked guard if the mutex was poisoned meanwhile.
+    pub fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> LockResult<MutexGuard<'a, T>> {
+        let (guard, _) = self.wait_until(guard, Deadline::NEVER);
+        guard
+    }
+
+    /// Like [`wait`](Condvar::wait), giving up after `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`wait`](Condvar::wait).
+    pub fn wait_timeout<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        timeout: Duration,
+    ) -> LockResult<(MutexGuard<'a, T>, WaitTimeoutResult)> {
+        let (guard, timed_out) = self.wait_until(guard, Deadline::after(timeout));
+        match guard {
+            Ok(g) => Ok((g, WaitTimeoutResult(timed_out))),
+            Err(p) => Err(PoisonError::new((
+                p.into_inner(),
+                WaitTimeoutResult(timed_out),
+            ))),
+        }
+    }
+
+    /// Waits until `condition` returns false, re-checking it after every wake-up.
+    ///
+    /// # Errors
+    ///
+    /// As for [`wait`](Condvar::wait).
+    pub fn wait_while<'a, T>(
+        &self,
+        mut guard: MutexGuard<'a, T>,
+        mut condition: impl FnMut(&mut T) -> bool,
+    ) -> LockResult<MutexGuard<'a, T>> {
+        while condition(&mut *guard) {
+            guard = self.wait(guard)?;
+        }
+        Ok(guard)
+    }
+
+    /// Waits until `condition` returns false or `timeout` passes.
+    ///
+    /// # Errors
+    ///
+    /// As for [`wait`](Condvar::wait).
+    pub fn wait_timeout_while<'a, T>(
+        &self,
+        mut guard: MutexGuard<'a, T>,
+        timeout: Duration,
+        mut condition: impl FnMut(&mut T) -> bool,
+    ) -> LockResult<(MutexGuard<'a, T>, WaitTimeoutResult)> {
+        let deadline = Deadline::after(timeout);
+        loop {
+            if !condition(&mut *guard) {
+                return Ok((guard, WaitTimeoutResult(false)));
+            }
+            if deadline.has_passed() {
+                return Ok((guard, WaitTimeoutResult(true)));
+            }
+            match self.wait_until(guard, deadline) {
+                (Ok(g), _) => guard = g,
+                (Err(p), timed_out) => {
+                    return Err(PoisonError::new((
+                        p.into_inner(),
+                        WaitTimeoutResult(timed_out),
+                    )));
+                }
+            }
+        }
+    }
+
+    fn wait_until<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        deadline: Deadline,
+    ) -> (LockResult<MutexGuard<'a, T>>, bool) {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        // Read the sequence while still holding the mutex: a notifier that changes the
+        // condition under the mutex after we release it must bump it past this value.
+        let seen = self.seq.load(Ordering::SeqCst);
+        let (lock, data) = guard.into_parts();
+        let raw = lock.raw();
+        drop(lock);
+        let timed_out = sys::futex_wait(&self.seq, seen, deadline) == FutexWait::TimedOut;
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        raw.lock();
+        // SAFETY: we hold `raw` again, and `data` is the cell it guards.
+        let guard = unsafe { MutexGuard::from_parts(RawGuard::new(raw), data) };
+        if raw.is_poisoned() {
+            (Err(PoisonError::new(guard)), timed_out)
+        } else {
+            (Ok(guard), timed_out)
+        }
+    }
+
+    /// Wakes one waiting thread (in any process), if any.
+    pub fn notify_one(&self) {
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            sys::futex_wake(&self.seq, 1);
+        }
+    }
+
+    /// Wakes every waiting thread (in every process).
+    pub fn notify_all(&self) {
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            sys::futex_wake(&self.seq, u32::MAX);
+        }
+    }
+}
+
+impl Default for Condvar {
+    fn default() -> Self {
+        Condvar::new()
+    }
+}
+
+impl fmt::Debug for Condvar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Condvar").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,508 @@
+//! Linux back end: shared futexes, memfd/shm_open, fork/wait and thread identity via /proc.
+
+use std::cell::Cell;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::ptr;
+use std::sync::Once;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Time
+// ---------------------------------------------------------------------------------------
+
+/// Time since an arbitrary fixed point on `CLOCK_MONOTONIC`, the clock futex deadlines use.
+pub(crate) fn monotonic_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec, and CLOCK_MONOTONIC exists on every Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    debug_assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) cannot fail");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// An absolute point on the monotonic clock after which a wait gives up, or never.
+///
+/// Waits are expressed against an absolute deadline, not a relative timeout, so that a
+/// wait interrupted by a signal or woken spuriously resumes against the same end point
+/// instead of silently extending itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Deadline {
+    at: Option<Duration>,
+}
+
+impl Deadline {
+    pub(crate) const NEVER: Deadline = Deadline { at: None };
+
+    /// `timeout` from now; a timeout too large to represent means "never".
+    pub(crate) fn after(timeout: Duration) -> Deadline {
+        Deadline {
+            at: monotonic_now().checked_add(timeout),
+        }
+    }
+
+    /// Time left, `None` for a deadline that never expires.
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        self.at.map(|at| at.saturating_sub(monotonic_now()))
+    }
+
+    pub(crate) fn has_passed(&self) -> bool {
+        self.remaining() == Some(Duration::ZERO)
+    }
+
+    /// The earlier of `self` and `timeout` from now.
+    pub(crate) fn capped(&self, timeout: Duration) -> Deadline {
+        let other = Deadline::after(timeout);
+        match (self.at, other.at) {
+            (Some(a), Some(b)) => Deadline { at: Some(a.min(b)) },
+            (Some(a), None) => Deadline { at: Some(a) },
+            (None, b) => Deadline { at: b },
+        }
+    }
+
+    fn as_timespec(&self) -> Option<libc::timespec> {
+        self.at.map(|at| libc::timespec {
+            tv_sec: at.as_secs() as libc::time_t,
+            tv_nsec: at.subsec_nanos() as libc::c_long,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Futex
+// ---------------------------------------------------------------------------------------
+
+/// How a futex wait ended. Callers must re-check their condition either way: a wake-up
+/// may be spurious, and a value change or signal looks the same as a wake-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FutexWait {
+    /// Woken, interrupted, or the word no longer held `expected`.
+    Woken,
+    /// The deadline passed.
+    TimedOut,
+}
+
+/// Sleeps while `*word == expected`, until woken or `deadline` passes.
+///
+/// The wait is process-shared: it omits `FUTEX_PRIVATE_FLAG`, so the kernel keys it on the
+/// physical page and a waker in another process that maps the same page finds it.
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, deadline: Deadline) -> FutexWait {
+    let ts = deadline.as_timespec();
+    if let Some(ts) = &ts {
+        if monotonic_now() >= Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32) {
+            return FutexWait::TimedOut;
+        }
+    }
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(ptr::null(), |ts| ts as *const libc::timespec);
+    // FUTEX_WAIT_BITSET (unlike FUTEX_WAIT) takes an absolute CLOCK_MONOTONIC deadline,
+    // which is what makes restarting after EINTR exact.
+    // SAFETY: `word` is a live, aligned AtomicU32 for the whole call; the kernel only reads
+    // it. `ts_ptr` is null or points at `ts`, which outlives the call. The remaining
+    // arguments are plain integers that FUTEX_WAIT_BITSET ignores or checks.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT_BITSET,
+            expected,
+            ts_ptr,
+            ptr::null::<u32>(),
+            libc::FUTEX_BITSET_MATCH_ANY,
+        )
+    };
+    if rc == 0 {
+        return FutexWait::Woken;
+    }
+    match errno() {
+        libc::ETIMEDOUT => FutexWait::TimedOut,
+        libc::EAGAIN | libc::EINTR => FutexWait::Woken,
+        e => panic!(
+            "futex wait failed with {}: the word is not in mapped memory or the kernel lacks \
+             futex support",
+            io::Error::from_raw_os_error(e)
+        ),
+    }
+}
+
+/// Wakes up to `count` waiters sleeping on `word` in any process. Returns how many woke.
+pub(crate) fn futex_wake(word: &AtomicU32, count: u32) -> usize {
+    let count = count.min(i32::MAX as u32) as i32;
+    // SAFETY: `word` is a live, aligned AtomicU32; FUTEX_WAKE never dereferences it beyond
+    // hashing its address, and the remaining arguments are ignored.
+    let rc = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, count) };
+    rc.max(0) as usize
+}
+
+// ---------------------------------------------------------------------------------------
+// Thread identity and liveness
+// ---------------------------------------------------------------------------------------
+
+/// Who the calling thread is, in a form that another process can check for liveness:
+/// the kernel thread id plus the thread's start time in clock ticks since boot. Together
+/// they name one thread for the lifetime of the machine, so a recycled tid is told apart
+/// from the thread that used to own it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ThreadIdentity {
+    pub(crate) tid: u32,
+    pub(crate) start: u64,
+}
+
+thread_local! {
+    static IDENTITY: Cell<Option<ThreadIdentity>> = const { Cell::new(None) };
+}
+
+static ATFORK: Once = Once::new();
+
+extern "C" fn forget_identity_in_child() {
+    // The child of fork runs on a new thread with a new tid but a copy of the parent
+    // thread's TLS: drop the cached identity so it is computed afresh.
+    let _ = IDENTITY.try_with(|c| c.set(None));
+}
+
+/// The calling thread's identity, computed once per thread (and again after fork).
+pub(crate) fn current_thread() -> ThreadIdentity {
+    IDENTITY.with(|cell| {
+        if let Some(id) = cell.get() {
+            return id;
+        }
+        ATFORK.call_once(|| {
+            // SAFETY: registering a child handler that only touches this thread's TLS is
+            // sound; the handler is an `extern "C" fn()` with static lifetime.
+            let rc = unsafe { libc::pthread_atfork(None, None, Some(forget_identity_in_child)) };
+            assert_eq!(rc, 0, "pthread_atfork failed: out of memory");
+        });
+        // SAFETY: gettid has no preconditions and cannot fail.
+        let tid = unsafe { libc::gettid() } as u32;
+        // Without /proc we cannot learn our start time; liveness checks then fall back to
+        // "is the tid still there", which other threads' checks treat conservatively.
+        let start = thread_stat(tid).ok().flatten().map_or(0, |stat| stat.start);
+        let id = ThreadIdentity { tid, start };
+        cell.set(Some(id));
+        id
+    })
+}
+
+/// The fields of `/proc/<tid>/stat` procshare needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ThreadStat {
+    /// The one-letter scheduler state (`R`, `S`, `T`, `Z`, ...).
+    pub(crate) state: u8,
+    /// Number of threads in the thread's process.
+    pub(crate) num_threads: u64,
+    /// Start time in clock ticks after boot.
+    pub(crate) start: u64,
+}
+
+impl ThreadStat {
+    /// A zombie (or a task being torn down) runs no more code and holds no more locks.
+    pub(crate) fn is_dead(&self) -> bool {
+        matches!(self.state, b'Z' | b'X' | b'x')
+    }
+}
+
+/// Parses the text of a `/proc/<pid>/stat` file. The command name is in parentheses and
+/// may itself contain spaces and parentheses, so fields are counted from the last `)`.
+pub(crate) fn parse_stat(text: &[u8]) -> Option<ThreadStat> {
+    let close = text.iter().rposition(|&b| b == b')')?;
+    let mut fields = text[close + 1..]
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|f| !f.is_empty());
+    let number = |f: &[u8]| std::str::from_utf8(f).ok()?.parse::<u64>().ok();
+    let state = *fields.next()?.first()?;
+    // Fields are numbered from 1 in proc(5); `state` was field 3.
+    let num_threads = number(fields.nth(20 - 4)?)?;
+    let start = number(fields.nth(22 - 21)?)?;
+    Some(ThreadStat {
+        state,
+        num_threads,
+        start,
+    })
+}
+
+/// Reads `/proc/<tid>/stat`. `Ok(None)` means no such thread exists (in our pid namespace).
+pub(crate) fn thread_stat(tid: u32) -> io::Result<Option<ThreadStat>> {
+    // /proc/<tid> resolves any thread id, not only process ids, though only the latter
+    // are listed.
+    match std::fs::read(format!("/proc/{tid}/stat")) {
+        Ok(text) => parse_stat(&text).map(Some).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/<tid>/stat")
+        }),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// How many threads the calling process has.
+pub(crate) fn thread_count() -> io::Result<u64> {
+    let text = std::fs::read("/proc/self/stat")?;
+    parse_stat(&text)
+        .map(|s| s.num_threads)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/self/stat"))
+}
+
+/// The calling process's id.
+pub(crate) fn getpid() -> u32 {
+    std::process::id()
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared memory objects
+// ---------------------------------------------------------------------------------------
+
+/// A new anonymous memory file of `len` bytes, close-on-exec, sealed so that no process
+/// can shrink or grow it: a mapping of it can never SIGBUS because someone truncated it.
+pub(crate) fn memfd_create(debug_name: &str, len: u64) -> io::Result<File> {
+    let name = CString::new(debug_name).map_err(|_| invalid_input("name contains a NUL byte"))?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a memfd we own takes an integer argument; no memory involved.
+    let rc = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::F_ADD_SEALS,
+            seals,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+fn invalid_input(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+fn shm_name(os_name: &str) -> io::Result<CString> {
+    CString::new(os_name).map_err(|_| invalid_input("name contains a NUL byte"))
+}
+
+/// Creates the POSIX shared memory object `os_name` (which starts with `/`), failing if it
+/// already exists, readable and writable by this user only, sized to `len` bytes.
+pub(crate) fn shm_create(os_name: &str, len: u64) -> io::Result<File> {
+    let name = shm_name(os_name)?;
+    // SAFETY: `name` is a valid NUL-terminated string; flags and mode are plain integers.
+    let fd = unsafe {
+        libc::shm_open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            0o600 as libc::mode_t,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: shm_open returned a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    if let Err(e) = file.set_len(len) {
+        let _ = shm_unlink(os_name);
+        return Err(e);
+    }
+    Ok(file)
+}
+
+/// Opens the existing POSIX shared memory object `os_name` for reading and writing.
+pub(crate) fn shm_open_existing(os_name: &str) -> io::Result<File> {
+    let name = shm_name(os_name)?;
+    // SAFETY: `name` is a valid NUL-terminated string; flags and mode are plain integers.
+    let fd = unsafe { libc::shm_open(name.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: shm_open returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Removes the name `os_name`; processes that have it open or mapped keep their memory.
+pub(crate) fn shm_unlink(os_name: &str) -> io::Result<()> {
+    let name = shm_name(os_name)?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    if unsafe { libc::shm_unlink(name.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Names (without the leading `/`) of the POSIX shared memory objects that start with
+/// `prefix`.
+pub(crate) fn shm_list(prefix: &str) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir("/dev/shm")? {
+        let name = entry?.file_name();
+        if let Some(name) = name.to_str() {
+            if name.starts_with(prefix) {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Maps all `len` bytes of `file` readable, writable and shared with every other process
+/// that maps it.
+pub(crate) fn map_shared(file: &File, len: usize) -> io::Result<MmapRaw> {
+    MmapOptions::new().len(len).map_raw(file)
+}
+
+/// Clears close-on-exec so a child started with exec inherits `fd`.
+pub(crate) fn set_inheritable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    // SAFETY: F_GETFD/F_SETFD on a descriptor borrowed for the whole call; integer args.
+    unsafe {
+        let flags = libc::fcntl(raw, libc::F_GETFD);
+        if flags < 0 || libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------
+
+/// Which side of a fork the caller is on.
+pub(crate) enum Forked {
+    Child,
+    Parent(u32),
+}
+
+/// Forks the calling process.
+///
+/// # Safety
+///
+/// The child gets a copy of only the calling thread. If other threads exist, any lock they
+/// held at the moment of the fork (allocator, stdio, user mutexes) stays locked forever in
+/// the child, so in a multi-threaded process the child may only call async-signal-safe
+/// functions before it exits with [`exit_immediately`].
+pub(crate) unsafe fn fork() -> io::Result<Forked> {
+    // SAFETY: the caller upholds the contract above.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(pid as u32)),
+    }
+}
+
+/// Ends the calling process at once with `code`, without running destructors, atexit
+/// handlers or stdio flushes that belong to the parent's copy of the state.
+pub(crate) fn exit_immediately(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions and does not return.
+    unsafe { libc::_exit(code) }
+}
+
+/// Reaps `pid` if it has exited (`block == false`) or once it exits (`block == true`).
+pub(crate) fn wait_pid(pid: u32, block: bool) -> io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    let flags = if block { 0 } else { libc::WNOHANG };
+    loop {
+        // SAFETY: `status` is a valid, writable int; pid and flags are plain integers.
+        let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, flags) };
+        match rc {
+            0 => return Ok(None),
+            -1 if errno() == libc::EINTR => continue,
+            -1 => return Err(io::Error::last_os_error()),
+            _ => return Ok(Some(ExitStatus::from_raw(status))),
+        }
+    }
+}
+
+/// Sends `signal` to process `pid`, or to process group `-pid` when `group` is set.
+pub(crate) fn send_signal(pid: u32, signal: i32, group: bool) -> io::Result<()> {
+    let target = if group {
+        -(pid as libc::pid_t)
+    } else {
+        pid as libc::pid_t
+    };
+    // SAFETY: kill takes plain integers.
+    if unsafe { libc::kill(target, signal) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the calling process the leader of a new process group, so that it and every
+/// process it starts can be signalled together.
+pub(crate) fn become_group_leader() -> io::Result<()> {
+    // SAFETY: setpgid(0, 0) acts on the calling process only.
+    if unsafe { libc::setpgid(0, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The signal numbers procshare uses, re-exported so no module above `sys` needs libc.
+pub(crate) mod signal {
+    /// SIGKILL.
+    pub const KILL: i32 = libc::SIGKILL;
+    /// SIGTERM.
+    pub const TERM: i32 = libc::SIGTERM;
+    /// SIGSTOP.
+    pub const STOP: i32 = libc::SIGSTOP;
+    /// SIGCONT.
+    pub const CONT: i32 = libc::SIGCONT;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_hostile_command_names() {
+        let line = b"1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 7 0 987654 \
+                     1000 100 18446744073709551615";
+        let stat = parse_stat(line).expect("parses");
+        assert_eq!(stat.state, b'S');
+        assert_eq!(stat.num_threads, 7);
+        assert_eq!(stat.start, 987654);
+        assert!(parse_stat(b"1234 (x) S 1 2").is_none());
+        assert!(parse_stat(b"no parenthesis").is_none());
+    }
+
+    #[test]
+    fn own_identity_is_alive_and_stable() {
+        let me = current_thread();
+        assert_eq!(me, current_thread());
+        let stat = thread_stat(me.tid).unwrap().expect("we exist");
+        assert_eq!(stat.start, me.start);
+        assert!(!stat.is_dead());
+    }
+
+    #[test]
+    fn futex_wait_times_out_and_mismatch_returns() {
+        let word = AtomicU32::new(7);
+        assert_eq!(
+            futex_wait(&word, 8, Deadline::after(Duration::from_secs(5))),
+            FutexWait::Woken
+        );
+        let start = monotonic_now();
+        let r = futex_wait(&word, 7, Deadline::after(Duration::from_millis(20)));
+        assert_eq!(r, FutexWait::TimedOut);
+        assert!(monotonic_now() - start >= Duration::from_millis(20));
+    }
+}
