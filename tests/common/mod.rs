@@ -1,0 +1,161 @@
+//! A tiny test runner for tests that fork real processes.
+//!
+//! libtest runs every test on its own thread, and forking a multi-threaded process is
+//! only safe if the child restricts itself to async-signal-safe calls. This runner stays
+//! single-threaded instead: each test runs in a freshly forked child that leads its own
+//! process group, so the test may fork further children freely, and a watchdog in the
+//! parent kills the whole group if the test overruns its time limit. A hang therefore
+//! fails in seconds and never leaves processes behind.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use procshare::fork::{self, ForkedChild, signal};
+
+/// A test: its name, its time limit, and its body (panics to fail).
+pub struct Test {
+    pub name: &'static str,
+    pub limit: Duration,
+    pub body: fn(),
+}
+
+/// Builds a [`Test`] with the default 30 s limit.
+#[macro_export]
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        &[$($crate::common::Test {
+            name: stringify!($name),
+            limit: std::time::Duration::from_secs(30),
+            body: $name,
+        }),*]
+    };
+}
+
+/// Runs the selected tests (positional command-line arguments filter by substring) and
+/// exits non-zero if any failed. `after_all` runs in the parent once all tests finished.
+pub fn run(tests: &[Test], after_all: &[(&'static str, fn())]) -> ! {
+    RUN_ID.store(std::process::id(), Ordering::Relaxed);
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected: Vec<&Test> = tests
+        .iter()
+        .filter(|t| filters.is_empty() || filters.iter().any(|f| t.name.contains(f.as_str())))
+        .collect();
+    let started = Instant::now();
+    println!("\nrunning {} tests", selected.len() + after_all.len());
+    let mut failed = Vec::new();
+    for test in &selected {
+        let t0 = Instant::now();
+        let outcome = run_one(test);
+        match &outcome {
+            Ok(()) => println!("test {} ... ok ({:.2?})", test.name, t0.elapsed()),
+            Err(why) => {
+                println!(
+                    "test {} ... FAILED ({:.2?}): {why}",
+                    test.name,
+                    t0.elapsed()
+                );
+                failed.push(test.name);
+            }
+        }
+    }
+    for (name, check) in after_all {
+        match std::panic::catch_unwind(check) {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed.push(name);
+            }
+        }
+    }
+    let passed = selected.len() + after_all.len() - failed.len();
+    if !failed.is_empty() {
+        println!("\nfailures:");
+        for name in &failed {
+            println!("    {name}");
+        }
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {} failed; 0 ignored; 0 measured; {} filtered out; \
+         finished in {:.2}s\n",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        failed.len(),
+        tests.len() - selected.len(),
+        started.elapsed().as_secs_f64()
+    );
+    std::process::exit(if failed.is_empty() { 0 } else { 101 })
+}
+
+fn run_one(test: &Test) -> Result<(), String> {
+    let body = test.body;
+    let mut child = fork::fork(move || {
+        fork::become_group_leader().expect("setpgid");
+        body();
+        0
+    })
+    .map_err(|e| format!("could not fork the test process: {e}"))?;
+    let pid = child.pid();
+    let status = child
+        .wait_timeout(test.limit)
+        .map_err(|e| format!("waitpid: {e}"))?;
+    // Whatever happened, nothing the test started may outlive it.
+    let _ = fork::kill_group(pid, signal::KILL);
+    match status {
+        None => {
+            drop(child); // kills and reaps
+            Err(format!(
+                "watchdog: still running after {:?}, killed",
+                test.limit
+            ))
+        }
+        Some(s) if s.success() => Ok(()),
+        Some(s) => Err(format!("test process ended with {s}")),
+    }
+}
+
+/// Forks a child running `f`, panicking if fork fails.
+pub fn spawn(f: impl FnOnce()) -> ForkedChild {
+    fork::fork(|| {
+        f();
+        0
+    })
+    .expect("fork")
+}
+
+/// Waits for `child` to exit successfully within `limit`.
+pub fn join(mut child: ForkedChild, limit: Duration) {
+    match child.wait_timeout(limit).expect("waitpid") {
+        Some(s) => assert!(s.success(), "child {} ended with {s}", child.pid()),
+        None => panic!("child {} still running after {limit:?}", child.pid()),
+    }
+}
+
+/// Polls `cond` until it holds, panicking after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The runner's pid, inherited by every test process: names made from it are unique to
+/// this run and can be checked for leftovers afterwards.
+static RUN_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A segment name unique to this test run.
+pub fn unique_name(what: &str) -> String {
+    format!("{}{what}", run_prefix())
+}
+
+/// The prefix of every name [`unique_name`] makes in this run.
+pub fn run_prefix() -> String {
+    format!("test-{}-", RUN_ID.load(Ordering::Relaxed))
+}
