@@ -47,3 +47,8 @@ pub fn cpu_count() -> usize {
 pub mod __fuzz {
     pub use crate::shm::header::fuzz_parse as segment_header;
 }
+
+/// Compiles and runs the README's examples as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -410,6 +410,16 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_seed_is_a_valid_header() {
+        // Keeps the fuzzer's seed in step with the format: it must pass every check.
+        let seed = include_bytes!("../../fuzz/seeds/segment_header/valid_bytes_4096");
+        let h = parse(&seed[9..], 4096, None).expect("seed header parses");
+        assert_eq!(h.placement.data_offset, HEADER_LEN);
+        assert_eq!(h.placement.data_len, 100);
+        assert_eq!(identify(&seed[9..]).unwrap().creator_pid, 1234);
+    }
+
+    #[test]
     fn fuzz_entry_survives_garbage() {
         let mut x = 0x1234_5678_9abc_def0u64;
         for round in 0..2000 {
