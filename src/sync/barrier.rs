@@ -133,3 +133,46 @@ impl fmt::Debug for Barrier {
         f.debug_struct("Barrier").field("n", &self.n).finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn one_leader_per_round_and_no_overtaking() {
+        let rounds = if cfg!(miri) { 10 } else { 1_000 };
+        let b = Arc::new(Barrier::new(3));
+        let arrived = Arc::new(AtomicU64::new(0));
+        let leaders = Arc::new(AtomicU64::new(0));
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let (b, arrived, leaders) = (b.clone(), arrived.clone(), leaders.clone());
+                std::thread::spawn(move || {
+                    for round in 0..rounds {
+                        arrived.fetch_add(1, Ordering::SeqCst);
+                        if b.wait().is_leader() {
+                            leaders.fetch_add(1, Ordering::SeqCst);
+                        }
+                        assert!(arrived.load(Ordering::SeqCst) >= 3 * (round + 1));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(leaders.load(Ordering::SeqCst), rounds);
+    }
+
+    #[test]
+    fn timed_out_participant_withdraws() {
+        let b = Barrier::new(2);
+        assert!(matches!(
+            b.wait_timeout(Duration::from_millis(5)),
+            Err(Error::Timeout)
+        ));
+        assert_eq!(b.word.load(Ordering::SeqCst) & COUNT_MASK, 0);
+    }
+}

@@ -195,3 +195,38 @@ impl fmt::Debug for Condvar {
         f.debug_struct("Condvar").finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Mutex;
+    use std::sync::Arc;
+
+    #[test]
+    fn ping_pong_between_threads() {
+        let rounds = if cfg!(miri) { 20 } else { 2_000 };
+        let pair = Arc::new((Mutex::new(0u32), Condvar::new()));
+        let other = Arc::clone(&pair);
+        let t = std::thread::spawn(move || {
+            let (m, cv) = &*other;
+            for _ in 0..rounds {
+                let mut g = cv.wait_while(m.lock().unwrap(), |n| *n % 2 == 0).unwrap();
+                *g += 1;
+                cv.notify_one();
+            }
+        });
+        let (m, cv) = &*pair;
+        for _ in 0..rounds {
+            let mut g = cv.wait_while(m.lock().unwrap(), |n| *n % 2 == 1).unwrap();
+            *g += 1;
+            cv.notify_one();
+        }
+        t.join().unwrap();
+        let g = cv
+            .wait_while(m.lock().unwrap(), |n| *n < 2 * rounds)
+            .unwrap();
+        assert_eq!(*g, 2 * rounds);
+        let (_g, r) = cv.wait_timeout(g, Duration::from_millis(1)).unwrap();
+        assert!(r.timed_out());
+    }
+}

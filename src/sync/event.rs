@@ -98,3 +98,26 @@ impl fmt::Debug for Event {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn set_wakes_every_waiter() {
+        let ev = Arc::new(Event::new());
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let ev = Arc::clone(&ev);
+                std::thread::spawn(move || ev.wait())
+            })
+            .collect();
+        ev.set();
+        for w in waiters {
+            w.join().unwrap();
+        }
+        ev.clear();
+        assert!(!ev.wait_timeout(Duration::from_millis(1)));
+    }
+}

@@ -148,3 +148,34 @@ impl fmt::Debug for Semaphore {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn never_more_holders_than_permits() {
+        let sem = Arc::new(Semaphore::new(2));
+        let inside = Arc::new(AtomicU32::new(0));
+        let rounds = if cfg!(miri) { 20 } else { 2_000 };
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (sem, inside) = (Arc::clone(&sem), Arc::clone(&inside));
+                std::thread::spawn(move || {
+                    for _ in 0..rounds {
+                        sem.acquire();
+                        assert!(inside.fetch_add(1, Ordering::SeqCst) < 2);
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        sem.release().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(sem.value(), 2);
+    }
+}

@@ -8,6 +8,7 @@ use std::os::fd::FromRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::ptr;
+#[cfg(not(miri))]
 use std::sync::Once;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
@@ -166,8 +167,10 @@ thread_local! {
     static IDENTITY: Cell<Option<ThreadIdentity>> = const { Cell::new(None) };
 }
 
+#[cfg(not(miri))]
 static ATFORK: Once = Once::new();
 
+#[cfg(not(miri))]
 extern "C" fn forget_identity_in_child() {
     // The child of fork runs on a new thread with a new tid but a copy of the parent
     // thread's TLS: drop the cached identity so it is computed afresh.
@@ -175,6 +178,25 @@ extern "C" fn forget_identity_in_child() {
 }
 
 /// The calling thread's identity, computed once per thread (and again after fork).
+///
+/// Under Miri, threads are interpreted rather than real, so they get distinct made-up
+/// ids and no start time (liveness checks then always answer "cannot tell").
+#[cfg(miri)]
+pub(crate) fn current_thread() -> ThreadIdentity {
+    use std::sync::atomic::Ordering;
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    IDENTITY.with(|cell| {
+        let id = cell.get().unwrap_or_else(|| ThreadIdentity {
+            tid: NEXT.fetch_add(1, Ordering::Relaxed),
+            start: 0,
+        });
+        cell.set(Some(id));
+        id
+    })
+}
+
+/// The calling thread's identity, computed once per thread (and again after fork).
+#[cfg(not(miri))]
 pub(crate) fn current_thread() -> ThreadIdentity {
     IDENTITY.with(|cell| {
         if let Some(id) = cell.get() {
@@ -236,6 +258,12 @@ pub(crate) fn parse_stat(text: &[u8]) -> Option<ThreadStat> {
 
 /// Reads `/proc/<tid>/stat`. `Ok(None)` means no such thread exists (in our pid namespace).
 pub(crate) fn thread_stat(tid: u32) -> io::Result<Option<ThreadStat>> {
+    if cfg!(miri) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no /proc under Miri",
+        ));
+    }
     // /proc/<tid> resolves any thread id, not only process ids, though only the latter
     // are listed.
     match std::fs::read(format!("/proc/{tid}/stat")) {
@@ -485,6 +513,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "no /proc under Miri")]
     fn own_identity_is_alive_and_stable() {
         let me = current_thread();
         assert_eq!(me, current_thread());
