@@ -197,26 +197,31 @@ pub(crate) fn current_thread() -> ThreadIdentity {
 
 /// The calling thread's identity, computed once per thread (and again after fork).
 #[cfg(not(miri))]
+#[inline]
 pub(crate) fn current_thread() -> ThreadIdentity {
-    IDENTITY.with(|cell| {
-        if let Some(id) = cell.get() {
-            return id;
-        }
-        ATFORK.call_once(|| {
-            // SAFETY: registering a child handler that only touches this thread's TLS is
-            // sound; the handler is an `extern "C" fn()` with static lifetime.
-            let rc = unsafe { libc::pthread_atfork(None, None, Some(forget_identity_in_child)) };
-            assert_eq!(rc, 0, "pthread_atfork failed: out of memory");
-        });
-        // SAFETY: gettid has no preconditions and cannot fail.
-        let tid = unsafe { libc::gettid() } as u32;
-        // Without /proc we cannot learn our start time; liveness checks then fall back to
-        // "is the tid still there", which other threads' checks treat conservatively.
-        let start = thread_stat(tid).ok().flatten().map_or(0, |stat| stat.start);
-        let id = ThreadIdentity { tid, start };
-        cell.set(Some(id));
-        id
-    })
+    match IDENTITY.with(Cell::get) {
+        Some(id) => id,
+        None => identify_current_thread(),
+    }
+}
+
+#[cfg(not(miri))]
+#[cold]
+fn identify_current_thread() -> ThreadIdentity {
+    ATFORK.call_once(|| {
+        // SAFETY: registering a child handler that only touches this thread's TLS is
+        // sound; the handler is an `extern "C" fn()` with static lifetime.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(forget_identity_in_child)) };
+        assert_eq!(rc, 0, "pthread_atfork failed: out of memory");
+    });
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() } as u32;
+    // Without /proc we cannot learn our start time; liveness checks then fall back to
+    // "is the tid still there", which other threads' checks treat conservatively.
+    let start = thread_stat(tid).ok().flatten().map_or(0, |stat| stat.start);
+    let id = ThreadIdentity { tid, start };
+    IDENTITY.with(|cell| cell.set(Some(id)));
+    id
 }
 
 /// The fields of `/proc/<tid>/stat` procshare needs.
