@@ -24,13 +24,21 @@
 #![warn(missing_docs)]
 
 mod error;
+mod facade;
+mod liveness;
 #[doc(hidden)]
 pub mod fork;
+pub mod queue;
 pub mod shm;
 pub mod sync;
 mod sys;
 
 pub use error::{Error, Result};
+pub use queue::mpmc::{self as channel, channel};
+pub use queue::spsc::{self, spsc};
+pub use queue::{
+    RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError, TrySendError,
+};
 pub use shm::{Segment, SegmentInfo, Shared, ShmSafe};
 pub use sync::{
     Array, ArrayGuard, Barrier, BarrierWaitResult, Condvar, Event, Mutex, MutexGuard, RawMutex,

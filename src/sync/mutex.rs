@@ -247,23 +247,15 @@ impl RawMutex {
     fn owner_is_dead(&self, owner: u32) -> bool {
         let tid = owner & TID_MASK;
         let hash = owner >> TID_BITS;
-        let stat = match sys::thread_stat(tid) {
-            Ok(Some(stat)) => stat,
-            Ok(None) => return true,
-            Err(_) => return false,
-        };
-        if stat.is_dead() {
+        if crate::liveness::thread_is_dead(tid, u64::from(hash), HASH_MASK.count_ones()) {
             return true;
         }
-        if stat.start as u32 & HASH_MASK != hash {
-            return true; // the tid now belongs to a thread that started at another time
-        }
-        // The hash matches; confirm with the full record the owner wrote after locking.
-        // If the record names another tid, the owner has not written it yet (it is between
-        // its CAS and that store), so it is alive.
+        // The tid exists with a matching start-time hash; confirm with the full record the
+        // owner wrote after locking. If the record names another tid, the owner has not
+        // written it yet (it is between its CAS and that store), so it is alive.
         let record = self.owner.load(Ordering::Relaxed);
         record >> 40 == u64::from(tid)
-            && record & RECORD_START_MASK != stat.start & RECORD_START_MASK
+            && crate::liveness::thread_is_dead(tid, record & RECORD_START_MASK, 40)
     }
 }
 

@@ -224,6 +224,44 @@ fn identify_current_thread() -> ThreadIdentity {
     id
 }
 
+/// The calling process's `(pid, start time in ticks)`, read without allocating (raw
+/// open/read on a stack buffer), so it may be called in a fork child handler.
+pub(crate) fn current_process_noalloc() -> (u32, u64) {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u32;
+    let mut buf = [0u8; 1024];
+    let path = c"/proc/self/stat";
+    // SAFETY: `path` is NUL-terminated; flags are plain integers.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return (pid, 0);
+    }
+    let mut len = 0usize;
+    while len < buf.len() {
+        // SAFETY: reading into the unfilled tail of `buf`, which we own.
+        let n = unsafe { libc::read(fd, buf[len..].as_mut_ptr().cast(), buf.len() - len) };
+        if n <= 0 {
+            break;
+        }
+        len += n as usize;
+    }
+    // SAFETY: closing the descriptor we opened above.
+    unsafe { libc::close(fd) };
+    (pid, parse_stat(&buf[..len]).map_or(0, |s| s.start))
+}
+
+/// Registers process-wide fork handlers (see `pthread_atfork(3)`): `prepare` runs in the
+/// parent before the fork, `parent` after it in the parent, `child` in the new child.
+pub(crate) fn register_fork_handlers(
+    prepare: extern "C" fn(),
+    parent: extern "C" fn(),
+    child: extern "C" fn(),
+) {
+    // SAFETY: the handlers are `extern "C" fn()` with static lifetime.
+    let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    assert_eq!(rc, 0, "pthread_atfork failed: out of memory");
+}
+
 /// The fields of `/proc/<tid>/stat` procshare needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ThreadStat {

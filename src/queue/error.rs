@@ -1,0 +1,214 @@
+//! Errors of the queue operations. Send errors give the message back.
+
+use std::fmt;
+
+/// The receiving side is gone: every receiver dropped its handle or its process died.
+/// Carries the message that could not be sent.
+#[derive(PartialEq, Eq, Clone, Copy)]
+pub struct SendError<T>(pub T);
+
+/// Why [`try_send`](crate::channel::Sender::try_send) failed; carries the message.
+#[derive(PartialEq, Eq, Clone, Copy)]
+pub enum TrySendError<T> {
+    /// The queue is full right now.
+    Full(T),
+    /// Every receiver is gone.
+    Disconnected(T),
+}
+
+/// Why a timed send failed; carries the message.
+#[derive(PartialEq, Eq, Clone, Copy)]
+pub enum SendTimeoutError<T> {
+    /// Still full when the timeout passed.
+    Timeout(T),
+    /// Every receiver is gone.
+    Disconnected(T),
+}
+
+/// Why a blocking receive failed.
+#[derive(PartialEq, Eq, Clone, Debug)]
+pub enum RecvError {
+    /// The queue is empty and every sender is gone (dropped, or its process died).
+    Disconnected,
+    /// The queue's shared state is impossible (a peer scribbled over it); the queue is
+    /// unusable from now on.
+    Corrupted(String),
+}
+
+/// Why [`try_recv`](crate::channel::Receiver::try_recv) failed.
+#[derive(PartialEq, Eq, Clone, Debug)]
+pub enum TryRecvError {
+    /// Nothing to receive right now.
+    Empty,
+    /// Empty, and every sender is gone.
+    Disconnected,
+    /// See [`RecvError::Corrupted`].
+    Corrupted(String),
+}
+
+/// Why a timed receive failed.
+#[derive(PartialEq, Eq, Clone, Debug)]
+pub enum RecvTimeoutError {
+    /// Nothing arrived in time.
+    Timeout,
+    /// Empty, and every sender is gone.
+    Disconnected,
+    /// See [`RecvError::Corrupted`].
+    Corrupted(String),
+}
+
+impl<T> SendError<T> {
+    /// The message that was not sent.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> TrySendError<T> {
+    /// The message that was not sent.
+    pub fn into_inner(self) -> T {
+        match self {
+            TrySendError::Full(v) | TrySendError::Disconnected(v) => v,
+        }
+    }
+
+    /// Whether the queue was full.
+    pub fn is_full(&self) -> bool {
+        matches!(self, TrySendError::Full(_))
+    }
+}
+
+impl<T> SendTimeoutError<T> {
+    /// The message that was not sent.
+    pub fn into_inner(self) -> T {
+        match self {
+            SendTimeoutError::Timeout(v) | SendTimeoutError::Disconnected(v) => v,
+        }
+    }
+}
+
+impl<T> fmt::Debug for SendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SendError(..)")
+    }
+}
+
+impl<T> fmt::Debug for TrySendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrySendError::Full(_) => f.write_str("Full(..)"),
+            TrySendError::Disconnected(_) => f.write_str("Disconnected(..)"),
+        }
+    }
+}
+
+impl<T> fmt::Debug for SendTimeoutError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendTimeoutError::Timeout(_) => f.write_str("Timeout(..)"),
+            SendTimeoutError::Disconnected(_) => f.write_str("Disconnected(..)"),
+        }
+    }
+}
+
+const GONE_RX: &str = "every receiver has dropped its end or its process has died; the \
+                       message is returned in the error";
+const GONE_TX: &str = "the queue is empty and every sender has dropped its end or its process \
+                       has died: stop receiving";
+
+fn corrupted(f: &mut fmt::Formatter<'_>, what: &str) -> fmt::Result {
+    write!(
+        f,
+        "the queue's shared memory is corrupted ({what}): a peer process wrote an impossible \
+         value; recreate the queue"
+    )
+}
+
+impl<T> fmt::Display for SendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sending on a disconnected queue: {GONE_RX}")
+    }
+}
+
+impl<T> fmt::Display for TrySendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrySendError::Full(_) => f.write_str(
+                "the queue is full: retry later, use a blocking send, or make the queue larger",
+            ),
+            TrySendError::Disconnected(_) => write!(f, "sending on a disconnected queue: {GONE_RX}"),
+        }
+    }
+}
+
+impl<T> fmt::Display for SendTimeoutError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendTimeoutError::Timeout(_) => f.write_str(
+                "the queue stayed full until the timeout: the receivers are slow or stuck; the \
+                 message is returned in the error",
+            ),
+            SendTimeoutError::Disconnected(_) => {
+                write!(f, "sending on a disconnected queue: {GONE_RX}")
+            }
+        }
+    }
+}
+
+impl fmt::Display for RecvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecvError::Disconnected => write!(f, "receiving on a disconnected queue: {GONE_TX}"),
+            RecvError::Corrupted(what) => corrupted(f, what),
+        }
+    }
+}
+
+impl fmt::Display for TryRecvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TryRecvError::Empty => f.write_str("the queue is empty: retry later or block"),
+            TryRecvError::Disconnected => write!(f, "receiving on a disconnected queue: {GONE_TX}"),
+            TryRecvError::Corrupted(what) => corrupted(f, what),
+        }
+    }
+}
+
+impl fmt::Display for RecvTimeoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecvTimeoutError::Timeout => {
+                f.write_str("nothing arrived before the timeout: retry or wait longer")
+            }
+            RecvTimeoutError::Disconnected => {
+                write!(f, "receiving on a disconnected queue: {GONE_TX}")
+            }
+            RecvTimeoutError::Corrupted(what) => corrupted(f, what),
+        }
+    }
+}
+
+impl<T> std::error::Error for SendError<T> {}
+impl<T> std::error::Error for TrySendError<T> {}
+impl<T> std::error::Error for SendTimeoutError<T> {}
+impl std::error::Error for RecvError {}
+impl std::error::Error for TryRecvError {}
+impl std::error::Error for RecvTimeoutError {}
+
+impl From<RecvError> for TryRecvError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected => TryRecvError::Disconnected,
+            RecvError::Corrupted(w) => TryRecvError::Corrupted(w),
+        }
+    }
+}
+
+impl From<RecvError> for RecvTimeoutError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Disconnected => RecvTimeoutError::Disconnected,
+            RecvError::Corrupted(w) => RecvTimeoutError::Corrupted(w),
+        }
+    }
+}

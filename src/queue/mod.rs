@@ -1,0 +1,230 @@
+//! Queues in shared memory: zero-copy rings for plain-old-data ([`spsc`](crate::spsc) and
+//! [`channel`](crate::channel)).
+//!
+//! Both rings live in an anonymous shared segment, are inherited by `fork`, and block with
+//! an eventcount on a shared futex after a short bounded spin. Every wait is internally
+//! bounded, so a peer that dies is noticed: a receiver whose senders are all gone (dropped
+//! in every process, or their processes dead) gets `Disconnected` once the queue is empty,
+//! and a sender whose receivers are all gone gets its message back in `Disconnected`.
+
+mod error;
+pub(crate) mod eventcount;
+pub mod mpmc;
+pub(crate) mod peers;
+pub(crate) mod ring;
+pub mod spsc;
+
+pub use error::{
+    RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError, TrySendError,
+};
+
+use std::cell::Cell;
+
+use eventcount::{Attempt, EventCount, block_on};
+
+use crate::sys::Deadline;
+
+/// The non-blocking core each ring flavour provides; the blocking API is built on it once.
+pub(crate) trait RawSender<T> {
+    fn try_send(&self, value: T) -> Result<(), TrySendError<T>>;
+    fn not_full(&self) -> &EventCount;
+    /// Slow check after a sleep timed out: are the receivers alive (reclaiming dead ones),
+    /// and can a slot held by a dead peer be freed?
+    fn receivers_alive(&self) -> bool;
+}
+
+pub(crate) trait RawReceiver<T> {
+    fn try_recv(&self) -> Result<T, TryRecvError>;
+    fn not_empty(&self) -> &EventCount;
+    /// See [`RawSender::receivers_alive`].
+    fn senders_alive(&self) -> bool;
+}
+
+pub(crate) fn send_until<T, S: RawSender<T>>(
+    s: &S,
+    value: T,
+    deadline: Deadline,
+) -> Result<(), SendTimeoutError<T>> {
+    let value = Cell::new(Some(value));
+    let outcome = block_on(
+        s.not_full(),
+        deadline,
+        || match s.try_send(value.take().expect("message present until sent")) {
+            Ok(()) => Attempt::Ready(Ok(())),
+            Err(TrySendError::Full(v)) => {
+                value.set(Some(v));
+                Attempt::Blocked
+            }
+            Err(TrySendError::Disconnected(v)) => {
+                Attempt::Ready(Err(SendTimeoutError::Disconnected(v)))
+            }
+        },
+        || {
+            (!s.receivers_alive()).then(|| {
+                Err(SendTimeoutError::Disconnected(
+                    value.take().expect("message present until sent"),
+                ))
+            })
+        },
+    );
+    outcome.unwrap_or_else(|| {
+        Err(SendTimeoutError::Timeout(
+            value.take().expect("message present until sent"),
+        ))
+    })
+}
+
+pub(crate) fn recv_until<T, R: RawReceiver<T>>(
+    r: &R,
+    deadline: Deadline,
+) -> Result<T, RecvTimeoutError> {
+    let outcome = block_on(
+        r.not_empty(),
+        deadline,
+        || match r.try_recv() {
+            Ok(v) => Attempt::Ready(Ok(v)),
+            Err(TryRecvError::Empty) => Attempt::Blocked,
+            Err(TryRecvError::Disconnected) => Attempt::Ready(Err(RecvTimeoutError::Disconnected)),
+            Err(TryRecvError::Corrupted(w)) => Attempt::Ready(Err(RecvTimeoutError::Corrupted(w))),
+        },
+        || {
+            if r.senders_alive() {
+                return None;
+            }
+            // Every sender is gone, but one may have sent just before going.
+            Some(match r.try_recv() {
+                Ok(v) => Ok(v),
+                Err(TryRecvError::Corrupted(w)) => Err(RecvTimeoutError::Corrupted(w)),
+                Err(_) => Err(RecvTimeoutError::Disconnected),
+            })
+        },
+    );
+    outcome.unwrap_or(Err(RecvTimeoutError::Timeout))
+}
+
+/// The blocking and batch API shared by every flavour's `Sender`.
+macro_rules! sender_api {
+    () => {
+        /// Sends `value`, waiting while the queue is full.
+        ///
+        /// # Errors
+        ///
+        /// [`SendError`] with the value if every receiver is gone.
+        pub fn send(&self, value: T) -> Result<(), SendError<T>> {
+            $crate::queue::send_until(self, value, $crate::sys::Deadline::NEVER).map_err(|e| {
+                SendError(e.into_inner())
+            })
+        }
+
+        /// Sends `value` if there is room right now.
+        ///
+        /// # Errors
+        ///
+        /// `Full` or `Disconnected`, with the value.
+        pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
+            $crate::queue::RawSender::try_send(self, value)
+        }
+
+        /// Sends `value`, waiting at most `timeout` for room.
+        ///
+        /// # Errors
+        ///
+        /// `Timeout` or `Disconnected`, with the value.
+        pub fn send_timeout(
+            &self,
+            value: T,
+            timeout: std::time::Duration,
+        ) -> Result<(), SendTimeoutError<T>> {
+            $crate::queue::send_until(self, value, $crate::sys::Deadline::after(timeout))
+        }
+
+        /// Sends every element of `values` in order, waiting for room as needed; each
+        /// index update publishes as many messages as fit at once.
+        ///
+        /// # Errors
+        ///
+        /// [`SendError`] carrying how many were sent, if every receiver went away.
+        pub fn send_batch(&self, values: &[T]) -> Result<(), SendError<usize>> {
+            let mut sent = 0;
+            while sent < values.len() {
+                match self.try_send_batch(&values[sent..]) {
+                    Ok(n) if n > 0 => sent += n,
+                    Ok(_) | Err(TrySendError::Full(())) => {
+                        // Wait for room for one, then go back to batching.
+                        self.send(values[sent]).map_err(|_| SendError(sent))?;
+                        sent += 1;
+                    }
+                    Err(TrySendError::Disconnected(())) => return Err(SendError(sent)),
+                }
+            }
+            Ok(())
+        }
+    };
+}
+
+/// The blocking and batch API shared by every flavour's `Receiver`.
+macro_rules! receiver_api {
+    () => {
+        /// Receives a message, waiting while the queue is empty.
+        ///
+        /// # Errors
+        ///
+        /// `Disconnected` once the queue is empty and every sender is gone.
+        pub fn recv(&self) -> Result<T, RecvError> {
+            $crate::queue::recv_until(self, $crate::sys::Deadline::NEVER).map_err(|e| match e {
+                RecvTimeoutError::Corrupted(w) => RecvError::Corrupted(w),
+                _ => RecvError::Disconnected,
+            })
+        }
+
+        /// Receives a message if one is ready.
+        ///
+        /// # Errors
+        ///
+        /// `Empty`, `Disconnected` (empty and no senders left), or `Corrupted`.
+        pub fn try_recv(&self) -> Result<T, TryRecvError> {
+            $crate::queue::RawReceiver::try_recv(self)
+        }
+
+        /// Receives a message, waiting at most `timeout`.
+        ///
+        /// # Errors
+        ///
+        /// `Timeout`, `Disconnected` or `Corrupted`.
+        pub fn recv_timeout(&self, timeout: std::time::Duration) -> Result<T, RecvTimeoutError> {
+            $crate::queue::recv_until(self, $crate::sys::Deadline::after(timeout))
+        }
+
+        /// A blocking iterator that ends when the queue is disconnected.
+        pub fn iter(&self) -> impl Iterator<Item = T> + '_ {
+            std::iter::from_fn(move || self.recv().ok())
+        }
+
+        /// An iterator over the messages ready now.
+        pub fn try_iter(&self) -> impl Iterator<Item = T> + '_ {
+            std::iter::from_fn(move || self.try_recv().ok())
+        }
+
+        /// Receives up to `max` messages, waiting for at least one, and appends them to
+        /// `out`. Returns how many were received.
+        ///
+        /// # Errors
+        ///
+        /// As for [`recv`](Self::recv).
+        pub fn recv_batch(&self, out: &mut Vec<T>, max: usize) -> Result<usize, RecvError> {
+            if max == 0 {
+                return Ok(0);
+            }
+            match self.try_recv_batch(out, max) {
+                Ok(n) if n > 0 => return Ok(n),
+                Err(TryRecvError::Corrupted(w)) => return Err(RecvError::Corrupted(w)),
+                _ => {}
+            }
+            out.push(self.recv()?);
+            let more = self.try_recv_batch(out, max - 1).unwrap_or(0);
+            Ok(1 + more)
+        }
+    };
+}
+
+pub(crate) use {receiver_api, sender_api};
