@@ -136,7 +136,9 @@ impl<T> fmt::Display for TrySendError<T> {
             TrySendError::Full(_) => f.write_str(
                 "the queue is full: retry later, use a blocking send, or make the queue larger",
             ),
-            TrySendError::Disconnected(_) => write!(f, "sending on a disconnected queue: {GONE_RX}"),
+            TrySendError::Disconnected(_) => {
+                write!(f, "sending on a disconnected queue: {GONE_RX}")
+            }
         }
     }
 }

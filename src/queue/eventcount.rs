@@ -9,8 +9,9 @@
 //! A waiter killed while announced leaves `waiters` too high; that only makes notifiers
 //! take their slow path (a futex wake) until the count is right again: nobody waits on it.
 
-use crate::facade::{AtomicU32, Deadline, FutexWait, Ordering, fence, spin_hint, wait, wake, yield_now};
-
+use crate::facade::{
+    AtomicU32, Deadline, FutexWait, Ordering, fence, spin_hint, wait, wake, yield_now,
+};
 
 #[repr(C)]
 pub(crate) struct EventCount {

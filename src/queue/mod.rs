@@ -111,9 +111,8 @@ macro_rules! sender_api {
         ///
         /// [`SendError`] with the value if every receiver is gone.
         pub fn send(&self, value: T) -> Result<(), SendError<T>> {
-            $crate::queue::send_until(self, value, $crate::sys::Deadline::NEVER).map_err(|e| {
-                SendError(e.into_inner())
-            })
+            $crate::queue::send_until(self, value, $crate::sys::Deadline::NEVER)
+                .map_err(|e| SendError(e.into_inner()))
         }
 
         /// Sends `value` if there is room right now.

@@ -34,8 +34,8 @@ use super::eventcount::EventCount;
 use super::peers::{self, PeerTable};
 use super::ring::{CachePadded, RingMem};
 use super::{
-    RawReceiver, RawSender, RecvError, RecvTimeoutError, SendError, SendTimeoutError,
-    TryRecvError, TrySendError, receiver_api, sender_api,
+    RawReceiver, RawSender, RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError,
+    TrySendError, receiver_api, sender_api,
 };
 use crate::error::Result;
 use crate::facade::{AtomicU64, Ordering, UnsafeCell};
@@ -189,7 +189,12 @@ impl<T> RingMem<Header, Slot<T>> {
             // move `head` and `tail` past it in case the dead thread had not.
             if slot
                 .stamp
-                .compare_exchange(stamp, pos + self.capacity(), Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(
+                    stamp,
+                    pos + self.capacity(),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
             {
                 let _ = h
@@ -262,12 +267,17 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
             if stamp == pos {
                 if slot
                     .stamp
-                    .compare_exchange_weak(pos, claim(pos, tag, false), Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange_weak(
+                        pos,
+                        claim(pos, tag, false),
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
                     .is_ok()
                 {
-                    let _ = h
-                        .tail
-                        .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                    let _ =
+                        h.tail
+                            .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
                     // SAFETY: our claim gives us this slot exclusively until we publish it.
                     slot.value.with_mut(|p| unsafe { (*p).write(value) });
                     slot.stamp.store(pos + 1, Ordering::Release);
@@ -297,6 +307,38 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                 }
                 crate::facade::spin_hint();
             }
+        }
+    }
+
+    /// Crash-test hook: claims the next position, then calls `stall` before writing and
+    /// publishing `value`, so a test can kill (or stop) a producer at exactly that point.
+    #[doc(hidden)]
+    pub fn __send_stalled_after_claim(&self, value: T, stall: impl FnOnce()) {
+        let h = self.ring.header();
+        loop {
+            let pos = h.tail.load(Ordering::Acquire);
+            let slot = self.ring.slot(pos);
+            if slot
+                .stamp
+                .compare_exchange(
+                    pos,
+                    claim(pos, claim_tag(), false),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                let _ = h
+                    .tail
+                    .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                stall();
+                // SAFETY: claimed above, as in `push`.
+                slot.value.with_mut(|p| unsafe { (*p).write(value) });
+                slot.stamp.store(pos + 1, Ordering::Release);
+                h.not_empty.notify_all();
+                return;
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -373,12 +415,17 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
             if stamp == pos + 1 {
                 if slot
                     .stamp
-                    .compare_exchange_weak(stamp, claim(pos, tag, true), Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange_weak(
+                        stamp,
+                        claim(pos, tag, true),
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
                     .is_ok()
                 {
-                    let _ = h
-                        .head
-                        .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                    let _ =
+                        h.head
+                            .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
                     // SAFETY: the stamp said a producer published a T here (its release
                     // store is what our acquire CAS read), and our claim keeps producers
                     // away until we free the slot.
@@ -411,6 +458,39 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                 }
                 crate::facade::spin_hint();
             }
+        }
+    }
+
+    /// Crash-test hook: claims the next published message and advances `head`, then calls
+    /// `stall` before copying it out and freeing the slot.
+    #[doc(hidden)]
+    pub fn __recv_stalled_after_claim(&self, stall: impl FnOnce()) -> T {
+        let h = self.ring.header();
+        loop {
+            let pos = h.head.load(Ordering::Acquire);
+            let slot = self.ring.slot(pos);
+            if slot
+                .stamp
+                .compare_exchange(
+                    pos + 1,
+                    claim(pos, claim_tag(), true),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                let _ = h
+                    .head
+                    .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                stall();
+                // SAFETY: claimed a published slot above, as in `pop`.
+                let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
+                slot.stamp
+                    .store(pos + self.ring.capacity(), Ordering::Release);
+                h.not_full.notify_all();
+                return value;
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -492,5 +572,94 @@ impl<T: ShmSafe + Copy + Send> fmt::Debug for Receiver<T> {
         f.debug_struct("channel::Receiver")
             .field("capacity", &self.ring.capacity())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn fifo_full_and_empty() {
+        let (tx, rx) = heap_channel::<u32>(4).unwrap();
+        for i in 0..4 {
+            tx.try_send(i).unwrap();
+        }
+        assert!(matches!(tx.try_send(9), Err(TrySendError::Full(9))));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+        // Wrap around many laps.
+        for i in 0..1000 {
+            tx.send(i).unwrap();
+            assert_eq!(rx.recv().unwrap(), i);
+        }
+    }
+
+    #[test]
+    fn disconnect_both_ways() {
+        let (tx, rx) = heap_channel::<u8>(2).unwrap();
+        tx.send(1).unwrap();
+        drop(tx);
+        assert_eq!(rx.recv(), Ok(1), "queued messages survive the last sender");
+        assert_eq!(rx.recv(), Err(RecvError::Disconnected));
+        let (tx, rx) = heap_channel::<u8>(2).unwrap();
+        drop(rx);
+        assert!(matches!(tx.send(5), Err(SendError(5))));
+    }
+
+    #[test]
+    fn mpmc_threads_exactly_once_in_producer_order() {
+        let per = if cfg!(miri) { 50 } else { 20_000 };
+        let (tx, rx) = heap_channel::<[u32; 2]>(64).unwrap();
+        let producers: Vec<_> = (0..2u32)
+            .map(|p| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for i in 0..per {
+                        tx.send([p, i]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
+        let consumers: Vec<_> = (0..2)
+            .map(|_| {
+                let rx = rx.clone();
+                std::thread::spawn(move || {
+                    let mut last = [None::<u32>; 2];
+                    let mut got = Vec::new();
+                    for [p, i] in rx.iter() {
+                        assert!(
+                            last[p as usize].is_none_or(|l| l < i),
+                            "order within producer"
+                        );
+                        last[p as usize] = Some(i);
+                        got.push((p, i));
+                    }
+                    got
+                })
+            })
+            .collect();
+        for p in producers {
+            p.join().unwrap();
+        }
+        let mut all = HashSet::new();
+        for c in consumers {
+            for m in c.join().unwrap() {
+                assert!(all.insert(m), "duplicate {m:?}");
+            }
+        }
+        assert_eq!(all.len(), 2 * per as usize);
+    }
+
+    #[test]
+    fn batches() {
+        let (tx, rx) = heap_channel::<u16>(8).unwrap();
+        assert_eq!(tx.try_send_batch(&[1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap(), 8);
+        let mut out = Vec::new();
+        assert_eq!(rx.try_recv_batch(&mut out, 5).unwrap(), 5);
+        assert_eq!(rx.recv_batch(&mut out, 10).unwrap(), 3);
+        assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8]);
     }
 }

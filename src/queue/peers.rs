@@ -78,7 +78,9 @@ impl PeerTable {
                 // Saturate: a corrupted count must not wrap to "many handles".
                 let before = slot
                     .handles
-                    .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |h| Some(h.saturating_sub(n)))
+                    .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |h| {
+                        Some(h.saturating_sub(n))
+                    })
                     .unwrap_or(0);
                 self.uncount(before.min(n));
                 return;
@@ -89,7 +91,9 @@ impl PeerTable {
     fn uncount(&self, n: u64) {
         let _ = self
             .total
-            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |t| Some(t.saturating_sub(n)));
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(n))
+            });
     }
 
     /// Whether any process (this one included) holds a handle, without asking whether the

@@ -59,17 +59,18 @@ impl<H, S> RingMem<H, S> {
                 what: format!("a ring of {capacity} slots does not fit in memory"),
             })?;
         let tag = TypeTag::of::<(H, S)>(kind);
-        let segment = Segment::create_with(Backing::Anonymous, &tag, capacity as u64, bytes, |data| {
-            // SAFETY: the fresh data area is `bytes` long, aligned for H (and for S at
-            // `slots_offset`, a multiple of S's alignment), and nobody else sees it yet.
-            unsafe {
-                data.cast::<H>().as_ptr().write(header());
-                let slots = data.as_ptr().add(slots_offset::<H, S>()).cast::<S>();
-                for i in 0..capacity {
-                    slots.add(i).write(slot(i as u64));
+        let segment =
+            Segment::create_with(Backing::Anonymous, &tag, capacity as u64, bytes, |data| {
+                // SAFETY: the fresh data area is `bytes` long, aligned for H (and for S at
+                // `slots_offset`, a multiple of S's alignment), and nobody else sees it yet.
+                unsafe {
+                    data.cast::<H>().as_ptr().write(header());
+                    let slots = data.as_ptr().add(slots_offset::<H, S>()).cast::<S>();
+                    for i in 0..capacity {
+                        slots.add(i).write(slot(i as u64));
+                    }
                 }
-            }
-        })?;
+            })?;
         let data = segment.data_ptr();
         Ok(RingMem {
             header: data.cast(),

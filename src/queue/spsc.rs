@@ -27,8 +27,8 @@ use super::eventcount::EventCount;
 use super::peers::{self, PeerTable};
 use super::ring::{CachePadded, RingMem};
 use super::{
-    RawReceiver, RawSender, RecvError, RecvTimeoutError, SendError, SendTimeoutError,
-    TryRecvError, TrySendError, receiver_api, sender_api,
+    RawReceiver, RawSender, RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError,
+    TrySendError, receiver_api, sender_api,
 };
 use crate::error::{Error, Result};
 use crate::facade::{AtomicU64, Ordering, UnsafeCell};
@@ -100,7 +100,9 @@ fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>,
 pub fn heap_spsc<T: ShmSafe + Copy + Send + 'static>(
     capacity: usize,
 ) -> Result<(Sender<T>, Receiver<T>)> {
-    let ring = RingMem::heap(capacity, Header::new, |_| UnsafeCell::new(MaybeUninit::uninit()));
+    let ring = RingMem::heap(capacity, Header::new, |_| {
+        UnsafeCell::new(MaybeUninit::uninit())
+    });
     endpoints(Arc::new(ring))
 }
 
@@ -305,7 +307,11 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
             // SAFETY: positions below the published tail hold messages the producer wrote
             // (the acquire load of `tail` made them visible) and will not touch until we
             // publish `head`.
-            out.push(self.ring.slot(pos).with(|p| unsafe { (*p).assume_init_read() }));
+            out.push(
+                self.ring
+                    .slot(pos)
+                    .with(|p| unsafe { (*p).assume_init_read() }),
+            );
         }
         let h = self.ring.header();
         self.head.set(head + n);
@@ -325,7 +331,10 @@ impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
             return Err(self.empty_or_disconnected());
         }
         // SAFETY: as in `try_recv_batch`.
-        let value = self.ring.slot(head).with(|p| unsafe { (*p).assume_init_read() });
+        let value = self
+            .ring
+            .slot(head)
+            .with(|p| unsafe { (*p).assume_init_read() });
         let h = self.ring.header();
         self.head.set(head + 1);
         h.head.store(head + 1, Ordering::Release);
@@ -372,5 +381,72 @@ impl<T: ShmSafe + Copy + Send> fmt::Debug for Receiver<T> {
         f.debug_struct("spsc::Receiver")
             .field("capacity", &self.ring.capacity())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn fifo_full_empty_and_wrap() {
+        let (tx, rx) = heap_spsc::<u64>(3).unwrap(); // rounds up to 4
+        for i in 0..4 {
+            tx.try_send(i).unwrap();
+        }
+        assert!(matches!(tx.try_send(4), Err(TrySendError::Full(4))));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_millis(5)),
+            Err(RecvTimeoutError::Timeout)
+        );
+        for i in 0..1000 {
+            tx.send(i).unwrap();
+            assert_eq!(rx.recv().unwrap(), i);
+        }
+    }
+
+    #[test]
+    fn threads_in_order_with_batches() {
+        let n = if cfg!(miri) { 200 } else { 100_000 };
+        let (tx, rx) = heap_spsc::<u64>(64).unwrap();
+        let t = std::thread::spawn(move || {
+            let mut i = 0;
+            while i < n {
+                let chunk: Vec<u64> = (i..(i + 7).min(n)).collect();
+                tx.send_batch(&chunk).unwrap();
+                i += chunk.len() as u64;
+            }
+        });
+        let mut expect = 0;
+        let mut buf = Vec::new();
+        while expect < n {
+            buf.clear();
+            rx.recv_batch(&mut buf, 16).unwrap();
+            for &v in &buf {
+                assert_eq!(v, expect);
+                expect += 1;
+            }
+        }
+        t.join().unwrap();
+        assert_eq!(rx.recv(), Err(RecvError::Disconnected));
+    }
+
+    #[test]
+    fn replacement_endpoints_only_when_the_old_one_is_gone() {
+        let (tx, rx) = heap_spsc::<u8>(4).unwrap();
+        tx.send(1).unwrap();
+        assert!(rx.new_sender().is_err(), "one live sender already");
+        drop(tx);
+        let tx = rx.new_sender().unwrap();
+        tx.send(2).unwrap();
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 2]);
+        drop(rx);
+        assert!(matches!(tx.try_send(3), Err(TrySendError::Disconnected(3))));
+        let rx = tx.new_receiver().unwrap();
+        tx.send(4).unwrap();
+        assert_eq!(rx.recv(), Ok(4));
     }
 }
