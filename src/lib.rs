@@ -25,19 +25,21 @@
 
 mod error;
 mod facade;
-mod liveness;
 #[doc(hidden)]
 pub mod fork;
+mod liveness;
+mod pipe;
 pub mod queue;
 pub mod shm;
 pub mod sync;
 mod sys;
 
 pub use error::{Error, Result};
+pub use pipe::{Connection, pipe};
 pub use queue::mpmc::{self as channel, channel};
 pub use queue::spsc::{self, spsc};
 pub use queue::{
-    RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError, TrySendError,
+    ByteQueue, Queue, QueueError, RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError, TrySendError,
 };
 pub use shm::{Segment, SegmentInfo, Shared, ShmSafe};
 pub use sync::{

@@ -10,7 +10,11 @@ use crate::sys;
 
 /// Whether thread `tid`, whose start time has `start_bits` as its low `bits` bits, is gone.
 pub(crate) fn thread_is_dead(tid: u32, start_bits: u64, bits: u32) -> bool {
-    let mask = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let mask = if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     match sys::thread_stat(tid) {
         Ok(Some(stat)) => stat.is_dead() || stat.start & mask != start_bits & mask,
         Ok(None) => true,

@@ -7,18 +7,23 @@
 //! in every process, or their processes dead) gets `Disconnected` once the queue is empty,
 //! and a sender whose receivers are all gone gets its message back in `Disconnected`.
 
+pub mod bytes;
 mod error;
 pub(crate) mod eventcount;
 pub mod mpmc;
 pub(crate) mod peers;
 pub(crate) mod ring;
 pub mod spsc;
+mod typed;
 
+pub use bytes::{ByteQueue, QueueBuilder, QueueError};
 pub use error::{
     RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError, TrySendError,
 };
 
 use std::cell::Cell;
+
+pub use typed::Queue;
 
 use eventcount::{Attempt, EventCount, block_on};
 

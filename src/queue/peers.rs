@@ -103,6 +103,19 @@ impl PeerTable {
         self.total.load(Ordering::SeqCst) != 0
     }
 
+    /// Whether handles exist beyond a single one in this process: in another process, or
+    /// several here. Call after [`any_alive`](Self::any_alive) has reclaimed dead slots.
+    pub(crate) fn handles_beyond_one_of_mine(&self) -> bool {
+        let me = current_process();
+        let mine: u64 = self
+            .slots
+            .iter()
+            .filter(|s| s.owner.load(Ordering::Acquire) == me)
+            .map(|s| s.handles.load(Ordering::SeqCst))
+            .sum();
+        mine > 1 || self.total.load(Ordering::SeqCst) > mine
+    }
+
     /// Whether any live process holds a handle; frees the slots of dead holders.
     pub(crate) fn any_alive(&self) -> bool {
         let me = current_process();

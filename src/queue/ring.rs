@@ -127,6 +127,12 @@ impl<H, S> RingMem<H, S> {
         unsafe { self.slots.add((pos & self.mask) as usize).as_ref() }
     }
 
+    /// The first slot, for rings whose slots are bytes addressed as ranges.
+    #[inline]
+    pub(crate) fn slots_ptr(&self) -> *mut S {
+        self.slots.as_ptr()
+    }
+
     #[inline]
     pub(crate) fn capacity(&self) -> u64 {
         self.mask + 1

@@ -116,6 +116,14 @@ impl RawMutex {
         self.poisoned.store(1, Ordering::Relaxed);
     }
 
+    /// Whether the lock is held by a thread that no longer exists (slow: asks the kernel).
+    pub(crate) fn holder_is_dead(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) & !WAITERS {
+            0 => false,
+            owner => self.owner_is_dead(owner),
+        }
+    }
+
     /// Whether some thread (in any process) holds the lock right now.
     pub fn is_locked(&self) -> bool {
         self.state.load(Ordering::Relaxed) != 0

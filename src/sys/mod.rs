@@ -12,6 +12,10 @@ mod linux;
 #[cfg(target_os = "linux")]
 pub(crate) use linux::*;
 
+// Sockets are POSIX, not Linux-specific: shared by every Unix back end.
+mod socket;
+pub(crate) use socket::*;
+
 #[cfg(not(target_os = "linux"))]
 compile_error!(
     "procshare currently supports Linux only: the macOS and FreeBSD back ends \

@@ -1,0 +1,299 @@
+//! [`Queue<T>`]: Python's `multiprocessing.Queue` for any serde type.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::bytes::{ByteQueue, QueueBuilder, QueueError, full_not_timeout};
+use crate::error::Result;
+use crate::sys::Deadline;
+
+/// A multi-producer multi-consumer queue of any `Serialize + DeserializeOwned` values, of
+/// any size, shared between processes: Python's `multiprocessing.Queue`.
+///
+/// Values are encoded with postcard straight into the shared ring (no intermediate buffer
+/// for messages up to a quarter of the ring; larger ones are chunked) and decoded straight
+/// out of it. Clone the handle for more producers and consumers; a forked child shares it.
+///
+/// ```
+/// use procshare::Queue;
+///
+/// let q: Queue<(String, Vec<u32>)> = Queue::new()?;
+/// let mut child = procshare::fork::fork({
+///     let q = q.clone();
+///     move || {
+///         for i in 0..3 {
+///             q.put(&(format!("job {i}"), vec![i; 3])).unwrap();
+///         }
+///         0
+///     }
+/// })?;
+/// for i in 0..3 {
+///     assert_eq!(q.get()?, (format!("job {i}"), vec![i; 3]));
+/// }
+/// child.wait().unwrap();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Queue<T> {
+    bytes: ByteQueue,
+    _type: PhantomData<fn(T) -> T>,
+}
+
+impl Queue<()> {
+    /// Settings for a new queue (ring size, message limit); finish with
+    /// [`build`](QueueBuilder::build), which picks the message type.
+    ///
+    /// ```
+    /// let q: procshare::Queue<String> = procshare::Queue::builder().capacity(1 << 16).build()?;
+    /// # Ok::<(), procshare::Error>(())
+    /// ```
+    pub fn builder() -> QueueBuilder {
+        ByteQueue::builder()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Queue<T> {
+    /// A queue with a 1 MiB ring and a 64 MiB message limit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
+    pub fn new() -> Result<Queue<T>> {
+        ByteQueue::builder().build()
+    }
+
+    pub(crate) fn from_bytes(bytes: ByteQueue) -> Queue<T> {
+        Queue {
+            bytes,
+            _type: PhantomData,
+        }
+    }
+
+    fn put_until(&self, value: &T, deadline: Deadline) -> Result<(), QueueError> {
+        let size = postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
+            .map_err(|e| QueueError::Encode(e.to_string()))?;
+        self.bytes.send_encoded(
+            size,
+            |buf| {
+                postcard::to_slice(value, buf)
+                    .map(|_| ())
+                    .map_err(|e| QueueError::Encode(e.to_string()))
+            },
+            deadline,
+        )
+    }
+
+    /// Puts a value, waiting for room.
+    ///
+    /// # Errors
+    ///
+    /// `MessageTooLarge`, `Encode`, `Closed`, `Disconnected` or `Corrupted`; the value is
+    /// untouched (it is only borrowed) and nothing partial is ever delivered.
+    pub fn put(&self, value: &T) -> Result<(), QueueError> {
+        self.put_until(value, Deadline::NEVER)
+    }
+
+    /// Puts a value, waiting at most `timeout` for room.
+    ///
+    /// # Errors
+    ///
+    /// As for [`put`](Queue::put), plus `Timeout`.
+    pub fn put_timeout(&self, value: &T, timeout: Duration) -> Result<(), QueueError> {
+        self.put_until(value, Deadline::after(timeout))
+    }
+
+    /// Puts a value if there is room now.
+    ///
+    /// # Errors
+    ///
+    /// As for [`put`](Queue::put), plus `Full`.
+    pub fn try_put(&self, value: &T) -> Result<(), QueueError> {
+        self.put_until(value, Deadline::after(Duration::ZERO))
+            .map_err(full_not_timeout)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<T, QueueError> {
+        postcard::from_bytes(bytes).map_err(|e| QueueError::Decode(e.to_string()))
+    }
+
+    /// Takes the next value, waiting for one.
+    ///
+    /// # Errors
+    ///
+    /// `Closed` (closed and drained), `Disconnected`, `Decode` or `Corrupted`.
+    pub fn get(&self) -> Result<T, QueueError> {
+        self.bytes.recv_with(Self::decode)?
+    }
+
+    /// Takes the next value, waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`get`](Queue::get), plus `Timeout`.
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T, QueueError> {
+        self.bytes.recv_with_timeout(timeout, Self::decode)?
+    }
+
+    /// Takes the next value if one is ready.
+    ///
+    /// # Errors
+    ///
+    /// As for [`get`](Queue::get), plus `Empty`.
+    pub fn try_get(&self) -> Result<T, QueueError> {
+        self.bytes.try_recv_with(Self::decode)?
+    }
+
+    /// Closes the queue for putting, in every process; getters drain it, then get `Closed`.
+    pub fn close(&self) {
+        self.bytes.close();
+    }
+
+    /// Whether the queue was closed.
+    pub fn is_closed(&self) -> bool {
+        self.bytes.is_closed()
+    }
+
+    /// Values waiting (a snapshot).
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether no value is waiting (a snapshot).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The byte queue underneath, for the zero-copy loan API.
+    pub fn as_bytes(&self) -> &ByteQueue {
+        &self.bytes
+    }
+}
+
+impl<T> Clone for Queue<T> {
+    fn clone(&self) -> Self {
+        Queue {
+            bytes: self.bytes.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Queue").field(&self.bytes).finish()
+    }
+}
+
+// These need memfd-backed shared memory, which Miri cannot provide.
+#[cfg(all(test, not(miri)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_of_every_size_round_trip() {
+        // Sizes on both sides of the single-record limit (a quarter of the ring) and far
+        // beyond the ring itself, which need a concurrent consumer to drain the chunks.
+        let sizes = [0usize, 1, 100, 16 * 1024, 64 * 1024, 1 << 20];
+        let q: Queue<Vec<u8>> = Queue::builder().capacity(64 * 1024).build().unwrap();
+        let make = |size: usize| -> Vec<u8> { (0..size).map(|i| (i % 251) as u8).collect() };
+        let consumer = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                for size in sizes {
+                    assert_eq!(q.get().unwrap(), make(size), "size {size}");
+                }
+            })
+        };
+        for size in sizes {
+            q.put(&make(size)).unwrap();
+        }
+        consumer.join().unwrap();
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn too_large_is_refused_whole() {
+        let q: Queue<Vec<u8>> = Queue::builder().max_message(1000).build().unwrap();
+        let e = q.put(&vec![0; 2000]).unwrap_err();
+        assert!(
+            matches!(e, QueueError::MessageTooLarge { max: 1000, .. }),
+            "{e}"
+        );
+        assert_eq!(q.try_get(), Err(QueueError::Empty));
+        q.put(&vec![1; 10]).unwrap();
+        assert_eq!(q.get().unwrap(), vec![1; 10]);
+    }
+
+    #[test]
+    fn full_timeout_close() {
+        let q: Queue<u64> = Queue::builder().capacity(4096).build().unwrap();
+        let mut n = 0;
+        while q.try_put(&n).is_ok() {
+            n += 1;
+        }
+        assert_eq!(q.try_put(&0), Err(QueueError::Full));
+        assert_eq!(
+            q.put_timeout(&0, Duration::from_millis(20)),
+            Err(QueueError::Timeout)
+        );
+        q.close();
+        assert_eq!(q.put(&1), Err(QueueError::Closed));
+        for i in 0..n {
+            assert_eq!(q.get().unwrap(), i);
+        }
+        assert_eq!(q.get(), Err(QueueError::Closed));
+    }
+
+    #[test]
+    fn lone_handle_is_disconnected_not_hung() {
+        let q: Queue<u8> = Queue::new().unwrap();
+        assert_eq!(q.get(), Err(QueueError::Disconnected));
+        let other = q.clone();
+        assert_eq!(
+            q.get_timeout(Duration::from_millis(30)),
+            Err(QueueError::Timeout)
+        );
+        drop(other);
+    }
+
+    #[test]
+    fn threads_mpmc_exactly_once() {
+        let q: Queue<(u32, u32)> = Queue::builder().capacity(8192).build().unwrap();
+        let per = 5_000;
+        let producers: Vec<_> = (0..2)
+            .map(|p| {
+                let q = q.clone();
+                std::thread::spawn(move || {
+                    for i in 0..per {
+                        q.put(&(p, i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let consumers: Vec<_> = (0..2)
+            .map(|_| {
+                let q = q.clone();
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    while let Ok(m) = q.get_timeout(Duration::from_millis(500)) {
+                        got.push(m);
+                    }
+                    got
+                })
+            })
+            .collect();
+        for p in producers {
+            p.join().unwrap();
+        }
+        let mut all: Vec<_> = consumers
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 2 * per as usize);
+    }
+}
