@@ -75,7 +75,7 @@ pub enum Error {
     },
     /// A wait ran out of time.
     Timeout,
-    /// Shared memory holds a value no correct peer could have written.
+    /// Shared memory (or a pipe) holds a value no correct peer could have written.
     Corrupted {
         /// What was found to be inconsistent.
         what: String,
@@ -180,8 +180,8 @@ impl fmt::Display for Error {
             ),
             Error::Corrupted { what } => write!(
                 f,
-                "shared memory is corrupted ({what}): a peer process wrote an impossible value; \
-                 stop using this object and recreate it"
+                "corrupted data from a peer ({what}): another process wrote an impossible value \
+                 or broke the protocol; stop using this object and recreate it"
             ),
             Error::MultiThreaded { threads } => write!(
                 f,
