@@ -277,7 +277,7 @@ impl Core {
         let off = tail & (self.cap() - 1);
         let to_end = self.cap() - off;
         let pad = if span > to_end { to_end } else { 0 };
-        if tail + pad + span - free > self.cap() {
+        if tail.wrapping_add(pad + span).wrapping_sub(free) > self.cap() {
             return Ok(None);
         }
         let me = owner_tag();
@@ -287,11 +287,11 @@ impl Core {
             r.word
                 .store(word(ST_READY, K_PAD, pad - REC_HEADER), Ordering::Release);
         }
-        let pos = tail + pad;
+        let pos = tail.wrapping_add(pad);
         let r = self.rec_header(pos)?;
         r.owner.store(me, Ordering::Relaxed);
         r.word.store(word(ST_WRITING, kind, len), Ordering::Release);
-        h.tail.store(pos + span, Ordering::Release);
+        h.tail.store(pos.wrapping_add(span), Ordering::Release);
         Ok(Some(Rec { pos, kind, len }))
     }
 
@@ -436,7 +436,7 @@ impl Core {
                     self.rec_header(head)?
                         .word
                         .store(word(ST_DONE, K_PAD, rec.len), Ordering::Release);
-                    h.head.store(head + span, Ordering::Release);
+                    h.head.store(head.wrapping_add(span), Ordering::Release);
                     self.advance_free();
                 }
                 ST_READY => {
@@ -444,7 +444,7 @@ impl Core {
                     r.owner.store(owner_tag(), Ordering::Relaxed);
                     r.word
                         .store(word(ST_READING, rec.kind, rec.len), Ordering::Release);
-                    h.head.store(head + span, Ordering::Release);
+                    h.head.store(head.wrapping_add(span), Ordering::Release);
                     if matches!(rec.kind, K_SINGLE | K_LAST) {
                         let _ = h
                             .count
@@ -482,7 +482,7 @@ impl Core {
             }
             match self.read_record(free, head) {
                 Ok((ST_DONE, rec)) => {
-                    let next = free + record_len(rec.len);
+                    let next = free.wrapping_add(record_len(rec.len));
                     freed |= h
                         .free
                         .compare_exchange(free, next, Ordering::AcqRel, Ordering::Relaxed)
@@ -970,6 +970,20 @@ impl ByteQueue {
     /// Whether no message is waiting (a snapshot).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Fuzzing hook: overwrites the shared positions and the start of the ring's data, as a
+    /// peer scribbling over shared memory would.
+    #[doc(hidden)]
+    pub fn __scribble(&self, free: u64, head: u64, tail: u64, data: &[u8]) {
+        let h = self.core.h();
+        h.free.store(free, Ordering::SeqCst);
+        h.head.store(head, Ordering::SeqCst);
+        h.tail.store(tail, Ordering::SeqCst);
+        let n = data.len().min(self.core.cap() as usize);
+        // SAFETY: at most `capacity` bytes into the ring's data area, which this handle
+        // keeps mapped; the fuzzer uses the queue from one thread only.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.core.ring.slots_ptr(), n) };
     }
 
     /// The largest message this queue accepts.

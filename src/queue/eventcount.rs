@@ -87,6 +87,13 @@ pub(crate) fn block_on<R>(
     const SPIN_ROUNDS: u32 = 7; // 1 + 2 + ... + 64 pauses: a few microseconds
     const YIELDS: u32 = 4;
     const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+    if deadline.has_passed() {
+        // A `try_*` call: exactly one attempt, no spinning.
+        return match attempt() {
+            Attempt::Ready(r) => Some(r),
+            Attempt::Blocked => None,
+        };
+    }
     for round in 0..SPIN_ROUNDS + YIELDS {
         if let Attempt::Ready(r) = attempt() {
             return Some(r);

@@ -191,18 +191,24 @@ impl<T> RingMem<Header, Slot<T>> {
                 .stamp
                 .compare_exchange(
                     stamp,
-                    pos + self.capacity(),
+                    pos.wrapping_add(self.capacity()),
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 )
                 .is_ok()
             {
-                let _ = h
-                    .head
-                    .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
-                let _ = h
-                    .tail
-                    .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                let _ = h.head.compare_exchange(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+                let _ = h.tail.compare_exchange(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
                 freed = true;
             }
         }
@@ -275,25 +281,31 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                     )
                     .is_ok()
                 {
-                    let _ =
-                        h.tail
-                            .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                    let _ = h.tail.compare_exchange(
+                        pos,
+                        pos.wrapping_add(1),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
                     // SAFETY: our claim gives us this slot exclusively until we publish it.
                     slot.value.with_mut(|p| unsafe { (*p).write(value) });
-                    slot.stamp.store(pos + 1, Ordering::Release);
+                    slot.stamp.store(pos.wrapping_add(1), Ordering::Release);
                     return Ok(());
                 }
                 continue;
             }
-            if stamp == pos + 1 || (claims(stamp, pos) && stamp & READING == 0) {
+            if stamp == pos.wrapping_add(1) || (claims(stamp, pos) && stamp & READING == 0) {
                 // Someone claimed or filled `pos` but has not advanced `tail`: help.
-                let _ = h
-                    .tail
-                    .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                let _ = h.tail.compare_exchange(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
                 continue;
             }
             let prev = pos.wrapping_sub(cap);
-            if stamp == prev + 1 || claims(stamp, prev) {
+            if stamp == prev.wrapping_add(1) || claims(stamp, prev) {
                 // Last lap's message is still there (or being read).
                 if h.tail.load(Ordering::Acquire) == pos {
                     return Err(TrySendError::Full(value));
@@ -328,13 +340,16 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                 )
                 .is_ok()
             {
-                let _ = h
-                    .tail
-                    .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                let _ = h.tail.compare_exchange(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
                 stall();
                 // SAFETY: claimed above, as in `push`.
                 slot.value.with_mut(|p| unsafe { (*p).write(value) });
-                slot.stamp.store(pos + 1, Ordering::Release);
+                slot.stamp.store(pos.wrapping_add(1), Ordering::Release);
                 h.not_empty.notify_all();
                 return;
             }
@@ -394,7 +409,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         }
         // The last sender may have published right before leaving: look once more.
         let pos = h.head.load(Ordering::Acquire);
-        if self.ring.slot(pos).stamp.load(Ordering::Acquire) == pos + 1 {
+        if self.ring.slot(pos).stamp.load(Ordering::Acquire) == pos.wrapping_add(1) {
             TryRecvError::Empty
         } else {
             TryRecvError::Disconnected
@@ -412,7 +427,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
             let pos = h.head.load(Ordering::Acquire);
             let slot = ring.slot(pos);
             let stamp = slot.stamp.load(Ordering::Acquire);
-            if stamp == pos + 1 {
+            if stamp == pos.wrapping_add(1) {
                 if slot
                     .stamp
                     .compare_exchange_weak(
@@ -423,23 +438,29 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                     )
                     .is_ok()
                 {
-                    let _ =
-                        h.head
-                            .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                    let _ = h.head.compare_exchange(
+                        pos,
+                        pos.wrapping_add(1),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
                     // SAFETY: the stamp said a producer published a T here (its release
                     // store is what our acquire CAS read), and our claim keeps producers
                     // away until we free the slot.
                     let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
-                    slot.stamp.store(pos + cap, Ordering::Release);
+                    slot.stamp.store(pos.wrapping_add(cap), Ordering::Release);
                     return Ok(value);
                 }
                 continue;
             }
-            if stamp == pos + cap || (claims(stamp, pos) && stamp & READING != 0) {
+            if stamp == pos.wrapping_add(cap) || (claims(stamp, pos) && stamp & READING != 0) {
                 // Someone consumed or is consuming `pos` but has not advanced `head`: help.
-                let _ = h
-                    .head
-                    .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                let _ = h.head.compare_exchange(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
                 continue;
             }
             if stamp == pos || claims(stamp, pos) {
@@ -472,21 +493,24 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
             if slot
                 .stamp
                 .compare_exchange(
-                    pos + 1,
+                    pos.wrapping_add(1),
                     claim(pos, claim_tag(), true),
                     Ordering::Acquire,
                     Ordering::Relaxed,
                 )
                 .is_ok()
             {
-                let _ = h
-                    .head
-                    .compare_exchange(pos, pos + 1, Ordering::AcqRel, Ordering::Relaxed);
+                let _ = h.head.compare_exchange(
+                    pos,
+                    pos.wrapping_add(1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
                 stall();
                 // SAFETY: claimed a published slot above, as in `pop`.
                 let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
                 slot.stamp
-                    .store(pos + self.ring.capacity(), Ordering::Release);
+                    .store(pos.wrapping_add(self.ring.capacity()), Ordering::Release);
                 h.not_full.notify_all();
                 return value;
             }

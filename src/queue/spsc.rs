@@ -180,12 +180,12 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
             // SAFETY: positions tail..tail+n are free (head <= tail+n-cap) and only this
             // producer writes them until `tail` is published below.
             self.ring
-                .slot(tail + i as u64)
+                .slot(tail.wrapping_add(i as u64))
                 .with_mut(|p| unsafe { (*p).write(*v) });
         }
         if n > 0 {
-            self.tail.set(tail + n);
-            h.tail.store(tail + n, Ordering::Release);
+            self.tail.set(tail.wrapping_add(n));
+            h.tail.store(tail.wrapping_add(n), Ordering::Release);
             h.not_empty.notify_all();
         }
         Ok(n as usize)
@@ -218,8 +218,8 @@ impl<T: ShmSafe + Copy + Send> RawSender<T> for Sender<T> {
         self.ring
             .slot(tail)
             .with_mut(|p| unsafe { (*p).write(value) });
-        self.tail.set(tail + 1);
-        h.tail.store(tail + 1, Ordering::Release);
+        self.tail.set(tail.wrapping_add(1));
+        h.tail.store(tail.wrapping_add(1), Ordering::Release);
         h.not_empty.notify_all();
         Ok(())
     }
@@ -303,7 +303,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         }
         let n = ready.min(max as u64);
         out.reserve(n as usize);
-        for pos in head..head + n {
+        for pos in head..head.wrapping_add(n) {
             // SAFETY: positions below the published tail hold messages the producer wrote
             // (the acquire load of `tail` made them visible) and will not touch until we
             // publish `head`.
@@ -314,8 +314,8 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
             );
         }
         let h = self.ring.header();
-        self.head.set(head + n);
-        h.head.store(head + n, Ordering::Release);
+        self.head.set(head.wrapping_add(n));
+        h.head.store(head.wrapping_add(n), Ordering::Release);
         h.not_full.notify_all();
         Ok(n as usize)
     }
@@ -336,8 +336,8 @@ impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
             .slot(head)
             .with(|p| unsafe { (*p).assume_init_read() });
         let h = self.ring.header();
-        self.head.set(head + 1);
-        h.head.store(head + 1, Ordering::Release);
+        self.head.set(head.wrapping_add(1));
+        h.head.store(head.wrapping_add(1), Ordering::Release);
         h.not_full.notify_all();
         Ok(value)
     }
