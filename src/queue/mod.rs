@@ -1,5 +1,5 @@
-//! Queues in shared memory: zero-copy rings for plain-old-data ([`spsc`](crate::spsc) and
-//! [`channel`](crate::channel)).
+//! Queues in shared memory: zero-copy rings for plain-old-data ([`spsc`](fn@crate::spsc) and
+//! [`channel`](fn@crate::channel)).
 //!
 //! Both rings live in an anonymous shared segment, are inherited by `fork`, and block with
 //! an eventcount on a shared futex after a short bounded spin. Every wait is internally

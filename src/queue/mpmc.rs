@@ -220,12 +220,12 @@ impl<T> RingMem<Header, Slot<T>> {
     }
 }
 
-/// The sending end of a [`channel`](crate::channel). Clone it for more producers.
+/// The sending end of a [`channel`](fn@crate::channel). Clone it for more producers.
 pub struct Sender<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
 }
 
-/// The receiving end of a [`channel`](crate::channel). Clone it for more consumers.
+/// The receiving end of a [`channel`](fn@crate::channel). Clone it for more consumers.
 pub struct Receiver<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
 }

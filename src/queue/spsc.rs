@@ -106,7 +106,7 @@ pub fn heap_spsc<T: ShmSafe + Copy + Send + 'static>(
     endpoints(Arc::new(ring))
 }
 
-/// The producing end of an [`spsc`](crate::spsc) queue. Not `Clone`: there is exactly one
+/// The producing end of an [`spsc`](fn@crate::spsc) queue. Not `Clone`: there is exactly one
 /// producer. It may move to another thread or (by `fork`) another process; after a fork,
 /// only one process may use it.
 pub struct Sender<T: ShmSafe + Copy + Send> {
@@ -117,7 +117,7 @@ pub struct Sender<T: ShmSafe + Copy + Send> {
     head_seen: Cell<u64>,
 }
 
-/// The consuming end of an [`spsc`](crate::spsc) queue. Not `Clone`: there is exactly one
+/// The consuming end of an [`spsc`](fn@crate::spsc) queue. Not `Clone`: there is exactly one
 /// consumer.
 pub struct Receiver<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,

@@ -75,8 +75,10 @@ fn owner_record(id: ThreadIdentity) -> u64 {
 /// segment) at an 8-byte aligned offset, without an init call.
 ///
 /// If a thread dies while holding it, the next locker takes it over and
-/// [`is_poisoned`](RawMutex::is_poisoned) turns true (see the [module docs](self) for how
-/// death is detected). [`lock_api::RawMutex::lock`] cannot report that, so check
+/// [`is_poisoned`](RawMutex::is_poisoned) turns true. (A waiter that has slept past a short,
+/// growing interval asks the kernel whether the owning thread still exists, with the start
+/// time it had; only a thread the kernel reports gone is replaced, so a live or stopped
+/// owner is never robbed.) [`lock_api::RawMutex::lock`] cannot report that, so check
 /// `is_poisoned` after locking if you use the lock_api types.
 #[repr(C)]
 pub struct RawMutex {
