@@ -59,14 +59,6 @@ pub(crate) fn spin_hint() {
     std::hint::spin_loop();
 }
 
-/// Gives the CPU away: with both processes pinned to one vCPU, a spinning waiter would
-/// otherwise keep the peer it waits for off the CPU for a whole time slice.
-#[cfg(not(loom))]
-#[inline]
-pub(crate) fn yield_now() {
-    std::thread::yield_now();
-}
-
 #[cfg(loom)]
 mod model {
     use super::*;
@@ -107,10 +99,5 @@ pub(crate) use model::{wait, wake};
 
 #[cfg(loom)]
 pub(crate) fn spin_hint() {
-    loom::thread::yield_now();
-}
-
-#[cfg(loom)]
-pub(crate) fn yield_now() {
     loom::thread::yield_now();
 }

@@ -68,7 +68,7 @@ pub(crate) struct Slot<T> {
 type Ring<T> = RingMem<Header, Slot<T>>;
 
 /// Creates a bounded multi-producer multi-consumer queue of at least `capacity` messages
-/// (rounded up to a power of two) in a new anonymous shared segment. Both ends can be
+/// (rounded up to a power of two, and at least 2) in a new anonymous shared segment. Both ends can be
 /// cloned and used from any number of threads and (forked) processes.
 ///
 /// ```
@@ -97,8 +97,14 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a zero or absurd
 /// capacity; [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
 pub fn channel<T: ShmSafe + Copy + Send>(capacity: usize) -> Result<(Sender<T>, Receiver<T>)> {
-    let ring = RingMem::create("channel", capacity, Header::new, new_slot)?;
+    let ring = RingMem::create("channel", min_capacity(capacity), Header::new, new_slot)?;
     endpoints(Arc::new(ring))
+}
+
+/// With one slot, "full at `p`" (`p + 1`) and "free for `p + 1`" (`p + capacity`) would be
+/// the same stamp, so a channel has at least two. (Zero stays an error.)
+fn min_capacity(capacity: usize) -> usize {
+    if capacity == 1 { 2 } else { capacity }
 }
 
 fn new_slot<T>(i: u64) -> Slot<T> {
@@ -138,7 +144,11 @@ fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>,
 pub fn heap_channel<T: ShmSafe + Copy + Send + 'static>(
     capacity: usize,
 ) -> Result<(Sender<T>, Receiver<T>)> {
-    endpoints(Arc::new(RingMem::heap(capacity, Header::new, new_slot)))
+    endpoints(Arc::new(RingMem::heap(
+        min_capacity(capacity),
+        Header::new,
+        new_slot,
+    )))
 }
 
 /// This thread's claim tag: 22 bits of thread id and 8 bits of its start time.
@@ -463,8 +473,9 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                 );
                 continue;
             }
-            if stamp == pos || claims(stamp, pos) {
-                // Nothing published at `pos` yet (or a producer is still writing it).
+            if stamp == pos || claims(stamp, pos) || claims(stamp, pos.wrapping_sub(cap)) {
+                // Nothing published at `pos` yet: a producer is still writing it, or a slow
+                // consumer is still copying out the previous lap's message from its slot.
                 if h.head.load(Ordering::Acquire) == pos {
                     return Err(self.empty_or_disconnected());
                 }

@@ -42,12 +42,6 @@ pub(crate) struct PeerTable {
 }
 
 impl PeerTable {
-    #[cfg(loom)]
-    pub(crate) fn new() -> PeerTable {
-        // SAFETY: a table is plain atomics, for which all-zero is a valid (empty) state.
-        unsafe { std::mem::zeroed() }
-    }
-
     /// Counts `n` more handles for process `me`.
     fn add(&self, me: u64, n: u64) -> bool {
         for slot in &self.slots {

@@ -293,9 +293,13 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     ///
     /// `Empty`, `Disconnected` or `Corrupted` when nothing was received.
     pub fn try_recv_batch(&self, out: &mut Vec<T>, max: usize) -> Result<usize, TryRecvError> {
+        if max == 0 {
+            return Ok(0);
+        }
         let head = self.head.get();
         let mut ready = self.tail_seen.get().wrapping_sub(head);
-        if ready == 0 {
+        if ready < max as u64 {
+            // The cached tail may be stale: look at the shared one before settling for less.
             ready = self.ready()?;
             if ready == 0 {
                 return Err(self.empty_or_disconnected());

@@ -1,0 +1,300 @@
+//! Loom models of the queue rings: every interleaving (up to the preemption bound) and
+//! every weak-memory outcome loom can produce, on heap-backed rings that run the same
+//! ring code as the shared-memory ones.
+//!
+//! Run with `.ci/loom` (or `RUSTFLAGS="--cfg loom" cargo test --release --test loom`).
+//! `LOOM_MAX_PREEMPTIONS` (default 2 here) bounds how many times a thread may be preempted.
+//!
+//! Under loom, futex waits with a finite deadline return "timed out" at once and the
+//! blocking calls cap each sleep at 20 ms, so blocking calls become spins: the models use
+//! `try_*` with a retry loop that yields, and stay tiny (capacity 2, 2 or 3 messages, 2
+//! threads).
+//!
+//! Spawned producers hand their sender back through `join` instead of dropping it: the
+//! peer table that counts handles uses std atomics (it is not on the loom facade), so loom
+//! does not see the happens-before edge that a sender's drop gives a receiver that then
+//! reads "no senders left", and would report a `Disconnected` that hides a message.
+#![cfg(loom)]
+
+use loom::sync::Arc;
+use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::thread;
+
+use procshare::queue::mpmc::heap_channel;
+use procshare::queue::spsc::heap_spsc;
+use procshare::{RecvError, TryRecvError, TrySendError};
+
+/// Runs `f` under loom with a preemption bound of 2 unless `LOOM_MAX_PREEMPTIONS` says
+/// otherwise.
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(2);
+    }
+    builder.check(f);
+}
+
+/// Sends `value` with `try_send`, yielding while the queue is full.
+fn send_retrying<T>(mut try_send: impl FnMut(T) -> Result<(), TrySendError<T>>, value: T) {
+    let mut value = value;
+    loop {
+        match try_send(value) {
+            Ok(()) => return,
+            Err(TrySendError::Full(back)) => {
+                value = back;
+                thread::yield_now();
+            }
+            Err(TrySendError::Disconnected(_)) => panic!("disconnected while sending"),
+        }
+    }
+}
+
+/// Receives with `try_recv`, yielding while the queue is empty.
+fn recv_retrying<T>(mut try_recv: impl FnMut() -> Result<T, TryRecvError>) -> T {
+    loop {
+        match try_recv() {
+            Ok(v) => return v,
+            Err(TryRecvError::Empty) => thread::yield_now(),
+            Err(e) => panic!("receiving: {e}"),
+        }
+    }
+}
+
+#[test]
+fn spsc_in_order() {
+    model(|| {
+        let (tx, rx) = heap_spsc::<u64>(2).unwrap();
+        let producer = thread::spawn(move || {
+            for i in 0..3 {
+                send_retrying(|v| tx.try_send(v), i);
+            }
+            tx
+        });
+        for i in 0..3 {
+            assert_eq!(recv_retrying(|| rx.try_recv()), i);
+        }
+        drop(producer.join().unwrap());
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Disconnected));
+    });
+}
+
+#[test]
+fn spsc_batches_in_order() {
+    model(|| {
+        let (tx, rx) = heap_spsc::<u64>(2).unwrap();
+        let producer = thread::spawn(move || {
+            let values = [0, 1, 2];
+            let mut sent = 0;
+            while sent < values.len() {
+                match tx.try_send_batch(&values[sent..]) {
+                    Ok(0) => thread::yield_now(),
+                    Ok(n) => sent += n,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            tx
+        });
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            match rx.try_recv_batch(&mut got, 2) {
+                Ok(n) => assert!(n > 0),
+                Err(TryRecvError::Empty) => thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, [0, 1, 2]);
+        drop(producer.join().unwrap());
+    });
+}
+
+/// One producer and one consumer on the MPMC ring.
+#[test]
+fn channel_in_order() {
+    model(|| {
+        let (tx, rx) = heap_channel::<u64>(2).unwrap();
+        let producer = thread::spawn(move || {
+            for i in 0..3 {
+                send_retrying(|v| tx.try_send(v), i);
+            }
+            tx
+        });
+        for i in 0..3 {
+            assert_eq!(recv_retrying(|| rx.try_recv()), i);
+        }
+        drop(producer.join().unwrap());
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Disconnected));
+    });
+}
+
+/// Two producers: a spawned one sends `[1, 0]`, `[1, 1]`; the main thread sends `[0, 0]`
+/// (receiving while the ring is full) and then receives the rest. Each message must
+/// arrive exactly once, each producer's in order.
+#[test]
+fn channel_two_producers() {
+    model(|| {
+        let (tx, rx) = heap_channel::<[u32; 2]>(2).unwrap();
+        let tx1 = tx.clone();
+        let producer = thread::spawn(move || {
+            for i in 0..2 {
+                send_retrying(|v| tx1.try_send(v), [1, i]);
+            }
+            tx1
+        });
+        let mut got = Vec::new();
+        loop {
+            match tx.try_send([0, 0]) {
+                Ok(()) => break,
+                Err(TrySendError::Full(_)) => match rx.try_recv() {
+                    Ok(m) => got.push(m),
+                    Err(TryRecvError::Empty) => thread::yield_now(),
+                    Err(e) => panic!("{e}"),
+                },
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        while got.len() < 3 {
+            got.push(recv_retrying(|| rx.try_recv()));
+        }
+        drop(producer.join().unwrap());
+        let from1: Vec<_> = got.iter().filter(|m| m[0] == 1).collect();
+        assert_eq!(from1, [&[1, 0], &[1, 1]], "got {got:?}");
+        assert!(got.contains(&[0, 0]), "got {got:?}");
+    });
+}
+
+/// Two consumers: the main thread sends 3 messages, then helps receive; a spawned thread
+/// receives until all 3 are taken. Exactly once, each consumer's share in order.
+#[test]
+fn channel_two_consumers() {
+    model(|| {
+        let (tx, rx) = heap_channel::<u64>(2).unwrap();
+        let taken = Arc::new(AtomicUsize::new(0));
+        let consume = {
+            let taken = Arc::clone(&taken);
+            move |rx: &procshare::channel::Receiver<u64>| {
+                let mut mine = Vec::new();
+                while taken.load(Ordering::SeqCst) < 3 {
+                    match rx.try_recv() {
+                        Ok(v) => {
+                            mine.push(v);
+                            taken.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(TryRecvError::Empty) => thread::yield_now(),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                mine
+            }
+        };
+        let rx1 = rx.clone();
+        let consume1 = consume.clone();
+        let consumer = thread::spawn(move || consume1(&rx1));
+        for i in 0..3 {
+            send_retrying(|v| tx.try_send(v), i);
+        }
+        let mine = consume(&rx);
+        let theirs = consumer.join().unwrap();
+        assert!(
+            mine.is_sorted() && theirs.is_sorted(),
+            "{mine:?} {theirs:?}"
+        );
+        let mut all: Vec<_> = mine.iter().chain(&theirs).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, [0, 1, 2], "{mine:?} {theirs:?}");
+    });
+}
+
+/// A channel asked for one slot gets two (one slot cannot tell "full" from "free"): the
+/// third send is `Full`, never an overwrite.
+#[test]
+fn channel_capacity_one() {
+    model(|| {
+        let (tx, rx) = heap_channel::<u64>(1).unwrap();
+        tx.try_send(10).unwrap();
+        tx.try_send(11).unwrap();
+        assert!(
+            matches!(tx.try_send(12), Err(TrySendError::Full(12))),
+            "a third message fits in a ring of two slots"
+        );
+        assert_eq!(rx.try_recv(), Ok(10));
+        assert_eq!(rx.try_recv(), Ok(11));
+        let producer = thread::spawn(move || {
+            for i in 0..2 {
+                send_retrying(|v| tx.try_send(v), i);
+            }
+            tx
+        });
+        for i in 0..2 {
+            assert_eq!(recv_retrying(|| rx.try_recv()), i);
+        }
+        drop(producer.join().unwrap());
+    });
+}
+
+/// The blocking receive (eventcount, no deadline) gets a message sent from another thread,
+/// and then `Disconnected` once that sender is dropped.
+#[test]
+fn spsc_blocking_recv() {
+    model(|| {
+        let (tx, rx) = heap_spsc::<u64>(2).unwrap();
+        let producer = thread::spawn(move || {
+            tx.try_send(7).unwrap();
+            tx
+        });
+        assert_eq!(rx.recv(), Ok(7));
+        drop(producer.join().unwrap());
+        assert_eq!(rx.recv(), Err(RecvError::Disconnected));
+    });
+}
+
+/// As [`spsc_blocking_recv`], on the MPMC ring.
+#[test]
+fn channel_blocking_recv() {
+    model(|| {
+        let (tx, rx) = heap_channel::<u64>(2).unwrap();
+        let producer = thread::spawn(move || {
+            tx.try_send(7).unwrap();
+            tx
+        });
+        assert_eq!(rx.recv(), Ok(7));
+        drop(producer.join().unwrap());
+        assert_eq!(rx.recv(), Err(RecvError::Disconnected));
+    });
+}
+
+/// The blocking send waits while the ring is full and completes once the other thread
+/// makes room.
+#[test]
+fn spsc_blocking_send() {
+    model(|| {
+        let (tx, rx) = heap_spsc::<u64>(2).unwrap();
+        tx.try_send(0).unwrap();
+        tx.try_send(1).unwrap();
+        let producer = thread::spawn(move || {
+            tx.send(2).unwrap();
+            tx
+        });
+        for i in 0..3 {
+            assert_eq!(recv_retrying(|| rx.try_recv()), i);
+        }
+        drop(producer.join().unwrap());
+    });
+}
+
+/// As [`spsc_blocking_send`], on the MPMC ring.
+#[test]
+fn channel_blocking_send() {
+    model(|| {
+        let (tx, rx) = heap_channel::<u64>(2).unwrap();
+        tx.try_send(0).unwrap();
+        tx.try_send(1).unwrap();
+        let producer = thread::spawn(move || {
+            tx.send(2).unwrap();
+            tx
+        });
+        for i in 0..3 {
+            assert_eq!(recv_retrying(|| rx.try_recv()), i);
+        }
+        drop(producer.join().unwrap());
+    });
+}
