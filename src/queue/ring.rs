@@ -93,24 +93,38 @@ impl<H, S> RingMem<H, S> {
         H: 'static,
         S: 'static,
     {
-        /// Owns the heap allocations; only ever accessed through the RingMem's pointers.
-        struct HeapOwner<H, S>(#[allow(dead_code)] Box<H>, #[allow(dead_code)] Box<[S]>);
-        // SAFETY: the owner is never read; it only keeps the memory alive, and RingMem's
-        // own Send/Sync bounds govern access to it.
+        /// Owns the heap allocations as raw pointers: holding them as `Box`es and moving
+        /// those would assert uniqueness and invalidate the pointers the ring uses (Miri's
+        /// Stacked Borrows flags exactly that).
+        struct HeapOwner<H, S> {
+            header: *mut H,
+            slots: *mut [S],
+        }
+        impl<H, S> Drop for HeapOwner<H, S> {
+            fn drop(&mut self) {
+                // SAFETY: both came from Box::into_raw below and are freed once, here,
+                // when the last RingMem sharing this owner is gone.
+                unsafe {
+                    drop(Box::from_raw(self.header));
+                    drop(Box::from_raw(self.slots));
+                }
+            }
+        }
+        // SAFETY: the owner only frees the memory; RingMem's own rules govern access to it.
         unsafe impl<H, S> Send for HeapOwner<H, S> {}
         // SAFETY: as above.
         unsafe impl<H, S> Sync for HeapOwner<H, S> {}
 
         let capacity = checked_capacity(capacity).expect("capacity");
-        let header = Box::new(header());
-        let slots: Box<[S]> = (0..capacity as u64).map(slot).collect();
-        let h = NonNull::from(&*header);
-        let s = NonNull::from(&slots[0]);
+        let header = Box::into_raw(Box::new(header()));
+        let slots = Box::into_raw((0..capacity as u64).map(slot).collect::<Box<[S]>>());
         RingMem {
-            header: h,
-            slots: s,
+            // SAFETY: Box::into_raw never returns null.
+            header: unsafe { NonNull::new_unchecked(header) },
+            // SAFETY: as above; the slice has `capacity` >= 1 elements.
+            slots: unsafe { NonNull::new_unchecked(slots.cast::<S>()) },
             mask: capacity as u64 - 1,
-            _owner: Arc::new(HeapOwner(header, slots)),
+            _owner: Arc::new(HeapOwner { header, slots }),
         }
     }
 

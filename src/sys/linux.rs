@@ -229,6 +229,9 @@ fn identify_current_thread() -> ThreadIdentity {
 pub(crate) fn current_process_noalloc() -> (u32, u64) {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
+    if cfg!(miri) {
+        return (pid, 0); // no /proc under Miri: liveness checks answer "cannot tell"
+    }
     let mut buf = [0u8; 1024];
     let path = c"/proc/self/stat";
     // SAFETY: `path` is NUL-terminated; flags are plain integers.
@@ -257,6 +260,9 @@ pub(crate) fn register_fork_handlers(
     parent: extern "C" fn(),
     child: extern "C" fn(),
 ) {
+    if cfg!(miri) {
+        return; // Miri cannot fork, so there is nothing to hand over
+    }
     // SAFETY: the handlers are `extern "C" fn()` with static lifetime.
     let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
     assert_eq!(rc, 0, "pthread_atfork failed: out of memory");
