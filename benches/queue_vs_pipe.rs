@@ -88,11 +88,9 @@ type Group<'a> = BenchmarkGroup<'a, WallTime>;
 /// its benchmarks (one call per size in `queue_throughput`, one in `queue_roundtrip`; a
 /// function may skip a case it does not support by registering nothing).
 ///
-/// ─── ADD TRANSPORTS HERE ───────────────────────────────────────────────────────────
-/// The lead adds two more: `("queue", bench_queue)` for `procshare::Queue<Vec<u8>>` and
-/// `("bytes_loan", bench_bytes_loan)`. Write the function like [`bench_pipe`]: build
-/// both ends, then hand the peer's end and its half of a round to [`run_forked`], and
-/// this process's half to it as the `consumer` closure.
+/// A new transport is a function like [`bench_pipe`]: build both ends, then hand the
+/// peer's end and its half of a round to [`run_forked`], and this process's half to it as
+/// the `consumer` closure.
 const TRANSPORTS: &[(&str, TransportFn)] = &[
     ("spsc", bench_spsc),
     ("channel", bench_channel),
@@ -101,8 +99,8 @@ const TRANSPORTS: &[(&str, TransportFn)] = &[
     ("os_pipe", bench_os_pipe),
     ("bare_ring", bench_bare_ring),
     ("crossbeam_inproc", bench_crossbeam_inproc),
-    // ("queue", bench_queue),           // TODO(lead): procshare::Queue<Vec<u8>>
-    // ("bytes_loan", bench_bytes_loan), // TODO(lead)
+    ("queue", bench_queue),
+    ("bytes_loan", bench_bytes_loan),
 ];
 
 type TransportFn = fn(&mut Group<'_>, Case);
@@ -688,6 +686,154 @@ fn round_trips_on_pipe(conn: &Connection, pong: &mut Vec<u8>, iters: u64) -> u64
         sum += touch(pong);
     }
     sum
+}
+
+// ─── queue and bytes_loan: procshare::Queue<Vec<u8>> and ByteQueue's loan API ─────────
+
+/// Ring size for the byte queues: big enough that a 1 MiB message is one record (a record
+/// may take a quarter of the ring) with several in flight.
+const QUEUE_RING: usize = 8 * 1024 * 1024;
+
+fn byte_queue() -> procshare::ByteQueue {
+    procshare::ByteQueue::builder()
+        .capacity(QUEUE_RING)
+        .bytes()
+        .expect("creating a byte queue")
+}
+
+/// `queue`: `Queue<Vec<u8>>`, postcard-encoded straight into the ring and decoded into a
+/// fresh `Vec` by `get`, as a user of Python's `Queue` would use it.
+fn bench_queue(group: &mut Group<'_>, case: Case) {
+    let make = || -> procshare::Queue<Vec<u8>> {
+        procshare::Queue::builder()
+            .capacity(QUEUE_RING)
+            .build()
+            .expect("creating a queue")
+    };
+    match case.kind {
+        Kind::Throughput(size) => {
+            let q = make();
+            run_forked(
+                group,
+                case,
+                (q.clone(), vec![0u8; size.bytes]),
+                |(q, msg), iters| {
+                    for i in 0..iters {
+                        stamp(msg, i);
+                        q.put(msg).map_err(|_| "queue put failed")?;
+                    }
+                    Ok(())
+                },
+                move |iters| {
+                    let mut sum = 0;
+                    for _ in 0..iters {
+                        let msg = q.get().expect("queue get");
+                        assert_eq!(
+                            msg.len(),
+                            size.bytes,
+                            "queue: a message of the wrong length"
+                        );
+                        sum += touch(&msg);
+                    }
+                    sum
+                },
+            );
+        }
+        Kind::Roundtrip => {
+            let (ping, pong) = (make(), make());
+            run_forked(
+                group,
+                case,
+                (ping.clone(), pong.clone()),
+                |(ping, pong), iters| {
+                    for _ in 0..iters {
+                        let msg = ping.get().map_err(|_| "queue get failed")?;
+                        pong.put(&msg).map_err(|_| "queue put failed")?;
+                    }
+                    Ok(())
+                },
+                move |iters| {
+                    let mut sum = 0;
+                    let mut msg = Ping::default().to_vec();
+                    for i in 0..iters {
+                        stamp(&mut msg, i);
+                        ping.put(&msg).expect("queue put");
+                        sum += touch(&pong.get().expect("queue get"));
+                    }
+                    sum
+                },
+            );
+        }
+    }
+}
+
+/// `bytes_loan`: `ByteQueue::send_with` writes each message in place in the ring, and
+/// `recv_with` lends it in place to the consumer, which reads every byte (a checksum): one
+/// copy in all, the producer's.
+fn bench_bytes_loan(group: &mut Group<'_>, case: Case) {
+    match case.kind {
+        Kind::Throughput(size) => {
+            let q = byte_queue();
+            run_forked(
+                group,
+                case,
+                (q.clone(), size.bytes),
+                |(q, len), iters| {
+                    for i in 0..iters {
+                        q.send_with(*len, |buf| {
+                            buf.fill(0);
+                            stamp(buf, i);
+                        })
+                        .map_err(|_| "bytes_loan send_with failed")?;
+                    }
+                    Ok(())
+                },
+                move |iters| {
+                    let mut sum = 0;
+                    let mut checksum = 0u64;
+                    for _ in 0..iters {
+                        sum += q
+                            .recv_with(|bytes| {
+                                assert_eq!(bytes.len(), size.bytes, "bytes_loan: wrong length");
+                                checksum = checksum
+                                    .wrapping_add(bytes.iter().map(|&b| u64::from(b)).sum::<u64>());
+                                touch(bytes)
+                            })
+                            .expect("bytes_loan recv_with");
+                    }
+                    black_box(checksum);
+                    sum
+                },
+            );
+        }
+        Kind::Roundtrip => {
+            let (ping, pong) = (byte_queue(), byte_queue());
+            run_forked(
+                group,
+                case,
+                (ping.clone(), pong.clone()),
+                |(ping, pong), iters| {
+                    for _ in 0..iters {
+                        let mut msg = Ping::default();
+                        ping.recv_with(|b| msg.copy_from_slice(b))
+                            .map_err(|_| "bytes_loan recv_with failed")?;
+                        pong.send_with(msg.len(), |b| b.copy_from_slice(&msg))
+                            .map_err(|_| "bytes_loan send_with failed")?;
+                    }
+                    Ok(())
+                },
+                move |iters| {
+                    let mut sum = 0;
+                    for i in 0..iters {
+                        ping.send_with(size_of::<Ping>(), |b| stamp(b, i))
+                            .expect("bytes_loan send_with");
+                        sum += pong.recv_with(touch).expect("bytes_loan recv_with");
+                    }
+                    sum
+                },
+            );
+        }
+    }
 }
 
 // ─── unix_socket and os_pipe: raw descriptors ─────────────────────────────────────────
