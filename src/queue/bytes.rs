@@ -793,11 +793,13 @@ impl QueueBuilder {
 /// ```
 /// use procshare::ByteQueue;
 ///
-/// let q = ByteQueue::new()?;
+/// let q = ByteQueue::builder().capacity(4 << 20).bytes()?;
 /// q.send_with(5, |buf| buf.copy_from_slice(b"hello"))?;
 /// let len = q.recv_with(|bytes| bytes.len())?;
 /// assert_eq!(len, 5);
-/// q.send(&[7; 1 << 20])?; // larger than a ring record: chunked, still one message
+/// // Larger than a record (a quarter of the ring): sent in chunks, received as one message.
+/// // (With no other handle to drain it, a message must fit in the ring to be sent here.)
+/// q.send(&[7; 1 << 20])?;
 /// assert_eq!(q.recv()?.len(), 1 << 20);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
