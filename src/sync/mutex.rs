@@ -10,25 +10,52 @@
 //! ```
 //!
 //! Linux thread ids are below `PID_MAX_LIMIT` = 2^22, so a tid always fits. The 9 bits
-//! are the owner thread's start time (clock ticks after boot) modulo 512; a second word
-//! records the full `(tid, start time)` right after the lock is taken.
+//! are the owner thread's start time (clock ticks after boot) modulo 512. Right after
+//! taking the lock the owner also publishes an *owner record*: its tid and full 40-bit
+//! start time in one 64-bit word, and its pid namespace in a third word. An unlock
+//! clears the record before it releases the word, so a record is only ever the current
+//! owner's, a dead owner's that still names itself in the word, or zero.
 //!
 //! A waiter sleeps on the word with a deadline. Each time the deadline passes while the
-//! same owner still holds the lock, the waiter asks the kernel (`/proc/<tid>/stat`) whether
-//! that thread still exists with that start time. The owner is judged dead only when the
-//! kernel says so: no such thread, a zombie, or a thread with that tid but a different
-//! start time (the tid was recycled). Then one waiter swaps its own identity in with a
-//! compare-and-swap against the exact dead word and the lock is marked poisoned. A live
-//! owner is never robbed, however long it holds the lock or if it is stopped (`SIGSTOP`):
-//! there is no timeout-based stealing. Checks back off from 2 ms to 64 ms, so a lock whose
-//! owner died is recovered within about 70 ms of the death being observable.
+//! same owner still holds the lock, the waiter asks the kernel whether that thread still
+//! exists (see `crate::liveness`): with the full start time when the record agrees with
+//! the word (same tid, same 9-bit hash), with the 9-bit hash alone when it does not (the
+//! owner is between its compare-and-swap and its record store). The owner is judged dead
+//! only on proof: no such thread (`ESRCH`), a zombie, or a thread with that tid but a
+//! different start time (the tid was recycled). A thread that `/proc` hides (`hidepid`,
+//! non-dumpable, no `/proc`) but the kernel still knows is alive, and an owner recorded in
+//! another pid namespace is never judged at all. Then one waiter clears the dead owner's
+//! record, swaps its own identity in with a compare-and-swap against the exact dead word,
+//! and the lock is marked poisoned. A live owner is never robbed, however long it holds
+//! the lock or if it is stopped (`SIGSTOP`): there is no timeout-based stealing. Checks
+//! back off from 2 ms to 64 ms, so a lock whose owner died is recovered within about
+//! 70 ms of the death being observable.
+//!
+//! # What a kill can leave
+//!
+//! | killed between                        | state left                    | repaired by |
+//! |---------------------------------------|-------------------------------|-------------|
+//! | lock CAS and record store             | word names it, record 0       | hash check: tid gone/recycled |
+//! | record store and unlock               | word and record name it       | full check |
+//! | unlock's record clear and word swap   | word names it, record 0       | hash check |
+//! | unlock's swap and its futex wake      | word 0, waiters asleep        | waiters' periodic re-check (≤ 64 ms) |
+//! | a taker's record clear and its CAS    | word names the dead owner, record 0 | hash check |
+//! | a taker's CAS and its poison store    | word names the (dead) taker   | next taker poisons |
+//!
+//! With the record at zero only the 9-bit hash can be compared, so an owner that died in
+//! one of those few-instruction windows, and whose tid was then recycled by a thread with
+//! the same hash (1 in 512), keeps the lock until that unrelated thread exits: the check
+//! errs towards "alive", never towards robbing. For the same reason an owner stopped in the
+//! window between its CAS and its record store cannot be told from a namespace-foreign one;
+//! processes in different pid namespaces must not share a lock (named segments refuse to
+//! open across namespaces).
 //!
 //! Compared with a pthread robust mutex (the kernel's robust list), this keeps the whole
 //! state in user-visible words, so the lock is valid when zeroed, can be `const`
-//! initialised, never needs `pthread_mutex_consistent`, and costs one compare-and-swap to
-//! lock and one swap to unlock. The price is that recovery is noticed by the waiter's
-//! periodic check rather than a wake-up from the dying kernel task, and that all
-//! processes sharing a lock must see the same pid namespace and /proc.
+//! initialised, never needs `pthread_mutex_consistent`, and costs one compare-and-swap and
+//! two stores to lock, one store and one swap to unlock. The price is that recovery is
+//! noticed by the waiter's periodic check rather than a wake-up from the dying kernel
+//! task, and that all processes sharing a lock must share one pid namespace.
 
 use std::cell::UnsafeCell;
 use std::fmt;
@@ -62,6 +89,13 @@ fn owner_tag(id: ThreadIdentity) -> u32 {
     id.tid | ((id.start as u32 & HASH_MASK) << TID_BITS)
 }
 
+/// The owner record published by a lock holder is trusted only when it names the thread
+/// the lock word names: same tid and same start-time hash.
+#[inline]
+fn record_matches(record: u64, owner: u32) -> bool {
+    record >> 40 == u64::from(owner & TID_MASK) && (record as u32 & HASH_MASK) == owner >> TID_BITS
+}
+
 #[inline]
 fn owner_record(id: ThreadIdentity) -> u64 {
     (u64::from(id.tid) << 40) | (id.start & RECORD_START_MASK)
@@ -70,7 +104,7 @@ fn owner_record(id: ThreadIdentity) -> u64 {
 /// The process-shared robust lock under [`Mutex<T>`], usable on its own through
 /// [`lock_api`] (`lock_api::Mutex<procshare::RawMutex, T>`).
 ///
-/// Sixteen bytes, `#[repr(C)]`, valid when all-zero: it can be placed in any shared mapping
+/// Twenty-four bytes, 8-byte aligned, `#[repr(C)]`, valid when all-zero: it can be placed in any shared mapping
 /// (a procshare [`Segment`](crate::Segment), a `memmap2` file mapping, a `shared_memory`
 /// segment) at an 8-byte aligned offset, without an init call.
 ///
@@ -84,7 +118,12 @@ fn owner_record(id: ThreadIdentity) -> u64 {
 pub struct RawMutex {
     state: AtomicU32,
     poisoned: AtomicU32,
+    /// The owner record: tid above the 40-bit start time, or 0 (see the module docs).
     owner: AtomicU64,
+    /// The owner's pid namespace (nsfs inode), 0 when unknown. Read only together with a
+    /// record that matches the lock word.
+    owner_ns: AtomicU32,
+    _reserved: AtomicU32,
 }
 
 // SAFETY: repr(C) atomics only, no pointers, no drop glue; all-zero is "unlocked, not
@@ -99,6 +138,8 @@ impl RawMutex {
             state: AtomicU32::new(0),
             poisoned: AtomicU32::new(0),
             owner: AtomicU64::new(0),
+            owner_ns: AtomicU32::new(0),
+            _reserved: AtomicU32::new(0),
         }
     }
 
@@ -122,7 +163,7 @@ impl RawMutex {
     pub(crate) fn holder_is_dead(&self) -> bool {
         match self.state.load(Ordering::Relaxed) & !WAITERS {
             0 => false,
-            owner => self.owner_is_dead(owner),
+            owner => self.dead_owner_record(owner).is_some(),
         }
     }
 
@@ -142,7 +183,7 @@ impl RawMutex {
         {
             self.lock_contended(me, Deadline::NEVER);
         }
-        self.owner.store(owner_record(me), Ordering::Relaxed);
+        self.publish_owner(me);
     }
 
     /// Takes the lock if it is free right now.
@@ -154,7 +195,7 @@ impl RawMutex {
             .compare_exchange(0, owner_tag(me), Ordering::Acquire, Ordering::Relaxed)
             .is_ok();
         if taken {
-            self.owner.store(owner_record(me), Ordering::Relaxed);
+            self.publish_owner(me);
         }
         taken
     }
@@ -172,9 +213,35 @@ impl RawMutex {
             .is_ok()
             || self.lock_contended(me, deadline);
         if taken {
-            self.owner.store(owner_record(me), Ordering::Relaxed);
+            self.publish_owner(me);
         }
         taken
+    }
+
+    /// Crash-test hook: takes the free lock like [`try_lock`](Self::try_lock) (spinning
+    /// until it is free) but runs `stall` between the compare-and-swap and the owner
+    /// record store, where a kill or `SIGSTOP` leaves the word naming an owner whose
+    /// record is not yet written.
+    #[doc(hidden)]
+    pub fn __lock_stalled_before_record(&self, stall: impl FnOnce()) {
+        let me = sys::current_thread();
+        while self
+            .state
+            .compare_exchange(0, owner_tag(me), Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        stall();
+        self.publish_owner(me);
+    }
+
+    /// Publishes the full identity of the thread that has just taken the lock.
+    #[inline]
+    fn publish_owner(&self, me: ThreadIdentity) {
+        self.owner_ns.store(me.ns, Ordering::Relaxed);
+        // SYNC POINT: a checker that reads this record with Acquire sees the namespace.
+        self.owner.store(owner_record(me), Ordering::Release);
     }
 
     /// Releases the lock.
@@ -184,6 +251,11 @@ impl RawMutex {
     /// The calling thread must hold the lock.
     #[inline]
     pub unsafe fn unlock(&self) {
+        // Clear the record first: once the word is free, the next owner may have our tid
+        // (recycled) but must never be judged by our start time.
+        self.owner.store(0, Ordering::Relaxed);
+        // SYNC POINT: releases the data and the cleared record to the next locker (and,
+        // through its compare-and-swap, to anyone who reads its word with Acquire).
         if self.state.swap(0, Ordering::Release) & WAITERS != 0 {
             sys::futex_wake(&self.state, 1);
         }
@@ -231,13 +303,25 @@ impl RawMutex {
                 FutexWait::Woken => continue,
                 FutexWait::TimedOut => {}
             }
-            if self.state.load(Ordering::Relaxed) != held {
+            if self.state.load(Ordering::Acquire) != held {
                 continue;
             }
-            if self.owner_is_dead(held & !WAITERS) {
+            if let Some(record) = self.dead_owner_record(held & !WAITERS) {
+                // Clear the dead owner's record (only that one: a faster taker may already
+                // have published its own) so that, between our compare-and-swap and our own
+                // record store, nobody judges us by the dead owner's start time.
+                if record != 0 {
+                    let _ = self.owner.compare_exchange(
+                        record,
+                        0,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                // SYNC POINT: AcqRel publishes the cleared record with our word.
                 if self
                     .state
-                    .compare_exchange(held, tag | WAITERS, Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange(held, tag | WAITERS, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
                     self.poison();
@@ -252,20 +336,28 @@ impl RawMutex {
         }
     }
 
-    /// Whether the thread named by `owner` (a lock word without the waiters bit) is gone.
+    /// If the thread named by `owner` (a lock word without the waiters bit) is provably
+    /// gone, the owner record the verdict was based on (0 when only the hash was usable).
     /// Errs on the side of "alive": when the kernel cannot tell, nobody is robbed.
-    fn owner_is_dead(&self, owner: u32) -> bool {
+    fn dead_owner_record(&self, owner: u32) -> Option<u64> {
         let tid = owner & TID_MASK;
-        let hash = owner >> TID_BITS;
-        if crate::liveness::thread_is_dead(tid, u64::from(hash), HASH_MASK.count_ones()) {
-            return true;
-        }
-        // The tid exists with a matching start-time hash; confirm with the full record the
-        // owner wrote after locking. If the record names another tid, the owner has not
-        // written it yet (it is between its CAS and that store), so it is alive.
-        let record = self.owner.load(Ordering::Relaxed);
-        record >> 40 == u64::from(tid)
-            && crate::liveness::thread_is_dead(tid, record & RECORD_START_MASK, 40)
+        let hash = u64::from(owner >> TID_BITS);
+        // The word was loaded with Acquire, so this sees at least the record as it was
+        // when the word was written: cleared by the previous unlock or taker, or ours.
+        let record = self.owner.load(Ordering::Acquire);
+        let dead = if record_matches(record, owner) {
+            let ns = self.owner_ns.load(Ordering::Relaxed);
+            crate::liveness::thread_in_namespace_is_dead(tid, record, 40, ns)
+        } else {
+            // The owner has not published its record yet (or died before it could):
+            // only the hash in the word itself can be compared.
+            crate::liveness::thread_is_dead(tid, hash, HASH_MASK.count_ones())
+        };
+        dead.then_some(if record_matches(record, owner) {
+            record
+        } else {
+            0
+        })
     }
 }
 

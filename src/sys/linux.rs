@@ -160,7 +160,10 @@ pub(crate) fn futex_wake(word: &AtomicU32, count: u32) -> usize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ThreadIdentity {
     pub(crate) tid: u32,
+    /// Start time in clock ticks after boot; 0 when `/proc` could not tell.
     pub(crate) start: u64,
+    /// The pid namespace `tid` is numbered in (its nsfs inode); 0 when unknown.
+    pub(crate) ns: u32,
 }
 
 thread_local! {
@@ -189,6 +192,7 @@ pub(crate) fn current_thread() -> ThreadIdentity {
         let id = cell.get().unwrap_or_else(|| ThreadIdentity {
             tid: NEXT.fetch_add(1, Ordering::Relaxed),
             start: 0,
+            ns: 0,
         });
         cell.set(Some(id));
         id
@@ -216,10 +220,15 @@ fn identify_current_thread() -> ThreadIdentity {
     });
     // SAFETY: gettid has no preconditions and cannot fail.
     let tid = unsafe { libc::gettid() } as u32;
-    // Without /proc we cannot learn our start time; liveness checks then fall back to
-    // "is the tid still there", which other threads' checks treat conservatively.
-    let start = thread_stat(tid).ok().flatten().map_or(0, |stat| stat.start);
-    let id = ThreadIdentity { tid, start };
+    // Without /proc we cannot learn our start time (0 records "unknown"); liveness checks
+    // then only ask whether the tid still exists. `thread-self` names this thread whichever
+    // pid namespace the mounted /proc belongs to, and start times are namespace-free.
+    let start = std::fs::read("/proc/thread-self/stat")
+        .ok()
+        .and_then(|text| parse_stat(&text))
+        .map_or(0, |stat| stat.start);
+    let ns = read_pid_namespace().unwrap_or(0);
+    let id = ThreadIdentity { tid, start, ns };
     IDENTITY.with(|cell| cell.set(Some(id)));
     id
 }
@@ -543,6 +552,73 @@ pub(crate) mod signal {
     pub const STOP: i32 = libc::SIGSTOP;
     /// SIGCONT.
     pub const CONT: i32 = libc::SIGCONT;
+}
+
+// ---------------------------------------------------------------------------------------
+// Liveness evidence
+// ---------------------------------------------------------------------------------------
+
+/// The largest thread id Linux can hand out (`PID_MAX_LIMIT`, 2^22 on 64-bit kernels).
+pub(crate) const TID_LIMIT: u32 = 1 << 22;
+
+/// Whether a task with id `tid` exists in the caller's pid namespace, asked with
+/// `kill(tid, 0)`: `Some(false)` only on `ESRCH`. `EPERM` means it exists but belongs to
+/// someone we may not signal, which is still "exists". `None` when the id cannot name a
+/// task (0, or beyond `PID_MAX_LIMIT`: `kill` would read it as a process group or
+/// "every process") or the kernel gives another answer.
+///
+/// `kill` resolves any thread id, not only process ids, and answers `0` for a zombie: a
+/// caller that needs "zombie means dead" must ask `/proc` as well.
+pub(crate) fn task_exists(tid: u32) -> Option<bool> {
+    if tid == 0 || tid > TID_LIMIT || cfg!(miri) {
+        return None;
+    }
+    // SAFETY: signal 0 only checks existence and permission; `tid` is a positive id.
+    if unsafe { libc::kill(tid as libc::pid_t, 0) } == 0 {
+        return Some(true);
+    }
+    match errno() {
+        libc::ESRCH => Some(false),
+        libc::EPERM => Some(true),
+        _ => None,
+    }
+}
+
+/// Whether the `/proc` this process sees belongs to its own pid namespace, so that
+/// `/proc/<id>` names the task the kernel calls `<id>` here. It does not after
+/// `unshare(CLONE_NEWPID)` without a new proc mount, and there is no `/proc` at all in
+/// some sandboxes.
+pub(crate) fn proc_matches_own_namespace() -> bool {
+    if cfg!(miri) {
+        return false;
+    }
+    match std::fs::read_link("/proc/self") {
+        Ok(target) => target.to_str().and_then(|t| t.parse::<u32>().ok()) == Some(getpid()),
+        Err(_) => false,
+    }
+}
+
+/// The ids of the threads of process `pid` (the entries of `/proc/<pid>/task`).
+pub(crate) fn thread_ids(pid: u32) -> io::Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Some(id) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// The inode number of the calling thread's pid namespace (`/proc/thread-self/ns/pid`),
+/// which names the namespace for as long as it exists. `None` without `/proc`.
+fn read_pid_namespace() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    if cfg!(miri) {
+        return None;
+    }
+    let ino = std::fs::metadata("/proc/thread-self/ns/pid").ok()?.ino();
+    // nsfs inode numbers are allocated below 2^32 (`proc_inum`); anything else is not one.
+    u32::try_from(ino).ok().filter(|&i| i != 0)
 }
 
 #[cfg(test)]

@@ -1,0 +1,420 @@
+//! Death needs proof: owners that the checker cannot see, that live in another pid
+//! namespace, that recycled a dead owner's tid, or whose main thread has exited are alive;
+//! owners the kernel says are gone are recovered even where `/proc` is missing.
+//!
+//! Several tests change namespaces, mounts or user ids inside a forked child; they need
+//! root (or the matching capabilities) and print why they were skipped otherwise.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use procshare::fork::signal;
+use procshare::{Mutex, RawMutex, Shared, channel};
+
+fn main() {
+    common::run(
+        tests![
+            holder_hidden_by_hidepid_is_not_robbed,
+            non_dumpable_holder_hidden_from_its_own_user_is_not_robbed,
+            holder_is_not_robbed_where_there_is_no_proc,
+            dead_holder_is_recovered_where_there_is_no_proc,
+            holder_in_parent_pid_namespace_is_not_robbed,
+            holder_in_child_pid_namespace_is_not_robbed,
+            stopped_owner_with_a_recycled_tid_is_not_robbed,
+            lock_of_an_exited_main_thread_is_recovered_while_its_process_runs,
+            sender_whose_main_thread_exited_still_counts,
+        ],
+        &[],
+    )
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn skip(test: &str, why: &str) {
+    println!("    skipped {test}: {why}");
+}
+
+fn check(rc: libc::c_int, what: &str) {
+    assert!(rc == 0, "{what}: {}", std::io::Error::last_os_error());
+}
+
+/// In the calling (forked) child: a private mount namespace with `/proc` replaced by
+/// `source`/`fstype` mounted with `options`.
+fn remount_proc(fstype: &str, options: &str) {
+    let fstype = std::ffi::CString::new(fstype).unwrap();
+    let options = std::ffi::CString::new(options).unwrap();
+    // SAFETY: plain syscalls on NUL-terminated strings that outlive them; this child owns
+    // its new mount namespace.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)");
+        check(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ),
+            "make / private",
+        );
+        check(
+            libc::mount(
+                fstype.as_ptr(),
+                c"/proc".as_ptr(),
+                fstype.as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            ),
+            "mount over /proc",
+        );
+    }
+}
+
+fn become_nobody() {
+    // SAFETY: plain syscalls; the forked child gives up root for good.
+    unsafe {
+        check(libc::setgid(65534), "setgid");
+        check(libc::setuid(65534), "setuid");
+    }
+}
+
+/// A lock held by this process until the returned child (a waiter set up by `setup`) has
+/// checked that it cannot take it within 300 ms, even after several liveness checks.
+fn waiter_must_not_take_a_live_lock(setup: fn()) {
+    let lock = Shared::new(Mutex::new(0u32)).unwrap();
+    let guard = lock.lock().unwrap();
+    let waiter = common::spawn(|| {
+        setup();
+        let start = Instant::now();
+        let r = lock.lock_timeout(Duration::from_millis(300));
+        assert!(
+            matches!(r, Err(std::sync::TryLockError::WouldBlock)),
+            "took the lock of a live holder after {:?}",
+            start.elapsed()
+        );
+        // SAFETY: _exit is async-signal-safe; the child must not unlock anything of ours.
+        unsafe { libc::_exit(0) }
+    });
+    common::join(waiter, Duration::from_secs(10));
+    assert!(!lock.is_poisoned());
+    drop(guard);
+    // Had the waiter robbed us, our unlock would have released its lock instead.
+    assert!(!lock.raw().is_locked());
+}
+
+fn holder_hidden_by_hidepid_is_not_robbed() {
+    if !is_root() {
+        return skip("hidepid", "needs root to mount /proc and change uid");
+    }
+    waiter_must_not_take_a_live_lock(|| {
+        remount_proc("proc", "hidepid=2");
+        become_nobody();
+    });
+}
+
+fn non_dumpable_holder_hidden_from_its_own_user_is_not_robbed() {
+    if !is_root() {
+        return skip("non-dumpable", "needs root to mount /proc and change uid");
+    }
+    let lock = Shared::new(Mutex::new(0u32)).unwrap();
+    let ready = Shared::new(procshare::Event::new()).unwrap();
+    let done = Shared::new(procshare::Event::new()).unwrap();
+    let holder = common::spawn(|| {
+        become_nobody();
+        // SAFETY: prctl with integer arguments.
+        check(
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) },
+            "PR_SET_DUMPABLE",
+        );
+        let _g = lock.lock().unwrap();
+        ready.set();
+        assert!(done.wait_timeout(Duration::from_secs(10)));
+    });
+    assert!(ready.wait_timeout(Duration::from_secs(5)));
+    let waiter = common::spawn(|| {
+        remount_proc("proc", "hidepid=2");
+        become_nobody();
+        assert!(matches!(
+            lock.lock_timeout(Duration::from_millis(300)),
+            Err(std::sync::TryLockError::WouldBlock)
+        ));
+    });
+    common::join(waiter, Duration::from_secs(10));
+    done.set();
+    common::join(holder, Duration::from_secs(10));
+    assert!(!lock.is_poisoned());
+}
+
+fn holder_is_not_robbed_where_there_is_no_proc() {
+    if !is_root() {
+        return skip("no /proc", "needs root to mount over /proc");
+    }
+    waiter_must_not_take_a_live_lock(|| remount_proc("tmpfs", "size=4k"));
+}
+
+fn dead_holder_is_recovered_where_there_is_no_proc() {
+    if !is_root() {
+        return skip("no /proc, dead holder", "needs root to mount over /proc");
+    }
+    let lock = Shared::new(Mutex::new(7u32)).unwrap();
+    let mut holder = common::spawn(|| {
+        std::mem::forget(lock.lock().unwrap());
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    common::wait_for("the holder to lock", Duration::from_secs(5), || {
+        lock.raw().is_locked()
+    });
+    holder.signal(signal::KILL).unwrap();
+    holder.wait().unwrap();
+    let waiter = common::spawn(|| {
+        remount_proc("tmpfs", "size=4k");
+        // kill(tid, 0) answers ESRCH: proof enough without /proc.
+        let g = lock.lock_timeout(Duration::from_secs(5));
+        let g = g.expect_err("the dead holder's lock comes back poisoned");
+        match g {
+            std::sync::TryLockError::Poisoned(p) => assert_eq!(*p.into_inner(), 7),
+            std::sync::TryLockError::WouldBlock => panic!("a dead holder kept the lock"),
+        }
+    });
+    common::join(waiter, Duration::from_secs(10));
+}
+
+/// In the calling (forked) child: moves its future children into a new pid namespace
+/// with its own `/proc` (what `unshare -pf --mount-proc` does), then runs `f` in such a
+/// child and returns its exit status.
+fn in_new_pid_namespace(f: impl FnOnce()) -> bool {
+    // SAFETY: plain syscalls; this child owns the namespaces it creates.
+    unsafe {
+        check(
+            libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS),
+            "unshare(CLONE_NEWPID | CLONE_NEWNS)",
+        );
+    }
+    let mut child = common::spawn(|| {
+        // SAFETY: as above; pid 1 of the new namespace mounts its own /proc.
+        unsafe {
+            check(
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ),
+                "make / private",
+            );
+            check(
+                libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ),
+                "mount /proc",
+            );
+        }
+        f();
+    });
+    child.wait().unwrap().success()
+}
+
+fn holder_in_parent_pid_namespace_is_not_robbed() {
+    if !is_root() {
+        return skip("pid namespace", "needs root to unshare a pid namespace");
+    }
+    let lock = Shared::new(Mutex::new(0u32)).unwrap();
+    let guard = lock.lock().unwrap();
+    let outer = common::spawn(|| {
+        let ok = in_new_pid_namespace(|| {
+            let start = Instant::now();
+            let r = lock.lock_timeout(Duration::from_millis(300));
+            assert!(
+                matches!(r, Err(std::sync::TryLockError::WouldBlock)),
+                "a waiter in a child pid namespace took a live holder's lock after {:?}",
+                start.elapsed()
+            );
+        });
+        assert!(ok, "the waiter in the new pid namespace failed");
+    });
+    common::join(outer, Duration::from_secs(10));
+    assert!(!lock.is_poisoned());
+    drop(guard);
+}
+
+fn holder_in_child_pid_namespace_is_not_robbed() {
+    if !is_root() {
+        return skip("pid namespace", "needs root to unshare a pid namespace");
+    }
+    let lock = Shared::new(Mutex::new(0u32)).unwrap();
+    let ready = Shared::new(procshare::Event::new()).unwrap();
+    let done = Shared::new(procshare::Event::new()).unwrap();
+    let outer = common::spawn(|| {
+        let ok = in_new_pid_namespace(|| {
+            // Pid 1 here; seen from outside, "1" is init, which started at another time.
+            let _g = lock.lock().unwrap();
+            ready.set();
+            assert!(done.wait_timeout(Duration::from_secs(10)));
+        });
+        assert!(ok);
+    });
+    assert!(ready.wait_timeout(Duration::from_secs(5)));
+    let start = Instant::now();
+    let r = lock.lock_timeout(Duration::from_millis(300));
+    assert!(
+        matches!(r, Err(std::sync::TryLockError::WouldBlock)),
+        "took the lock of a live holder in a child pid namespace after {:?}",
+        start.elapsed()
+    );
+    done.set();
+    common::join(outer, Duration::from_secs(10));
+    assert!(!lock.is_poisoned());
+}
+
+/// Sets the pid the kernel hands out next to `pid` (root only); false if not possible.
+fn next_pid_will_be(pid: u32) -> bool {
+    std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).is_ok()
+}
+
+fn stopped_owner_with_a_recycled_tid_is_not_robbed() {
+    if !is_root() {
+        return skip("recycled tid", "needs root to write ns_last_pid");
+    }
+    let lock = Shared::new(RawMutex::new()).unwrap();
+    // Other processes on the machine take pids too: retry until both children get the
+    // same one.
+    for _attempt in 0..20 {
+        let target = 30_000 + (std::process::id() % 2000);
+        if !next_pid_will_be(target) {
+            return skip("recycled tid", "ns_last_pid is not writable");
+        }
+        // The first owner: locks and unlocks, leaving whatever it leaves behind.
+        let mut first = common::spawn(|| {
+            if std::process::id() != target {
+                // SAFETY: _exit is always safe to call.
+                unsafe { libc::_exit(3) }
+            }
+            lock.lock();
+            // SAFETY: locked just above by this thread.
+            unsafe { lock.unlock() };
+        });
+        if first.wait().unwrap().code() == Some(3) {
+            continue;
+        }
+        // A later start time (in clock ticks) for the second owner with the same tid.
+        std::thread::sleep(Duration::from_millis(30));
+        if !next_pid_will_be(target) {
+            return skip("recycled tid", "ns_last_pid is not writable");
+        }
+        let mut second = common::spawn(|| {
+            if std::process::id() != target {
+                // SAFETY: _exit is always safe to call.
+                unsafe { libc::_exit(3) }
+            }
+            lock.__lock_stalled_before_record(|| {
+                // Stopped between the compare-and-swap and the owner record store.
+                // SAFETY: raise with a valid signal number.
+                unsafe { libc::raise(libc::SIGSTOP) };
+            });
+            std::thread::sleep(Duration::from_secs(60));
+        });
+        common::wait_for("the second owner to lock", Duration::from_secs(5), || {
+            lock.is_locked()
+        });
+        if let Ok(Some(status)) = second.try_wait() {
+            assert_eq!(status.code(), Some(3));
+            continue;
+        }
+        let start = Instant::now();
+        let taken = lock.lock_timeout(Duration::from_millis(400));
+        let waited = start.elapsed();
+        second.signal(signal::KILL).unwrap();
+        second.wait().unwrap();
+        assert!(
+            !taken,
+            "robbed a live, stopped owner whose tid was recycled, after {waited:?}"
+        );
+        // Once it is really dead, the lock comes back (poisoned).
+        assert!(lock.lock_timeout(Duration::from_secs(5)));
+        assert!(lock.is_poisoned());
+        return;
+    }
+    skip(
+        "recycled tid",
+        "could not get the same pid twice (busy machine)",
+    );
+}
+
+fn exit_main_thread_keeping(f: impl FnOnce() + Send + 'static) -> ! {
+    std::thread::spawn(f);
+    // SAFETY: SYS_exit ends only the calling (main) thread, without unwinding; the process
+    // lives on in the spawned thread, which ends the whole process with _exit when done.
+    unsafe { libc::syscall(libc::SYS_exit, 0) };
+    unreachable!("SYS_exit returned")
+}
+
+fn lock_of_an_exited_main_thread_is_recovered_while_its_process_runs() {
+    let lock = Shared::new(Mutex::new(1u32)).unwrap();
+    let done = Shared::new(procshare::Event::new()).unwrap();
+    let mut holder = common::spawn(|| {
+        std::mem::forget(lock.lock().unwrap());
+        let done = done.clone();
+        exit_main_thread_keeping(move || {
+            assert!(done.wait_timeout(Duration::from_secs(20)));
+            // SAFETY: _exit is always safe to call.
+            unsafe { libc::_exit(0) }
+        });
+    });
+    common::wait_for("the holder to lock", Duration::from_secs(5), || {
+        lock.raw().is_locked()
+    });
+    // The main thread is a zombie now; the thread that held the lock is gone.
+    let g = lock.lock_timeout(Duration::from_secs(5));
+    match g {
+        Err(std::sync::TryLockError::Poisoned(p)) => assert_eq!(*p.into_inner(), 1),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            panic!("a lock held by an exited main thread was never recovered")
+        }
+        Ok(_) => panic!("the lock was not held"),
+    }
+    assert_eq!(
+        holder.try_wait().unwrap(),
+        None,
+        "the process must still run"
+    );
+    done.set();
+    holder.wait().unwrap();
+}
+
+fn sender_whose_main_thread_exited_still_counts() {
+    let (tx, rx) = channel::<u64>(16).unwrap();
+    let go = Shared::new(procshare::Event::new()).unwrap();
+    let sender = common::spawn(|| {
+        let go = go.clone();
+        let tx = tx.clone();
+        exit_main_thread_keeping(move || {
+            assert!(go.wait_timeout(Duration::from_secs(20)));
+            for i in 0..3 {
+                tx.send(i).unwrap();
+            }
+            // SAFETY: _exit is always safe to call.
+            unsafe { libc::_exit(0) }
+        });
+    });
+    drop(tx);
+    // The sender's main thread is a zombie; its other thread is about to send.
+    std::thread::sleep(Duration::from_millis(100));
+    match rx.recv_timeout(Duration::from_millis(200)) {
+        Err(procshare::RecvTimeoutError::Timeout) => {}
+        other => panic!("expected a timeout while the sender lives, got {other:?}"),
+    }
+    go.set();
+    for i in 0..3 {
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), i);
+    }
+    common::join(sender, Duration::from_secs(10));
+}
