@@ -202,5 +202,16 @@ impl std::error::Error for Error {
     }
 }
 
+/// Lets `?` carry an I/O error (opening the file a mapping comes from, writing to a pipe)
+/// out of a function that returns [`procshare::Result`](Result).
+impl From<io::Error> for Error {
+    fn from(source: io::Error) -> Error {
+        Error::Io {
+            op: "an I/O operation",
+            source,
+        }
+    }
+}
+
 /// `Result<T, procshare::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

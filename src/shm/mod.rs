@@ -1,9 +1,11 @@
 //! Shared memory: [`Segment`], [`Shared<T>`] and the [`ShmSafe`] marker.
 
 pub(crate) mod header;
+mod place;
 mod segment;
 mod shared;
 
+pub use place::{Mapping, init_in, place};
 pub(crate) use segment::Backing;
 pub use segment::{DEFAULT_OPEN_TIMEOUT, Segment, SegmentInfo};
 pub use shared::Shared;
