@@ -1,0 +1,268 @@
+//! Crash and timeout behaviour of the `sync` primitives other than `Mutex`: killed waiters,
+//! killed participants, pulses, generation wrap, poisoned cells. Every test forks real
+//! processes under the watchdogged runner in `common`.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use procshare::fork::signal;
+use procshare::{Array, Barrier, Condvar, Event, Mutex, Semaphore, Shared, ShmSafe, Value};
+
+use common::{Test, join, spawn};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn main() {
+    let t = |name, body| Test {
+        name,
+        limit: Duration::from_secs(30),
+        body,
+    };
+    common::run(
+        &[
+            t(
+                "semaphore_wake_up_survives_a_killed_waiter",
+                semaphore_wake_up_survives_a_killed_waiter,
+            ),
+            t(
+                "condvar_notify_one_survives_a_killed_waiter",
+                condvar_notify_one_survives_a_killed_waiter,
+            ),
+            t(
+                "array_debug_while_locked_does_not_block",
+                array_debug_while_locked_does_not_block,
+            ),
+            t(
+                "event_pulse_wakes_every_sleeper",
+                event_pulse_wakes_every_sleeper,
+            ),
+            t(
+                "barrier_generation_does_not_wrap_under_a_stopped_participant",
+                barrier_generation_does_not_wrap_under_a_stopped_participant,
+            ),
+        ],
+        &[],
+    )
+}
+
+/// Lets forked children reach their futex sleep.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// Waits up to `limit` for `child` to exit; true if it did (successfully).
+fn exited_within(child: &mut procshare::fork::ForkedChild, limit: Duration) -> bool {
+    match child.wait_timeout(limit).expect("waitpid") {
+        Some(s) => {
+            assert!(s.success(), "child {} ended with {s}", child.pid());
+            true
+        }
+        None => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Semaphore / Condvar: a woken waiter killed before it takes the wake-up (issue 6 item 12)
+// ---------------------------------------------------------------------------------------
+
+fn semaphore_wake_up_survives_a_killed_waiter() {
+    let mut lost = 0;
+    let mut went_to_the_victim = 0;
+    for _ in 0..10 {
+        let sem = Shared::new(Semaphore::new(0)).unwrap();
+        // The victim queues first, so a wake-one goes to it (the kernel wakes in FIFO order).
+        let mut victim = spawn(|| sem.acquire());
+        settle();
+        let mut survivor = spawn(|| sem.acquire());
+        settle();
+        sem.release().unwrap();
+        victim.signal(signal::KILL).unwrap();
+        let _ = victim.wait();
+        if !exited_within(&mut survivor, Duration::from_secs(2)) {
+            // Either the victim took the permit before dying (value 0: fine), or the
+            // survivor sleeps next to a free permit: the wake-up was lost.
+            if sem.value() == 1 {
+                lost += 1;
+            } else {
+                went_to_the_victim += 1;
+            }
+            survivor.signal(signal::KILL).unwrap();
+            let _ = survivor.wait();
+        }
+    }
+    assert_eq!(
+        lost, 0,
+        "{lost} of 10 trials: survivor asleep with a free permit ({went_to_the_victim} \
+         permits taken by the victim before it died)"
+    );
+}
+
+#[repr(C)]
+struct Turn {
+    go: Mutex<u32>,
+    changed: Condvar,
+}
+// SAFETY: repr(C) of ShmSafe procshare types.
+unsafe impl ShmSafe for Turn {}
+
+fn condvar_notify_one_survives_a_killed_waiter() {
+    let mut lost = 0;
+    for _ in 0..10 {
+        let t = Shared::new(Turn {
+            go: Mutex::new(0),
+            changed: Condvar::new(),
+        })
+        .unwrap();
+        let waiter = || {
+            let g = t.go.lock().unwrap_or_else(|p| p.into_inner());
+            let _g = t
+                .changed
+                .wait_while(g, |go| *go == 0)
+                .unwrap_or_else(|p| p.into_inner());
+        };
+        let mut victim = spawn(waiter);
+        settle();
+        let mut survivor = spawn(waiter);
+        settle();
+        *t.go.lock().unwrap() = 1;
+        t.changed.notify_one();
+        victim.signal(signal::KILL).unwrap();
+        let _ = victim.wait();
+        if !exited_within(&mut survivor, Duration::from_secs(2)) {
+            lost += 1;
+            survivor.signal(signal::KILL).unwrap();
+            let _ = survivor.wait();
+        }
+    }
+    assert_eq!(
+        lost, 0,
+        "{lost} of 10 trials: the survivor slept on after the condition became true"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Debug never blocks (issue 6 item 14)
+// ---------------------------------------------------------------------------------------
+
+fn array_debug_while_locked_does_not_block() {
+    let a = Array::from_slice(&[1u32, 2, 3]).unwrap();
+    let v = Value::new(7u64).unwrap();
+    let c = spawn(|| {
+        let _ga = a.lock().unwrap();
+        let _gv = v.lock().unwrap();
+        let text = format!("{a:?} {v:?}");
+        assert!(text.contains("locked"), "{text}");
+    });
+    join(c, Duration::from_secs(3));
+    let text = format!("{a:?} {v:?}");
+    assert!(text.contains("[1, 2, 3]") && text.contains('7'), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Event: set(); clear(); must release every sleeper (issue 11 item 7)
+// ---------------------------------------------------------------------------------------
+
+fn event_pulse_wakes_every_sleeper() {
+    #[repr(C)]
+    struct Pulse {
+        ev: Event,
+        woke: AtomicU32,
+    }
+    // SAFETY: repr(C) of ShmSafe types.
+    unsafe impl ShmSafe for Pulse {}
+    let p = Shared::new(Pulse {
+        ev: Event::new(),
+        woke: AtomicU32::new(0),
+    })
+    .unwrap();
+    let sleepers: Vec<_> = (0..20)
+        .map(|_| {
+            spawn(|| {
+                if p.ev.wait_timeout(Duration::from_secs(3)) {
+                    p.woke.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Stopped sleepers cannot run between the set and the clear, as on a busy machine: the
+    // pulse must still release them when they continue.
+    for s in &sleepers {
+        s.signal(signal::STOP).unwrap();
+    }
+    p.ev.set();
+    p.ev.clear();
+    for s in &sleepers {
+        s.signal(signal::CONT).unwrap();
+    }
+    for s in sleepers {
+        join(s, LIMIT);
+    }
+    assert_eq!(
+        p.woke.load(Ordering::SeqCst),
+        20,
+        "sleepers that missed the pulse"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Barrier generation wrap (issue 11 item 8)
+// ---------------------------------------------------------------------------------------
+
+fn barrier_generation_does_not_wrap_under_a_stopped_participant() {
+    #[repr(C)]
+    struct Wrap {
+        b: Barrier,
+        stopped_saw: AtomicU32, // 1 = Ok, 2 = timed out
+    }
+    // SAFETY: repr(C) of ShmSafe types.
+    unsafe impl ShmSafe for Wrap {}
+    let w = Shared::new(Wrap {
+        b: Barrier::new(2),
+        stopped_saw: AtomicU32::new(0),
+    })
+    .unwrap();
+    // P arrives first, then is stopped while waiting.
+    let mut p = spawn(|| {
+        let r = w.b.wait_timeout(Duration::from_millis(300));
+        w.stopped_saw
+            .store(if r.is_ok() { 1 } else { 2 }, Ordering::SeqCst);
+    });
+    settle();
+    p.signal(signal::STOP).unwrap();
+    // Q completes P's round, then Q and R pass exactly 65 535 more rounds: 65 536 in all.
+    let mut q = spawn(|| {
+        assert!(w.b.wait_timeout(LIMIT).is_ok(), "Q completes P's round");
+        for _ in 0..65_535 {
+            assert!(w.b.wait_timeout(LIMIT).is_ok());
+        }
+    });
+    // R joins only after P's round completed.
+    settle();
+    let r = spawn(|| {
+        for _ in 0..65_535 {
+            assert!(w.b.wait_timeout(LIMIT).is_ok());
+        }
+    });
+    assert!(exited_within(&mut q, LIMIT), "Q finished its rounds");
+    join(r, LIMIT);
+    // P wakes long after its timeout, into a barrier 65 536 rounds on.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(400) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.signal(signal::CONT).unwrap();
+    join(p, LIMIT);
+    assert_eq!(
+        w.stopped_saw.load(Ordering::SeqCst),
+        1,
+        "P completed its round, yet was told it timed out"
+    );
+    // And the barrier still needs two: a lone participant must time out.
+    assert!(
+        w.b.wait_timeout(Duration::from_millis(200)).is_err(),
+        "a lone participant passed a barrier for two"
+    );
+}
