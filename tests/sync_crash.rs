@@ -225,7 +225,7 @@ fn barrier_generation_does_not_wrap_under_a_stopped_participant() {
     })
     .unwrap();
     // P arrives first, then is stopped while waiting.
-    let mut p = spawn(|| {
+    let p = spawn(|| {
         let r = w.b.wait_timeout(Duration::from_millis(300));
         w.stopped_saw
             .store(if r.is_ok() { 1 } else { 2 }, Ordering::SeqCst);
