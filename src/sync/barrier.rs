@@ -53,9 +53,11 @@ use crate::sys::{self, Deadline};
 /// [`abort`](Barrier::abort) the barrier, Python's way out when a participant died: every
 /// waiter, present and future, then gets [`Error::BarrierBroken`] until
 /// [`reset`](Barrier::reset). A participant killed while waiting stays counted (the
-/// barrier cannot see who arrived); see the [module docs](self) for every crash case.
+/// barrier cannot see who arrived); see [`procshare::sync`](crate::sync) for every crash case.
 ///
-/// All-zero bytes are not a barrier: waits on one fail with [`Error::Corrupted`].
+/// 24 bytes, 8-byte aligned, `#[repr(C)]`. All-zero bytes are not a barrier: waits on one
+/// fail with [`Error::Corrupted`] (never pass silently); initialise with
+/// [`Barrier::new`].
 ///
 /// ```
 /// use procshare::{Barrier, Shared};

@@ -41,7 +41,12 @@ use crate::sys::{self, Deadline};
 ///
 /// Same contract as [`std::sync::Condvar`]: wake-ups may be spurious, so wait in a loop or
 /// use [`wait_while`](Condvar::wait_while). A notification is never lost: a waiter that
-/// has released the mutex before the notifier took it is always woken.
+/// has released the mutex before the notifier took it is always woken. If the waiter a
+/// [`notify_one`](Condvar::notify_one) woke is killed before it acts, the other waiters
+/// notice the notification within [`RECHECK`](crate::sync::RECHECK) and return (so
+/// `notify_one` may occasionally wake more than one).
+///
+/// Eight bytes, 4-byte aligned, `#[repr(C)]`; all-zero bytes are `Condvar::new()`.
 ///
 /// ```
 /// use procshare::{Condvar, Mutex, Shared};

@@ -40,7 +40,9 @@ const GENERATION_ONE: u32 = 2;
 /// process [`set`](Event::set)s it.
 ///
 /// Every waiter present when the flag is set returns, even if the flag is cleared again
-/// before it gets to run.
+/// before it gets to run (a `set(); clear();` pulse releases them all).
+///
+/// Eight bytes, 4-byte aligned, `#[repr(C)]`; all-zero bytes are `Event::new()` (clear).
 ///
 /// ```
 /// use procshare::{Event, Shared};

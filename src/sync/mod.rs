@@ -37,3 +37,16 @@ use std::time::Duration;
 /// looks at the shared state again. Only latency after a crash depends on it: a wait that
 /// is woken normally ends at once.
 pub const RECHECK: Duration = Duration::from_millis(50);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_as_documented() {
+        assert_eq!((size_of::<Semaphore>(), align_of::<Semaphore>()), (12, 4));
+        assert_eq!((size_of::<Condvar>(), align_of::<Condvar>()), (8, 4));
+        assert_eq!((size_of::<Event>(), align_of::<Event>()), (8, 4));
+        assert_eq!((size_of::<Barrier>(), align_of::<Barrier>()), (24, 8));
+    }
+}

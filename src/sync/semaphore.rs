@@ -43,8 +43,10 @@ use crate::sys::{self, Deadline};
 /// it can be placed in zeroed shared memory without an init call.
 ///
 /// A waiter that is woken and killed before it takes its permit does not strand the
-/// others: they look again within [`RECHECK`](super::RECHECK). Permits taken by a process
-/// that is then killed are *not* returned (see the [module docs](self)).
+/// others: they look again within [`RECHECK`](crate::sync::RECHECK). Permits taken by a process
+/// that is then killed are *not* returned: permits are not owned (any process may
+/// release one), so there is no holder to check for liveness. Release on behalf of a
+/// process you reaped, or guard each resource with a [`Mutex`](crate::Mutex) too.
 ///
 /// ```
 /// use procshare::{Semaphore, Shared};
