@@ -88,7 +88,7 @@ fn main() -> procshare::Result<()> {
         .arg("consumer")
         .arg(&path)
         .spawn()?;
-    board.start.wait();
+    board.start.wait()?;
     println!("producer: both processes met at the barrier");
 
     for n in (1..=ITEMS).chain([u64::MAX]) {
@@ -123,7 +123,7 @@ fn main() -> procshare::Result<()> {
 fn consumer(path: &Path) -> procshare::Result<()> {
     let mapping = map(path)?;
     let board: &Board = place(&mapping, 0)?;
-    board.start.wait();
+    board.start.wait()?;
     let mut sum = 0u64;
     loop {
         let mut ring = board.ring.lock().unwrap();

@@ -15,7 +15,7 @@ const TRANSACTIONS: u32 = 10_000;
 
 fn transact(balance: &Value<i32>, start: &Barrier, delta: i32, use_lock: bool) -> i32 {
     // Both processes start together so their updates overlap even on two cores.
-    start.wait();
+    start.wait().expect("both processes reach the start");
     for _ in 0..TRANSACTIONS {
         if use_lock {
             *balance.lock().unwrap() += delta;

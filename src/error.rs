@@ -90,6 +90,16 @@ pub enum Error {
         /// What was wrong with it.
         what: String,
     },
+    /// A [`Barrier`](crate::Barrier) was aborted or reset while this caller waited, or is
+    /// broken until someone calls [`Barrier::reset`](crate::Barrier::reset).
+    BarrierBroken,
+    /// A lock's previous holder panicked or its process died while holding it, so the data
+    /// it guards may be half-updated. Made from a [`PoisonError`](std::sync::PoisonError)
+    /// (`lock()?` in a function returning `procshare::Result`); the guard is dropped.
+    Poisoned {
+        /// The kind of lock, e.g. `"Value"`.
+        what: &'static str,
+    },
 }
 
 impl Error {
@@ -189,6 +199,19 @@ impl fmt::Display for Error {
                  locks held by the other threads; fork before starting threads"
             ),
             Error::InvalidArgument { what } => write!(f, "invalid argument: {what}"),
+            Error::BarrierBroken => write!(
+                f,
+                "the barrier is broken: it was aborted or reset (a participant timed out, \
+                 died or called `abort`); agree with the other participants how to go on, then \
+                 call `Barrier::reset` once all have returned, or use a new barrier"
+            ),
+            Error::Poisoned { what } => write!(
+                f,
+                "{what} is poisoned: a previous holder panicked or its process died while \
+                 holding the lock, so the data may be half-updated; take the guard from the \
+                 `PoisonError` (`into_inner`), check or repair the data, then call \
+                 `clear_poison()`"
+            ),
         }
     }
 }
@@ -210,6 +233,13 @@ impl From<io::Error> for Error {
             op: "an I/O operation",
             source,
         }
+    }
+}
+
+impl<G> From<std::sync::PoisonError<G>> for Error {
+    /// Describes the poisoning in words (the guard inside is dropped, unlocking).
+    fn from(_: std::sync::PoisonError<G>) -> Error {
+        Error::Poisoned { what: "the lock" }
     }
 }
 

@@ -66,7 +66,7 @@ fn mutex_excludes_across_processes() {
     let children: Vec<_> = (0..PROCS)
         .map(|_| {
             spawn(|| {
-                start.wait();
+                start.wait().unwrap();
                 for _ in 0..EACH {
                     slow_increment(&mut counter.lock().unwrap());
                 }
@@ -343,7 +343,7 @@ fn barrier_rounds_across_processes() {
     let run = || {
         for round in 0..ROUNDS {
             r.arrived.fetch_add(1, Ordering::SeqCst);
-            if r.barrier.wait().is_leader() {
+            if r.barrier.wait().unwrap().is_leader() {
                 r.leaders.fetch_add(1, Ordering::SeqCst);
             }
             let seen = r.arrived.load(Ordering::SeqCst);

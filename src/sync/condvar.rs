@@ -4,21 +4,49 @@
 //! variable can hang `pthread_cond_broadcast` forever after a waiter is killed (sourceware
 //! bug 21422). Here a waiter's whole state is "which sequence number I saw", so a dead
 //! waiter leaves nothing that others must wait for.
+//!
+//! # Shared words
+//!
+//! ```text
+//! seq:     AtomicU32   bumped by every notify; the futex word waiters sleep on
+//! waiters: AtomicU32   threads between "about to wait" and "done waiting" (a hint)
+//! ```
+//!
+//! All-zero bytes are `Condvar::new()`; 4-byte aligned, 8 bytes.
+//!
+//! # What a kill can leave
+//!
+//! | killed | left behind | repaired by |
+//! |---|---|---|
+//! | a waiter while asleep | `waiters` one too high | nothing needed: notifies make a spare wake syscall |
+//! | a waiter woken by `notify_one`, before it relocked | a notification nobody acts on | every sleeper looks at `seq` after at most [`RECHECK`](super::RECHECK); seeing it moved, it returns (a spurious wake-up the caller's loop absorbs) |
+//! | a waiter after relocking the mutex | the mutex held by a dead thread | the mutex's own recovery: the next locker gets it poisoned |
+//! | a notifier between its bump and its wake | nobody woken | as for a killed woken waiter: the sleepers' next look |
+//!
+//! So `notify_one` can wake more than one waiter (at most one promptly, the others when
+//! their slice ends, and only if they saw the bump), which the std contract allows: wake-ups
+//! may be spurious, so always wait in a loop or with [`Condvar::wait_while`].
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{LockResult, PoisonError};
 use std::time::Duration;
 
+use super::RECHECK;
 use super::mutex::{MutexGuard, RawGuard};
 use crate::shm::ShmSafe;
-use crate::sys::{self, Deadline, FutexWait};
+use crate::sys::{self, Deadline};
 
 /// A condition variable shared between processes, used with [`Mutex`](crate::Mutex).
 ///
 /// Same contract as [`std::sync::Condvar`]: wake-ups may be spurious, so wait in a loop or
 /// use [`wait_while`](Condvar::wait_while). A notification is never lost: a waiter that
-/// has released the mutex before the notifier took it is always woken.
+/// has released the mutex before the notifier took it is always woken. If the waiter a
+/// [`notify_one`](Condvar::notify_one) woke is killed before it acts, the other waiters
+/// notice the notification within [`RECHECK`](crate::sync::RECHECK) and return (so
+/// `notify_one` may occasionally wake more than one).
+///
+/// Eight bytes, 4-byte aligned, `#[repr(C)]`; all-zero bytes are `Condvar::new()`.
 ///
 /// ```
 /// use procshare::{Condvar, Mutex, Shared};
@@ -155,7 +183,16 @@ impl Condvar {
         let (lock, data) = guard.into_parts();
         let raw = lock.raw();
         drop(lock);
-        let timed_out = sys::futex_wait(&self.seq, seen, deadline) == FutexWait::TimedOut;
+        // Sleep in slices: the one waiter a notify_one wakes may be killed before it acts,
+        // so each slice ends with a look at `seq`, and a moved sequence ends the wait.
+        let mut timed_out = false;
+        while self.seq.load(Ordering::SeqCst) == seen {
+            if deadline.has_passed() {
+                timed_out = true;
+                break;
+            }
+            sys::futex_wait(&self.seq, seen, deadline.capped(RECHECK));
+        }
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         raw.lock();
         // SAFETY: we hold `raw` again, and `data` is the cell it guards.

@@ -1,10 +1,21 @@
 //! Python's `Value` and `Array`: shared cells that carry their own robust lock.
+//!
+//! Both have [`Mutex`]'s lock API (`lock`, `try_lock`, `lock_timeout`, `is_poisoned`,
+//! `clear_poison`) and its crash guarantee: if a process dies (or a thread panics) while
+//! holding the lock, the next locker gets the lock with `Err(PoisonError)` around the
+//! guard, and every later locker does too until someone checks the data and calls
+//! `clear_poison`. `?` turns that `PoisonError` into [`Error::Poisoned`], whose message
+//! says so. The one-shot accessors (`get`, `set`, `update`, `Array::get`, `Array::set`,
+//! `Array::to_vec`) take the lock but do not refuse a poisoned cell: they see whatever the
+//! dead holder left, which for a value wider than one machine word can be half old and half
+//! new. Use [`Value::get_checked`] (or `lock`) where that matters.
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
-use std::sync::{Arc, LockResult, PoisonError};
+use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
+use std::time::Duration;
 
 use super::mutex::{Mutex, MutexGuard, RawGuard, RawMutex};
 use crate::error::{Error, Result};
@@ -18,8 +29,12 @@ use crate::shm::{Backing, DEFAULT_OPEN_TIMEOUT, Segment, Shared, ShmSafe};
 /// read-modify-write hold the lock across it with [`lock`](Value::lock) (Python's
 /// `get_lock()`) or use [`update`](Value::update).
 ///
-/// A panic or a process death while the lock is held poisons it: `lock` then returns the
-/// guard inside `Err`, while `get`/`set`/`update` carry on (a plain value is never torn).
+/// A panic or a process death while the lock is held poisons it: `lock`, `try_lock`,
+/// `lock_timeout` and [`get_checked`](Value::get_checked) then return their result inside
+/// `Err(PoisonError)` until [`clear_poison`](Value::clear_poison), while `get`/`set`/`update`
+/// carry on regardless. A holder killed in the middle of writing the value can leave it
+/// torn (half old, half new) if `T` is wider than one store: `get` returns exactly that, so
+/// check [`is_poisoned`](Value::is_poisoned) or use `get_checked` when it matters.
 ///
 /// ```
 /// use procshare::Value;
@@ -73,12 +88,44 @@ impl<T: ShmSafe + Send> Value<T> {
     ///
     /// # Errors
     ///
-    /// `Err(PoisonError)` holding the guard if a holder panicked or died.
+    /// `Err(PoisonError)` holding the guard (the lock *is* held) if a holder panicked or
+    /// its process died while holding it; see [`clear_poison`](Value::clear_poison).
     pub fn lock(&self) -> LockResult<MutexGuard<'_, T>> {
         self.cell.lock()
     }
 
-    /// Reads the value under the lock.
+    /// Locks the cell only if it is free now.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock` if it is held, `Poisoned` as for [`lock`](Value::lock).
+    pub fn try_lock(&self) -> TryLockResult<MutexGuard<'_, T>> {
+        self.cell.try_lock()
+    }
+
+    /// Locks the cell, giving up after `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock` if a live holder still held it when `timeout` passed; `Poisoned` as
+    /// for [`lock`](Value::lock).
+    pub fn lock_timeout(&self, timeout: Duration) -> TryLockResult<MutexGuard<'_, T>> {
+        self.cell.lock_timeout(timeout)
+    }
+
+    /// Whether a holder panicked or died while holding the lock, since the last
+    /// [`clear_poison`](Value::clear_poison).
+    pub fn is_poisoned(&self) -> bool {
+        self.cell.is_poisoned()
+    }
+
+    /// Declares the value consistent again, after checking or repairing it.
+    pub fn clear_poison(&self) {
+        self.cell.clear_poison();
+    }
+
+    /// Reads the value under the lock, whatever the poison state. After a holder died
+    /// mid-write this is what it left, possibly torn; see [`get_checked`](Value::get_checked).
     pub fn get(&self) -> T
     where
         T: Copy,
@@ -86,12 +133,31 @@ impl<T: ShmSafe + Send> Value<T> {
         *self.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Replaces the value under the lock.
+    /// Reads the value under the lock, reporting poison.
+    ///
+    /// # Errors
+    ///
+    /// `Err(PoisonError)` holding the value read if the cell is poisoned (a holder died or
+    /// panicked while holding the lock, so the value may be torn).
+    pub fn get_checked(&self) -> LockResult<T>
+    where
+        T: Copy,
+    {
+        match self.lock() {
+            Ok(g) => Ok(*g),
+            Err(p) => Err(PoisonError::new(*p.into_inner())),
+        }
+    }
+
+    /// Replaces the value under the lock, whatever the poison state (the poison stays:
+    /// only [`clear_poison`](Value::clear_poison) removes it).
     pub fn set(&self, value: T) {
         *self.lock().unwrap_or_else(PoisonError::into_inner) = value;
     }
 
-    /// Runs `f` on the value with the lock held for the whole call, and returns its result.
+    /// Runs `f` on the value with the lock held for the whole call, and returns its result,
+    /// whatever the poison state (as for [`get`](Value::get)). A panic in `f` poisons the
+    /// cell.
     pub fn update<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         f(&mut self.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -110,6 +176,8 @@ impl<T> Clone for Value<T> {
     }
 }
 
+/// Never blocks: a locked value (even one locked by the formatting thread) prints
+/// `<locked>`.
 impl<T: fmt::Debug> fmt::Debug for Value<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("Value").field(&*self.cell).finish()
@@ -274,12 +342,59 @@ impl<T> Array<T> {
     ///
     /// # Errors
     ///
-    /// `Err(PoisonError)` holding the guard if a holder panicked or died.
+    /// `Err(PoisonError)` holding the guard (the lock *is* held) if a holder panicked or
+    /// its process died while holding it; see [`clear_poison`](Array::clear_poison).
     pub fn lock(&self) -> LockResult<ArrayGuard<'_, T>> {
+        self.raw().lock();
+        // SAFETY: we just took the lock.
+        unsafe { self.guard() }
+    }
+
+    /// Locks the array only if it is free now.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock` if it is held, `Poisoned` as for [`lock`](Array::lock).
+    pub fn try_lock(&self) -> TryLockResult<ArrayGuard<'_, T>> {
+        if !self.raw().try_lock() {
+            return Err(TryLockError::WouldBlock);
+        }
+        // SAFETY: we just took the lock.
+        Ok(unsafe { self.guard() }?)
+    }
+
+    /// Locks the array, giving up after `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock` if a live holder still held it when `timeout` passed; `Poisoned` as
+    /// for [`lock`](Array::lock).
+    pub fn lock_timeout(&self, timeout: Duration) -> TryLockResult<ArrayGuard<'_, T>> {
+        if !self.raw().lock_timeout(timeout) {
+            return Err(TryLockError::WouldBlock);
+        }
+        // SAFETY: we just took the lock.
+        Ok(unsafe { self.guard() }?)
+    }
+
+    /// Whether a holder panicked or died while holding the lock, since the last
+    /// [`clear_poison`](Array::clear_poison).
+    pub fn is_poisoned(&self) -> bool {
+        self.raw().is_poisoned()
+    }
+
+    /// Declares the elements consistent again, after checking or repairing them.
+    pub fn clear_poison(&self) {
+        self.raw().clear_poison();
+    }
+
+    /// # Safety
+    ///
+    /// The calling thread must hold the array's lock; the guard takes over releasing it.
+    unsafe fn guard(&self) -> LockResult<ArrayGuard<'_, T>> {
         let raw = self.raw();
-        raw.lock();
         let guard = ArrayGuard {
-            // SAFETY: we just took the lock.
+            // SAFETY: forwarded contract: this thread holds the lock.
             _lock: unsafe { RawGuard::new(raw) },
             elements: self.elements(),
             _array: PhantomData,
@@ -295,7 +410,8 @@ impl<T> Array<T> {
         self.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Element `index` read under the lock, or `None` if out of range.
+    /// Element `index` read under the lock, or `None` if out of range. Like
+    /// [`Value::get`], this does not refuse a poisoned array.
     pub fn get(&self, index: usize) -> Option<T>
     where
         T: Copy,
@@ -336,9 +452,17 @@ impl<T> Clone for Array<T> {
     }
 }
 
+/// Never blocks: a locked array (even one locked by the formatting thread) prints
+/// `<locked>`.
 impl<T: fmt::Debug> fmt::Debug for Array<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Array").field(&&*self.locked()).finish()
+        let mut d = f.debug_struct("Array");
+        match self.try_lock() {
+            Ok(guard) => d.field("data", &&*guard),
+            Err(TryLockError::Poisoned(p)) => d.field("data", &&*p.into_inner()),
+            Err(TryLockError::WouldBlock) => d.field("data", &format_args!("<locked>")),
+        };
+        d.field("poisoned", &self.is_poisoned()).finish()
     }
 }
 
@@ -363,5 +487,11 @@ impl<T> DerefMut for ArrayGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut [T] {
         // SAFETY: as for deref, and `&mut self` makes this the only live reference.
         unsafe { self.elements.as_mut() }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for ArrayGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
     }
 }
