@@ -99,6 +99,9 @@ pub enum Error {
     Poisoned {
         /// The kind of lock, e.g. `"Value"`.
         what: &'static str,
+        /// The thread id of the holder whose death poisoned it (the pid, for a
+        /// single-threaded process); `None` when a panicking holder poisoned it.
+        dead_holder: Option<u32>,
     },
 }
 
@@ -205,13 +208,23 @@ impl fmt::Display for Error {
                  died or called `abort`); agree with the other participants how to go on, then \
                  call `Barrier::reset` once all have returned, or use a new barrier"
             ),
-            Error::Poisoned { what } => write!(
-                f,
-                "{what} is poisoned: a previous holder panicked or its process died while \
-                 holding the lock, so the data may be half-updated; take the guard from the \
-                 `PoisonError` (`into_inner`), check or repair the data, then call \
-                 `clear_poison()`"
-            ),
+            Error::Poisoned { what, dead_holder } => {
+                match dead_holder {
+                    Some(tid) => write!(
+                        f,
+                        "{what} is poisoned: thread {tid} died while holding its lock (its \
+                         process was killed or exited mid-update)"
+                    )?,
+                    None => write!(
+                        f,
+                        "{what} is poisoned: a previous holder panicked while holding its lock"
+                    )?,
+                }
+                f.write_str(
+                    ", so the data may be half-updated; take the guard from the `PoisonError` \
+                     (`into_inner`), check or repair the data, then call `clear_poison()`",
+                )
+            }
         }
     }
 }
@@ -236,10 +249,38 @@ impl From<io::Error> for Error {
     }
 }
 
-impl<G> From<std::sync::PoisonError<G>> for Error {
-    /// Describes the poisoning in words (the guard inside is dropped, unlocking).
-    fn from(_: std::sync::PoisonError<G>) -> Error {
-        Error::Poisoned { what: "the lock" }
+/// Describes the poisoning in words, naming the dead holder when a death caused it. The
+/// guard inside is dropped, unlocking.
+impl<T> From<std::sync::PoisonError<crate::MutexGuard<'_, T>>> for Error {
+    fn from(e: std::sync::PoisonError<crate::MutexGuard<'_, T>>) -> Error {
+        Error::Poisoned {
+            what: "the lock",
+            dead_holder: e.get_ref().lock.raw().dead_holder(),
+        }
+    }
+}
+
+/// As for a `MutexGuard`; the timeout result is dropped with the guard.
+impl<T> From<std::sync::PoisonError<(crate::MutexGuard<'_, T>, crate::WaitTimeoutResult)>>
+    for Error
+{
+    fn from(
+        e: std::sync::PoisonError<(crate::MutexGuard<'_, T>, crate::WaitTimeoutResult)>,
+    ) -> Error {
+        Error::Poisoned {
+            what: "the lock",
+            dead_holder: e.get_ref().0.lock.raw().dead_holder(),
+        }
+    }
+}
+
+/// As for a `MutexGuard`, for an [`Array`](crate::Array).
+impl<T> From<std::sync::PoisonError<crate::ArrayGuard<'_, T>>> for Error {
+    fn from(e: std::sync::PoisonError<crate::ArrayGuard<'_, T>>) -> Error {
+        Error::Poisoned {
+            what: "the Array",
+            dead_holder: e.get_ref().dead_holder(),
+        }
     }
 }
 

@@ -407,10 +407,12 @@ fn value_recovers_from_a_killed_holder_and_reports_the_torn_value() {
     assert!(mid_write.wait_timeout(LIMIT));
     holder.signal(signal::KILL).unwrap();
     holder.wait().unwrap();
+    let dead_pid = holder.pid();
 
     // `get` reads what the dead holder left, as documented; `get_checked` says it is
     // suspect.
     assert_eq!(v.get(), [1, 0]);
+    assert_eq!(v.dead_holder(), Some(dead_pid));
     assert!(v.is_poisoned());
     match v.get_checked() {
         Err(p) => assert_eq!(p.into_inner(), [1, 0]),
@@ -423,7 +425,7 @@ fn value_recovers_from_a_killed_holder_and_reports_the_torn_value() {
     ));
     let message = Error::from(v.lock().unwrap_err()).to_string();
     assert!(
-        message.contains("died") && message.contains("clear_poison"),
+        message.contains(&format!("thread {dead_pid} died")) && message.contains("clear_poison"),
         "{message}"
     );
     // Repair, clear, and the cell is healthy again, here and in another process.

@@ -72,6 +72,9 @@ const WAITERS: u32 = 1 << 31;
 const TID_BITS: u32 = 22;
 const TID_MASK: u32 = (1 << TID_BITS) - 1;
 const HASH_MASK: u32 = 0x1ff;
+/// The poison word: 0 = clean, `POISON_PANIC` = a holder panicked, `tid << 1 | 1` = thread
+/// `tid` died holding the lock.
+const POISON_PANIC: u32 = 1;
 /// The owner-record word packs the tid above a 40-bit start time (348 years at 100 Hz).
 const RECORD_START_MASK: u64 = (1 << 40) - 1;
 
@@ -150,13 +153,35 @@ impl RawMutex {
         self.poisoned.load(Ordering::Relaxed) != 0
     }
 
+    /// The thread id of the holder whose death poisoned the lock, if that is what
+    /// poisoned it (rather than a panic). For a single-threaded process it is the pid.
+    ///
+    /// ```
+    /// let m = procshare::RawMutex::new();
+    /// assert_eq!(m.dead_holder(), None);
+    /// ```
+    pub fn dead_holder(&self) -> Option<u32> {
+        match self.poisoned.load(Ordering::Relaxed) {
+            0 | POISON_PANIC => None,
+            word => Some(word >> 1),
+        }
+    }
+
     /// Marks the protected data as consistent again.
     pub fn clear_poison(&self) {
         self.poisoned.store(0, Ordering::Relaxed);
     }
 
+    /// Poisons after a panic; keeps the record of a dead holder if there is one.
     pub(crate) fn poison(&self) {
-        self.poisoned.store(1, Ordering::Relaxed);
+        let _ =
+            self.poisoned
+                .compare_exchange(0, POISON_PANIC, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Poisons after taking over from dead thread `tid`.
+    fn poison_by_death(&self, tid: u32) {
+        self.poisoned.store((tid << 1) | 1, Ordering::Relaxed);
     }
 
     /// Whether the lock is held by a thread that no longer exists (slow: asks the kernel).
@@ -324,7 +349,7 @@ impl RawMutex {
                     .compare_exchange(held, tag | WAITERS, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
-                    self.poison();
+                    self.poison_by_death(held & TID_MASK);
                     return true;
                 }
                 continue;
@@ -507,6 +532,12 @@ impl<T> Mutex<T> {
     /// Declares the data consistent again.
     pub fn clear_poison(&self) {
         self.raw.clear_poison();
+    }
+
+    /// The thread id of the holder whose death poisoned the lock, if a death (rather than
+    /// a panic) did; see [`RawMutex::dead_holder`].
+    pub fn dead_holder(&self) -> Option<u32> {
+        self.raw.dead_holder()
     }
 
     /// Mutable access without locking: `&mut self` proves no one else can use it.

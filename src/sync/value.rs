@@ -124,6 +124,18 @@ impl<T: ShmSafe + Send> Value<T> {
         self.cell.clear_poison();
     }
 
+    /// The thread id (the pid, for a single-threaded process) of the holder whose death
+    /// poisoned the value, if a death rather than a panic did.
+    ///
+    /// ```
+    /// let v = procshare::Value::new(1u64)?;
+    /// assert_eq!(v.dead_holder(), None);
+    /// # Ok::<(), procshare::Error>(())
+    /// ```
+    pub fn dead_holder(&self) -> Option<u32> {
+        self.cell.dead_holder()
+    }
+
     /// Reads the value under the lock, whatever the poison state. After a holder died
     /// mid-write this is what it left, possibly torn; see [`get_checked`](Value::get_checked).
     pub fn get(&self) -> T
@@ -388,6 +400,12 @@ impl<T> Array<T> {
         self.raw().clear_poison();
     }
 
+    /// The thread id (the pid, for a single-threaded process) of the holder whose death
+    /// poisoned the array, if a death rather than a panic did.
+    pub fn dead_holder(&self) -> Option<u32> {
+        self.raw().dead_holder()
+    }
+
     /// # Safety
     ///
     /// The calling thread must hold the array's lock; the guard takes over releasing it.
@@ -472,6 +490,12 @@ pub struct ArrayGuard<'a, T> {
     _lock: RawGuard<'a>,
     elements: NonNull<[T]>,
     _array: PhantomData<&'a mut [T]>,
+}
+
+impl<T> ArrayGuard<'_, T> {
+    pub(crate) fn dead_holder(&self) -> Option<u32> {
+        self._lock.raw().dead_holder()
+    }
 }
 
 impl<T> Deref for ArrayGuard<'_, T> {
