@@ -370,6 +370,8 @@ pub(crate) fn identify(bytes: &[u8]) -> Option<Identity> {
 pub fn fuzz_parse(bytes: &[u8], file_len: u64, expect_bytes_tag: bool) {
     let tag = TypeTag::bytes();
     let expected = expect_bytes_tag.then_some(&tag);
+    // Used by list/remove_stale on any object with the magic, ready or not.
+    let _ = identify(bytes);
     if let Ok(h) = parse(bytes, file_len, expected) {
         let p = h.placement;
         assert!(p.data_offset >= HEADER_LEN);
@@ -496,6 +498,7 @@ mod tests {
         let h = parse(&seed[9..], 4096, None).expect("seed header parses");
         assert_eq!(h.placement.data_offset, HEADER_LEN);
         assert_eq!(h.placement.data_len, 100);
+        assert_eq!(h.placement.data_align, 1);
         assert_eq!(identify(&seed[9..]).unwrap().creator_pid, 1234);
     }
 

@@ -77,7 +77,11 @@ pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(1);
 ///   `ftruncate` it; the next access to the lost pages through any existing mapping raises
 ///   `SIGBUS` in that process, which procshare cannot turn into an error without a process-wide
 ///   signal handler it does not install. What is guarded: [`open`](Segment::open),
-///   [`list`](Segment::list) and [`remove_stale`](Segment::remove_stale) never touch a mapping.
+///   [`from_fd`](Segment::from_fd), [`list`](Segment::list) and
+///   [`remove_stale`](Segment::remove_stale) never touch a mapping, so they fail cleanly on
+///   an object truncated before or while they run. Everything after that (the creator's own
+///   initialisation, and every access through [`as_ptr`](Segment::as_ptr),
+///   [`Shared`](crate::Shared) or a primitive inside) is exposed.
 ///   **Recommendation:** when a peer might truncate the memory, whether by bug or malice,
 ///   use an anonymous segment (sealed against shrinking and growing by the kernel) shared by
 ///   `fork` or passed to the other process as a descriptor ([`inheritable_fd`](Segment::inheritable_fd)
@@ -487,8 +491,9 @@ impl Segment {
         unsafe { AtomicU32::from_ptr(self.map.as_ptr().add(header::OFF_FLAGS).cast()) }
     }
 
-    /// Removes the name `name`. Processes that have the segment open keep using it; the
-    /// memory is freed when the last of them lets go.
+    /// Removes the name `name`, whatever segment it refers to now. Processes that have the
+    /// segment open keep using it; the memory is freed when the last of them lets go. (To
+    /// remove only abandoned segments, use [`remove_stale`](Segment::remove_stale).)
     ///
     /// # Errors
     ///
