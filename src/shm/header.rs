@@ -3,6 +3,28 @@
 //! The header is read from memory another process controls, so parsing works on a private
 //! copy of its bytes and checks every field before anything is derived from it. The parser
 //! is a pure function of those bytes so the fuzzer can drive it directly.
+//!
+//! # Layout (format 2, native endian)
+//!
+//! ```text
+//!   0 magic "PROCSHR\0"     8 format u32        12 state u32 (atomic)
+//!  16 total_len u64         24 data_offset u64  32 data_len u64
+//!  40 fingerprint u64       48 elements u64     56 creator pid u32   60 flags u32 (atomic)
+//!  64 creator start u64     72 data_align u64   80 creator pid namespace u64
+//!  88 type description, NUL-padded, to 256
+//! ```
+//!
+//! # Shared words and what a crash leaves
+//!
+//! Everything but `state` and `flags` is written once by the creator before `state` turns
+//! ready (Release), and never again.
+//!
+//! | word  | states | a creator killed ... | leaves | repaired by |
+//! |-------|--------|----------------------|--------|-------------|
+//! | state | 0 initialising → 1 ready | before the header is written (object sized, all zero) | no magic | `open` fails `NotReady` after its timeout; `list` shows "not a procshare header"; remove by name |
+//! | state | | after the header, before `ready` | magic, state 0 | `open` fails `NotReady`; the creator is proven dead, so `remove_stale` removes it (unless persisted) |
+//! | state | | after `ready` | a normal segment | a named one is stale once its creator is proven dead |
+//! | flags | bit 0 persistent, set once by `persist` | around the `fetch_or` | either value | a single atomic RMW: nothing torn |
 
 use std::fmt;
 

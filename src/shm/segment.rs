@@ -145,12 +145,19 @@ type ObjectId = (u64, u64);
 /// rather than destroying the newer one). Callers keep `id` open, so its inode number
 /// cannot be recycled while this runs.
 fn unlink_if_same(os_name: &str, id: ObjectId) -> io::Result<bool> {
+    unlink_if_same_with(os_name, id, || {})
+}
+
+/// [`unlink_if_same`], running `meanwhile` between the first look and the rename, where a
+/// concurrent process may replace the name (the unit tests do exactly that there).
+fn unlink_if_same_with(os_name: &str, id: ObjectId, meanwhile: impl FnOnce()) -> io::Result<bool> {
     use std::sync::atomic::AtomicU64;
     static NEXT: AtomicU64 = AtomicU64::new(0);
     // Cheap first look: usually the name is ours, or gone, or plainly someone else's.
     if sys::shm_name_id(os_name)? != Some(id) {
         return Ok(false);
     }
+    meanwhile();
     let mut attempts = 0;
     let private = loop {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -758,5 +765,66 @@ fn header_error(label: &str, e: HeaderError) -> Error {
             expected,
             found,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(name: &str) -> String {
+        format!("/{NAME_PREFIX}{name}")
+    }
+
+    fn unique(what: &str) -> String {
+        format!("unit-{}-{what}", sys::getpid())
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "needs /dev/shm")]
+    fn unlinks_its_own_object_and_nothing_else() {
+        let name = unique("own");
+        let seg = Segment::create(&name, 8).unwrap();
+        let id = sys::file_id(&seg.file).unwrap();
+        let other = Segment::anonymous(8).unwrap();
+        let other_id = sys::file_id(&other.file).unwrap();
+        assert!(!unlink_if_same(&os(&name), other_id).unwrap());
+        assert!(Segment::open(&name).is_ok());
+        assert!(unlink_if_same(&os(&name), id).unwrap());
+        assert!(matches!(
+            Segment::open(&name),
+            Err(Error::SegmentNotFound { .. })
+        ));
+        assert!(!unlink_if_same(&os(&name), id).unwrap());
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "needs /dev/shm")]
+    fn puts_back_a_successor_that_took_the_name_after_the_first_look() {
+        let name = unique("successor");
+        let first = Segment::create(&name, 8).unwrap();
+        let first_id = sys::file_id(&first.file).unwrap();
+        let mut successor = None;
+        let removed = unlink_if_same_with(&os(&name), first_id, || {
+            Segment::remove(&name).unwrap();
+            successor = Some(Segment::create(&name, 8).unwrap());
+        })
+        .unwrap();
+        assert!(!removed);
+        let successor = successor.unwrap();
+        assert_eq!(
+            sys::shm_name_id(&os(&name)).unwrap(),
+            Some(sys::file_id(&successor.file).unwrap()),
+            "the successor is back under its name"
+        );
+        let leftovers: Vec<String> = sys::shm_list(&format!("{NAME_PREFIX}{name}."))
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        drop(first); // its name now belongs to the successor: must not unlink it
+        assert!(Segment::open(&name).is_ok());
+        drop(successor);
+        assert!(Segment::open(&name).is_err());
     }
 }
