@@ -103,6 +103,18 @@ pub enum Error {
         /// single-threaded process); `None` when a panicking holder poisoned it.
         dead_holder: Option<u32>,
     },
+    /// The segment was created in another pid namespace (another container, or a process
+    /// started with `unshare --pid`): the process and thread ids recorded inside it (lock
+    /// owners, queue claims, peer tables, its creator) mean other processes here, so dead
+    /// owners could neither be recognised nor safely recovered.
+    ForeignPidNamespace {
+        /// The name as given, or `"<descriptor>"`.
+        name: String,
+        /// The creator's pid namespace (inode of its `/proc/self/ns/pid`).
+        segment_namespace: u64,
+        /// This process's pid namespace.
+        our_namespace: u64,
+    },
 }
 
 impl Error {
@@ -225,6 +237,20 @@ impl fmt::Display for Error {
                      (`into_inner`), check or repair the data, then call `clear_poison()`",
                 )
             }
+            Error::ForeignPidNamespace {
+                name,
+                segment_namespace,
+                our_namespace,
+            } => write!(
+                f,
+                "segment {name:?} was created in pid namespace pid:[{segment_namespace}] but \
+                 this process is in pid namespace pid:[{our_namespace}]: procshare recognises \
+                 dead lock owners and peers by process ids, which only mean the same process \
+                 inside one pid namespace, so it refuses to share the segment across them; run \
+                 every process in the same pid namespace (e.g. `docker run --pid=host` or \
+                 `--pid=container:<id>`, Kubernetes `shareProcessNamespace: true`), or create \
+                 the segment inside this namespace"
+            ),
         }
     }
 }

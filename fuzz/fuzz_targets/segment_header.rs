@@ -1,6 +1,9 @@
 //! Feeds arbitrary bytes to the segment-header parser as if they had been read from a
 //! shared memory object of arbitrary size. The parser must never panic, and any header it
-//! accepts must place the data inside the file (the checks live in `fuzz_parse`).
+//! accepts must place the data inside the file with an alignment that divides its offset
+//! (every process maps the segment at a multiple of that alignment, so a bad one would
+//! misalign the data or reserve absurd address space); the creator-identity reader used by
+//! `list`/`remove_stale` must not panic either. The checks live in `fuzz_parse`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

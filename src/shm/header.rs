@@ -3,13 +3,38 @@
 //! The header is read from memory another process controls, so parsing works on a private
 //! copy of its bytes and checks every field before anything is derived from it. The parser
 //! is a pure function of those bytes so the fuzzer can drive it directly.
+//!
+//! # Layout (format 2, native endian)
+//!
+//! ```text
+//!   0 magic "PROCSHR\0"     8 format u32        12 state u32 (atomic)
+//!  16 total_len u64         24 data_offset u64  32 data_len u64
+//!  40 fingerprint u64       48 elements u64     56 creator pid u32   60 flags u32 (atomic)
+//!  64 creator start u64     72 data_align u64   80 creator pid namespace u64
+//!  88 type description, NUL-padded, to 256
+//! ```
+//!
+//! # Shared words and what a crash leaves
+//!
+//! Everything but `state` and `flags` is written once by the creator before `state` turns
+//! ready (Release), and never again.
+//!
+//! | word  | states | a creator killed ... | leaves | repaired by |
+//! |-------|--------|----------------------|--------|-------------|
+//! | state | 0 initialising → 1 ready | before the header is written (object sized, all zero) | no magic | `open` fails `NotReady` after its timeout; `list` shows "not a procshare header"; remove by name |
+//! | state | | after the header, before `ready` | magic, state 0 | `open` fails `NotReady`; the creator is proven dead, so `remove_stale` removes it (unless persisted) |
+//! | state | | after `ready` | a normal segment | a named one is stale once its creator is proven dead |
+//! | flags | bit 0 persistent, set once by `persist` | around the `fetch_or` | either value | a single atomic RMW: nothing torn |
 
 use std::fmt;
 
 /// `b"PROCSHR\0"`: what every procshare segment starts with.
 pub(crate) const MAGIC: [u8; 8] = *b"PROCSHR\0";
 /// Bumped whenever the header or any shared layout changes incompatibly.
-pub(crate) const ABI_VERSION: u32 = 1;
+///
+/// 2: the header records the data's alignment (mappings are placed so the data is aligned
+/// in every process, even above a page) and the creator's pid namespace.
+pub(crate) const ABI_VERSION: u32 = 2;
 /// Bytes reserved for the header; data starts at a multiple of this (or of the data's
 /// alignment, if larger).
 pub(crate) const HEADER_LEN: usize = 256;
@@ -34,7 +59,12 @@ const OFF_CREATOR_PID: usize = 56;
 /// Flags the creator may change after initialisation (see [`FLAG_PERSISTENT`]).
 pub(crate) const OFF_FLAGS: usize = 60;
 const OFF_CREATOR_START: usize = 64;
-const OFF_TYPE_DESC: usize = 72;
+/// The alignment the data needs; every process maps the segment at an address that is a
+/// multiple of it (and of the page size), so `base + data_offset` is aligned everywhere.
+const OFF_DATA_ALIGN: usize = 72;
+/// Inode of the creator's `/proc/self/ns/pid`; 0 if it could not tell.
+const OFF_CREATOR_PID_NS: usize = 80;
+const OFF_TYPE_DESC: usize = 88;
 const TYPE_DESC_LEN: usize = HEADER_LEN - OFF_TYPE_DESC;
 
 /// What a segment holds, as far as the processes sharing it must agree.
@@ -83,11 +113,19 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// Where the data lives inside a segment of `total_len` bytes.
+///
+/// The offset is fixed when the segment is created and recorded in the header, so it is
+/// the same in every process. What makes `base + data_offset` aligned in every process is
+/// that each one maps the segment at a base that is a multiple of `data_align` (see
+/// `sys::map_shared_aligned`): an offset computed against one process's real address would
+/// be wrong in the next process, which maps the object elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Placement {
     pub(crate) data_offset: usize,
     pub(crate) data_len: usize,
     pub(crate) total_len: usize,
+    /// A power of two: the alignment the mapping's base must have.
+    pub(crate) data_align: usize,
 }
 
 impl Placement {
@@ -105,6 +143,7 @@ impl Placement {
             data_offset,
             data_len,
             total_len,
+            data_align: align,
         })
     }
 }
@@ -117,6 +156,8 @@ pub(crate) struct HeaderFields {
     pub(crate) elements: u64,
     pub(crate) creator_pid: u32,
     pub(crate) creator_start: u64,
+    /// The creator's pid namespace (see `sys::pid_namespace_id`); 0 if unknown.
+    pub(crate) creator_pid_ns: u64,
     pub(crate) description: String,
 }
 
@@ -144,6 +185,11 @@ impl HeaderFields {
         put(OFF_ELEMENTS, &self.elements.to_ne_bytes());
         put(OFF_CREATOR_PID, &self.creator_pid.to_ne_bytes());
         put(OFF_CREATOR_START, &self.creator_start.to_ne_bytes());
+        put(
+            OFF_DATA_ALIGN,
+            &(self.placement.data_align as u64).to_ne_bytes(),
+        );
+        put(OFF_CREATOR_PID_NS, &self.creator_pid_ns.to_ne_bytes());
         let desc = self.description.as_bytes();
         // Truncate on a character boundary so the stored text stays valid UTF-8.
         let mut n = desc.len().min(TYPE_DESC_LEN - 1);
@@ -200,6 +246,8 @@ pub(crate) struct ParsedHeader {
     /// Element count for slice segments; checked against the byte length by typed callers.
     pub(crate) elements: u64,
     pub(crate) description: String,
+    /// The creator's pid namespace; 0 if it could not tell.
+    pub(crate) creator_pid_ns: u64,
 }
 
 fn u32_at(bytes: &[u8], off: usize) -> u32 {
@@ -258,10 +306,20 @@ pub(crate) fn parse(
             "data at {data_offset}+{data_len} outside {total_len} bytes"
         )));
     }
-    let (Ok(data_offset), Ok(data_len), Ok(total_len)) = (
+    // The alignment decides where every process maps the segment, so it must be sane
+    // before anything is mapped: a power of two that divides the data offset (which bounds
+    // it by the file size, and so bounds the address space reserved for the mapping).
+    let data_align = u64_at(bytes, OFF_DATA_ALIGN);
+    if !data_align.is_power_of_two() || data_offset % data_align != 0 {
+        return Err(HeaderError::Inconsistent(format!(
+            "data alignment {data_align} does not divide the data offset {data_offset}"
+        )));
+    }
+    let (Ok(data_offset), Ok(data_len), Ok(total_len), Ok(data_align)) = (
         usize::try_from(data_offset),
         usize::try_from(data_len),
         usize::try_from(total_len),
+        usize::try_from(data_align),
     ) else {
         return Err(HeaderError::Inconsistent(
             "size exceeds the address space".into(),
@@ -278,9 +336,10 @@ pub(crate) fn parse(
                 found: description,
             });
         }
-        if data_offset % tag.align != 0 {
+        if data_offset % tag.align != 0 || data_align < tag.align {
             return Err(HeaderError::Inconsistent(format!(
-                "data offset {data_offset} not aligned to {}",
+                "data at offset {data_offset} with alignment {data_align} cannot hold a type \
+                 aligned to {}",
                 tag.align
             )));
         }
@@ -290,10 +349,12 @@ pub(crate) fn parse(
             data_offset,
             data_len,
             total_len,
+            data_align,
         },
         fingerprint,
         elements: u64_at(bytes, OFF_ELEMENTS),
         description,
+        creator_pid_ns: u64_at(bytes, OFF_CREATOR_PID_NS),
     })
 }
 
@@ -304,6 +365,8 @@ pub(crate) struct Identity {
     pub(crate) creator_start: u64,
     pub(crate) persistent: bool,
     pub(crate) description: String,
+    /// The creator's pid namespace; 0 if it could not tell.
+    pub(crate) creator_pid_ns: u64,
 }
 
 /// Reads the creator's identity from a header copy, without the readiness and size checks
@@ -319,6 +382,7 @@ pub(crate) fn identify(bytes: &[u8]) -> Option<Identity> {
         creator_start: u64_at(bytes, OFF_CREATOR_START),
         persistent: u32_at(bytes, OFF_FLAGS) & FLAG_PERSISTENT != 0,
         description: String::from_utf8_lossy(&desc[..desc_len]).into_owned(),
+        creator_pid_ns: u64_at(bytes, OFF_CREATOR_PID_NS),
     })
 }
 
@@ -328,10 +392,15 @@ pub(crate) fn identify(bytes: &[u8]) -> Option<Identity> {
 pub fn fuzz_parse(bytes: &[u8], file_len: u64, expect_bytes_tag: bool) {
     let tag = TypeTag::bytes();
     let expected = expect_bytes_tag.then_some(&tag);
+    // Used by list/remove_stale on any object with the magic, ready or not.
+    let _ = identify(bytes);
     if let Ok(h) = parse(bytes, file_len, expected) {
         let p = h.placement;
         assert!(p.data_offset >= HEADER_LEN);
         assert!(p.data_offset + p.data_len <= p.total_len);
+        assert!(p.data_align.is_power_of_two());
+        assert_eq!(p.data_offset % p.data_align, 0);
+        assert!(p.data_align <= p.total_len);
         assert_eq!(p.total_len as u64, file_len);
         if let Some(tag) = expected {
             assert_eq!(h.fingerprint, tag.fingerprint);
@@ -357,6 +426,7 @@ mod tests {
             elements: 1,
             creator_pid: 42,
             creator_start: 7,
+            creator_pid_ns: 4026531836,
             description: tag.description,
         }
     }
@@ -373,7 +443,41 @@ mod tests {
         assert_eq!(h.placement, f.placement);
         assert_eq!(h.elements, 1);
         assert_eq!(identify(&ready(&f)).unwrap().creator_pid, 42);
+        assert_eq!(identify(&ready(&f)).unwrap().creator_pid_ns, 4026531836);
+        assert_eq!(h.creator_pid_ns, 4026531836);
         assert_eq!(h.description, f.description);
+    }
+
+    #[test]
+    fn alignment_above_a_page_is_recorded_and_checked() {
+        let p = Placement::for_data(8, 8192).unwrap();
+        assert_eq!(
+            (p.data_offset, p.data_align, p.total_len),
+            (8192, 8192, 12288)
+        );
+        let f = HeaderFields {
+            placement: p,
+            ..sample()
+        };
+        let len = p.total_len as u64;
+        assert_eq!(parse(&ready(&f), len, None).unwrap().placement, p);
+        // An alignment that does not divide the offset, or is not a power of two, is
+        // refused before anything is mapped with it.
+        for bad in [0u64, 3, 16384, 1 << 62] {
+            let mut b = ready(&f);
+            b[OFF_DATA_ALIGN..OFF_DATA_ALIGN + 8].copy_from_slice(&bad.to_ne_bytes());
+            assert!(
+                matches!(parse(&b, len, None), Err(HeaderError::Inconsistent(_))),
+                "alignment {bad}"
+            );
+        }
+        // A type needing more alignment than the segment records is refused.
+        let mut tag = TypeTag::of::<u64>("value");
+        tag.align = 16384;
+        assert!(matches!(
+            parse(&ready(&sample()), 4096, Some(&tag)),
+            Err(HeaderError::Inconsistent(_))
+        ));
     }
 
     #[test]
@@ -416,6 +520,7 @@ mod tests {
         let h = parse(&seed[9..], 4096, None).expect("seed header parses");
         assert_eq!(h.placement.data_offset, HEADER_LEN);
         assert_eq!(h.placement.data_len, 100);
+        assert_eq!(h.placement.data_align, 1);
         assert_eq!(identify(&seed[9..]).unwrap().creator_pid, 1234);
     }
 

@@ -39,6 +39,10 @@ pub use shared::Shared;
 ///    threads: all mutation goes through atomics or `UnsafeCell` guarded by a procshare
 ///    lock.
 ///
+/// Alignment is not a condition: procshare records a type's alignment in the segment header
+/// and maps the segment at a multiple of it in every process, so `#[repr(align(8192))]`
+/// types are as welcome as `u8`.
+///
 /// ```
 /// use std::sync::atomic::AtomicU64;
 /// use procshare::ShmSafe;

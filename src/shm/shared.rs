@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 /// (atomics, [`Mutex`](crate::Mutex), [`Value`](crate::Value)).
 ///
 /// `T` must be [`ShmSafe`]. The value is never dropped (shared memory has no owner to drop
-/// it); it is freed with the last mapping.
+/// it); it is freed with the last mapping. Any alignment is honoured in every process,
+/// including `#[repr(align(N))]` above the page size.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
@@ -215,7 +216,9 @@ impl<T: ?Sized> Deref for Shared<T> {
 
     fn deref(&self) -> &T {
         // SAFETY: `ptr` points into the mapping kept alive by `segment`, is aligned (the
-        // segment's data offset is a multiple of T's alignment) and holds an initialised
+        // data offset is a multiple of T's alignment, recorded in the header, and every
+        // process maps the segment at a multiple of it, also above the page size; `open`
+        // checked both against T's tag) and holds an initialised
         // T (written before the segment was marked ready, or checked by `open`). Other
         // processes only mutate it through T's own interior mutability, which `&T`
         // permits, as for `Arc<T>` across threads.

@@ -13,8 +13,6 @@ use std::sync::Once;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use memmap2::{MmapOptions, MmapRaw};
-
 fn errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
@@ -227,7 +225,10 @@ fn identify_current_thread() -> ThreadIdentity {
         .ok()
         .and_then(|text| parse_stat(&text))
         .map_or(0, |stat| stat.start);
-    let ns = read_pid_namespace().unwrap_or(0);
+    // nsfs inode numbers are allocated below 2^32 (`proc_inum`); anything else is not one.
+    let ns = pid_namespace_id()
+        .and_then(|ino| u32::try_from(ino).ok())
+        .unwrap_or(0);
     let id = ThreadIdentity { tid, start, ns };
     IDENTITY.with(|cell| cell.set(Some(id)));
     id
@@ -448,12 +449,6 @@ pub(crate) fn shm_list(prefix: &str) -> io::Result<Vec<String>> {
     Ok(names)
 }
 
-/// Maps all `len` bytes of `file` readable, writable and shared with every other process
-/// that maps it.
-pub(crate) fn map_shared(file: &File, len: usize) -> io::Result<MmapRaw> {
-    MmapOptions::new().len(len).map_raw(file)
-}
-
 /// Clears close-on-exec so a child started with exec inherits `fd`.
 pub(crate) fn set_inheritable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -609,16 +604,213 @@ pub(crate) fn thread_ids(pid: u32) -> io::Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// The inode number of the calling thread's pid namespace (`/proc/thread-self/ns/pid`),
-/// which names the namespace for as long as it exists. `None` without `/proc`.
-fn read_pid_namespace() -> Option<u32> {
+// --- shm: aligned mappings, pid namespace, name-checked removal, header reads ---
+
+/// A shared mapping of a file, unmapped on drop.
+pub(crate) struct SharedMap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a SharedMap is an address range owned by this value; it hands out only raw
+// pointers, so moving or sharing it between threads cannot by itself cause a data race.
+unsafe impl Send for SharedMap {}
+// SAFETY: as above; every method takes `&self` and only reads the two fields.
+unsafe impl Sync for SharedMap {}
+
+impl SharedMap {
+    /// The first mapped byte.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr+len` is exactly the range mapped by `map_shared_aligned`, owned
+        // by this value and unmapped nowhere else.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The size of a memory page.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf takes an integer and has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|n| *n > 0).unwrap_or(4096)
+}
+
+/// Maps the first `len` bytes of `file` readable, writable and shared, at an address that
+/// is a multiple of `align` (a power of two; anything up to a page is what `mmap` gives
+/// anyway). Larger alignments reserve `len + align - page` bytes of address space without
+/// memory behind them, map the file at the first aligned address inside, and give the rest
+/// back. Nothing in the file is touched, so a file shorter than `len` is no fault here.
+pub(crate) fn map_shared_aligned(file: &File, len: usize, align: usize) -> io::Result<SharedMap> {
+    use std::os::fd::AsRawFd;
+    let page = page_size();
+    if len == 0 || !align.is_power_of_two() {
+        return Err(invalid_input(
+            "empty mapping or alignment not a power of two",
+        ));
+    }
+    let align = align.max(page);
+    let len_pages = len
+        .checked_next_multiple_of(page)
+        .ok_or_else(|| invalid_input("mapping too large"))?;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let fd = file.as_raw_fd();
+    if align == page {
+        // SAFETY: a fresh mapping chosen by the kernel (no MAP_FIXED), of a descriptor we
+        // borrow for the call; it overlaps nothing that Rust code owns.
+        let p = unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(|| invalid_input("null mapping"))?;
+        return Ok(SharedMap { ptr, len });
+    }
+    let reserve = len_pages
+        .checked_add(align - page)
+        .ok_or_else(|| invalid_input("mapping too large"))?;
+    // SAFETY: reserves fresh address space chosen by the kernel, inaccessible and without
+    // memory behind it; it overlaps nothing that Rust code owns.
+    let base = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            reserve,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base_addr = base as usize;
+    let start = base_addr.next_multiple_of(align);
+    // `start - base_addr` is a multiple of the page size below `align`, so
+    // `start + len_pages <= base_addr + reserve`.
+    // SAFETY: `start..start+len_pages` lies inside the reservation we own, so MAP_FIXED
+    // replaces only our own inaccessible pages.
+    let p = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let e = io::Error::last_os_error();
+        // SAFETY: unmapping exactly the reservation made above, which nothing else uses.
+        unsafe { libc::munmap(base, reserve) };
+        return Err(e);
+    }
+    // SAFETY: the head and tail of the reservation around the file mapping are ours and
+    // unused; unmapping them leaves exactly `start..start+len_pages` mapped.
+    unsafe {
+        if start > base_addr {
+            libc::munmap(base, start - base_addr);
+        }
+        let end = start + len_pages;
+        let reserve_end = base_addr + reserve;
+        if reserve_end > end {
+            libc::munmap(end as *mut libc::c_void, reserve_end - end);
+        }
+    }
+    let ptr = std::ptr::NonNull::new(start as *mut u8).ok_or_else(|| invalid_input("null"))?;
+    Ok(SharedMap { ptr, len })
+}
+
+/// Reads up to `buf.len()` bytes of `file` at `offset` with `pread`, without using (or
+/// moving) any mapping or file position: a file shorter than asked is a short count, never
+/// a fault. Returns how many bytes were read.
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// The identity of the pid namespace the calling process is in: the inode number of
+/// `/proc/self/ns/pid` (what `readlink` shows as `pid:[N]`). `None` where it cannot be read
+/// (no /proc, or a /proc from a namespace this process is not visible in). Cached per
+/// process: a process never changes its own pid namespace (`unshare`/`setns` only affect
+/// its future children), and a forked child recomputes because its pid differs.
+pub(crate) fn pid_namespace_id() -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
     if cfg!(miri) {
         return None;
     }
-    let ino = std::fs::metadata("/proc/thread-self/ns/pid").ok()?.ino();
-    // nsfs inode numbers are allocated below 2^32 (`proc_inum`); anything else is not one.
-    u32::try_from(ino).ok().filter(|&i| i != 0)
+    /// `pid << 32 | inode` of the last answer; 0 when nothing is cached.
+    static CACHE: AtomicU64 = AtomicU64::new(0);
+    let pid = getpid();
+    let cached = CACHE.load(Ordering::Relaxed);
+    if cached != 0 && (cached >> 32) as u32 == pid {
+        return Some(cached & 0xffff_ffff);
+    }
+    let ino = std::fs::metadata("/proc/self/ns/pid").ok()?.ino();
+    if ino != 0 && ino <= u64::from(u32::MAX) {
+        CACHE.store((u64::from(pid) << 32) | ino, Ordering::Relaxed);
+    }
+    Some(ino)
+}
+
+/// `(device, inode)` of an open file: which object it is, whatever its name now.
+pub(crate) fn file_id(file: &File) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+fn shm_path(os_name: &str) -> String {
+    // glibc's shm_open is open(2) under /dev/shm; `os_name` starts with '/'.
+    format!("/dev/shm{os_name}")
+}
+
+/// `(device, inode)` of the object the shared memory name `os_name` refers to now, or
+/// `None` if there is no such name.
+pub(crate) fn shm_name_id(os_name: &str) -> io::Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(shm_path(os_name)) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Atomically renames the shared memory object `from` to `to`, failing with
+/// `AlreadyExists` rather than replacing an object named `to`.
+pub(crate) fn shm_rename_noreplace(from: &str, to: &str) -> io::Result<()> {
+    let from = CString::new(shm_path(from)).map_err(|_| invalid_input("NUL in name"))?;
+    let to = CString::new(shm_path(to)).map_err(|_| invalid_input("NUL in name"))?;
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call; the
+    // directory descriptors are AT_FDCWD and the flag is a plain integer.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
