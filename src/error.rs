@@ -182,7 +182,10 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "segment {name:?} holds {found}, not {expected}: open it with the type its \
-                 creator used, and build every process against the same code"
+                 creator used. Types are matched by name (without module path), size and \
+                 alignment: give the type the same name and layout in every program, or set the \
+                 same `ShmSafe::SHM_NAME` in each; and build every program against the same \
+                 procshare version"
             ),
             Error::SizeMismatch {
                 name,

@@ -36,6 +36,8 @@ fn main() {
             stale_sweep_never_removes_a_segment_recreated_under_its_name,
             dropping_the_creator_leaves_a_successors_segment_alone,
             truncating_a_named_segment_makes_open_and_list_fail_not_crash,
+            identical_types_from_two_programs_share_a_segment,
+            type_mismatch_names_the_users_types_and_the_fix,
         ],
         &[(
             "no_dev_shm_entries_left_behind",
@@ -434,4 +436,118 @@ fn no_dev_shm_entries_left_behind() {
         .map(|i| i.name)
         .collect();
     assert!(left.is_empty(), "segments left in /dev/shm: {left:?}");
+}
+
+// Two programs that each define the same `#[repr(C)] struct Stats` (here: two modules,
+// whose `type_name`s differ by module path exactly as two binaries' do).
+mod program_a {
+    #[repr(C)]
+    pub struct Stats {
+        pub hits: std::sync::atomic::AtomicU64,
+        pub misses: std::sync::atomic::AtomicU64,
+    }
+    // SAFETY: repr(C), atomics only, no pointers, no Drop, zero is valid.
+    unsafe impl procshare::ShmSafe for Stats {}
+
+    #[repr(C)]
+    pub struct Renamed(pub u64);
+    // SAFETY: repr(C), one integer.
+    unsafe impl procshare::ShmSafe for Renamed {
+        const SHM_NAME: &'static str = "acme.Counter";
+    }
+}
+
+mod program_b {
+    #[repr(C)]
+    pub struct Stats {
+        pub hits: std::sync::atomic::AtomicU64,
+        pub misses: std::sync::atomic::AtomicU64,
+    }
+    // SAFETY: repr(C), atomics only, no pointers, no Drop, zero is valid.
+    unsafe impl procshare::ShmSafe for Stats {}
+
+    #[repr(C)]
+    pub struct Counter(pub u64);
+    // SAFETY: repr(C), one integer.
+    unsafe impl procshare::ShmSafe for Counter {
+        const SHM_NAME: &'static str = "acme.Counter";
+    }
+
+    /// Same name as program A's, another layout.
+    #[repr(C)]
+    pub struct Wider {
+        pub a: u64,
+        pub b: u64,
+        pub c: u64,
+    }
+    // SAFETY: repr(C), integers only.
+    unsafe impl procshare::ShmSafe for Wider {}
+}
+
+fn identical_types_from_two_programs_share_a_segment() {
+    let name = unique_name("stats-shared");
+    let a = Shared::create(
+        &name,
+        program_a::Stats {
+            hits: AtomicU64::new(3),
+            misses: AtomicU64::new(1),
+        },
+    )
+    .unwrap();
+    let child = spawn(|| {
+        let b = Shared::<program_b::Stats>::open(&name).expect("the same struct opens");
+        b.hits.fetch_add(1, Ordering::SeqCst);
+    });
+    join(child, Duration::from_secs(10));
+    assert_eq!(a.hits.load(Ordering::SeqCst), 4);
+
+    // Differently named types agree through SHM_NAME.
+    let name = unique_name("renamed");
+    let _a = Shared::create(&name, program_a::Renamed(7)).unwrap();
+    assert_eq!(Shared::<program_b::Counter>::open(&name).unwrap().0, 7);
+}
+
+fn type_mismatch_names_the_users_types_and_the_fix() {
+    let name = unique_name("stats-mismatch");
+    let _a = Shared::create(
+        &name,
+        program_a::Stats {
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        },
+    )
+    .unwrap();
+    let Err(err) = Shared::<program_b::Wider>::open(&name) else {
+        panic!("a 24-byte type opened a segment holding a 16-byte one");
+    };
+    let text = err.to_string();
+    assert!(matches!(err, Error::TypeMismatch { .. }), "{text}");
+    assert!(
+        text.contains("Stats (size 16")
+            && text.contains("Wider (size 24")
+            && text.contains("SHM_NAME"),
+        "{text}"
+    );
+    assert!(!text.contains("program_a"), "no module paths: {text}");
+
+    let name = unique_name("value-mismatch");
+    let _v = procshare::Value::create(&name, 5u64).unwrap();
+    let Err(err) = procshare::Value::<u32>::open(&name) else {
+        panic!("Value<u32> opened a Value<u64>");
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("Value<u64>") && text.contains("Value<u32>") && !text.contains("procshare::"),
+        "{text}"
+    );
+    let name = unique_name("array-mismatch");
+    let _arr = procshare::Array::create(&name, &[1u16, 2]).unwrap();
+    let Err(err) = procshare::Array::<i16>::open(&name) else {
+        panic!("Array<i16> opened an Array<u16>");
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("Array<u16>") && text.contains("Array<i16>"),
+        "{text}"
+    );
 }

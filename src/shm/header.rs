@@ -78,14 +78,32 @@ pub(crate) struct TypeTag {
 }
 
 impl TypeTag {
-    /// The tag for values (or slice elements) of type `T`.
+    /// The tag for values (or slice elements) of type `T`, named by [`short_type_name`]:
+    /// two programs that each define `#[repr(C)] struct Stats` agree on it, whatever their
+    /// module paths.
     pub(crate) fn of<T>(kind: &str) -> TypeTag {
         Self::new(
             kind,
-            std::any::type_name::<T>(),
+            &short_type_name(std::any::type_name::<T>()),
             size_of::<T>(),
             align_of::<T>(),
         )
+    }
+
+    /// The tag for a [`ShmSafe`](crate::ShmSafe) value type, named by its
+    /// [`SHM_NAME`](crate::ShmSafe::SHM_NAME) when it sets one.
+    pub(crate) fn of_shm<T: crate::ShmSafe>(kind: &str) -> TypeTag {
+        if T::SHM_NAME.is_empty() {
+            Self::of::<T>(kind)
+        } else {
+            Self::new(kind, T::SHM_NAME, size_of::<T>(), align_of::<T>())
+        }
+    }
+
+    /// The tag for a value of `size`/`align` bytes shown to users as `name` (such as
+    /// `Value<u64>` for the `Mutex<u64>` inside a `Value`).
+    pub(crate) fn named(kind: &str, name: &str, size: usize, align: usize) -> TypeTag {
+        Self::new(kind, name, size, align)
     }
 
     /// The tag for an untyped byte segment.
@@ -104,6 +122,25 @@ impl TypeTag {
             align,
         }
     }
+}
+
+/// `type_name` without module paths: `my_app::stats::Stats` becomes `Stats` and
+/// `procshare::sync::mutex::Mutex<alloc::string::String>` becomes `Mutex<String>`.
+pub(crate) fn short_type_name(full: &str) -> String {
+    let mut out = String::with_capacity(full.len());
+    let mut segment_start = 0;
+    for (i, c) in full.char_indices() {
+        if c.is_alphanumeric() || c == '_' || c == ':' {
+            continue;
+        }
+        let token = &full[segment_start..i];
+        out.push_str(token.rsplit("::").next().unwrap_or(token));
+        out.push(c);
+        segment_start = i + c.len_utf8();
+    }
+    let token = &full[segment_start..];
+    out.push_str(token.rsplit("::").next().unwrap_or(token));
+    out
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -411,6 +448,21 @@ pub fn fuzz_parse(bytes: &[u8], file_len: u64, expect_bytes_tag: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_names_lose_their_module_paths() {
+        assert_eq!(short_type_name("app_a::stats::Stats"), "Stats");
+        assert_eq!(
+            short_type_name("procshare::sync::mutex::Mutex<alloc::string::String>"),
+            "Mutex<String>"
+        );
+        assert_eq!(short_type_name("[a::B; 4]"), "[B; 4]");
+        assert_eq!(short_type_name("(u8, x::Y<z::W>)"), "(u8, Y<W>)");
+        assert_eq!(
+            TypeTag::of::<u64>("value").fingerprint,
+            TypeTag::named("value", "u64", 8, 8).fingerprint
+        );
+    }
 
     fn ready(fields: &HeaderFields) -> [u8; HEADER_LEN] {
         let mut bytes = fields.encode();

@@ -56,7 +56,24 @@ pub use shared::Shared;
 /// // SAFETY: repr(C), only ShmSafe fields (atomics), no pointers, no Drop, zero is valid.
 /// unsafe impl ShmSafe for Stats {}
 /// ```
-pub unsafe trait ShmSafe: Sync + Sized {}
+pub unsafe trait ShmSafe: Sync + Sized {
+    /// The name a named segment records for this type, which every process opening the
+    /// segment must agree on along with the type's size and alignment. Empty (the default)
+    /// means the type's name without its module path (`Stats` for `my_app::Stats`), so two
+    /// programs that each define an identical `Stats` can share one. Set it when two
+    /// programs name the type differently, or to tell same-named types apart.
+    ///
+    /// ```
+    /// # use std::sync::atomic::AtomicU64;
+    /// #[repr(C)]
+    /// struct Counters { hits: AtomicU64 }
+    /// // SAFETY: repr(C), one atomic, no pointers, no Drop, zero is valid.
+    /// unsafe impl procshare::ShmSafe for Counters {
+    ///     const SHM_NAME: &'static str = "acme.Counters.v1";
+    /// }
+    /// ```
+    const SHM_NAME: &'static str = "";
+}
 
 macro_rules! impl_shm_safe {
     ($($t:ty),* $(,)?) => {

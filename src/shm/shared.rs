@@ -52,7 +52,7 @@ impl<T: ShmSafe> Shared<T> {
     ///
     /// [`Error::Io`] if the segment cannot be created.
     pub fn new(value: T) -> Result<Shared<T>> {
-        Self::create_in(Backing::Anonymous, value)
+        Self::create_in(Backing::Anonymous, value, &TypeTag::of_shm::<T>("value"))
     }
 
     /// Places `value` in a new named segment that unrelated processes can
@@ -62,7 +62,7 @@ impl<T: ShmSafe> Shared<T> {
     ///
     /// As for [`Segment::create`].
     pub fn create(name: &str, value: T) -> Result<Shared<T>> {
-        Self::create_in(Backing::Named(name), value)
+        Self::create_in(Backing::Named(name), value, &TypeTag::of_shm::<T>("value"))
     }
 
     /// Opens the named segment `name`, checking that it holds a `T` from a compatible build.
@@ -71,8 +71,12 @@ impl<T: ShmSafe> Shared<T> {
     ///
     /// As for [`Segment::open`], plus [`Error::TypeMismatch`] if it holds another type.
     pub fn open(name: &str) -> Result<Shared<T>> {
-        let tag = TypeTag::of::<T>("value");
-        let segment = Segment::open_with(name, Some(&tag), super::DEFAULT_OPEN_TIMEOUT)?;
+        Self::open_tagged(name, &TypeTag::of_shm::<T>("value"))
+    }
+
+    /// [`open`](Shared::open) checking against `tag` (a wrapper's own name for `T`).
+    pub(crate) fn open_tagged(name: &str, tag: &TypeTag) -> Result<Shared<T>> {
+        let segment = Segment::open_with(name, Some(tag), super::DEFAULT_OPEN_TIMEOUT)?;
         if segment.len() != size_of::<T>() || segment.elements() != 1 {
             return Err(Error::SizeMismatch {
                 name: name.to_owned(),
@@ -83,16 +87,16 @@ impl<T: ShmSafe> Shared<T> {
         Ok(Self::from_segment(Arc::new(segment)))
     }
 
-    fn create_in(backing: Backing<'_>, value: T) -> Result<Shared<T>> {
+    /// A new segment holding `value`, recorded as `tag`.
+    pub(crate) fn create_in(backing: Backing<'_>, value: T, tag: &TypeTag) -> Result<Shared<T>> {
         const {
             assert!(
                 !std::mem::needs_drop::<T>(),
                 "ShmSafe types must not need Drop"
             )
         };
-        let tag = TypeTag::of::<T>("value");
         let mut value = Some(value);
-        let segment = Segment::create_with(backing, &tag, 1, size_of::<T>(), |data| {
+        let segment = Segment::create_with(backing, tag, 1, size_of::<T>(), |data| {
             if let Some(value) = value.take() {
                 // SAFETY: `data` is the start of a fresh, private, zeroed data area of
                 // size_of::<T>() bytes aligned to align_of::<T>() (the tag's alignment).
@@ -156,7 +160,7 @@ impl<T: ShmSafe> Shared<[T]> {
     ///
     /// As for [`Shared::open`].
     pub fn open_slice(name: &str) -> Result<Shared<[T]>> {
-        let tag = TypeTag::of::<T>("slice");
+        let tag = TypeTag::of_shm::<T>("slice");
         let segment = Segment::open_with(name, Some(&tag), super::DEFAULT_OPEN_TIMEOUT)?;
         let expected = segment.elements().checked_mul(size_of::<T>() as u64);
         if expected != Some(segment.len() as u64) {
@@ -186,7 +190,7 @@ impl<T: ShmSafe> Shared<[T]> {
             .ok_or_else(|| Error::InvalidArgument {
                 what: format!("{len} elements of {} bytes overflow", size_of::<T>()),
             })?;
-        let tag = TypeTag::of::<T>("slice");
+        let tag = TypeTag::of_shm::<T>("slice");
         let segment = Segment::create_with(backing, &tag, len as u64, bytes, |data| {
             fill(data.cast::<T>().as_ptr())
         })?;

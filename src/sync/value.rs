@@ -19,7 +19,16 @@ use std::time::Duration;
 
 use super::mutex::{Mutex, MutexGuard, RawGuard, RawMutex};
 use crate::error::{Error, Result};
-use crate::shm::header::TypeTag;
+use crate::shm::header::{TypeTag, short_type_name};
+
+/// How named segments call `T`: its `SHM_NAME`, or its name without module path.
+fn shm_name<T: ShmSafe>() -> String {
+    if T::SHM_NAME.is_empty() {
+        short_type_name(std::any::type_name::<T>())
+    } else {
+        T::SHM_NAME.to_owned()
+    }
+}
 use crate::shm::{Backing, DEFAULT_OPEN_TIMEOUT, Segment, Shared, ShmSafe};
 
 /// A single shared value with its own lock: Python's `multiprocessing.Value`.
@@ -69,8 +78,18 @@ impl<T: ShmSafe + Send> Value<T> {
     /// As for [`Segment::create`].
     pub fn create(name: &str, value: T) -> Result<Value<T>> {
         Ok(Value {
-            cell: Shared::create(name, Mutex::new(value))?,
+            cell: Shared::create_in(Backing::Named(name), Mutex::new(value), &Self::tag())?,
         })
+    }
+
+    /// Named segments record a `Value<T>` as such, so errors name the user's type.
+    fn tag() -> TypeTag {
+        TypeTag::named(
+            "value",
+            &format!("Value<{}>", shm_name::<T>()),
+            size_of::<Mutex<T>>(),
+            align_of::<Mutex<T>>(),
+        )
     }
 
     /// Opens a named cell, checking that it holds a `Value<T>`.
@@ -80,7 +99,7 @@ impl<T: ShmSafe + Send> Value<T> {
     /// As for [`Shared::open`].
     pub fn open(name: &str) -> Result<Value<T>> {
         Ok(Value {
-            cell: Shared::open(name)?,
+            cell: Shared::open_tagged(name, &Self::tag())?,
         })
     }
 
@@ -287,7 +306,12 @@ impl<T: ShmSafe + Send> Array<T> {
     }
 
     fn tag() -> TypeTag {
-        TypeTag::of::<ArrayHead<T>>("array")
+        TypeTag::named(
+            "array",
+            &format!("Array<{}>", shm_name::<T>()),
+            size_of::<ArrayHead<T>>(),
+            align_of::<ArrayHead<T>>(),
+        )
     }
 
     fn create_in(backing: Backing<'_>, values: &[T]) -> Result<Array<T>>
