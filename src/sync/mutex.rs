@@ -447,8 +447,10 @@ unsafe impl lock_api::RawMutexTimed for RawMutex {
 /// A mutual-exclusion lock shared between processes, with std's API and poisoning.
 ///
 /// Place it in shared memory (inside a [`Shared`](crate::Shared), or in-place in any
-/// mapping; it is `#[repr(C)]` and valid when zeroed if `T` is) and lock it from any
-/// process. If a process dies while holding the lock, the next locker gets it with
+/// mapping with [`shm::init_in`](crate::shm::init_in) / [`shm::place`](crate::shm::place))
+/// and lock it from any process. It is `#[repr(C)]`: a 24-byte [`RawMutex`] followed by
+/// the `T`, aligned to 8 bytes or `T`'s alignment if larger; all-zero bytes are an
+/// unlocked, unpoisoned `Mutex` around an all-zero `T`. If a process dies while holding the lock, the next locker gets it with
 /// `Err(PoisonError)` carrying the guard, exactly as after a panic in std: inspect or
 /// repair the data, then [`clear_poison`](Mutex::clear_poison).
 ///
