@@ -8,30 +8,109 @@
 //! the payload, padded to 16 bytes. A record that would cross the end of the ring is
 //! preceded by a padding record that fills the rest. Three positions only grow: `tail`
 //! (bytes reserved by producers), `head` (bytes claimed by consumers) and `free` (bytes
-//! consumed and reusable). Producers serialise *reserving* on one robust mutex, consumers
-//! *claiming* on another; the payload copies happen outside both, so a producer and a
-//! consumer, or several of each, copy in parallel.
+//! consumed and reusable), always `free <= head <= tail <= free + capacity`. Producers
+//! serialise *reserving* on one robust mutex, consumers *claiming* on another; the payload
+//! copies happen outside both, so a producer and a consumer, or several of each, copy in
+//! parallel.
 //!
-//! A record header is a state word and an owner word:
+//! ```text
+//!  record header (16 bytes)              shared header words besides the positions
+//!  word:  [state 8][kind 8][0 16][len 32]   count   messages published, not yet claimed
+//!  owner: [tid 24][thread start time 40]    stream  FIRST position + 1 of the chunked
+//!                                                   message being sent, or 0
+//!  state: WRITING 1, READY 2, READING 3,    keeper  process that keeps the start of a
+//!         DONE 4                                    chunked message, or 0
+//!  kind:  SINGLE 0, FIRST 1, MIDDLE 2, LAST 3, PAD 4
+//! ```
 //!
-//! * `WRITING` (owner = the producer's thread) → `READY` → `READING` (owner = the
-//!   consumer's thread) → `DONE`; padding is written `READY` with kind `PAD`.
-//! * The owner is written before the state that names it, and a reservation or claim is
-//!   made under its lock, so whoever finds a `WRITING` or `READING` record also finds who
-//!   holds it. If the kernel says that thread is gone, the record is finished for it
-//!   (`DONE`): an unpublished message was never sent, and a half-read one is lost with its
-//!   reader. Nobody else is blocked for good.
+//! A record goes `WRITING` (owner = its producer thread) → `READY` → `READING` (owner =
+//! its consumer thread) → `DONE`; padding is written `READY` with kind `PAD` and goes
+//! straight to `DONE`. The owner is written before the state that names it.
+//!
+//! | step (lock held)            | stores, in order                                        |
+//! |-----------------------------|---------------------------------------------------------|
+//! | reserve (producer lock)     | [pad owner, pad `READY`/`PAD`], owner, `WRITING`, `tail` |
+//! | publish (none)              | [`count` + 1 for `SINGLE`/`LAST`], `READY` (or `PAD` to discard) |
+//! | skip padding (consumer lock) | `DONE`, `head`, then `free` moves                       |
+//! | claim (consumer lock)       | owner, `READING`, `head`, [`count` − 1]                 |
+//! | release (none)              | `DONE`, then `free` moves over `DONE` records (CAS)     |
+//!
+//! # What a SIGKILL between two stores leaves, and who repairs it
+//!
+//! | killed between                | left behind                          | repaired by |
+//! |-------------------------------|--------------------------------------|-------------|
+//! | reserve's stores, before `tail` | records beyond `tail`              | nothing to do: the next reservation writes over them |
+//! | `tail` and publish            | `WRITING` record, dead owner         | the consumer waiting at it: the kernel says the owner is gone → `PAD` (never sent) |
+//! | `count` + 1 and `READY`       | as above, `count` one too high       | as above; `count` is reset the next time a consumer finds the ring empty (below) |
+//! | skip-padding `DONE` and `head` | `DONE` at `head`                    | the next holder of the consumer lock moves `head` on |
+//! | claim's `READING` and `head`  | `READING` at `head`                  | the next holder of the consumer lock: back to `READY`, so the message (never handed to the dead reader) goes to the next receiver |
+//! | claim's `head` and `count` − 1 | `READING` behind `head`, dead owner, `count` one too high | producers waiting for room: `DONE` once the kernel says the owner is gone (the message is lost with its reader); `count` as above |
+//! | while the reader reads, or `DONE` and moving `free` | `READING` (as above) or a `DONE` not yet passed | as above; any later release moves `free` on |
+//!
+//! A `READING` or `DONE` record *at* `head` is repaired without asking about its owner:
+//! only a holder of the consumer lock marks the record at `head`, and it moves `head` on
+//! before it lets go, so if we hold the lock and find one, its marker died (the robust lock
+//! passed to us only on the kernel's word). A `WRITING` or `READING` record elsewhere is
+//! finished only on proof that its owner thread is gone (`crate::liveness`); a slow live
+//! writer or reader is waited for, never robbed.
+//!
+//! `count` only feeds [`ByteQueue::len`]; nothing waits on it. A producer counts a message
+//! *before* making it visible, so when a consumer, holding the consumer lock (no claim in
+//! progress), finds `head == tail`, every counted message has been claimed: if `count` is
+//! not 0 it was left too high by a kill, and is reset with a compare-and-swap against the
+//! value loaded *before* the positions (a producer that counted after that load makes the
+//! swap fail; one that counted before it had already moved `tail`, so the ring was not
+//! empty).
 //!
 //! # Large messages
 //!
 //! A message whose record would take more than a quarter of the ring is sent in chunks
 //! (`FIRST`, `MIDDLE`..., `LAST`; the first carries the total length) while the producer
-//! keeps the producer lock, so its chunks are consecutive. The consumer that claims a
-//! `FIRST` keeps the consumer lock until the `LAST` and reassembles. If the producer dies
-//! mid-message, the next record a consumer sees is not a continuation, and the partial
-//! message is dropped; chunks without their `FIRST` are skipped. Nothing half-sent is ever
-//! delivered. Messages above the queue's `max_message` are refused before anything is
-//! written, with [`QueueError::MessageTooLarge`].
+//! keeps the producer lock, so its chunks are consecutive (padding aside). It writes
+//! `stream` = the `FIRST` chunk's position + 1 before publishing that chunk, and clears it
+//! after the last one, or when it gives up. The consumer that claims a `FIRST` keeps the
+//! consumer lock while it reassembles. A message is dropped whole, never delivered in part,
+//! when it is *abandoned*: the next record is not a continuation, or no continuation is
+//! there and `stream` no longer names the message (its producer gave up, or died and the
+//! next producer to take the lock cleared it), or the producer lock's holder is dead.
+//! Chunks whose `FIRST` went with a dead receiver are skipped. Messages above the queue's
+//! `max_message` are refused before anything is written, with
+//! [`QueueError::MessageTooLarge`].
+//!
+//! | killed between                     | left behind                        | repaired by |
+//! |------------------------------------|------------------------------------|-------------|
+//! | `stream` set and `FIRST` published | `stream`, a `WRITING` chunk        | `PAD` as above; the next producer lock holder clears `stream` |
+//! | chunks                             | some chunks, `stream`              | the receiver finds the lock holder dead, or `stream` cleared: drops the message |
+//! | last chunk and clearing `stream`   | the whole message, `stream`        | nothing: the message is complete; `stream` cleared as above |
+//! | setting `keeper` and unlocking     | `keeper` names a dead process      | the next receiver at those chunks: the kernel says it is gone → clears `keeper`, skips them |
+//!
+//! # Timeouts
+//!
+//! A `try_*` call makes one attempt: it takes a lock only if it is free (or its holder is
+//! dead), and never waits for a chunk. A `*_timeout` call waits for locks, room and chunks
+//! only until its deadline. Giving up loses nothing:
+//!
+//! * A send that gives up before its message (or its first chunk) is out sent nothing. A
+//!   chunked send that gives up after some chunks are out *abandons* the message: it clears
+//!   `stream`, receivers drop what they got of it, and the caller gets `Timeout` (`Full`
+//!   from `try_send`, which starts a chunked message only if all of it fits now). So
+//!   `Timeout` always means "not sent". A send without a deadline finishes what it starts.
+//!   While another producer streams a large message, the producer lock is busy: `try_send`
+//!   answers `Full` and a timed send waits for it within its deadline.
+//! * A receive that gives up in the middle of a chunked message keeps the part it has, in
+//!   this process (`Core::partial`), and writes this process into `keeper`. The next
+//!   receive in this process, through any handle, resumes it. Receivers in other processes
+//!   leave those chunks alone while the keeper process lives (they wait, as they would
+//!   behind a slow reader); if it dies, they skip them. The message is lost only if the
+//!   keeping process dies, or drops its last handle to the queue, before resuming it.
+//!
+//! # Panics in user code
+//!
+//! An unwinding `fill` (in [`ByteQueue::send_with`], or a panicking `Serialize` impl in
+//! [`Queue::put`](crate::Queue::put)) publishes its record as padding: nothing is sent
+//! and nobody waits for it. An unwinding `f` in [`ByteQueue::recv_with`] releases the
+//! record: the message counts as consumed. Drop guards do both, so a thread pool or
+//! `catch_unwind` that keeps the thread alive never leaves a record owned by it.
 //!
 //! Everything read from the ring (positions, lengths, states) is checked before use;
 //! impossible values give [`QueueError::Corrupted`], never an out-of-bounds access.
@@ -1214,11 +1293,12 @@ impl ByteQueue {
         self.core.send(bytes.len(), copy_in(bytes), Deadline::NEVER)
     }
 
-    /// Sends a copy of `bytes` if there is room now.
+    /// Sends a copy of `bytes` if there is room now. Returns at once.
     ///
     /// # Errors
     ///
-    /// As for [`send`](ByteQueue::send), plus `Full`.
+    /// As for [`send`](ByteQueue::send), plus `Full`: no room now, or another producer is
+    /// in the middle of a large (chunked) message. Nothing was sent.
     pub fn try_send(&self, bytes: &[u8]) -> Result<(), QueueError> {
         self.core
             .send(bytes.len(), copy_in(bytes), Deadline::after(Duration::ZERO))
@@ -1229,7 +1309,9 @@ impl ByteQueue {
     ///
     /// # Errors
     ///
-    /// As for [`send`](ByteQueue::send), plus `Timeout`.
+    /// As for [`send`](ByteQueue::send), plus `Timeout`: nothing was sent. (A large
+    /// message whose first chunks were already out is abandoned: no receiver gets any of
+    /// it.)
     pub fn send_timeout(&self, bytes: &[u8], timeout: Duration) -> Result<(), QueueError> {
         self.core
             .send(bytes.len(), copy_in(bytes), Deadline::after(timeout))
@@ -1237,6 +1319,8 @@ impl ByteQueue {
 
     /// Sends a message of `len` bytes written in place by `fill` (zero-copy: `fill` writes
     /// straight into the shared ring). Waits for room.
+    ///
+    /// If `fill` panics, nothing is sent, the queue stays usable, and the panic goes on.
     ///
     /// # Errors
     ///
@@ -1287,6 +1371,9 @@ impl ByteQueue {
     /// Receives a message and lends its bytes, in place in the shared ring, to `f`; the
     /// space is released when `f` returns.
     ///
+    /// If `f` panics, the message counts as consumed (nobody else receives it), its space
+    /// is released, and the panic goes on.
+    ///
     /// # Errors
     ///
     /// As for [`recv`](ByteQueue::recv).
@@ -1295,6 +1382,10 @@ impl ByteQueue {
     }
 
     /// Like [`recv_with`](ByteQueue::recv_with), waiting at most `timeout`.
+    ///
+    /// If time runs out in the middle of a large (chunked) message, the part received is
+    /// kept by this process, and the next receive here, through any handle, resumes it;
+    /// nothing is lost (see the [module docs](self#timeouts)).
     ///
     /// # Errors
     ///
@@ -1307,7 +1398,9 @@ impl ByteQueue {
         self.core.recv(Deadline::after(timeout), f)
     }
 
-    /// Like [`recv_with`](ByteQueue::recv_with) if a message is ready now.
+    /// Like [`recv_with`](ByteQueue::recv_with) if a message is ready now. Returns at
+    /// once; a large message only partly there is kept as for
+    /// [`recv_with_timeout`](ByteQueue::recv_with_timeout).
     ///
     /// # Errors
     ///
