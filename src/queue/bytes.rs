@@ -1454,6 +1454,15 @@ impl ByteQueue {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.core.ring.slots_ptr(), n) };
     }
 
+    /// Fuzzing hook: overwrites the chunked-message marks `stream` and `keeper` (see the
+    /// module docs), as a peer scribbling over shared memory would.
+    #[doc(hidden)]
+    pub fn __scribble_marks(&self, stream: u64, keeper: u64) {
+        let h = self.core.h();
+        h.stream.store(stream, Ordering::SeqCst);
+        h.keeper.store(keeper, Ordering::SeqCst);
+    }
+
     /// Crash-test hook: from now on, this process calls `stall` whenever any handle of any
     /// byte queue reaches the fail point named `point` (one of `__FAIL_POINTS`), so a test
     /// can stop or kill a process between two stores of the protocol. `None` disarms.
