@@ -36,6 +36,7 @@ fn main() {
             panicking_serialize_does_not_wedge_a_typed_queue,
             try_and_timed_calls_return_on_time_while_a_chunked_message_streams,
             timed_chunked_send_that_gives_up_sends_nothing,
+            impatient_receivers_get_every_message_once,
         ],
         &[],
     )
@@ -716,4 +717,91 @@ fn timed_chunked_send_that_gives_up_sends_nothing() {
     assert_eq!(q.len(), 0);
     quit.set();
     join(idle, LIMIT);
+}
+
+/// Two producer processes send messages of mixed sizes (most chunked) through a 4 KiB
+/// ring, one of them with 300 µs timeouts and `try_send`, retrying until a send succeeds,
+/// so it abandons chunked messages midway all the time; two receiver processes take them with 200 µs timeouts and `try_recv`, so they keep
+/// and resume partial messages all the time. Every message arrives once, intact.
+fn impatient_receivers_get_every_message_once() {
+    const PER_PRODUCER: u32 = 300;
+    const TOTAL: usize = 2 * PER_PRODUCER as usize;
+    let sizes = [10usize, 500, 2000, 5000, 20_000];
+    let q = small_queue();
+    let seen: Shared<[AtomicU32]> = Shared::zeroed(TOTAL).unwrap();
+    let received = Shared::new(AtomicU32::new(0)).unwrap();
+    let message = |id: u32| -> Vec<u8> {
+        let size = sizes[id as usize % sizes.len()];
+        let mut m = id.to_le_bytes().to_vec();
+        m.extend(pattern(size, id as u8));
+        m
+    };
+    let producers: Vec<_> = (0..2u32)
+        .map(|p| {
+            spawn(|| {
+                for i in 0..PER_PRODUCER {
+                    let m = message(p * PER_PRODUCER + i);
+                    if p == 0 {
+                        q.send_timeout(&m, LIMIT).unwrap();
+                        continue;
+                    }
+                    // Impatient too: gives up (abandoning chunks already out) and retries.
+                    // `Timeout`/`Full` mean "not sent", so each message still arrives once.
+                    let mut tries = 0u32;
+                    loop {
+                        tries += 1;
+                        let r = if tries % 2 == 0 {
+                            q.try_send(&m)
+                        } else {
+                            q.send_timeout(&m, Duration::from_micros(300))
+                        };
+                        match r {
+                            Ok(()) => break,
+                            Err(QueueError::Timeout | QueueError::Full) => {
+                                assert!(tries < 1_000_000, "producer {p} gave up")
+                            }
+                            Err(e) => panic!("producer {p}: {e}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let receivers: Vec<_> = (0..2)
+        .map(|r| {
+            spawn(|| {
+                let deadline = Instant::now() + LIMIT;
+                let mut n = 0u32;
+                while (received.load(Ordering::SeqCst) as usize) < TOTAL {
+                    assert!(Instant::now() < deadline, "receiver {r} gave up");
+                    n += 1;
+                    let got = if n % 2 == 0 {
+                        q.try_recv_with(<[u8]>::to_vec)
+                    } else {
+                        q.recv_with_timeout(Duration::from_micros(200), <[u8]>::to_vec)
+                    };
+                    match got {
+                        Ok(m) => {
+                            let id = u32::from_le_bytes(m[..4].try_into().unwrap());
+                            assert!((id as usize) < TOTAL, "a damaged message");
+                            assert!(m == message(id), "message {id} damaged");
+                            seen[id as usize].fetch_add(1, Ordering::SeqCst);
+                            received.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(QueueError::Timeout | QueueError::Empty) => {}
+                        Err(e) => panic!("receiver {r}: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        join(p, LIMIT);
+    }
+    for r in receivers {
+        join(r, LIMIT);
+    }
+    for (id, n) in seen.iter().enumerate() {
+        assert_eq!(n.load(Ordering::SeqCst), 1, "message {id}");
+    }
 }

@@ -131,11 +131,14 @@ use crate::sys::{self, Deadline};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum QueueError {
-    /// `try_put`: no room right now.
+    /// `try_put`/`try_send`: no room right now, or another producer is in the middle of
+    /// a large (chunked) message. Nothing was sent.
     Full,
     /// `try_get`: nothing to receive right now.
     Empty,
-    /// The timeout passed.
+    /// The timeout passed. A send that gets it sent nothing; a receive that gets it in
+    /// the middle of a large message keeps the part received for this process's next
+    /// receive.
     Timeout,
     /// [`close`](ByteQueue::close) was called: no more puts; gets drain what is left.
     Closed,
