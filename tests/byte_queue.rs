@@ -37,6 +37,7 @@ fn main() {
             try_and_timed_calls_return_on_time_while_a_chunked_message_streams,
             timed_chunked_send_that_gives_up_sends_nothing,
             impatient_receivers_get_every_message_once,
+            a_process_keeping_a_partial_message_can_still_send,
         ],
         &[],
     )
@@ -804,4 +805,44 @@ fn impatient_receivers_get_every_message_once() {
     for (id, n) in seen.iter().enumerate() {
         assert_eq!(n.load(Ordering::SeqCst), 1, "message {id}");
     }
+}
+
+/// A process that keeps the start of a large message is the only one that may take the
+/// rest, so its own sends must not wait for room that only its receiving would free (or
+/// for the producer lock of a producer waiting for that room).
+fn a_process_keeping_a_partial_message_can_still_send() {
+    let q = small_queue();
+    let big = pattern(100_000, 11);
+    let producer = spawn(|| {
+        q.send(&big).unwrap();
+        q.send(b"after").unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+    // The producer refills the ring with the rest of the message and waits for room,
+    // holding the producer lock.
+    std::thread::sleep(Duration::from_millis(100));
+    let r = within("sending while keeping", Duration::from_secs(4), || {
+        q.send_timeout(b"mine", Duration::from_secs(3))
+    });
+    assert_eq!(r, Ok(()));
+    let r = within("a large send while keeping", Duration::from_secs(4), || {
+        q.send_timeout(&pattern(3000, 12), Duration::from_secs(3))
+    });
+    assert_eq!(r, Ok(()));
+    let got = q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap();
+    assert_eq!(
+        checksum(&got),
+        checksum(&big),
+        "the kept message comes first, whole"
+    );
+    let mut rest = Vec::new();
+    for _ in 0..3 {
+        rest.push(q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap());
+    }
+    rest.sort();
+    let mut want = vec![b"after".to_vec(), b"mine".to_vec(), pattern(3000, 12)];
+    want.sort();
+    assert!(rest == want, "the other messages, once each");
+    join(producer, LIMIT);
 }

@@ -101,8 +101,12 @@
 //!   this process (`Core::partial`), and writes this process into `keeper`. The next
 //!   receive in this process, through any handle, resumes it. Receivers in other processes
 //!   leave those chunks alone while the keeper process lives (they wait, as they would
-//!   behind a slow reader); if it dies, they skip them. The message is lost only if the
-//!   keeping process dies, or drops its last handle to the queue, before resuming it.
+//!   behind a slow reader); if it dies, they skip them. While it keeps one, this
+//!   process's own sends drain the rest of it whenever they wait (for room or for the
+//!   producer lock), since only this process can free the room its chunks take; a
+//!   message completed that way waits for the next receive here. The message is lost
+//!   only if the keeping process dies, or drops its last handle to the queue, before
+//!   receiving it.
 //!
 //! # Panics in user code
 //!
@@ -200,6 +204,9 @@ impl fmt::Display for QueueError {
 impl std::error::Error for QueueError {}
 
 const REC_HEADER: u64 = 16;
+/// How often a sender waiting for the producer lock drains a partial message its process
+/// keeps (see `Core::lock_producer`).
+const PUMP_EVERY: Duration = Duration::from_millis(1);
 const ALIGN: u64 = 16;
 
 const ST_WRITING: u64 = 1;
@@ -256,9 +263,13 @@ pub(crate) struct Core {
 
 /// The received start of a chunked message.
 struct Partial {
+    /// The process that received it: a forked child inherits a copy and must drop it.
+    owner: u64,
     /// Position of its `FIRST` record.
     first: u64,
     total: usize,
+    /// Complete when `bytes.len() == total` (finished by a send's [`Core::pump_partial`]
+    /// and waiting for this process's next receive).
     bytes: Vec<u8>,
 }
 
@@ -457,7 +468,22 @@ impl Core {
     /// Takes the producer lock by `deadline`. A holder that died may have left `stream`
     /// naming its unfinished message: cleared, so consumers drop that message.
     fn lock_producer(&self, deadline: Deadline) -> Option<RawLockGuard<'_>> {
-        let g = RawLockGuard::acquire(&self.h().producer, deadline)?;
+        let lock = &self.h().producer;
+        let g = loop {
+            if !self.has_partial.load(Ordering::Relaxed) {
+                break RawLockGuard::acquire(lock, deadline)?;
+            }
+            // This process keeps the start of a message whose rest only it may take: the
+            // producer holding this lock may be waiting for room only that frees. Drain
+            // it while waiting.
+            self.pump_partial();
+            if let Some(g) = RawLockGuard::acquire(lock, deadline.capped(PUMP_EVERY)) {
+                break g;
+            }
+            if deadline.has_passed() {
+                return None;
+            }
+        };
         if g.recovered() {
             self.h().stream.store(0, Ordering::Release);
             g.repaired();
@@ -517,10 +543,15 @@ impl Core {
         let outcome = block_on(
             &self.h().not_full,
             deadline,
-            || match try_reserve() {
-                Ok(Some(rec)) => Attempt::Ready(Ok(rec)),
-                Ok(None) => Attempt::Blocked,
-                Err(e) => Attempt::Ready(Err(e)),
+            || {
+                if self.has_partial.load(Ordering::Relaxed) {
+                    self.pump_partial(); // see `lock_producer`
+                }
+                match try_reserve() {
+                    Ok(Some(rec)) => Attempt::Ready(Ok(rec)),
+                    Ok(None) => Attempt::Blocked,
+                    Err(e) => Attempt::Ready(Err(e)),
+                }
             },
             || {
                 if self.free_dead_readers() || self.others_alive() {
@@ -801,7 +832,11 @@ impl Core {
         };
         if self.has_partial.load(Ordering::Relaxed) {
             if let Some(p) = self.take_partial() {
-                if h.keeper.load(Ordering::Acquire) == peers::current_process() {
+                let me = peers::current_process();
+                if p.owner == me && p.bytes.len() == p.total {
+                    return Ok(Some(Got::Assembled(p.bytes)));
+                }
+                if p.owner == me && h.keeper.load(Ordering::Acquire) == me {
                     match self.assemble(p, deadline)? {
                         Assembly::Done(bytes) => return Ok(Some(Got::Assembled(bytes))),
                         Assembly::Kept => return Ok(None),
@@ -870,6 +905,45 @@ impl Core {
         }
     }
 
+    /// Takes in whatever chunks of the kept partial message are there, without waiting,
+    /// if the consumer lock is free. A message completed this way stays in `partial` for
+    /// this process's next receive; `keeper` is cleared as the last chunk is taken.
+    fn pump_partial(&self) {
+        let Some(_g) = self.lock_consumer(Deadline::after(Duration::ZERO)) else {
+            return;
+        };
+        let Some(p) = self.take_partial() else {
+            return;
+        };
+        let me = peers::current_process();
+        if p.owner != me {
+            return;
+        }
+        if p.bytes.len() == p.total {
+            self.keep_partial(p);
+            return;
+        }
+        if self.h().keeper.load(Ordering::Acquire) != me {
+            return; // abandoned meanwhile
+        }
+        let (first, owner) = (p.first, p.owner);
+        // `Kept` stored it back; `Abandoned` dropped it; an error is met again (and
+        // reported) by the next receive.
+        if let Ok(Assembly::Done(bytes)) = self.assemble(p, Deadline::after(Duration::ZERO)) {
+            self.keep_partial(Partial {
+                owner,
+                first,
+                total: bytes.len(),
+                bytes,
+            });
+        }
+    }
+
+    fn keep_partial(&self, p: Partial) {
+        *self.partial.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        self.has_partial.store(true, Ordering::Relaxed);
+    }
+
     fn take_partial(&self) -> Option<Partial> {
         let p = self
             .partial
@@ -899,6 +973,7 @@ impl Core {
         bytes.extend_from_slice(&payload[8..]);
         self.release(first);
         Ok(Partial {
+            owner: peers::current_process(),
             first: first.pos,
             total,
             bytes,
@@ -936,8 +1011,7 @@ impl Core {
             );
             let rec = match next {
                 None => {
-                    *self.partial.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
-                    self.has_partial.store(true, Ordering::Relaxed);
+                    self.keep_partial(p);
                     self.set_keeper(peers::current_process());
                     fail_point(FP_STASHED);
                     return Ok(Assembly::Kept);
