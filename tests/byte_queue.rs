@@ -3,9 +3,13 @@
 
 mod common;
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use procshare::fork::signal;
+use procshare::queue::bytes::__FAIL_POINTS;
 use procshare::{ByteQueue, Event, Queue, QueueError, Shared};
 
 use common::{join, spawn};
@@ -22,6 +26,18 @@ fn main() {
             consumer_killed_mid_read_does_not_block_producers,
             oversize_message_is_refused_and_nothing_is_lost,
             getter_sees_disconnect_when_the_last_peer_dies,
+            timed_receive_mid_chunked_message_keeps_it_whole,
+            typed_get_timeout_mid_chunked_message_keeps_it_whole,
+            partial_message_kept_by_a_timed_out_receiver_is_not_stolen,
+            receiver_killed_holding_a_partial_message_blocks_nobody,
+            a_peer_killed_between_any_two_stores_leaves_a_working_queue,
+            panicking_fill_sends_nothing_and_does_not_wedge,
+            panicking_reader_consumes_the_message_and_does_not_wedge,
+            panicking_serialize_does_not_wedge_a_typed_queue,
+            try_and_timed_calls_return_on_time_while_a_chunked_message_streams,
+            timed_chunked_send_that_gives_up_sends_nothing,
+            impatient_receivers_get_every_message_once,
+            a_process_keeping_a_partial_message_can_still_send,
         ],
         &[],
     )
@@ -217,4 +233,616 @@ fn getter_sees_disconnect_when_the_last_peer_dies() {
         "took {:?}",
         t0.elapsed()
     );
+}
+
+// ---- issue 6: timeouts, kills between stores, panics --------------------------------
+
+/// A 4 KiB ring: a record holds at most 1008 payload bytes, larger messages are chunked.
+fn small_queue() -> ByteQueue {
+    ByteQueue::builder().capacity(4096).bytes().unwrap()
+}
+
+/// Asserts that `f` returns within `limit` (a generous bound: "did not block for seconds").
+fn within<R>(what: &str, limit: Duration, f: impl FnOnce() -> R) -> R {
+    let t0 = Instant::now();
+    let r = f();
+    assert!(
+        t0.elapsed() < limit,
+        "{what} took {:?}, more than {limit:?}",
+        t0.elapsed()
+    );
+    r
+}
+
+fn timed_receive_mid_chunked_message_keeps_it_whole() {
+    let q = small_queue();
+    let big = pattern(100_000, 3);
+    let producer = spawn(|| {
+        q.send(&big).unwrap();
+        q.send(b"after").unwrap();
+    });
+    // The producer has filled the ring with the first chunks and waits for room.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(q.try_recv_with(<[u8]>::to_vec), Err(QueueError::Empty));
+    let got = q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap();
+    assert_eq!(got.len(), big.len(), "the chunked message arrives whole");
+    assert_eq!(checksum(&got), checksum(&big));
+    assert_eq!(
+        q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap(),
+        b"after"
+    );
+    join(producer, LIMIT);
+}
+
+fn typed_get_timeout_mid_chunked_message_keeps_it_whole() {
+    let q: Queue<Vec<u8>> = Queue::builder().capacity(4096).build().unwrap();
+    let big = pattern(2_000_000, 4);
+    let producer = spawn(|| {
+        q.put(&big).unwrap();
+        q.put(&b"second".to_vec()).unwrap();
+    });
+    // The producer has filled the ring with the first chunks and waits for room.
+    std::thread::sleep(Duration::from_millis(200));
+    let same = |v: &Vec<u8>| v.len() == big.len() && checksum(v) == checksum(&big);
+    match q.get_timeout(Duration::from_millis(1)) {
+        Err(QueueError::Timeout) => {
+            let v = q.get_timeout(LIMIT).unwrap();
+            assert!(
+                same(&v),
+                "got {} bytes instead of the chunked message",
+                v.len()
+            );
+        }
+        Ok(v) => assert!(same(&v), "a 1 ms get that succeeds gets the first message"),
+        Err(e) => panic!("{e}"),
+    }
+    assert_eq!(q.get_timeout(LIMIT).unwrap(), b"second");
+    join(producer, LIMIT);
+}
+
+fn partial_message_kept_by_a_timed_out_receiver_is_not_stolen() {
+    let q = small_queue();
+    let big = pattern(100_000, 5);
+    let producer = spawn(|| {
+        q.send(&big).unwrap();
+        q.send(b"after").unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+    // A receiver in another process neither gets a fragment nor skips ahead to "after":
+    // the rest of the message belongs to the receiver that started it.
+    let other = spawn(|| {
+        assert_eq!(
+            q.recv_with_timeout(Duration::from_millis(300), <[u8]>::to_vec),
+            Err(QueueError::Timeout)
+        );
+    });
+    join(other, LIMIT);
+    let got = q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap();
+    assert_eq!(checksum(&got), checksum(&big));
+    assert_eq!(
+        q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap(),
+        b"after"
+    );
+    join(producer, LIMIT);
+}
+
+fn receiver_killed_holding_a_partial_message_blocks_nobody() {
+    let q = small_queue();
+    let kept = Shared::new(Event::new()).unwrap();
+    let producer = spawn(|| {
+        q.send(&pattern(100_000, 6)).unwrap();
+        q.send(b"after").unwrap();
+    });
+    let mut keeper = spawn(|| {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+        kept.set();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    assert!(kept.wait_timeout(LIMIT));
+    keeper.signal(signal::KILL).unwrap();
+    keeper.wait().unwrap();
+    // The message is lost with the receiver that held its start; the rest is skipped.
+    let got = within(
+        "receiving after the keeper died",
+        Duration::from_secs(5),
+        || q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap(),
+    );
+    assert_eq!(got, b"after");
+    join(producer, LIMIT);
+}
+
+static STALLED: OnceLock<Shared<Event>> = OnceLock::new();
+
+fn stalled() -> &'static Event {
+    STALLED.get_or_init(|| Shared::new(Event::new()).unwrap())
+}
+
+/// A fail point's stall: tell the test, then wait to be killed.
+fn stall_forever() {
+    stalled().set();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A fail point's stall for a second process: wait to be killed, quietly.
+fn stall_quietly() {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+const A_LEN: usize = 900;
+
+/// A 4 KiB queue whose positions stand 384 bytes before the end of the ring, so the next
+/// 900-byte message (a 928-byte record) is preceded by a padding record.
+fn queue_before_wrap() -> ByteQueue {
+    let q = small_queue();
+    for _ in 0..4 {
+        q.send(&[0; A_LEN]).unwrap();
+        assert_eq!(q.recv().unwrap().len(), A_LEN);
+    }
+    q
+}
+
+/// One kill scenario: a victim process stalls at `point` and is killed there; then this
+/// process must receive exactly the messages the point allows, and the queue must work.
+fn kill_at(point: &'static str) {
+    let q = queue_before_wrap();
+    let a = pattern(A_LEN, 7);
+    let big = pattern(3000, 8);
+    stalled().clear();
+    let consumer_side = point.starts_with("claim") || point.starts_with("release");
+    let mut others = Vec::new();
+    let victim = if consumer_side {
+        q.send(&a).unwrap();
+        q.send(b"b").unwrap();
+        spawn(|| {
+            ByteQueue::__stall_at(Some(point), stall_forever);
+            let _ = q.recv_with(<[u8]>::len);
+            panic!("the victim never reached {point}");
+        })
+    } else if point.starts_with("assemble") {
+        // A producer stalled for good after its first chunk, a receiver that gives up
+        // mid-message and keeps what it has.
+        others.push(spawn(|| {
+            ByteQueue::__stall_at(Some("chunked: first chunk published"), stall_quietly);
+            let _ = q.send(&big);
+        }));
+        spawn(|| {
+            ByteQueue::__stall_at(Some(point), stall_forever);
+            loop {
+                let _ = q.recv_with_timeout(Duration::from_millis(10), <[u8]>::len);
+            }
+        })
+    } else {
+        let msg = if point.starts_with("chunked") {
+            &big
+        } else {
+            &a
+        };
+        spawn(|| {
+            ByteQueue::__stall_at(Some(point), stall_forever);
+            let _ = q.send(msg);
+            panic!("the victim never reached {point}");
+        })
+    };
+    assert!(
+        stalled().wait_timeout(Duration::from_secs(5)),
+        "the victim never reached {point}"
+    );
+    for mut p in others.into_iter().chain([victim]) {
+        p.signal(signal::KILL).unwrap();
+        p.wait().unwrap();
+    }
+    if !consumer_side {
+        q.send(b"b").unwrap();
+    }
+    // This handle is now the only one: drain until the queue says so.
+    let mut got = Vec::new();
+    loop {
+        match q.recv_with_timeout(LIMIT, <[u8]>::to_vec) {
+            Ok(m) => got.push(m),
+            Err(QueueError::Disconnected) => break,
+            Err(e) => panic!("{point}: receiving after the kill: {e}"),
+        }
+    }
+    let allowed: &[&[u8]] = &[&a, &big, b"b"];
+    for m in &got {
+        assert!(
+            allowed.contains(&m.as_slice()),
+            "{point}: a damaged message of {} bytes",
+            m.len()
+        );
+    }
+    let mut dedup = got.clone();
+    dedup.dedup();
+    assert_eq!(dedup.len(), got.len(), "{point}: a message delivered twice");
+    assert_eq!(
+        got.last().map(Vec::as_slice),
+        Some(&b"b"[..]),
+        "{point}: got {} messages",
+        got.len()
+    );
+    // Nothing handed to the victim's code was lost, and nothing half-sent delivered.
+    let must_deliver_a =
+        point.starts_with("claim: padding") || point.starts_with("claim: record READING");
+    if must_deliver_a {
+        assert_eq!(
+            got.first(),
+            Some(&a),
+            "{point}: a message its reader never saw was lost"
+        );
+    }
+    if point.starts_with("chunked: stream cleared") {
+        // Every chunk was out: the message was sent whole.
+        assert_eq!(got, [big.clone(), b"b".to_vec()], "{point}");
+    } else if !consumer_side {
+        assert_eq!(
+            got.len(),
+            1,
+            "{point}: an unpublished message was delivered"
+        );
+    }
+    assert_eq!(q.len(), 0, "{point}: len() after draining");
+    // The ring still cycles: every byte the victim held is free again.
+    for i in 0..16u8 {
+        q.send(&pattern(A_LEN, i))
+            .unwrap_or_else(|e| panic!("{point}: send {i}: {e}"));
+        assert_eq!(q.recv().unwrap(), pattern(A_LEN, i), "{point}");
+    }
+    assert_eq!(q.len(), 0, "{point}: len() at the end");
+}
+
+fn a_peer_killed_between_any_two_stores_leaves_a_working_queue() {
+    let mut failed = Vec::new();
+    for point in __FAIL_POINTS {
+        let mut child = procshare::fork::fork(|| {
+            procshare::fork::become_group_leader().expect("setpgid");
+            kill_at(point);
+            0
+        })
+        .expect("fork");
+        let status = child
+            .wait_timeout(Duration::from_secs(15))
+            .expect("waitpid");
+        let _ = procshare::fork::kill_group(child.pid(), signal::KILL);
+        match status {
+            Some(s) if s.success() => println!("    killed at {point:?}: ok"),
+            other => {
+                println!("    killed at {point:?}: FAILED ({other:?})");
+                failed.push(*point);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "failed at {failed:?}");
+}
+
+fn panicking_fill_sends_nothing_and_does_not_wedge() {
+    let q = small_queue();
+    let done = Shared::new(Event::new()).unwrap();
+    let quit = Shared::new(Event::new()).unwrap();
+    // The panicking process lives on (as a thread pool would), holding its handle.
+    let child = spawn(|| {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            q.send_with(100, |_| panic!("fill fails"))
+        }));
+        assert!(r.is_err());
+        q.send(b"after").unwrap();
+        done.set();
+        assert!(quit.wait_timeout(LIMIT));
+    });
+    assert!(done.wait_timeout(LIMIT));
+    assert_eq!(
+        q.recv_with_timeout(Duration::from_secs(2), <[u8]>::to_vec),
+        Ok(b"after".to_vec()),
+        "the abandoned message is skipped, not waited for"
+    );
+    assert_eq!(q.len(), 0);
+    quit.set();
+    join(child, LIMIT);
+}
+
+fn panicking_reader_consumes_the_message_and_does_not_wedge() {
+    let q = small_queue();
+    let done = Shared::new(Event::new()).unwrap();
+    let quit = Shared::new(Event::new()).unwrap();
+    q.send(&[1; A_LEN]).unwrap();
+    q.send(b"next").unwrap();
+    let child = spawn(|| {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            q.recv_with(|_| -> usize { panic!("reader fails") })
+        }));
+        assert!(r.is_err());
+        done.set();
+        assert!(quit.wait_timeout(LIMIT));
+    });
+    assert!(done.wait_timeout(LIMIT));
+    // Documented: a message whose reader panicked is consumed.
+    assert_eq!(
+        q.recv_with_timeout(Duration::from_secs(2), <[u8]>::to_vec),
+        Ok(b"next".to_vec())
+    );
+    // Its space is free again: the ring cycles several times.
+    for i in 0..16u8 {
+        q.send_timeout(&pattern(A_LEN, i), Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("send {i}: {e}"));
+        assert_eq!(q.recv().unwrap(), pattern(A_LEN, i));
+    }
+    quit.set();
+    join(child, LIMIT);
+}
+
+/// A value whose `Serialize` panics on its second call (the first only measures it), as
+/// a buggy impl would while being written into the ring.
+struct Flaky {
+    calls: std::cell::Cell<u32>,
+    value: u32,
+}
+
+impl serde::Serialize for Flaky {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.calls.set(self.calls.get() + 1);
+        if self.calls.get() == 2 {
+            panic!("Serialize fails");
+        }
+        s.serialize_u32(self.value)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Flaky {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Flaky {
+            calls: Default::default(),
+            value: u32::deserialize(d)?,
+        })
+    }
+}
+
+fn panicking_serialize_does_not_wedge_a_typed_queue() {
+    let q: Queue<Flaky> = Queue::builder().capacity(4096).build().unwrap();
+    let done = Shared::new(Event::new()).unwrap();
+    let quit = Shared::new(Event::new()).unwrap();
+    let child = spawn(|| {
+        let bad = Flaky {
+            calls: Default::default(),
+            value: 1,
+        };
+        assert!(catch_unwind(AssertUnwindSafe(|| q.put(&bad))).is_err());
+        let good = Flaky {
+            calls: std::cell::Cell::new(5),
+            value: 2,
+        };
+        q.put(&good).unwrap();
+        done.set();
+        assert!(quit.wait_timeout(LIMIT));
+    });
+    assert!(done.wait_timeout(LIMIT));
+    let got = q.get_timeout(Duration::from_secs(2)).map(|f| f.value);
+    assert_eq!(got, Ok(2));
+    quit.set();
+    join(child, LIMIT);
+}
+
+static RESERVES: AtomicU32 = AtomicU32::new(0);
+
+/// Stall for the producer of `try_and_timed_calls_...`: pauses 3 s before its second
+/// chunk, with the producer lock held and its first chunk out.
+fn pause_before_second_chunk() {
+    if RESERVES.fetch_add(1, Ordering::Relaxed) == 1 {
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+fn try_and_timed_calls_return_on_time_while_a_chunked_message_streams() {
+    let q = small_queue();
+    let big = pattern(100_000, 9);
+    let producer = spawn(|| {
+        ByteQueue::__stall_at(
+            Some("reserve: record WRITING, tail not advanced"),
+            pause_before_second_chunk,
+        );
+        q.send(&big).unwrap();
+    });
+    // A receiver that started on the message and waits for the rest of it.
+    let receiver = spawn(|| {
+        let got = q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap();
+        assert_eq!(checksum(&got), checksum(&big));
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let quick = Duration::from_millis(500);
+    let ms10 = Duration::from_millis(10);
+    let r = within("try_send", quick, || q.try_send(b"x"));
+    assert_eq!(r, Err(QueueError::Full));
+    let r = within("send_timeout(10 ms)", quick, || {
+        q.send_timeout(&[5; 8000], ms10)
+    });
+    assert_eq!(r, Err(QueueError::Timeout));
+    let r = within("send_timeout(1 byte, 10 ms)", quick, || {
+        q.send_timeout(b"y", ms10)
+    });
+    assert_eq!(r, Err(QueueError::Timeout));
+    let r = within("try_recv_with", quick, || q.try_recv_with(<[u8]>::len));
+    assert_eq!(r, Err(QueueError::Empty));
+    let r = within("recv_with_timeout(10 ms)", quick, || {
+        q.recv_with_timeout(ms10, <[u8]>::len)
+    });
+    assert_eq!(r, Err(QueueError::Timeout));
+    join(producer, LIMIT);
+    join(receiver, LIMIT);
+    // Nothing the calls above gave up on was sent, in whole or in part.
+    assert_eq!(
+        q.recv_with_timeout(LIMIT, <[u8]>::len),
+        Err(QueueError::Disconnected)
+    );
+}
+
+fn timed_chunked_send_that_gives_up_sends_nothing() {
+    let q = small_queue();
+    let quit = Shared::new(Event::new()).unwrap();
+    // Another handle, alive but not receiving: the ring fills and stays full.
+    let idle = spawn(|| {
+        assert!(quit.wait_timeout(LIMIT));
+    });
+    let sender = spawn(|| {
+        let r = within("a 100 ms chunked send", Duration::from_secs(2), || {
+            q.send_timeout(&pattern(100_000, 10), Duration::from_millis(100))
+        });
+        assert_eq!(r, Err(QueueError::Timeout));
+        let r = within(
+            "try_send of a chunked message",
+            Duration::from_secs(2),
+            || q.try_send(&pattern(100_000, 10)),
+        );
+        assert_eq!(r, Err(QueueError::Full));
+    });
+    join(sender, Duration::from_secs(5));
+    // The chunks that did go out fill the ring until a receiver passes over them; none
+    // of them is delivered.
+    assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+    q.send(b"after").unwrap();
+    assert_eq!(
+        q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap(),
+        b"after",
+        "the abandoned message is never delivered, in part or whole"
+    );
+    assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+    for i in 0..16u8 {
+        q.send_timeout(&pattern(A_LEN, i), LIMIT).unwrap();
+        assert_eq!(q.recv().unwrap(), pattern(A_LEN, i));
+    }
+    assert_eq!(q.len(), 0);
+    quit.set();
+    join(idle, LIMIT);
+}
+
+/// Two producer processes send messages of mixed sizes (most chunked) through a 4 KiB
+/// ring, one of them with 300 µs timeouts and `try_send`, retrying until a send succeeds,
+/// so it abandons chunked messages midway all the time; two receiver processes take them with 200 µs timeouts and `try_recv`, so they keep
+/// and resume partial messages all the time. Every message arrives once, intact.
+fn impatient_receivers_get_every_message_once() {
+    const PER_PRODUCER: u32 = 300;
+    const TOTAL: usize = 2 * PER_PRODUCER as usize;
+    let sizes = [10usize, 500, 2000, 5000, 20_000];
+    let q = small_queue();
+    let seen: Shared<[AtomicU32]> = Shared::zeroed(TOTAL).unwrap();
+    let received = Shared::new(AtomicU32::new(0)).unwrap();
+    let message = |id: u32| -> Vec<u8> {
+        let size = sizes[id as usize % sizes.len()];
+        let mut m = id.to_le_bytes().to_vec();
+        m.extend(pattern(size, id as u8));
+        m
+    };
+    let producers: Vec<_> = (0..2u32)
+        .map(|p| {
+            spawn(|| {
+                for i in 0..PER_PRODUCER {
+                    let m = message(p * PER_PRODUCER + i);
+                    if p == 0 {
+                        q.send_timeout(&m, LIMIT).unwrap();
+                        continue;
+                    }
+                    // Impatient too: gives up (abandoning chunks already out) and retries.
+                    // `Timeout`/`Full` mean "not sent", so each message still arrives once.
+                    let mut tries = 0u32;
+                    loop {
+                        tries += 1;
+                        let r = if tries % 2 == 0 {
+                            q.try_send(&m)
+                        } else {
+                            q.send_timeout(&m, Duration::from_micros(300))
+                        };
+                        match r {
+                            Ok(()) => break,
+                            Err(QueueError::Timeout | QueueError::Full) => {
+                                assert!(tries < 1_000_000, "producer {p} gave up")
+                            }
+                            Err(e) => panic!("producer {p}: {e}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let receivers: Vec<_> = (0..2)
+        .map(|r| {
+            spawn(|| {
+                let deadline = Instant::now() + LIMIT;
+                let mut n = 0u32;
+                while (received.load(Ordering::SeqCst) as usize) < TOTAL {
+                    assert!(Instant::now() < deadline, "receiver {r} gave up");
+                    n += 1;
+                    let got = if n % 2 == 0 {
+                        q.try_recv_with(<[u8]>::to_vec)
+                    } else {
+                        q.recv_with_timeout(Duration::from_micros(200), <[u8]>::to_vec)
+                    };
+                    match got {
+                        Ok(m) => {
+                            let id = u32::from_le_bytes(m[..4].try_into().unwrap());
+                            assert!((id as usize) < TOTAL, "a damaged message");
+                            assert!(m == message(id), "message {id} damaged");
+                            seen[id as usize].fetch_add(1, Ordering::SeqCst);
+                            received.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(QueueError::Timeout | QueueError::Empty) => {}
+                        Err(e) => panic!("receiver {r}: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        join(p, LIMIT);
+    }
+    for r in receivers {
+        join(r, LIMIT);
+    }
+    for (id, n) in seen.iter().enumerate() {
+        assert_eq!(n.load(Ordering::SeqCst), 1, "message {id}");
+    }
+}
+
+/// A process that keeps the start of a large message is the only one that may take the
+/// rest, so its own sends must not wait for room that only its receiving would free (or
+/// for the producer lock of a producer waiting for that room).
+fn a_process_keeping_a_partial_message_can_still_send() {
+    let q = small_queue();
+    let big = pattern(100_000, 11);
+    let producer = spawn(|| {
+        q.send(&big).unwrap();
+        q.send(b"after").unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+    // The producer refills the ring with the rest of the message and waits for room,
+    // holding the producer lock.
+    std::thread::sleep(Duration::from_millis(100));
+    let r = within("sending while keeping", Duration::from_secs(4), || {
+        q.send_timeout(b"mine", Duration::from_secs(3))
+    });
+    assert_eq!(r, Ok(()));
+    let r = within("a large send while keeping", Duration::from_secs(4), || {
+        q.send_timeout(&pattern(3000, 12), Duration::from_secs(3))
+    });
+    assert_eq!(r, Ok(()));
+    let got = q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap();
+    assert_eq!(
+        checksum(&got),
+        checksum(&big),
+        "the kept message comes first, whole"
+    );
+    let mut rest = Vec::new();
+    for _ in 0..3 {
+        rest.push(q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap());
+    }
+    rest.sort();
+    let mut want = vec![b"after".to_vec(), b"mine".to_vec(), pattern(3000, 12)];
+    want.sort();
+    assert!(rest == want, "the other messages, once each");
+    join(producer, LIMIT);
 }

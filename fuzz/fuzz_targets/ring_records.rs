@@ -1,7 +1,8 @@
-//! Treats arbitrary bytes as the shared state of a byte queue (its three positions and the
-//! records in its ring), as if a peer had scribbled over the shared memory, then drives the
-//! readers and a writer. Nothing may panic, read out of bounds or hang: every impossible
-//! value must come back as `QueueError::Corrupted` (or an ordinary empty/full answer).
+//! Treats arbitrary bytes as the shared state of a byte queue (its three positions, its
+//! chunked-message marks and the records in its ring), as if a peer had scribbled over the
+//! shared memory, then drives the readers and a writer. Nothing may panic, read out of
+//! bounds or hang: every impossible value must come back as `QueueError::Corrupted` (or an
+//! ordinary empty/full answer).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -21,7 +22,14 @@ fuzz_target!(|input: &[u8]| {
         .bytes()
         .expect("queue");
     let _other = q.clone(); // a second handle: empty means "empty", not "disconnected"
-    q.__scribble(free, head, tail, &input[24..]);
+    // With 40 bytes or more, two more words scribble the chunked-message marks too.
+    let data = if input.len() >= 40 {
+        q.__scribble_marks(word(3) % 8192, word(4));
+        &input[40..]
+    } else {
+        &input[24..]
+    };
+    q.__scribble(free, head, tail, data);
     for _ in 0..8 {
         match q.try_recv_with(|bytes| bytes.len()) {
             Ok(len) => assert!(len <= q.max_message()),

@@ -8,37 +8,120 @@
 //! the payload, padded to 16 bytes. A record that would cross the end of the ring is
 //! preceded by a padding record that fills the rest. Three positions only grow: `tail`
 //! (bytes reserved by producers), `head` (bytes claimed by consumers) and `free` (bytes
-//! consumed and reusable). Producers serialise *reserving* on one robust mutex, consumers
-//! *claiming* on another; the payload copies happen outside both, so a producer and a
-//! consumer, or several of each, copy in parallel.
+//! consumed and reusable), always `free <= head <= tail <= free + capacity`. Producers
+//! serialise *reserving* on one robust mutex, consumers *claiming* on another; the payload
+//! copies happen outside both, so a producer and a consumer, or several of each, copy in
+//! parallel.
 //!
-//! A record header is a state word and an owner word:
+//! ```text
+//!  record header (16 bytes)              shared header words besides the positions
+//!  word:  [state 8][kind 8][0 16][len 32]   count   messages published, not yet claimed
+//!  owner: [tid 24][thread start time 40]    stream  FIRST position + 1 of the chunked
+//!                                                   message being sent, or 0
+//!  state: WRITING 1, READY 2, READING 3,    keeper  process that keeps the start of a
+//!         DONE 4                                    chunked message, or 0
+//!  kind:  SINGLE 0, FIRST 1, MIDDLE 2, LAST 3, PAD 4
+//! ```
 //!
-//! * `WRITING` (owner = the producer's thread) → `READY` → `READING` (owner = the
-//!   consumer's thread) → `DONE`; padding is written `READY` with kind `PAD`.
-//! * The owner is written before the state that names it, and a reservation or claim is
-//!   made under its lock, so whoever finds a `WRITING` or `READING` record also finds who
-//!   holds it. If the kernel says that thread is gone, the record is finished for it
-//!   (`DONE`): an unpublished message was never sent, and a half-read one is lost with its
-//!   reader. Nobody else is blocked for good.
+//! A record goes `WRITING` (owner = its producer thread) → `READY` → `READING` (owner =
+//! its consumer thread) → `DONE`; padding is written `READY` with kind `PAD` and goes
+//! straight to `DONE`. The owner is written before the state that names it.
+//!
+//! | step (lock held)            | stores, in order                                        |
+//! |-----------------------------|---------------------------------------------------------|
+//! | reserve (producer lock)     | [pad owner, pad `READY`/`PAD`], owner, `WRITING`, `tail` |
+//! | publish (none)              | [`count` + 1 for `SINGLE`/`LAST`], `READY` (or `PAD` to discard) |
+//! | skip padding (consumer lock) | `DONE`, `head`, then `free` moves                       |
+//! | claim (consumer lock)       | owner, `READING`, `head`, [`count` − 1]                 |
+//! | release (none)              | `DONE`, then `free` moves over `DONE` records (CAS)     |
+//!
+//! # What a SIGKILL between two stores leaves, and who repairs it
+//!
+//! | killed between                | left behind                          | repaired by |
+//! |-------------------------------|--------------------------------------|-------------|
+//! | reserve's stores, before `tail` | records beyond `tail`              | nothing to do: the next reservation writes over them |
+//! | `tail` and publish            | `WRITING` record, dead owner         | the consumer waiting at it: the kernel says the owner is gone → `PAD` (never sent) |
+//! | `count` + 1 and `READY`       | as above, `count` one too high       | as above; `count` is reset the next time a consumer finds the ring empty (below) |
+//! | skip-padding `DONE` and `head` | `DONE` at `head`                    | the next holder of the consumer lock moves `head` on |
+//! | claim's `READING` and `head`  | `READING` at `head`                  | the next holder of the consumer lock: back to `READY`, so the message (never handed to the dead reader) goes to the next receiver |
+//! | claim's `head` and `count` − 1 | `READING` behind `head`, dead owner, `count` one too high | producers waiting for room: `DONE` once the kernel says the owner is gone (the message is lost with its reader); `count` as above |
+//! | while the reader reads, or `DONE` and moving `free` | `READING` (as above) or a `DONE` not yet passed | as above; any later release moves `free` on |
+//!
+//! A `READING` or `DONE` record *at* `head` is repaired without asking about its owner:
+//! only a holder of the consumer lock marks the record at `head`, and it moves `head` on
+//! before it lets go, so if we hold the lock and find one, its marker died (the robust lock
+//! passed to us only on the kernel's word). A `WRITING` or `READING` record elsewhere is
+//! finished only on proof that its owner thread is gone (`crate::liveness`); a slow live
+//! writer or reader is waited for, never robbed.
+//!
+//! `count` only feeds [`ByteQueue::len`]; nothing waits on it. A producer counts a message
+//! *before* making it visible, so when a consumer, holding the consumer lock (no claim in
+//! progress), finds `head == tail`, every counted message has been claimed: if `count` is
+//! not 0 it was left too high by a kill, and is reset with a compare-and-swap against the
+//! value loaded *before* the positions (a producer that counted after that load makes the
+//! swap fail; one that counted before it had already moved `tail`, so the ring was not
+//! empty).
 //!
 //! # Large messages
 //!
 //! A message whose record would take more than a quarter of the ring is sent in chunks
 //! (`FIRST`, `MIDDLE`..., `LAST`; the first carries the total length) while the producer
-//! keeps the producer lock, so its chunks are consecutive. The consumer that claims a
-//! `FIRST` keeps the consumer lock until the `LAST` and reassembles. If the producer dies
-//! mid-message, the next record a consumer sees is not a continuation, and the partial
-//! message is dropped; chunks without their `FIRST` are skipped. Nothing half-sent is ever
-//! delivered. Messages above the queue's `max_message` are refused before anything is
-//! written, with [`QueueError::MessageTooLarge`].
+//! keeps the producer lock, so its chunks are consecutive (padding aside). It writes
+//! `stream` = the `FIRST` chunk's position + 1 before publishing that chunk, and clears it
+//! after the last one, or when it gives up. The consumer that claims a `FIRST` keeps the
+//! consumer lock while it reassembles. A message is dropped whole, never delivered in part,
+//! when it is *abandoned*: the next record is not a continuation, or no continuation is
+//! there and `stream` no longer names the message (its producer gave up, or died and the
+//! next producer to take the lock cleared it), or the producer lock's holder is dead.
+//! Chunks whose `FIRST` went with a dead receiver are skipped. Messages above the queue's
+//! `max_message` are refused before anything is written, with
+//! [`QueueError::MessageTooLarge`].
+//!
+//! | killed between                     | left behind                        | repaired by |
+//! |------------------------------------|------------------------------------|-------------|
+//! | `stream` set and `FIRST` published | `stream`, a `WRITING` chunk        | `PAD` as above; the next producer lock holder clears `stream` |
+//! | chunks                             | some chunks, `stream`              | the receiver finds the lock holder dead, or `stream` cleared: drops the message |
+//! | last chunk and clearing `stream`   | the whole message, `stream`        | nothing: the message is complete; `stream` cleared as above |
+//! | setting `keeper` and unlocking     | `keeper` names a dead process      | the next receiver at those chunks: the kernel says it is gone → clears `keeper`, skips them |
+//!
+//! # Timeouts
+//!
+//! A `try_*` call makes one attempt: it takes a lock only if it is free (or its holder is
+//! dead), and never waits for a chunk. A `*_timeout` call waits for locks, room and chunks
+//! only until its deadline. Giving up loses nothing:
+//!
+//! * A send that gives up before its message (or its first chunk) is out sent nothing. A
+//!   chunked send that gives up after some chunks are out *abandons* the message: it clears
+//!   `stream`, receivers drop what they got of it, and the caller gets `Timeout` (`Full`
+//!   from `try_send`, which starts a chunked message only if all of it fits now). So
+//!   `Timeout` always means "not sent". A send without a deadline finishes what it starts.
+//!   While another producer streams a large message, the producer lock is busy: `try_send`
+//!   answers `Full` and a timed send waits for it within its deadline.
+//! * A receive that gives up in the middle of a chunked message keeps the part it has, in
+//!   this process (`Core::partial`), and writes this process into `keeper`. The next
+//!   receive in this process, through any handle, resumes it. Receivers in other processes
+//!   leave those chunks alone while the keeper process lives (they wait, as they would
+//!   behind a slow reader); if it dies, they skip them. While it keeps one, this
+//!   process's own sends drain the rest of it whenever they wait (for room or for the
+//!   producer lock), since only this process can free the room its chunks take; a
+//!   message completed that way waits for the next receive here. The message is lost
+//!   only if the keeping process dies, or drops its last handle to the queue, before
+//!   receiving it.
+//!
+//! # Panics in user code
+//!
+//! An unwinding `fill` (in [`ByteQueue::send_with`], or a panicking `Serialize` impl in
+//! [`Queue::put`](crate::Queue::put)) publishes its record as padding: nothing is sent
+//! and nobody waits for it. An unwinding `f` in [`ByteQueue::recv_with`] releases the
+//! record: the message counts as consumed. Drop guards do both, so a thread pool or
+//! `catch_unwind` that keeps the thread alive never leaves a record owned by it.
 //!
 //! Everything read from the ring (positions, lengths, states) is checked before use;
 //! impossible values give [`QueueError::Corrupted`], never an out-of-bounds access.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::eventcount::{Attempt, EventCount, block_on};
@@ -52,11 +135,14 @@ use crate::sys::{self, Deadline};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum QueueError {
-    /// `try_put`: no room right now.
+    /// `try_put`/`try_send`: no room right now, or another producer is in the middle of
+    /// a large (chunked) message. Nothing was sent.
     Full,
     /// `try_get`: nothing to receive right now.
     Empty,
-    /// The timeout passed.
+    /// The timeout passed. A send that gets it sent nothing; a receive that gets it in
+    /// the middle of a large message keeps the part received for this process's next
+    /// receive.
     Timeout,
     /// [`close`](ByteQueue::close) was called: no more puts; gets drain what is left.
     Closed,
@@ -118,6 +204,9 @@ impl fmt::Display for QueueError {
 impl std::error::Error for QueueError {}
 
 const REC_HEADER: u64 = 16;
+/// How often a sender waiting for the producer lock drains a partial message its process
+/// keeps (see `Core::lock_producer`).
+const PUMP_EVERY: Duration = Duration::from_millis(1);
 const ALIGN: u64 = 16;
 
 const ST_WRITING: u64 = 1;
@@ -148,16 +237,40 @@ pub(crate) struct Header {
     free: CachePadded<AtomicU64>,
     not_empty: CachePadded<EventCount>,
     not_full: CachePadded<EventCount>,
-    /// Whole messages published and not yet claimed.
+    /// Whole messages published and not yet claimed (for `len`; see the module docs).
     count: AtomicU64,
     closed: AtomicU32,
+    /// Position + 1 of the `FIRST` chunk of the message the producer-lock holder is
+    /// streaming; 0 when none is. Written under the producer lock.
+    stream: AtomicU64,
+    /// Process identity of a consumer that gave up mid-message and keeps its start, so
+    /// the chunks at `head` are its to resume; 0 when none. Written under the consumer
+    /// lock (or, by the keeper letting go, with a compare-and-swap).
+    keeper: AtomicU64,
     handles: PeerTable,
 }
 
-/// The shared part of a byte queue, plus the process-local settings.
+/// The shared part of a byte queue, plus the process-local settings and state.
 pub(crate) struct Core {
     ring: RingMem<Header, u8>,
     max_message: usize,
+    /// A chunked message this process started receiving and gave up on at a deadline
+    /// (see "Timeouts"). Touched only with the consumer lock held.
+    partial: std::sync::Mutex<Option<Partial>>,
+    /// Whether `partial` may hold something: the common path reads only this.
+    has_partial: AtomicBool,
+}
+
+/// The received start of a chunked message.
+struct Partial {
+    /// The process that received it: a forked child inherits a copy and must drop it.
+    owner: u64,
+    /// Position of its `FIRST` record.
+    first: u64,
+    total: usize,
+    /// Complete when `bytes.len() == total` (finished by a send's [`Core::pump_partial`]
+    /// and waiting for this process's next receive).
+    bytes: Vec<u8>,
 }
 
 /// A claimed or reserved record: its position and payload length.
@@ -171,7 +284,10 @@ struct Rec {
 /// How reassembling a chunked message ended.
 enum Assembly {
     Done(Vec<u8>),
-    Abandoned(Option<Rec>),
+    /// Its producer gave up on it (or died): dropped whole.
+    Abandoned,
+    /// The deadline passed first: the part received is kept in `Core::partial`.
+    Kept,
 }
 
 /// How a receive attempt ended, before the payload is handed to the caller.
@@ -182,11 +298,42 @@ enum Got {
     Assembled(Vec<u8>),
 }
 
+/// A reserved record not yet published: if the caller's `fill` unwinds, the record is
+/// published as padding, so nothing waits for it and nothing is sent.
+struct Unpublished<'a> {
+    core: &'a Core,
+    rec: Rec,
+}
+
+impl Drop for Unpublished<'_> {
+    fn drop(&mut self) {
+        self.core.publish(self.rec, true);
+    }
+}
+
+/// A claimed record lent to the caller's `f`: released when `f` returns or unwinds (a
+/// message whose reader panicked is consumed).
+struct Claimed<'a> {
+    core: &'a Core,
+    rec: Rec,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        self.core.release(self.rec);
+    }
+}
+
 impl Core {
     fn create(capacity: usize, max_message: usize) -> Result<Core> {
         let capacity = capacity.max(4096);
         let ring = RingMem::create("bytequeue", capacity, Header::new, |_| 0u8)?;
-        Ok(Core { ring, max_message })
+        Ok(Core {
+            ring,
+            max_message,
+            partial: std::sync::Mutex::new(None),
+            has_partial: AtomicBool::new(false),
+        })
     }
 
     fn h(&self) -> &Header {
@@ -257,7 +404,7 @@ impl Core {
             || state > ST_DONE
             || kind > K_PAD
             || off + span > self.cap()
-            || span > limit - pos
+            || span > limit.wrapping_sub(pos)
         {
             return Err(QueueError::Corrupted(format!(
                 "record at {pos}: state {state}, kind {kind}, length {len}"
@@ -286,38 +433,72 @@ impl Core {
             r.owner.store(me, Ordering::Relaxed);
             r.word
                 .store(word(ST_READY, K_PAD, pad - REC_HEADER), Ordering::Release);
+            fail_point(FP_RESERVE_PAD);
         }
         let pos = tail.wrapping_add(pad);
         let r = self.rec_header(pos)?;
         r.owner.store(me, Ordering::Relaxed);
         r.word.store(word(ST_WRITING, kind, len), Ordering::Release);
+        fail_point(FP_RESERVE_WRITING);
+        // SYNC POINT: consumers acquire `tail` and then read the records before it.
         h.tail.store(pos.wrapping_add(span), Ordering::Release);
         Ok(Some(Rec { pos, kind, len }))
     }
 
-    /// Makes a reserved record visible (or, with `discard`, drops it unseen).
+    /// Makes a reserved record visible (or, with `discard`, turns it into padding that
+    /// consumers skip unseen).
     fn publish(&self, rec: Rec, discard: bool) {
         let h = self.h();
-        let (state, kind) = if discard {
-            (ST_READY, K_PAD)
-        } else {
-            (ST_READY, rec.kind)
-        };
-        if let Ok(r) = self.rec_header(rec.pos) {
-            r.word.store(word(state, kind, rec.len), Ordering::Release);
-        }
+        let kind = if discard { K_PAD } else { rec.kind };
         if !discard && matches!(rec.kind, K_SINGLE | K_LAST) {
-            h.count.fetch_add(1, Ordering::Relaxed);
+            // Counted before it is visible, so the count never misses a claimable
+            // message (see `resync_count`).
+            h.count.fetch_add(1, Ordering::SeqCst);
+            fail_point(FP_PUBLISH_COUNTED);
+        }
+        if let Ok(r) = self.rec_header(rec.pos) {
+            // SYNC POINT: the payload written before this store is read after a consumer
+            // acquires READY.
+            r.word
+                .store(word(ST_READY, kind, rec.len), Ordering::Release);
         }
         h.not_empty.notify_all();
     }
 
-    fn lock_producer(&self) -> RawLockGuard<'_> {
-        RawLockGuard::new(&self.h().producer)
+    /// Takes the producer lock by `deadline`. A holder that died may have left `stream`
+    /// naming its unfinished message: cleared, so consumers drop that message.
+    fn lock_producer(&self, deadline: Deadline) -> Option<RawLockGuard<'_>> {
+        let lock = &self.h().producer;
+        let g = loop {
+            if !self.has_partial.load(Ordering::Relaxed) {
+                break RawLockGuard::acquire(lock, deadline)?;
+            }
+            // This process keeps the start of a message whose rest only it may take: the
+            // producer holding this lock may be waiting for room only that frees. Drain
+            // it while waiting.
+            self.pump_partial();
+            if let Some(g) = RawLockGuard::acquire(lock, deadline.capped(PUMP_EVERY)) {
+                break g;
+            }
+            if deadline.has_passed() {
+                return None;
+            }
+        };
+        if g.recovered() {
+            self.h().stream.store(0, Ordering::Release);
+            g.repaired();
+        }
+        Some(g)
     }
 
-    fn lock_consumer(&self) -> RawLockGuard<'_> {
-        RawLockGuard::new(&self.h().consumer)
+    /// Takes the consumer lock by `deadline`. Whatever a holder that died left half done
+    /// is finished by [`peek`](Core::peek) as it meets it.
+    fn lock_consumer(&self, deadline: Deadline) -> Option<RawLockGuard<'_>> {
+        let g = RawLockGuard::acquire(&self.h().consumer, deadline)?;
+        if g.recovered() {
+            g.repaired();
+        }
+        Some(g)
     }
 
     /// Sends one message of `len` bytes written by `fill`, waiting for room until
@@ -341,11 +522,15 @@ impl Core {
             return self.send_chunked(len, fill, deadline);
         }
         let rec = self.wait_for_room(deadline, || {
-            let _g = self.lock_producer();
+            let Some(_g) = self.lock_producer(deadline) else {
+                return Ok(None); // another producer holds it past our deadline
+            };
             self.reserve(len as u64, K_SINGLE)
         })?;
+        let pending = Unpublished { core: self, rec };
         // SAFETY: we reserved `rec`; no one reads a WRITING record's payload.
         let filled = fill(unsafe { self.payload(rec) });
+        std::mem::forget(pending);
         self.publish(rec, filled.is_err());
         filled
     }
@@ -358,10 +543,15 @@ impl Core {
         let outcome = block_on(
             &self.h().not_full,
             deadline,
-            || match try_reserve() {
-                Ok(Some(rec)) => Attempt::Ready(Ok(rec)),
-                Ok(None) => Attempt::Blocked,
-                Err(e) => Attempt::Ready(Err(e)),
+            || {
+                if self.has_partial.load(Ordering::Relaxed) {
+                    self.pump_partial(); // see `lock_producer`
+                }
+                match try_reserve() {
+                    Ok(Some(rec)) => Attempt::Ready(Ok(rec)),
+                    Ok(None) => Attempt::Blocked,
+                    Err(e) => Attempt::Ready(Err(e)),
+                }
             },
             || {
                 if self.free_dead_readers() || self.others_alive() {
@@ -374,20 +564,43 @@ impl Core {
                 })
             },
         );
-        outcome.unwrap_or(Err(QueueError::Timeout))
+        match outcome {
+            Some(r) => r,
+            // Giving up: unless a dead reader held the room (a `try_*` call never ran the
+            // periodic check above), in which case one more attempt.
+            None if self.free_dead_readers() => match try_reserve()? {
+                Some(rec) => Ok(rec),
+                None => Err(QueueError::Timeout),
+            },
+            None => Err(QueueError::Timeout),
+        }
     }
 
     /// Streams a message too large for one record as consecutive chunks, holding the
-    /// producer lock throughout so no other producer's record lands in between.
+    /// producer lock throughout so no other producer's record lands in between. If the
+    /// deadline passes (or the receivers go away) after some chunks are out, the message
+    /// is abandoned: `stream` is cleared and consumers drop what they got of it.
     fn send_chunked(
         &self,
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
         deadline: Deadline,
     ) -> Result<(), QueueError> {
+        let h = self.h();
         let mut whole = vec![0u8; len];
-        fill(&mut whole)?;
-        let _g = self.lock_producer();
+        fill(&mut whole)?; // a panic here leaves nothing behind in shared memory
+        let Some(_g) = self.lock_producer(deadline) else {
+            return Err(QueueError::Timeout);
+        };
+        if deadline.has_passed() {
+            // A `try_send`: start only if the whole message fits now.
+            let (free, _, tail) = self.positions()?;
+            let room = self.cap() - tail.wrapping_sub(free);
+            let chunks = (len as u64).div_ceil(self.single_limit() - 8);
+            if len as u64 + chunks * (REC_HEADER + ALIGN) + self.cap() / 4 > room {
+                return Err(QueueError::Timeout);
+            }
+        }
         let chunk = self.single_limit() as usize;
         let mut sent = 0usize;
         let mut first = true;
@@ -400,11 +613,22 @@ impl Core {
                 (false, false) => K_MIDDLE,
                 (false, true) => K_LAST,
             };
-            // Once the first chunk is out, finish the message whatever the deadline: the
-            // consumers already started on it.
-            let chunk_deadline = if first { deadline } else { Deadline::NEVER };
-            let rec =
-                self.wait_for_room(chunk_deadline, || self.reserve((prefix + n) as u64, kind))?;
+            let rec = match self.wait_for_room(deadline, || self.reserve((prefix + n) as u64, kind))
+            {
+                Ok(rec) => rec,
+                Err(e) => {
+                    if !first {
+                        // Abandon: consumers drop the chunks already out.
+                        h.stream.store(0, Ordering::Release);
+                        h.not_empty.notify_all();
+                    }
+                    return Err(e);
+                }
+            };
+            if first {
+                h.stream.store(rec.pos.wrapping_add(1), Ordering::Release);
+                fail_point(FP_STREAM_MARKED);
+            }
             // SAFETY: we reserved `rec`.
             let buf = unsafe { self.payload(rec) };
             if first {
@@ -412,17 +636,23 @@ impl Core {
             }
             buf[prefix..].copy_from_slice(&whole[sent..sent + n]);
             self.publish(rec, false);
+            if first {
+                fail_point(FP_FIRST_PUBLISHED);
+            }
             sent += n;
             first = false;
         }
+        h.stream.store(0, Ordering::Release);
+        fail_point(FP_STREAM_CLEARED);
         Ok(())
     }
 
     // ---- consumer side -------------------------------------------------------------
 
-    /// Claims the next record (skipping padding). `Ok(None)`: nothing ready at `head`.
-    /// The caller holds the consumer lock.
-    fn claim(&self) -> Result<Option<Rec>, QueueError> {
+    /// The READY message record at `head`, not yet claimed: skips padding and finishes
+    /// what a consumer that died holding the consumer lock left half done (see the state
+    /// table). `Ok(None)`: nothing ready at `head`. The caller holds the consumer lock.
+    fn peek(&self) -> Result<Option<Rec>, QueueError> {
         let h = self.h();
         loop {
             let (_, head, tail) = self.positions()?;
@@ -431,30 +661,37 @@ impl Core {
             }
             let (state, rec) = self.read_record(head, tail)?;
             let span = record_len(rec.len);
+            let r = self.rec_header(head)?;
             match state {
                 ST_READY if rec.kind == K_PAD => {
-                    self.rec_header(head)?
-                        .word
+                    r.word
                         .store(word(ST_DONE, K_PAD, rec.len), Ordering::Release);
+                    fail_point(FP_CLAIM_PAD_DONE);
                     h.head.store(head.wrapping_add(span), Ordering::Release);
                     self.advance_free();
                 }
-                ST_READY => {
-                    let r = self.rec_header(head)?;
-                    r.owner.store(owner_tag(), Ordering::Relaxed);
-                    r.word
-                        .store(word(ST_READING, rec.kind, rec.len), Ordering::Release);
-                    h.head.store(head.wrapping_add(span), Ordering::Release);
-                    if matches!(rec.kind, K_SINGLE | K_LAST) {
-                        let _ = h
-                            .count
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                                Some(c.saturating_sub(1))
-                            });
-                    }
-                    return Ok(Some(rec));
-                }
+                ST_READY => return Ok(Some(rec)),
                 ST_WRITING => return Ok(None),
+                // Only a holder of the consumer lock marks the record at `head`, and it
+                // moves `head` on before letting go. We hold the lock, so the one that
+                // marked this record died between its two stores (the robust lock passed
+                // to us only on the kernel's word that it is gone). Finish its step:
+                // skipped padding is passed, and a message claimed but never handed to
+                // its reader goes to the next one, us.
+                ST_DONE => {
+                    h.head.store(head.wrapping_add(span), Ordering::Release);
+                    self.advance_free();
+                }
+                ST_READING => {
+                    let reading = word(ST_READING, rec.kind, rec.len);
+                    let ready = word(ST_READY, rec.kind, rec.len);
+                    let _ = r.word.compare_exchange(
+                        reading,
+                        ready,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                }
                 _ => {
                     return Err(QueueError::Corrupted(format!(
                         "record at head {head} in state {state}"
@@ -464,12 +701,34 @@ impl Core {
         }
     }
 
+    /// Claims the record `peek` returned. The caller holds the consumer lock.
+    fn take(&self, rec: Rec) -> Result<(), QueueError> {
+        let h = self.h();
+        let r = self.rec_header(rec.pos)?;
+        r.owner.store(owner_tag(), Ordering::Relaxed);
+        r.word
+            .store(word(ST_READING, rec.kind, rec.len), Ordering::Release);
+        fail_point(FP_CLAIM_READING);
+        h.head
+            .store(rec.pos.wrapping_add(record_len(rec.len)), Ordering::Release);
+        fail_point(FP_CLAIM_HEAD);
+        if matches!(rec.kind, K_SINGLE | K_LAST) {
+            let _ = h
+                .count
+                .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |c| {
+                    Some(c.saturating_sub(1))
+                });
+        }
+        Ok(())
+    }
+
     /// Marks a claimed record consumed and moves `free` over finished records.
     fn release(&self, rec: Rec) {
         if let Ok(r) = self.rec_header(rec.pos) {
             r.word
                 .store(word(ST_DONE, rec.kind, rec.len), Ordering::Release);
         }
+        fail_point(FP_RELEASE_DONE);
         self.advance_free();
     }
 
@@ -496,6 +755,27 @@ impl Core {
         }
     }
 
+    /// Called with the consumer lock held when `head == tail` was seen: every message
+    /// counted has been claimed, so a count left too high by a peer killed between a
+    /// record store and the count update is reset. The count is loaded *before* the
+    /// positions: a producer counts after reserving, so if its increment is in `c`, its
+    /// reservation is in `tail` and `head != tail`; an increment after the load makes the
+    /// compare-and-swap fail. Claims (the only decrements) need the lock we hold.
+    fn resync_count(&self) {
+        let h = self.h();
+        let c = h.count.load(Ordering::SeqCst);
+        if c == 0 {
+            return;
+        }
+        if let Ok((_, head, tail)) = self.positions() {
+            if head == tail {
+                let _ = h
+                    .count
+                    .compare_exchange(c, 0, Ordering::SeqCst, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Receives one message and hands its bytes to `f`, waiting until `deadline`.
     pub(crate) fn recv<R>(
         &self,
@@ -511,7 +791,7 @@ impl Core {
                 Err(e) => Attempt::Ready(Err(e)),
             },
             || {
-                let repaired = self.finish_dead_writer();
+                let repaired = self.finish_dead_writer(deadline);
                 if repaired || self.others_alive() {
                     return None; // look again: the repair may have uncovered a message
                 }
@@ -523,12 +803,22 @@ impl Core {
                 })
             },
         );
-        match outcome.unwrap_or(Err(QueueError::Timeout))? {
+        let got = match outcome {
+            Some(got) => got?,
+            // Giving up: unless a dead writer blocked `head` (a `try_*` call never ran
+            // the periodic check above), in which case one more attempt.
+            None if self.finish_dead_writer(deadline) => self
+                .try_take(Deadline::after(Duration::ZERO))?
+                .ok_or(QueueError::Timeout)?,
+            None => return Err(QueueError::Timeout),
+        };
+        match got {
             Got::InPlace(rec) => {
+                let claimed = Claimed { core: self, rec };
                 // SAFETY: we claimed `rec` (READING); producers do not reuse it before we
                 // release it, and other consumers skip claimed records.
                 let r = f(unsafe { self.payload(rec) });
-                self.release(rec);
+                drop(claimed);
                 Ok(r)
             }
             Got::Assembled(bytes) => Ok(f(&bytes)),
@@ -537,38 +827,135 @@ impl Core {
 
     fn try_take(&self, deadline: Deadline) -> Result<Option<Got>, QueueError> {
         let h = self.h();
-        let g = self.lock_consumer();
-        let mut next = self.claim()?;
+        let Some(g) = self.lock_consumer(deadline) else {
+            return Ok(None); // another consumer holds it past our deadline
+        };
+        if self.has_partial.load(Ordering::Relaxed) {
+            if let Some(p) = self.take_partial() {
+                let me = peers::current_process();
+                if p.owner == me && p.bytes.len() == p.total {
+                    return Ok(Some(Got::Assembled(p.bytes)));
+                }
+                if p.owner == me && h.keeper.load(Ordering::Acquire) == me {
+                    match self.assemble(p, deadline)? {
+                        Assembly::Done(bytes) => return Ok(Some(Got::Assembled(bytes))),
+                        Assembly::Kept => return Ok(None),
+                        Assembly::Abandoned => {}
+                    }
+                }
+                // Otherwise the message was abandoned (or this is a forked copy of
+                // another process's partial): drop it.
+            }
+        }
         loop {
-            let Some(rec) = next else {
+            let Some(rec) = self.peek()? else {
                 let (_, head, tail) = self.positions()?;
-                if head == tail && h.closed.load(Ordering::Acquire) != 0 {
-                    return Err(QueueError::Closed);
+                if head == tail {
+                    self.resync_count();
+                    if h.closed.load(Ordering::Acquire) != 0 {
+                        return Err(QueueError::Closed);
+                    }
                 }
                 return Ok(None);
             };
             match rec.kind {
-                K_SINGLE => {
-                    drop(g);
-                    return Ok(Some(Got::InPlace(rec)));
+                K_SINGLE | K_FIRST => {
+                    // A message starts here, so whatever a keeper kept was abandoned by
+                    // its producer (chunks are consecutive).
+                    if h.keeper.load(Ordering::Relaxed) != 0 {
+                        self.set_keeper(0);
+                    }
+                    self.take(rec)?;
+                    if rec.kind == K_SINGLE {
+                        drop(g);
+                        return Ok(Some(Got::InPlace(rec)));
+                    }
+                    let p = self.start_partial(rec)?;
+                    match self.assemble(p, deadline)? {
+                        Assembly::Done(bytes) => return Ok(Some(Got::Assembled(bytes))),
+                        Assembly::Kept => return Ok(None),
+                        Assembly::Abandoned => {} // look at what came instead
+                    }
                 }
-                K_FIRST => match self.assemble(rec, deadline)? {
-                    Assembly::Done(bytes) => return Ok(Some(Got::Assembled(bytes))),
-                    // The producer abandoned it; `rec` starts the next message.
-                    Assembly::Abandoned(rec) => next = rec,
-                },
                 _ => {
-                    self.release(rec); // a chunk whose message start is gone: skip it
-                    next = self.claim()?;
+                    let keeper = h.keeper.load(Ordering::Acquire);
+                    if keeper != 0
+                        && keeper != peers::current_process()
+                        && !crate::liveness::process_is_dead(keeper)
+                    {
+                        // The rest of a message another live process started receiving:
+                        // its to resume. Wait for it.
+                        return Ok(None);
+                    }
+                    if keeper != 0 {
+                        self.set_keeper(0);
+                    }
+                    // A chunk whose message start is gone (with its dead receiver).
+                    self.take(rec)?;
+                    self.release(rec);
                 }
             }
         }
     }
 
-    /// Reassembles a chunked message starting at `first`. The caller holds the consumer
-    /// lock. If the producer abandoned the message (died), returns the record that came
-    /// next instead, already claimed, or `None` if nothing came.
-    fn assemble(&self, first: Rec, deadline: Deadline) -> Result<Assembly, QueueError> {
+    fn set_keeper(&self, keeper: u64) {
+        self.h().keeper.store(keeper, Ordering::Release);
+        if keeper == 0 {
+            self.h().not_empty.notify_all();
+        }
+    }
+
+    /// Takes in whatever chunks of the kept partial message are there, without waiting,
+    /// if the consumer lock is free. A message completed this way stays in `partial` for
+    /// this process's next receive; `keeper` is cleared as the last chunk is taken.
+    fn pump_partial(&self) {
+        let Some(_g) = self.lock_consumer(Deadline::after(Duration::ZERO)) else {
+            return;
+        };
+        let Some(p) = self.take_partial() else {
+            return;
+        };
+        let me = peers::current_process();
+        if p.owner != me {
+            return;
+        }
+        if p.bytes.len() == p.total {
+            self.keep_partial(p);
+            return;
+        }
+        if self.h().keeper.load(Ordering::Acquire) != me {
+            return; // abandoned meanwhile
+        }
+        let (first, owner) = (p.first, p.owner);
+        // `Kept` stored it back; `Abandoned` dropped it; an error is met again (and
+        // reported) by the next receive.
+        if let Ok(Assembly::Done(bytes)) = self.assemble(p, Deadline::after(Duration::ZERO)) {
+            self.keep_partial(Partial {
+                owner,
+                first,
+                total: bytes.len(),
+                bytes,
+            });
+        }
+    }
+
+    fn keep_partial(&self, p: Partial) {
+        *self.partial.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        self.has_partial.store(true, Ordering::Relaxed);
+    }
+
+    fn take_partial(&self) -> Option<Partial> {
+        let p = self
+            .partial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.has_partial.store(false, Ordering::Relaxed);
+        p
+    }
+
+    /// Reads the `FIRST` chunk `first` (claimed) into a new partial message and releases it.
+    fn start_partial(&self, first: Rec) -> Result<Partial, QueueError> {
         // SAFETY: we claimed `first`.
         let payload = unsafe { self.payload(first) };
         let total = match payload.get(..8) {
@@ -585,46 +972,108 @@ impl Core {
         let mut bytes = Vec::with_capacity(total);
         bytes.extend_from_slice(&payload[8..]);
         self.release(first);
-        while bytes.len() < total {
+        Ok(Partial {
+            owner: peers::current_process(),
+            first: first.pos,
+            total,
+            bytes,
+        })
+    }
+
+    /// Receives the rest of the chunked message `p`. The caller holds the consumer lock.
+    /// If `deadline` passes first, `p` is kept for the next receive in this process and
+    /// this process is marked as its keeper, so no other consumer takes its chunks.
+    fn assemble(&self, mut p: Partial, deadline: Deadline) -> Result<Assembly, QueueError> {
+        let h = self.h();
+        let mine = p.first.wrapping_add(1);
+        while p.bytes.len() < p.total {
             let next = block_on(
-                &self.h().not_empty,
+                &h.not_empty,
                 deadline,
-                || match self.claim() {
-                    Ok(Some(r)) => Attempt::Ready(Ok(Some(r))),
-                    Ok(None) => Attempt::Blocked,
-                    Err(e) => Attempt::Ready(Err(e)),
+                || {
+                    // Loaded before looking at `head`: the producer clears it only after
+                    // publishing every chunk it will publish.
+                    let streaming = h.stream.load(Ordering::Acquire);
+                    match self.peek() {
+                        Err(e) => Attempt::Ready(Err(e)),
+                        Ok(Some(rec)) if matches!(rec.kind, K_MIDDLE | K_LAST) => {
+                            Attempt::Ready(Ok(Some(rec)))
+                        }
+                        // Another message starts: this one was abandoned.
+                        Ok(Some(_)) => Attempt::Ready(Ok(None)),
+                        // Its producer gave up on it (or finished with a chunk we lost).
+                        Ok(None) if streaming != mine => Attempt::Ready(Ok(None)),
+                        Ok(None) => Attempt::Blocked,
+                    }
                 },
                 // A dead producer leaves its lock held: the rest is never coming.
-                || self.h().producer.holder_is_dead().then_some(Ok(None)),
-            )
-            .unwrap_or(Err(QueueError::Timeout))?;
+                || h.producer.holder_is_dead().then_some(Ok(None)),
+            );
             let rec = match next {
-                Some(rec) if matches!(rec.kind, K_MIDDLE | K_LAST) => rec,
-                other => return Ok(Assembly::Abandoned(other)),
+                None => {
+                    self.keep_partial(p);
+                    self.set_keeper(peers::current_process());
+                    fail_point(FP_STASHED);
+                    return Ok(Assembly::Kept);
+                }
+                Some(Ok(Some(rec))) => rec,
+                Some(Ok(None)) => {
+                    self.drop_keeper();
+                    return Ok(Assembly::Abandoned);
+                }
+                Some(Err(e)) => {
+                    self.drop_keeper();
+                    return Err(e);
+                }
             };
+            self.take(rec)?;
             // SAFETY: we claimed `rec`.
             let chunk = unsafe { self.payload(rec) };
-            if bytes.len() + chunk.len() > total {
+            if p.bytes.len() + chunk.len() > p.total {
                 self.release(rec);
+                self.drop_keeper();
                 return Err(QueueError::Corrupted("chunks exceed their message".into()));
             }
-            bytes.extend_from_slice(chunk);
+            p.bytes.extend_from_slice(chunk);
             let last = rec.kind == K_LAST;
             self.release(rec);
-            if last != (bytes.len() == total) {
+            if last != (p.bytes.len() == p.total) {
+                self.drop_keeper();
                 return Err(QueueError::Corrupted(
                     "chunk count disagrees with length".into(),
                 ));
             }
         }
-        Ok(Assembly::Done(bytes))
+        self.drop_keeper();
+        Ok(Assembly::Done(p.bytes))
+    }
+
+    /// Clears `keeper` if this process is it.
+    fn drop_keeper(&self) {
+        let me = peers::current_process();
+        if self
+            .h()
+            .keeper
+            .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.h().not_empty.notify_all();
+        }
     }
 
     // ---- dead peers ----------------------------------------------------------------
 
     /// Finishes a record at `head` whose producer died before publishing it.
-    fn finish_dead_writer(&self) -> bool {
-        let _g = self.lock_consumer();
+    fn finish_dead_writer(&self, deadline: Deadline) -> bool {
+        let Ok((_, head, tail)) = self.positions() else {
+            return false;
+        };
+        if head == tail {
+            return false;
+        }
+        let Some(_g) = self.lock_consumer(deadline) else {
+            return false;
+        };
         let Ok((_, head, tail)) = self.positions() else {
             return false;
         };
@@ -681,6 +1130,69 @@ impl Core {
     }
 }
 
+impl Drop for Core {
+    /// The last handle in this process lets go of a kept partial message, so consumers
+    /// elsewhere stop waiting for this process to resume it (the message is lost, like one
+    /// a receiver took and then exited with).
+    fn drop(&mut self) {
+        if self.has_partial.load(Ordering::Relaxed) {
+            self.drop_keeper();
+        }
+    }
+}
+
+// ---- crash-test hooks --------------------------------------------------------------
+
+/// Points between two stores of the protocol where a crash test can stall a process (and
+/// then kill it). Test-only: see [`ByteQueue::__stall_at`].
+#[doc(hidden)]
+pub const __FAIL_POINTS: &[&str] = &[
+    "reserve: padding READY, record not yet written",
+    "reserve: record WRITING, tail not advanced",
+    "publish: counted, record not yet READY",
+    "claim: padding DONE, head not advanced",
+    "claim: record READING, head not advanced",
+    "claim: head advanced, count not decremented",
+    "release: record DONE, free not advanced",
+    "chunked: stream marked, first chunk not published",
+    "chunked: first chunk published",
+    "chunked: stream cleared, producer lock not released",
+    "assemble: partial message kept, consumer lock not released",
+];
+const FP_RESERVE_PAD: u32 = 1;
+const FP_RESERVE_WRITING: u32 = 2;
+const FP_PUBLISH_COUNTED: u32 = 3;
+const FP_CLAIM_PAD_DONE: u32 = 4;
+const FP_CLAIM_READING: u32 = 5;
+const FP_CLAIM_HEAD: u32 = 6;
+const FP_RELEASE_DONE: u32 = 7;
+const FP_STREAM_MARKED: u32 = 8;
+const FP_FIRST_PUBLISHED: u32 = 9;
+const FP_STREAM_CLEARED: u32 = 10;
+const FP_STASHED: u32 = 11;
+
+/// The armed fail point (an index into `__FAIL_POINTS` plus one), 0 when none is. Only
+/// crash tests arm one; on the common path a fail point is one relaxed load of this
+/// process-local word.
+static FAIL_POINT: AtomicU32 = AtomicU32::new(0);
+static STALL: std::sync::Mutex<Option<fn()>> = std::sync::Mutex::new(None);
+
+#[inline(always)]
+fn fail_point(id: u32) {
+    if FAIL_POINT.load(Ordering::Relaxed) == id {
+        stall_here();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn stall_here() {
+    let stall = *STALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(stall) = stall {
+        stall();
+    }
+}
+
 /// A record header: state word and owner word.
 #[repr(C)]
 struct RecHeader {
@@ -697,17 +1209,32 @@ fn owner_is_dead(tag: u64) -> bool {
     crate::liveness::thread_is_dead((tag >> 40) as u32, tag, 40)
 }
 
-/// Holds one of the queue's robust locks. A holder that died left the protected state
-/// consistent (every step it takes is a single published store), so poisoning is cleared.
+/// Holds one of the queue's robust locks.
 struct RawLockGuard<'a>(&'a RawMutex);
 
 impl<'a> RawLockGuard<'a> {
-    fn new(lock: &'a RawMutex) -> RawLockGuard<'a> {
-        lock.lock();
-        if lock.is_poisoned() {
-            lock.clear_poison();
-        }
-        RawLockGuard(lock)
+    /// Takes `lock` by `deadline`. A deadline already past (a `try_*` call) takes it only
+    /// if it is free, or held by a thread the kernel says is gone (asked only then).
+    fn acquire(lock: &'a RawMutex, deadline: Deadline) -> Option<RawLockGuard<'a>> {
+        let taken = if deadline.has_passed() {
+            lock.try_lock() || (lock.holder_is_dead() && lock.lock_until(deadline))
+        } else {
+            lock.lock_until(deadline)
+        };
+        // Not `then_some`: that would build (and drop, unlocking) a guard for a lock
+        // someone else holds.
+        taken.then(|| RawLockGuard(lock))
+    }
+
+    /// Whether the previous holder died holding the lock.
+    fn recovered(&self) -> bool {
+        self.0.is_poisoned()
+    }
+
+    /// Marks what a dead holder left as repaired. Call after repairing: a kill before
+    /// this leaves the lock poisoned, so the next holder repairs again.
+    fn repaired(&self) {
+        self.0.clear_poison();
     }
 }
 
@@ -730,6 +1257,8 @@ impl Header {
             not_full: CachePadded(EventCount::new()),
             count: AtomicU64::new(0),
             closed: AtomicU32::new(0),
+            stream: AtomicU64::new(0),
+            keeper: AtomicU64::new(0),
             // SAFETY: a peer table is plain atomics; all-zero is the empty table.
             handles: unsafe { std::mem::zeroed() },
         }
@@ -841,11 +1370,12 @@ impl ByteQueue {
         self.core.send(bytes.len(), copy_in(bytes), Deadline::NEVER)
     }
 
-    /// Sends a copy of `bytes` if there is room now.
+    /// Sends a copy of `bytes` if there is room now. Returns at once.
     ///
     /// # Errors
     ///
-    /// As for [`send`](ByteQueue::send), plus `Full`.
+    /// As for [`send`](ByteQueue::send), plus `Full`: no room now, or another producer is
+    /// in the middle of a large (chunked) message. Nothing was sent.
     pub fn try_send(&self, bytes: &[u8]) -> Result<(), QueueError> {
         self.core
             .send(bytes.len(), copy_in(bytes), Deadline::after(Duration::ZERO))
@@ -856,7 +1386,9 @@ impl ByteQueue {
     ///
     /// # Errors
     ///
-    /// As for [`send`](ByteQueue::send), plus `Timeout`.
+    /// As for [`send`](ByteQueue::send), plus `Timeout`: nothing was sent. (A large
+    /// message whose first chunks were already out is abandoned: no receiver gets any of
+    /// it.)
     pub fn send_timeout(&self, bytes: &[u8], timeout: Duration) -> Result<(), QueueError> {
         self.core
             .send(bytes.len(), copy_in(bytes), Deadline::after(timeout))
@@ -864,6 +1396,8 @@ impl ByteQueue {
 
     /// Sends a message of `len` bytes written in place by `fill` (zero-copy: `fill` writes
     /// straight into the shared ring). Waits for room.
+    ///
+    /// If `fill` panics, nothing is sent, the queue stays usable, and the panic goes on.
     ///
     /// # Errors
     ///
@@ -914,6 +1448,9 @@ impl ByteQueue {
     /// Receives a message and lends its bytes, in place in the shared ring, to `f`; the
     /// space is released when `f` returns.
     ///
+    /// If `f` panics, the message counts as consumed (nobody else receives it), its space
+    /// is released, and the panic goes on.
+    ///
     /// # Errors
     ///
     /// As for [`recv`](ByteQueue::recv).
@@ -922,6 +1459,10 @@ impl ByteQueue {
     }
 
     /// Like [`recv_with`](ByteQueue::recv_with), waiting at most `timeout`.
+    ///
+    /// If time runs out in the middle of a large (chunked) message, the part received is
+    /// kept by this process, and the next receive here, through any handle, resumes it;
+    /// nothing is lost (see the [module docs](self#timeouts)).
     ///
     /// # Errors
     ///
@@ -934,7 +1475,9 @@ impl ByteQueue {
         self.core.recv(Deadline::after(timeout), f)
     }
 
-    /// Like [`recv_with`](ByteQueue::recv_with) if a message is ready now.
+    /// Like [`recv_with`](ByteQueue::recv_with) if a message is ready now. Returns at
+    /// once; a large message only partly there is kept as for
+    /// [`recv_with_timeout`](ByteQueue::recv_with_timeout).
     ///
     /// # Errors
     ///
@@ -986,6 +1529,38 @@ impl ByteQueue {
         // SAFETY: at most `capacity` bytes into the ring's data area, which this handle
         // keeps mapped; the fuzzer uses the queue from one thread only.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.core.ring.slots_ptr(), n) };
+    }
+
+    /// Fuzzing hook: overwrites the chunked-message marks `stream` and `keeper` (see the
+    /// module docs), as a peer scribbling over shared memory would.
+    #[doc(hidden)]
+    pub fn __scribble_marks(&self, stream: u64, keeper: u64) {
+        let h = self.core.h();
+        h.stream.store(stream, Ordering::SeqCst);
+        h.keeper.store(keeper, Ordering::SeqCst);
+    }
+
+    /// Crash-test hook: from now on, this process calls `stall` whenever any handle of any
+    /// byte queue reaches the fail point named `point` (one of `__FAIL_POINTS`), so a test
+    /// can stop or kill a process between two stores of the protocol. `None` disarms.
+    ///
+    /// # Panics
+    ///
+    /// If `point` is not a known fail point.
+    #[doc(hidden)]
+    pub fn __stall_at(point: Option<&str>, stall: fn()) {
+        let id = match point {
+            None => 0,
+            Some(p) => {
+                let i = __FAIL_POINTS
+                    .iter()
+                    .position(|q| *q == p)
+                    .unwrap_or_else(|| panic!("unknown fail point {p:?}"));
+                i as u32 + 1
+            }
+        };
+        *STALL.lock().unwrap_or_else(|e| e.into_inner()) = Some(stall);
+        FAIL_POINT.store(id, Ordering::SeqCst);
     }
 
     /// The largest message this queue accepts.

@@ -91,7 +91,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// # Errors
     ///
     /// `MessageTooLarge`, `Encode`, `Closed`, `Disconnected` or `Corrupted`; the value is
-    /// untouched (it is only borrowed) and nothing partial is ever delivered.
+    /// untouched (it is only borrowed) and nothing partial is ever delivered. If the
+    /// value's `Serialize` impl panics, nothing is sent and the queue stays usable.
     pub fn put(&self, value: &T) -> Result<(), QueueError> {
         self.put_until(value, Deadline::NEVER)
     }
@@ -100,16 +101,17 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     ///
     /// # Errors
     ///
-    /// As for [`put`](Queue::put), plus `Timeout`.
+    /// As for [`put`](Queue::put), plus `Timeout`: nothing was sent (see
+    /// [`ByteQueue::send_timeout`]).
     pub fn put_timeout(&self, value: &T, timeout: Duration) -> Result<(), QueueError> {
         self.put_until(value, Deadline::after(timeout))
     }
 
-    /// Puts a value if there is room now.
+    /// Puts a value if there is room now. Returns at once.
     ///
     /// # Errors
     ///
-    /// As for [`put`](Queue::put), plus `Full`.
+    /// As for [`put`](Queue::put), plus `Full` (see [`ByteQueue::try_send`]).
     pub fn try_put(&self, value: &T) -> Result<(), QueueError> {
         self.put_until(value, Deadline::after(Duration::ZERO))
             .map_err(full_not_timeout)
@@ -128,7 +130,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         self.bytes.recv_with(Self::decode)?
     }
 
-    /// Takes the next value, waiting at most `timeout`.
+    /// Takes the next value, waiting at most `timeout`. A large value half received when
+    /// time runs out is kept by this process for its next `get` (see
+    /// [`ByteQueue::recv_with_timeout`]).
     ///
     /// # Errors
     ///
@@ -137,7 +141,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         self.bytes.recv_with_timeout(timeout, Self::decode)?
     }
 
-    /// Takes the next value if one is ready.
+    /// Takes the next value if one is ready. Returns at once.
     ///
     /// # Errors
     ///
