@@ -49,12 +49,21 @@
 //!   shown by `/proc/<pid>/maps` not to map the table's file any more: a process that
 //!   exec'd (`std::process::Command` forks and execs) or unmapped the segment holds no
 //!   handle, whatever its slot says. Unreadable or empty maps count as still mapping.
+//!   An exec'd image that maps the same segment again (a re-exec'd procshare program
+//!   handed the memfd) keeps its pre-exec count until it dies: an over-count, never an
+//!   under-count.
 //! * **A child killed inside `fork`** (before the child handler below takes its loan
 //!   over) leaves a loan that is reclaimed once the child is proven dead: the parent binds
 //!   the loan to the child's identity right after the fork, finding the child as the one
 //!   new entry in `/proc/thread-self/children` (procshare's own [`crate::fork`] helper also
-//!   binds it by pid, for kernels without that file). A loan that cannot be bound stays
-//!   counted for as long as it exists (conservative).
+//!   binds it by pid, for kernels without that file; a future Process layer must call
+//!   [`bind_forked_child`] the same way). A loan that cannot be bound (no such file and a
+//!   raw `libc::fork`, or a child reaped by another thread before the parent handler ran)
+//!   stays counted for as long as it exists (conservative). A failed fork is recognised
+//!   (no new child and `errno` set) and its loans are cancelled.
+//! * **Cost.** A fork of a process holding handles reads its children list twice and the
+//!   child's `stat` once; a process holding no handle pays nothing. A scan reads each
+//!   other holder's `stat` (liveness) and, at most every 250 ms per holder, its `maps`.
 //!
 //! # Following fork
 //!
@@ -558,6 +567,9 @@ extern "C" fn prepare_fork() {
     REGISTRY.lock();
     // SAFETY: the registry lock is held until `after_fork_*` releases it.
     let st = unsafe { &mut *REGISTRY.state.get() };
+    if st.entries.is_empty() {
+        return; // nothing to lend: keep forks of handle-less processes cheap
+    }
     let me = current_process();
     st.lender = me;
     st.children_before = sys::children_of_current_thread().ok();
@@ -586,6 +598,10 @@ extern "C" fn after_fork_parent() {
     let fork_failed = sys::errno_is_set();
     // SAFETY: the lock taken in `prepare_fork` is still held.
     let st = unsafe { &mut *REGISTRY.state.get() };
+    if st.entries.is_empty() {
+        REGISTRY.unlock();
+        return;
+    }
     let child = st.children_before.take().and_then(|before| {
         let after = sys::children_of_current_thread().ok()?;
         let mut new = after.into_iter().filter(|pid| !before.contains(pid));
@@ -889,7 +905,6 @@ mod tests {
     }
 
     /// An identity of this very process with the wrong start time: "recycled", so dead.
-    #[cfg(not(miri))]
     fn dead(i: u64) -> u64 {
         let (pid, start) = sys::current_process_noalloc();
         liveness::process_identity(pid, start.wrapping_add(1 + i) & ((1 << 40) - 1))
