@@ -29,6 +29,7 @@ fn main() {
             sender_killed_before_the_fork_handler_of_a_raw_fork_is_noticed,
             exec_child_with_its_own_path_holds_no_sender,
             exec_child_with_pre_exec_holds_no_sender,
+            a_quiet_forked_sender_keeps_the_queue_connected,
         ],
         &[],
     )
@@ -212,4 +213,57 @@ fn exec_child_with_its_own_path_holds_no_sender() {
 
 fn exec_child_with_pre_exec_holds_no_sender() {
     exec_child(true);
+}
+
+/// The other side of items 10 and 11: a live forked child that holds a sender and stays
+/// quiet (long past the 250 ms for which a "still maps the segment" proof is cached) keeps
+/// the queue connected, whether forked by procshare's helper or by libc directly.
+fn a_quiet_forked_sender_keeps_the_queue_connected() {
+    for raw in [false, true] {
+        for_both_flavours!(|flavour, make| {
+            let (tx, rx) = make(4);
+            let ready = Shared::new(Event::new()).unwrap();
+            let ready_ref: &Event = &ready;
+            let child_body = move || {
+                ready_ref.set();
+                std::thread::sleep(Duration::from_millis(900));
+                tx.send(7).expect("send");
+            };
+            let child = if raw {
+                // SAFETY: single-threaded test process; the child leaves with _exit.
+                match unsafe { libc::fork() } {
+                    0 => {
+                        child_body();
+                        // SAFETY: leaving the child without running the parent's code.
+                        unsafe { libc::_exit(0) }
+                    }
+                    pid => {
+                        assert!(pid > 0, "fork failed");
+                        drop(child_body); // the parent's copy of the sender
+                        pid
+                    }
+                }
+            } else {
+                let child = spawn(child_body);
+                let pid = child.pid() as libc::pid_t;
+                std::mem::forget(child); // reaped below
+                pid
+            };
+            assert!(ready.wait_timeout(LIMIT));
+            let r = rx.recv_timeout(Duration::from_millis(600));
+            assert_eq!(r, Err(RecvTimeoutError::Timeout), "{flavour}, raw={raw}");
+            assert_eq!(rx.recv_timeout(LIMIT), Ok(7), "{flavour}, raw={raw}");
+            let mut status = 0;
+            // SAFETY: `status` is a valid int; `child` is our unreaped child.
+            assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+            assert_eq!(status, 0, "{flavour}, raw={raw}: child failed");
+            let t0 = Instant::now();
+            assert_eq!(
+                rx.recv_timeout(LIMIT),
+                Err(RecvTimeoutError::Disconnected),
+                "{flavour}, raw={raw}"
+            );
+            assert!(t0.elapsed() < NOTICE);
+        });
+    }
 }
