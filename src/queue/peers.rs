@@ -86,12 +86,12 @@
 //! | killed                                   | state left                                  | repair |
 //! |------------------------------------------|---------------------------------------------|--------|
 //! | P, after claiming a loan slot, before counting | `[lent by P]`, 0 handles              | scan: lender dead and nothing lent (no fork happened yet) → free |
-//! | P, between `total += n` and the slot's count | `total` over by n                     | none needed: `any_handles` over-counts, `any_alive` scans slots |
+//! | P, between `total += n` and the slot's count | `total` over by n                     | **not repaired** (only mitigated): `any_alive` scans slots and is right, but `any_handles` stays "yes", so where a fast path trusts it (a `try_recv` on an empty ring) it answers Empty, not Disconnected; blocking and timed calls consult `any_alive` |
 //! | P, after lending, before or during the fork | `[lent by P]`, n handles, maybe no child | **kept forever** (cannot prove no child got it): conservative |
 //! | C, before its child handler (item 10)    | `[lent by P]`, then P binds `[bound to C]`  | scan: C dead → reclaim |
 //! | P and C both, before P's parent handler  | `[lent by P]`, n handles                    | **kept forever**: conservative |
 //! | C, after taking the loan over            | `C`, n handles                              | scan: C dead → reclaim |
-//! | any holder, between `total` and slot in attach/detach | `total` over by 1              | as above |
+//! | any holder, between `total` and slot in attach/detach | `total` over by 1              | as above (`total` cannot be resynchronised safely: a concurrent add could be lost) |
 //! | holder, after its count reached 0, before freeing | `holder`, 0 handles                | scan: holder dead → free |
 //! | reclaimer R, mid-reclaim                 | `[reclaiming by R]`, handles maybe left     | scan: R dead → another reclaimer takes over |
 //! | C exec'd (never dies while we wait)      | `C`, n handles, C maps no procshare segment | scan: C does not map the table's file → reclaim |
@@ -602,15 +602,23 @@ extern "C" fn after_fork_parent() {
         REGISTRY.unlock();
         return;
     }
-    let child = st.children_before.take().and_then(|before| {
+    // The new children of this thread: exactly one if the fork succeeded (this thread was
+    // busy forking, so it started no other), none if it failed. `None`: cannot tell.
+    let new_children: Option<Vec<u32>> = st.children_before.take().and_then(|before| {
         let after = sys::children_of_current_thread().ok()?;
-        let mut new = after.into_iter().filter(|pid| !before.contains(pid));
-        match (new.next(), new.next()) {
-            (Some(pid), None) => Some(pid),
-            _ => None,
-        }
+        Some(
+            after
+                .into_iter()
+                .filter(|pid| !before.contains(pid))
+                .collect(),
+        )
     });
-    let failed = child.is_none() && fork_failed;
+    let child = match new_children.as_deref() {
+        Some(&[pid]) => Some(pid),
+        _ => None,
+    };
+    // Cancelling a loan a live child holds would under-count it: only on both signs.
+    let failed = fork_failed && new_children.as_ref().is_some_and(Vec::is_empty);
     let child = child.and_then(child_identity);
     for e in &mut st.entries {
         // SAFETY: the entry exists and the lock is held.
