@@ -54,7 +54,12 @@ pub unsafe fn fork_unchecked<F: FnOnce() -> i32>(f: F) -> Result<ForkedChild> {
             let _ = std::io::stdout().flush();
             sys::exit_immediately(code)
         }
-        sys::Forked::Parent(pid) => Ok(ForkedChild { pid, status: None }),
+        sys::Forked::Parent(pid) => {
+            // Bind queue handles lent to the child to its pid, in case the fork handler
+            // could not find it (see `queue::peers`).
+            crate::queue::peers::bind_forked_child(pid);
+            Ok(ForkedChild { pid, status: None })
+        }
     }
 }
 

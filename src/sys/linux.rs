@@ -852,3 +852,167 @@ mod tests {
         assert!(monotonic_now() - start >= Duration::from_millis(20));
     }
 }
+
+// --- peer tables: fork children, exec'd holders ---
+
+/// The children of the calling thread (`/proc/thread-self/children`, which needs a kernel
+/// built with `CONFIG_PROC_CHILDREN`), in no particular order.
+pub(crate) fn children_of_current_thread() -> io::Result<Vec<u32>> {
+    if cfg!(miri) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no /proc under Miri",
+        ));
+    }
+    let text = std::fs::read("/proc/thread-self/children")?;
+    text.split(|b| b.is_ascii_whitespace())
+        .filter(|f| !f.is_empty())
+        .map(|f| {
+            std::str::from_utf8(f)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable child pid"))
+        })
+        .collect()
+}
+
+/// Sets `errno` to 0, so that a later [`errno_is_set`] tells whether a call failed since.
+pub(crate) fn clear_errno() {
+    if cfg!(miri) {
+        return;
+    }
+    // SAFETY: __errno_location returns the calling thread's errno, valid for writes.
+    unsafe { *libc::__errno_location() = 0 };
+}
+
+/// Whether `errno` is non-zero (see [`clear_errno`]).
+pub(crate) fn errno_is_set() -> bool {
+    !cfg!(miri) && errno() != 0
+}
+
+/// The file behind a shared mapping: device and inode, as `/proc/<pid>/maps` shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MappedFile {
+    pub(crate) dev_major: u32,
+    pub(crate) dev_minor: u32,
+    pub(crate) inode: u64,
+}
+
+/// One line of `/proc/<pid>/maps`: the address range and, for a file mapping, the file.
+pub(crate) fn parse_maps_line(line: &[u8]) -> Option<(usize, usize, Option<MappedFile>)> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut fields = text.split_ascii_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let start = usize::from_str_radix(start, 16).ok()?;
+    let end = usize::from_str_radix(end, 16).ok()?;
+    let _perms = fields.next()?;
+    let _offset = fields.next()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode: u64 = fields.next()?.parse().ok()?;
+    let file = (inode != 0).then_some(MappedFile {
+        dev_major: u32::from_str_radix(major, 16).ok()?,
+        dev_minor: u32::from_str_radix(minor, 16).ok()?,
+        inode,
+    });
+    Some((start, end, file))
+}
+
+/// The mapping of the calling process that contains `addr`: its range and its file
+/// (`None` for an anonymous mapping). `Ok(None)` if `addr` is not mapped.
+pub(crate) fn own_mapping_at(
+    addr: usize,
+) -> io::Result<Option<(usize, usize, Option<MappedFile>)>> {
+    if cfg!(miri) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no /proc under Miri",
+        ));
+    }
+    let text = std::fs::read("/proc/self/maps")?;
+    Ok(text
+        .split(|&b| b == b'\n')
+        .filter_map(parse_maps_line)
+        .find(|&(start, end, _)| start <= addr && addr < end))
+}
+
+/// Whether process `pid` maps `file` anywhere. `Ok(None)` when that cannot be told: no
+/// such process, or an empty map list (a zombie thread-group leader whose other threads
+/// may still run, or a process being torn down).
+pub(crate) fn process_maps_file(pid: u32, file: MappedFile) -> io::Result<Option<bool>> {
+    if cfg!(miri) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no /proc under Miri",
+        ));
+    }
+    if !proc_matches_own_namespace() {
+        // `/proc/<pid>` would name another namespace's process: no answer.
+        return Ok(None);
+    }
+    let text = match std::fs::read(format!("/proc/{pid}/maps")) {
+        Ok(text) => text,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut any = false;
+    for line in text.split(|&b| b == b'\n') {
+        if let Some((_, _, f)) = parse_maps_line(line) {
+            any = true;
+            if f == Some(file) {
+                return Ok(Some(true));
+            }
+        }
+    }
+    Ok(any.then_some(false))
+}
+
+#[cfg(test)]
+mod peer_table_tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let line =
+            b"7f1c2a000000-7f1c2a021000 rw-s 00000000 00:01 123456    /memfd:queue (deleted)";
+        assert_eq!(
+            parse_maps_line(line),
+            Some((
+                0x7f1c_2a00_0000,
+                0x7f1c_2a02_1000,
+                Some(MappedFile {
+                    dev_major: 0,
+                    dev_minor: 1,
+                    inode: 123456
+                })
+            ))
+        );
+        let anon = b"7ffd1000-7ffd2000 rw-p 00000000 00:00 0    [stack]";
+        assert_eq!(
+            parse_maps_line(anon),
+            Some((0x7ffd_1000, 0x7ffd_2000, None))
+        );
+        assert_eq!(parse_maps_line(b"garbage"), None);
+        assert_eq!(parse_maps_line(b""), None);
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "no /proc under Miri")]
+    fn finds_own_file_mapping_and_sees_it_in_own_maps() {
+        let file = memfd_create("maps-test", 4096).unwrap();
+        let map = map_shared_aligned(&file, 4096, 4096).unwrap();
+        let (start, end, f) = own_mapping_at(map.as_ptr() as usize + 8)
+            .unwrap()
+            .expect("mapped");
+        assert!(start <= map.as_ptr() as usize && map.as_ptr() as usize + 8 < end);
+        let f = f.expect("a file mapping");
+        assert_eq!(process_maps_file(getpid(), f).unwrap(), Some(true));
+        let other = MappedFile {
+            inode: f.inode ^ 0xdead_beef,
+            ..f
+        };
+        assert_eq!(process_maps_file(getpid(), other).unwrap(), Some(false));
+        assert!(!children_of_current_thread().unwrap().contains(&getpid()));
+    }
+}
