@@ -39,8 +39,8 @@ pub use pipe::{Connection, pipe};
 pub use queue::mpmc::{self as channel, channel};
 pub use queue::spsc::{self, spsc};
 pub use queue::{
-    ByteQueue, Queue, QueueError, RecvError, RecvTimeoutError, SendError, SendTimeoutError,
-    TryRecvError, TrySendError,
+    ByteQueue, Queue, QueueError, QueueReceiver, QueueSender, RecvError, RecvTimeoutError,
+    SendError, SendTimeoutError, TryRecvError, TrySendError,
 };
 pub use shm::{Segment, SegmentInfo, Shared, ShmSafe};
 pub use sync::{

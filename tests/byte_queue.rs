@@ -20,6 +20,9 @@ fn main() {
     common::run(
         tests![
             python_queue_seed_program,
+            a_two_way_handle_in_the_parent_keeps_the_queue_connected,
+            receivers_learn_every_sender_died_while_the_parent_keeps_a_receiver,
+            senders_learn_every_receiver_died_while_the_parent_keeps_a_sender,
             large_messages_arrive_intact,
             producer_killed_mid_chunked_message_delivers_nothing_partial,
             producer_killed_mid_write_is_skipped,
@@ -845,4 +848,86 @@ fn a_process_keeping_a_partial_message_can_still_send() {
     want.sort();
     assert!(rest == want, "the other messages, once each");
     join(producer, LIMIT);
+}
+
+/// The documented rule: a `Queue` handle can both send and receive, so the parent's own
+/// idle handle counts as a live sender (and receiver) for as long as it exists.
+fn a_two_way_handle_in_the_parent_keeps_the_queue_connected() {
+    let q: Queue<u32> = Queue::new().unwrap();
+    let mut producer = spawn(|| {
+        q.put(&1).unwrap();
+        std::thread::sleep(Duration::from_secs(60)); // killed before its sentinel
+    });
+    let consumer = spawn(|| {
+        assert_eq!(q.get_timeout(Duration::from_secs(5)), Ok(1));
+        assert_eq!(
+            q.get_timeout(Duration::from_millis(300)),
+            Err(QueueError::Timeout),
+            "the parent's two-way handle could still send"
+        );
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    producer.signal(signal::KILL).unwrap();
+    producer.wait().unwrap();
+    join(consumer, Duration::from_secs(10));
+    // Once the parent's handle is gone too, the consumer's own handle is the last one.
+    drop(q);
+}
+
+fn receivers_learn_every_sender_died_while_the_parent_keeps_a_receiver() {
+    let (tx, rx) = Queue::<u32>::new().unwrap().split().unwrap();
+    let mut producer = spawn(|| {
+        tx.put(&1).unwrap();
+        std::thread::sleep(Duration::from_secs(60)); // killed before its sentinel
+    });
+    drop(tx);
+    // A consumer process holds a receive-only handle, and so does this one.
+    let consumer = spawn(|| {
+        assert_eq!(rx.get_timeout(Duration::from_secs(5)), Ok(1));
+        let start = Instant::now();
+        assert_eq!(
+            rx.get_timeout(Duration::from_secs(10)),
+            Err(QueueError::Disconnected)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    producer.signal(signal::KILL).unwrap();
+    producer.wait().unwrap();
+    join(consumer, Duration::from_secs(15));
+    assert_eq!(rx.try_get(), Err(QueueError::Disconnected));
+}
+
+fn senders_learn_every_receiver_died_while_the_parent_keeps_a_sender() {
+    let q: Queue<u32> = Queue::builder().capacity(4096).build().unwrap();
+    let (tx, rx) = q.split().unwrap();
+    let mut consumer = spawn(|| {
+        std::thread::sleep(Duration::from_secs(60)); // never reads
+        drop(rx.get());
+    });
+    drop(rx);
+    let mut outcome = Ok(());
+    let start = Instant::now();
+    let mut killed = false;
+    for i in 0..100_000 {
+        if !killed && i == 100 {
+            consumer.signal(signal::KILL).unwrap();
+            consumer.wait().unwrap();
+            killed = true;
+        }
+        outcome = tx.put_timeout(&i, Duration::from_secs(10));
+        if outcome.is_err() {
+            break;
+        }
+    }
+    assert_eq!(outcome, Err(QueueError::Disconnected));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }

@@ -247,7 +247,25 @@ pub(crate) struct Header {
     /// the chunks at `head` are its to resume; 0 when none. Written under the consumer
     /// lock (or, by the keeper letting go, with a compare-and-swap).
     keeper: AtomicU64,
+    /// Processes holding two-way handles (`Queue`, `ByteQueue`).
     handles: PeerTable,
+    /// Processes holding send-only handles (`QueueSender`).
+    senders: PeerTable,
+    /// Processes holding receive-only handles (`QueueReceiver`).
+    receivers: PeerTable,
+}
+
+/// What a handle may do, which decides the peer table it is counted in: a receiver is
+/// told `Disconnected` once no live handle that could send exists, however many
+/// receive-only handles are still about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Sends and receives (Python's `Queue`).
+    Both,
+    /// Sends only.
+    Send,
+    /// Receives only.
+    Recv,
 }
 
 /// The shared part of a byte queue, plus the process-local settings and state.
@@ -505,6 +523,7 @@ impl Core {
     /// `deadline`.
     pub(crate) fn send(
         &self,
+        role: Role,
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
         deadline: Deadline,
@@ -519,9 +538,9 @@ impl Core {
             return Err(QueueError::Closed);
         }
         if len as u64 > self.single_limit() {
-            return self.send_chunked(len, fill, deadline);
+            return self.send_chunked(role, len, fill, deadline);
         }
-        let rec = self.wait_for_room(deadline, || {
+        let rec = self.wait_for_room(role, deadline, || {
             let Some(_g) = self.lock_producer(deadline) else {
                 return Ok(None); // another producer holds it past our deadline
             };
@@ -537,6 +556,7 @@ impl Core {
 
     fn wait_for_room(
         &self,
+        role: Role,
         deadline: Deadline,
         try_reserve: impl Fn() -> Result<Option<Rec>, QueueError>,
     ) -> Result<Rec, QueueError> {
@@ -554,7 +574,7 @@ impl Core {
                 }
             },
             || {
-                if self.free_dead_readers() || self.others_alive() {
+                if self.free_dead_readers() || self.counterpart_alive(role, Role::Recv) {
                     return None;
                 }
                 Some(match try_reserve() {
@@ -582,6 +602,7 @@ impl Core {
     /// is abandoned: `stream` is cleared and consumers drop what they got of it.
     fn send_chunked(
         &self,
+        role: Role,
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
         deadline: Deadline,
@@ -613,7 +634,8 @@ impl Core {
                 (false, false) => K_MIDDLE,
                 (false, true) => K_LAST,
             };
-            let rec = match self.wait_for_room(deadline, || self.reserve((prefix + n) as u64, kind))
+            let rec = match self
+                .wait_for_room(role, deadline, || self.reserve((prefix + n) as u64, kind))
             {
                 Ok(rec) => rec,
                 Err(e) => {
@@ -779,6 +801,7 @@ impl Core {
     /// Receives one message and hands its bytes to `f`, waiting until `deadline`.
     pub(crate) fn recv<R>(
         &self,
+        role: Role,
         deadline: Deadline,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, QueueError> {
@@ -792,7 +815,7 @@ impl Core {
             },
             || {
                 let repaired = self.finish_dead_writer(deadline);
-                if repaired || self.others_alive() {
+                if repaired || self.counterpart_alive(role, Role::Send) {
                     return None; // look again: the repair may have uncovered a message
                 }
                 // Nobody else can ever send; deliver what is left, then report it.
@@ -1123,10 +1146,30 @@ impl Core {
         freed
     }
 
-    /// Whether a handle other than the caller's exists in a live process.
-    fn others_alive(&self) -> bool {
-        let h = &self.h().handles;
-        h.any_alive() && h.handles_beyond_one_of_mine()
+    /// Whether a live process holds a handle, other than the caller's (of role `me`), that
+    /// can act as `side` (`Send` or `Recv`): a two-way handle, or one of that role.
+    fn counterpart_alive(&self, me: Role, side: Role) -> bool {
+        let h = self.h();
+        if h.handles.any_alive() && (me != Role::Both || h.handles.handles_beyond_one_of_mine()) {
+            return true;
+        }
+        // The caller is never counted in the table it asks about: a sender asks about
+        // receivers and vice versa.
+        match side {
+            Role::Send => h.senders.any_alive(),
+            Role::Recv => h.receivers.any_alive(),
+            Role::Both => false,
+        }
+    }
+
+    /// The peer table that counts handles of `role`.
+    pub(crate) fn table(&self, role: Role) -> &PeerTable {
+        let h = self.h();
+        match role {
+            Role::Both => &h.handles,
+            Role::Send => &h.senders,
+            Role::Recv => &h.receivers,
+        }
     }
 }
 
@@ -1261,6 +1304,10 @@ impl Header {
             keeper: AtomicU64::new(0),
             // SAFETY: a peer table is plain atomics; all-zero is the empty table.
             handles: unsafe { std::mem::zeroed() },
+            // SAFETY: as above.
+            senders: unsafe { std::mem::zeroed() },
+            // SAFETY: as above.
+            receivers: unsafe { std::mem::zeroed() },
         }
     }
 }
@@ -1334,6 +1381,7 @@ impl QueueBuilder {
 /// ```
 pub struct ByteQueue {
     core: Arc<Core>,
+    role: Role,
 }
 
 impl ByteQueue {
@@ -1358,6 +1406,20 @@ impl ByteQueue {
         peers::attach(&core.h().handles)?;
         Ok(ByteQueue {
             core: Arc::new(core),
+            role: Role::Both,
+        })
+    }
+
+    /// Another handle to the same queue, counted as `role` (see [`Role`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) if the peer table is full.
+    pub(crate) fn with_role(&self, role: Role) -> Result<ByteQueue> {
+        peers::attach(self.core.table(role))?;
+        Ok(ByteQueue {
+            core: Arc::clone(&self.core),
+            role,
         })
     }
 
@@ -1367,7 +1429,8 @@ impl ByteQueue {
     ///
     /// `MessageTooLarge`, `Closed`, `Disconnected` or `Corrupted`.
     pub fn send(&self, bytes: &[u8]) -> Result<(), QueueError> {
-        self.core.send(bytes.len(), copy_in(bytes), Deadline::NEVER)
+        self.core
+            .send(self.role, bytes.len(), copy_in(bytes), Deadline::NEVER)
     }
 
     /// Sends a copy of `bytes` if there is room now. Returns at once.
@@ -1378,7 +1441,12 @@ impl ByteQueue {
     /// in the middle of a large (chunked) message. Nothing was sent.
     pub fn try_send(&self, bytes: &[u8]) -> Result<(), QueueError> {
         self.core
-            .send(bytes.len(), copy_in(bytes), Deadline::after(Duration::ZERO))
+            .send(
+                self.role,
+                bytes.len(),
+                copy_in(bytes),
+                Deadline::after(Duration::ZERO),
+            )
             .map_err(full_not_timeout)
     }
 
@@ -1390,8 +1458,12 @@ impl ByteQueue {
     /// message whose first chunks were already out is abandoned: no receiver gets any of
     /// it.)
     pub fn send_timeout(&self, bytes: &[u8], timeout: Duration) -> Result<(), QueueError> {
-        self.core
-            .send(bytes.len(), copy_in(bytes), Deadline::after(timeout))
+        self.core.send(
+            self.role,
+            bytes.len(),
+            copy_in(bytes),
+            Deadline::after(timeout),
+        )
     }
 
     /// Sends a message of `len` bytes written in place by `fill` (zero-copy: `fill` writes
@@ -1404,6 +1476,7 @@ impl ByteQueue {
     /// As for [`send`](ByteQueue::send).
     pub fn send_with(&self, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<(), QueueError> {
         self.core.send(
+            self.role,
             len,
             |buf| {
                 fill(buf);
@@ -1419,7 +1492,7 @@ impl ByteQueue {
         fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
         deadline: Deadline,
     ) -> Result<(), QueueError> {
-        self.core.send(len, fill, deadline)
+        self.core.send(self.role, len, fill, deadline)
     }
 
     /// Receives a message into a new `Vec`, waiting for one.
@@ -1428,7 +1501,7 @@ impl ByteQueue {
     ///
     /// `Closed` (closed and drained), `Disconnected` or `Corrupted`.
     pub fn recv(&self) -> Result<Vec<u8>, QueueError> {
-        self.core.recv(Deadline::NEVER, <[u8]>::to_vec)
+        self.core.recv(self.role, Deadline::NEVER, <[u8]>::to_vec)
     }
 
     /// Receives a message into `buf` (replacing its contents, reusing its allocation);
@@ -1438,7 +1511,7 @@ impl ByteQueue {
     ///
     /// As for [`recv`](ByteQueue::recv).
     pub fn recv_into(&self, buf: &mut Vec<u8>) -> Result<usize, QueueError> {
-        self.core.recv(Deadline::NEVER, |bytes| {
+        self.core.recv(self.role, Deadline::NEVER, |bytes| {
             buf.clear();
             buf.extend_from_slice(bytes);
             bytes.len()
@@ -1455,7 +1528,7 @@ impl ByteQueue {
     ///
     /// As for [`recv`](ByteQueue::recv).
     pub fn recv_with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R, QueueError> {
-        self.core.recv(Deadline::NEVER, f)
+        self.core.recv(self.role, Deadline::NEVER, f)
     }
 
     /// Like [`recv_with`](ByteQueue::recv_with), waiting at most `timeout`.
@@ -1472,7 +1545,7 @@ impl ByteQueue {
         timeout: Duration,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, QueueError> {
-        self.core.recv(Deadline::after(timeout), f)
+        self.core.recv(self.role, Deadline::after(timeout), f)
     }
 
     /// Like [`recv_with`](ByteQueue::recv_with) if a message is ready now. Returns at
@@ -1484,7 +1557,7 @@ impl ByteQueue {
     /// As for [`recv`](ByteQueue::recv), plus `Empty`.
     pub fn try_recv_with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R, QueueError> {
         self.core
-            .recv(Deadline::after(Duration::ZERO), f)
+            .recv(self.role, Deadline::after(Duration::ZERO), f)
             .map_err(|e| {
                 if e == QueueError::Timeout {
                     QueueError::Empty
@@ -1591,9 +1664,10 @@ impl Clone for ByteQueue {
     ///
     /// If more than 64 processes already hold handles to this queue.
     fn clone(&self) -> Self {
-        peers::attach(&self.core.h().handles).expect("attach a queue handle");
+        peers::attach(self.core.table(self.role)).expect("attach a queue handle");
         ByteQueue {
             core: Arc::clone(&self.core),
+            role: self.role,
         }
     }
 }
@@ -1601,7 +1675,7 @@ impl Clone for ByteQueue {
 impl Drop for ByteQueue {
     fn drop(&mut self) {
         let h = self.core.h();
-        peers::detach(&h.handles);
+        peers::detach(self.core.table(self.role));
         h.not_empty.notify_all();
         h.not_full.notify_all();
     }

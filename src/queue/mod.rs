@@ -23,7 +23,7 @@ pub use error::{
 
 use std::cell::Cell;
 
-pub use typed::Queue;
+pub use typed::{Queue, QueueReceiver, QueueSender};
 
 use eventcount::{Attempt, EventCount, block_on};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::bytes::{ByteQueue, QueueBuilder, QueueError, full_not_timeout};
+use super::bytes::{ByteQueue, QueueBuilder, QueueError, Role, full_not_timeout};
 use crate::error::Result;
 use crate::sys::Deadline;
 
@@ -17,6 +17,37 @@ use crate::sys::Deadline;
 /// Values are encoded with postcard straight into the shared ring (no intermediate buffer
 /// for messages up to a quarter of the ring; larger ones are chunked) and decoded straight
 /// out of it. Clone the handle for more producers and consumers; a forked child shares it.
+///
+/// # When a queue is disconnected
+///
+/// A `get` on an empty queue returns [`QueueError::Disconnected`] once no *other* live
+/// handle that could send exists, and a `put` on a full one once no other live handle that
+/// could receive exists. A handle held by a process that died (even by `SIGKILL`) stops
+/// counting within about 20 ms; a process that `exec`s another program holds none.
+///
+/// A `Queue` handle can do both, exactly like Python's, so **every `Queue` handle counts as
+/// a possible sender and a possible receiver**. A parent that keeps its own `q` after
+/// forking producers and consumers keeps the queue connected: consumers wait for it
+/// rather than learning that the producers died. When that matters, give each process a
+/// handle with a role: [`Queue::sender`] / [`Queue::receiver`] (or [`Queue::split`]).
+/// Receivers count only handles that can send, so a consumer learns that every producer is
+/// gone even while other processes, this one included, keep receive-only handles.
+///
+/// ```
+/// use procshare::{Queue, QueueError};
+///
+/// let (tx, rx) = Queue::<String>::new()?.split()?;
+/// let mut producer = procshare::fork::fork(move || {
+///     tx.put(&"hello".to_string()).unwrap();
+///     0 // exits: its sender is gone
+/// })?;
+/// assert_eq!(rx.get()?, "hello");
+/// producer.wait()?;
+/// // This process holds only a receiver (the `tx` moved into the child's closure was
+/// // dropped here when `fork` returned), so no sender is left anywhere:
+/// assert_eq!(rx.get(), Err(QueueError::Disconnected));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 ///
 /// ```
 /// use procshare::Queue;
@@ -174,7 +205,180 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     pub fn as_bytes(&self) -> &ByteQueue {
         &self.bytes
     }
+
+    fn with_role(&self, role: Role) -> Result<Queue<T>> {
+        Ok(Queue::from_bytes(self.bytes.with_role(role)?))
+    }
+
+    /// A send-only handle to this queue. Receivers count it, and only handles that can
+    /// send, when deciding whether the queue is disconnected (see [`Queue`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) if more processes hold
+    /// send-only handles than the queue can count.
+    pub fn sender(&self) -> Result<QueueSender<T>> {
+        Ok(QueueSender {
+            queue: self.with_role(Role::Send)?,
+        })
+    }
+
+    /// A receive-only handle to this queue. Senders count it, and only handles that can
+    /// receive, when deciding whether the queue is disconnected (see [`Queue`]).
+    ///
+    /// # Errors
+    ///
+    /// As for [`sender`](Queue::sender).
+    pub fn receiver(&self) -> Result<QueueReceiver<T>> {
+        Ok(QueueReceiver {
+            queue: self.with_role(Role::Recv)?,
+        })
+    }
+
+    /// Splits this two-way handle into a send-only and a receive-only one.
+    ///
+    /// ```
+    /// let (tx, rx) = procshare::Queue::<u32>::new()?.split()?;
+    /// tx.put(&7)?;
+    /// drop(tx); // the last handle that could send
+    /// assert_eq!(rx.get()?, 7);
+    /// assert_eq!(rx.get(), Err(procshare::QueueError::Disconnected));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As for [`sender`](Queue::sender).
+    pub fn split(self) -> Result<(QueueSender<T>, QueueReceiver<T>)> {
+        Ok((self.sender()?, self.receiver()?))
+    }
 }
+
+/// The sending end of a [`Queue`], from [`Queue::sender`] or [`Queue::split`]: `put`
+/// only. Clone it for more producers; a forked child shares it.
+pub struct QueueSender<T> {
+    queue: Queue<T>,
+}
+
+impl<T: Serialize + DeserializeOwned> QueueSender<T> {
+    /// As [`Queue::put`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Queue::put`]; `Disconnected` once no live handle can receive.
+    pub fn put(&self, value: &T) -> Result<(), QueueError> {
+        self.queue.put(value)
+    }
+
+    /// As [`Queue::put_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Queue::put_timeout`].
+    pub fn put_timeout(&self, value: &T, timeout: Duration) -> Result<(), QueueError> {
+        self.queue.put_timeout(value, timeout)
+    }
+
+    /// As [`Queue::try_put`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Queue::try_put`].
+    pub fn try_put(&self, value: &T) -> Result<(), QueueError> {
+        self.queue.try_put(value)
+    }
+
+    /// As [`Queue::close`]: receivers drain what is queued, then get `Closed`.
+    pub fn close(&self) {
+        self.queue.close();
+    }
+
+    /// Whether the queue was closed.
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+
+    /// Values waiting (a snapshot).
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether no value is waiting (a snapshot).
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+/// The receiving end of a [`Queue`], from [`Queue::receiver`] or [`Queue::split`]: `get`
+/// only. Clone it for more consumers; a forked child shares it.
+pub struct QueueReceiver<T> {
+    queue: Queue<T>,
+}
+
+impl<T: Serialize + DeserializeOwned> QueueReceiver<T> {
+    /// As [`Queue::get`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Queue::get`]; `Disconnected` once the queue is empty and no live handle
+    /// can send (receive-only handles, this process's included, do not count).
+    pub fn get(&self) -> Result<T, QueueError> {
+        self.queue.get()
+    }
+
+    /// As [`Queue::get_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Queue::get_timeout`].
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T, QueueError> {
+        self.queue.get_timeout(timeout)
+    }
+
+    /// As [`Queue::try_get`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Queue::try_get`].
+    pub fn try_get(&self) -> Result<T, QueueError> {
+        self.queue.try_get()
+    }
+
+    /// Whether the queue was closed.
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+
+    /// Values waiting (a snapshot).
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether no value is waiting (a snapshot).
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+macro_rules! role_handle_impls {
+    ($($ty:ident),*) => {$(
+        impl<T> Clone for $ty<T> {
+            fn clone(&self) -> Self {
+                $ty {
+                    queue: self.queue.clone(),
+                }
+            }
+        }
+
+        impl<T> fmt::Debug for $ty<T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_tuple(stringify!($ty)).field(&self.queue.bytes).finish()
+            }
+        }
+    )*};
+}
+
+role_handle_impls!(QueueSender, QueueReceiver);
 
 impl<T> Clone for Queue<T> {
     fn clone(&self) -> Self {
