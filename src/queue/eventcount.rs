@@ -25,6 +25,11 @@ impl EventCount {
         }
     }
 
+    /// How many waiters are announced (for tests).
+    pub(crate) fn waiters(&self) -> u32 {
+        self.waiters.load(Ordering::SeqCst)
+    }
+
     /// Wakes every waiter. Call after publishing the progress they wait for.
     #[inline]
     pub(crate) fn notify_all(&self) {

@@ -367,6 +367,34 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         }
     }
 
+    /// Test hook: publishes, at the next position, a writer's claim naming thread `tid`
+    /// with start time `start`, exactly as that thread's own claim would look, and moves
+    /// `tail` past it, as if that thread had claimed the slot and stalled.
+    #[doc(hidden)]
+    pub fn __plant_claim(&self, tid: u32, start: u64) {
+        let h = self.ring.header();
+        let pos = h.tail.load(Ordering::Acquire);
+        let tag = (u64::from(tid) | ((start & ((1 << HASH_BITS) - 1)) << TID_BITS)) & TAG_MASK;
+        self.ring
+            .slot(pos)
+            .stamp
+            .store(claim(pos, tag, false), Ordering::Release);
+        h.tail.store(pos.wrapping_add(1), Ordering::Release);
+    }
+
+    /// Test hook: overwrites the shared `tail` with `f(tail)`, as a scribbling peer would.
+    #[doc(hidden)]
+    pub fn __scribble_tail(&self, f: impl FnOnce(u64) -> u64) {
+        let tail = &self.ring.header().tail;
+        tail.store(f(tail.load(Ordering::Acquire)), Ordering::Release);
+    }
+
+    /// Test hook: how many waiters the receivers' eventcount has announced.
+    #[doc(hidden)]
+    pub fn __not_empty_waiters(&self) -> u32 {
+        self.ring.header().not_empty.waiters()
+    }
+
     sender_api!();
 }
 

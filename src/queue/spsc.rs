@@ -191,6 +191,12 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         Ok(n as usize)
     }
 
+    /// Test hook: how many waiters the receiver's eventcount has announced.
+    #[doc(hidden)]
+    pub fn __not_empty_waiters(&self) -> u32 {
+        self.ring.header().not_empty.waiters()
+    }
+
     sender_api!();
 }
 
