@@ -358,7 +358,7 @@ fn send_blocked_when_the_receiver_is_killed() {
             let t0 = Instant::now();
             let r = tx.send(7);
             times_ref[1].store(mono_ns(), Ordering::SeqCst);
-            assert!(matches!(r, Err(SendError(7))), "{flavour}: {r:?}");
+            assert!(matches!(r, Err(SendError::Disconnected(7))), "{flavour}: {r:?}");
             assert!(t0.elapsed() >= Duration::from_millis(250), "{flavour}: did not block");
         });
         assert!(ready[1].wait_timeout(LIMIT));
@@ -1041,35 +1041,72 @@ fn channel_corrupted_tail_is_reported_to_both_sides() {
     }
 }
 
+/// Runs `f`, which must panic with the refusal of a second process on an spsc end.
+fn assert_refused<R: std::fmt::Debug>(what: &str, f: impl FnOnce() -> R) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let e = r.expect_err(what);
+    let msg = e
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(
+        msg.contains("another live process"),
+        "{what}: unclear refusal: {msg}"
+    );
+}
+
 /// An spsc end inherited by fork and used by two live processes would duplicate or lose
-/// messages: the second process's first use is refused with a clear panic, and the
-/// first process carries on undisturbed.
+/// messages: after a fork, the first process to use an end owns it, and another live
+/// process's use panics with a clear message, while the owner carries on undisturbed.
+/// Once the owner is dead, the other process may take over.
 fn spsc_end_used_from_two_processes_is_refused() {
     let (tx, rx) = procshare::spsc::<u64>(64).unwrap();
+    let ev = Shared::new([Event::new(), Event::new()]).unwrap();
+    let (used, done): (&Event, &Event) = (&ev[0], &ev[1]);
     tx.send(0).unwrap();
-    let sender_child = spawn(|| {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tx.send(99)));
-        let e = r.expect_err("a second process used the spsc sender");
-        let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
-        assert!(
-            msg.contains("another live process"),
-            "unclear refusal: {msg}"
-        );
+    // The parent uses the sender after the fork first; the child is refused.
+    let child = spawn(|| {
+        assert!(used.wait_timeout(LIMIT));
+        assert_refused("a second process sent on the spsc sender", || tx.send(99));
+        assert_refused("a second process received on the spsc receiver", || {
+            rx.try_recv()
+        });
     });
-    join(sender_child, LIMIT);
-    for i in 1..10 {
+    tx.send(1).unwrap();
+    assert_eq!(rx.recv(), Ok(0));
+    used.set();
+    join(child, LIMIT);
+    for i in 2..10 {
         tx.send(i).unwrap();
     }
-    assert_eq!(rx.recv(), Ok(0));
-    let receiver_child = spawn(|| {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rx.try_recv()));
-        assert!(r.is_err(), "a second process used the spsc receiver: {r:?}");
-    });
-    join(receiver_child, LIMIT);
     assert_eq!(
         rx.try_iter().collect::<Vec<_>>(),
         (1..10).collect::<Vec<_>>()
     );
+    // The child uses both ends first; the parent is refused while the child lives.
+    used.clear();
+    let child = spawn(|| {
+        tx.send(10).unwrap();
+        assert_eq!(rx.recv(), Ok(10));
+        tx.send(11).unwrap();
+        used.set();
+        assert!(done.wait_timeout(LIMIT));
+    });
+    assert!(used.wait_timeout(LIMIT));
+    assert_refused("the parent sent while the child owns the sender", || {
+        tx.send(98)
+    });
+    assert_refused(
+        "the parent received while the child owns the receiver",
+        || rx.try_recv(),
+    );
+    done.set();
+    join(child, LIMIT);
+    // The child exited without dropping (fork children leave with _exit): its ownership
+    // dies with it, and the parent takes over where it left off.
+    tx.send(12).unwrap();
+    assert_eq!(rx.try_iter().collect::<Vec<_>>(), [11, 12]);
 }
 
 /// The usual hand-over stays legal: an end used here, then moved into a forked child,

@@ -1,20 +1,64 @@
 //! An eventcount on a shared futex word: lets a consumer sleep until a producer makes
 //! progress, without a lock and without lost wake-ups (after folly's `EventCount`).
 //!
-//! The producer's fast path is a fence and a load: it only touches the futex when someone
-//! announced that they are about to sleep. A waiter announces itself, re-checks its
-//! condition, and only then sleeps, on the sequence value it read *before* re-checking, so
-//! a notification between the re-check and the sleep makes the sleep return at once.
+//! The producer's fast path is one read-modify-write of the `waiters` word: it only
+//! touches the futex when someone announced that they are about to sleep. A waiter
+//! announces itself, re-checks its condition, and only then sleeps, on the sequence value
+//! it read *before* re-checking, so a notification between the re-check and the sleep
+//! makes the sleep return at once.
 //!
-//! A waiter killed while announced leaves `waiters` too high; that only makes notifiers
-//! take their slow path (a futex wake) until the count is right again: nobody waits on it.
+//! # The shared words
+//!
+//! ```text
+//!  seq:      [sequence (32)]                         futex word; +1 per slow notify
+//!  waiters:  [epoch (16)][announced waiters (16)]
+//! ```
+//!
+//! An announcement lives for one sleep. A notifier that finds announced waiters does not
+//! wait for them to take their announcements back: it **erases them all** (starts a new
+//! epoch with a count of 0), then bumps `seq` and wakes every sleeper. A woken waiter
+//! that still has to wait announces itself again (in the new epoch); a waiter that comes
+//! back from an erased epoch does not decrement. So:
+//!
+//! * a waiter killed while announced (asleep, or between announcing and sleeping) leaves
+//!   at most one stale count, and the next notify erases it: that notify pays one futex
+//!   wake that finds nobody, and every later one takes the fast path again. The count
+//!   never stays high for the life of the queue;
+//! * while a woken sleeper is on its way back, notifies take the fast path (its
+//!   announcement is already erased): one futex wake per sleep episode, not one per
+//!   message (no wake convoy);
+//! * no wake-up is lost. A waiter checks, after reading the key it will sleep on, that its
+//!   epoch is still current. All operations on both words are sequentially consistent;
+//!   if the erasing notify came before that check, the waiter sees the new epoch and
+//!   announces again; if it came after, the notify's `seq` increment also comes after the
+//!   key was read, so the waiter's futex wait returns at once (or is woken by the wake
+//!   that follows the increment).
+//!
+//! | state a SIGKILL can leave | effect | repaired by |
+//! |---|---|---|
+//! | count includes a dead waiter | next notify takes the slow path once | that notify's erase |
+//! | `seq` bumped, wake not issued | sleepers time out (every sleep is capped at 20 ms) | their next attempt |
+//! | epoch erased, `seq` not bumped | a waiter that slept on the old key, uncounted, sleeps until its 20 ms cap | its cap |
+//!
+//! The last row is the only way a wake-up can be delayed, and only by a notifier's death
+//! between two adjacent stores; every sleep is bounded, so nothing hangs.
 
 use crate::facade::{AtomicU32, Deadline, FutexWait, Ordering, fence, spin_hint, wait, wake};
+
+const COUNT_MASK: u32 = 0xffff;
+const EPOCH_ONE: u32 = 1 << 16;
 
 #[repr(C)]
 pub(crate) struct EventCount {
     seq: AtomicU32,
     waiters: AtomicU32,
+}
+
+/// What `prepare_wait` hands the waiter: the key to sleep on and the epoch it announced in.
+#[derive(Clone, Copy)]
+pub(crate) struct Ticket {
+    key: u32,
+    epoch: u32,
 }
 
 impl EventCount {
@@ -25,9 +69,9 @@ impl EventCount {
         }
     }
 
-    /// How many waiters are announced (for tests).
+    /// How many waiters are announced in the current epoch (for tests).
     pub(crate) fn waiters(&self) -> u32 {
-        self.waiters.load(Ordering::SeqCst)
+        self.waiters.load(Ordering::SeqCst) & COUNT_MASK
     }
 
     /// Wakes every waiter. Call after publishing the progress they wait for.
@@ -38,33 +82,64 @@ impl EventCount {
         // comes after ours and, acquiring from it, its re-check sees what we published
         // before it. On x86 this is one `lock xadd` on a line only we write while nobody
         // waits, cheaper than the `mfence` a fence-plus-load would cost on every message.
-        if self.waiters.fetch_add(0, Ordering::SeqCst) != 0 {
-            self.notify_slow();
+        let w = self.waiters.fetch_add(0, Ordering::SeqCst);
+        if w & COUNT_MASK != 0 {
+            self.notify_slow(w);
         }
     }
 
     #[cold]
-    fn notify_slow(&self) {
+    fn notify_slow(&self, mut w: u32) {
+        // SYNC POINT: erase every announcement (a new epoch, count 0), then bump the key
+        // and wake. See the module docs for why no wake-up is lost.
+        loop {
+            if w & COUNT_MASK == 0 {
+                return; // someone else erased (and will wake), or the waiters left
+            }
+            let erased = (w & !COUNT_MASK).wrapping_add(EPOCH_ONE);
+            match self
+                .waiters
+                .compare_exchange(w, erased, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
         self.seq.fetch_add(1, Ordering::SeqCst);
         wake(&self.seq, u32::MAX);
     }
 
     /// Announces a waiter; re-check the condition after this, then `wait` or `cancel_wait`.
-    pub(crate) fn prepare_wait(&self) -> u32 {
-        self.waiters.fetch_add(1, Ordering::SeqCst);
-        let key = self.seq.load(Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        key
+    pub(crate) fn prepare_wait(&self) -> Ticket {
+        loop {
+            let w = self.waiters.fetch_add(1, Ordering::SeqCst);
+            let key = self.seq.load(Ordering::SeqCst);
+            // SYNC POINT: still announced? If a notify erased our epoch before this load,
+            // announce again; if after, its `seq` bump comes after our key.
+            let now = self.waiters.load(Ordering::SeqCst);
+            if now & !COUNT_MASK == w & !COUNT_MASK {
+                fence(Ordering::SeqCst);
+                return Ticket {
+                    key,
+                    epoch: w & !COUNT_MASK,
+                };
+            }
+        }
     }
 
-    pub(crate) fn cancel_wait(&self) {
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    /// Takes the announcement back, unless a notify already erased it.
+    pub(crate) fn cancel_wait(&self, ticket: Ticket) {
+        let _ = self
+            .waiters
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w & !COUNT_MASK == ticket.epoch && w & COUNT_MASK != 0).then(|| w - 1)
+            });
     }
 
-    /// Sleeps unless notified since `prepare_wait` returned `key`.
-    pub(crate) fn wait(&self, key: u32, deadline: Deadline) -> FutexWait {
-        let r = wait(&self.seq, key, deadline);
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    /// Sleeps unless notified since `prepare_wait` returned `ticket`.
+    pub(crate) fn wait(&self, ticket: Ticket, deadline: Deadline) -> FutexWait {
+        let r = wait(&self.seq, ticket.key, deadline);
+        self.cancel_wait(ticket);
         r
     }
 }
@@ -122,6 +197,41 @@ fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>) -> Option<R> {
     None
 }
 
+/// How often a waiter (or a non-blocking call that found nothing to do) runs its slow
+/// check for dead peers.
+pub(crate) const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Rate-limits the dead-peer check of non-blocking calls to one per [`CHECK_EVERY`] per
+/// handle: one monotonic clock read (vDSO, ~20 ns) on the empty (full) path, nothing on
+/// the success path. Process-local; a fresh clock is due at once.
+pub(crate) struct CheckClock(std::sync::atomic::AtomicU64);
+
+impl CheckClock {
+    pub(crate) fn new() -> CheckClock {
+        CheckClock(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    /// Whether a check is due; if so, the next one is due [`CHECK_EVERY`] from now.
+    #[cfg(not(loom))]
+    #[inline]
+    pub(crate) fn due(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = crate::sys::monotonic_now().as_nanos() as u64;
+        if now < self.0.load(Relaxed) {
+            return false;
+        }
+        self.0.store(now + CHECK_EVERY.as_nanos() as u64, Relaxed);
+        true
+    }
+
+    /// Under loom: never (a clock would make executions non-deterministic, and the checks
+    /// read /proc, which loom does not model).
+    #[cfg(loom)]
+    pub(crate) fn due(&self) -> bool {
+        false
+    }
+}
+
 /// What a blocking operation's attempt found.
 pub(crate) enum Attempt<R> {
     /// Done (successfully or with a final error).
@@ -144,7 +254,6 @@ pub(crate) fn block_on<R>(
     mut attempt: impl FnMut() -> Attempt<R>,
     mut check: impl FnMut() -> Option<R>,
 ) -> Option<R> {
-    const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
     if deadline.has_passed() {
         // A `try_*` call: exactly one attempt, no spinning.
         return match attempt() {
@@ -157,12 +266,12 @@ pub(crate) fn block_on<R>(
     }
     let mut next_check = Deadline::after(CHECK_EVERY);
     loop {
-        let key = ec.prepare_wait();
+        let ticket = ec.prepare_wait();
         if let Attempt::Ready(r) = attempt() {
-            ec.cancel_wait();
+            ec.cancel_wait(ticket);
             return Some(r);
         }
-        let _ = ec.wait(key, deadline.capped(CHECK_EVERY));
+        let _ = ec.wait(ticket, deadline.capped(CHECK_EVERY));
         if let Attempt::Ready(r) = attempt() {
             return Some(r);
         }
