@@ -144,6 +144,52 @@ impl EventCount {
     }
 }
 
+/// The eventcount protocol as the loom models in `tests/loom.rs` drive it; not API.
+#[cfg(loom)]
+#[doc(hidden)]
+pub struct LoomEventCount(EventCount);
+
+#[cfg(loom)]
+impl Default for LoomEventCount {
+    fn default() -> Self {
+        LoomEventCount(EventCount::new())
+    }
+}
+
+#[cfg(loom)]
+impl LoomEventCount {
+    /// See [`EventCount::notify_all`].
+    pub fn notify_all(&self) {
+        self.0.notify_all();
+    }
+
+    /// Sleeps (without a deadline, so a lost wake-up is a deadlock loom reports) until
+    /// `ready()`, announcing and re-checking as `block_on` does.
+    pub fn wait_until(&self, ready: impl Fn() -> bool) {
+        loop {
+            if ready() {
+                return;
+            }
+            let ticket = self.0.prepare_wait();
+            if ready() {
+                self.0.cancel_wait(ticket);
+                return;
+            }
+            let _ = self.0.wait(ticket, Deadline::NEVER);
+        }
+    }
+
+    /// A waiter killed after announcing itself: its announcement is never taken back.
+    pub fn announce_and_die(&self) {
+        let _ = self.0.prepare_wait();
+    }
+
+    /// Announced waiters in the current epoch.
+    pub fn waiters(&self) -> u32 {
+        self.0.waiters()
+    }
+}
+
 /// How long a waiter polls before it sleeps, when it has a CPU of its own. A futex sleep
 /// and wake-up costs ~14 µs on these VMs while a peer on another CPU answers in well under
 /// a microsecond, so a few microseconds of polling usually saves the sleep.
@@ -204,7 +250,7 @@ pub(crate) const CHECK_EVERY: std::time::Duration = std::time::Duration::from_mi
 /// Rate-limits the dead-peer check of non-blocking calls to one per [`CHECK_EVERY`] per
 /// handle: one monotonic clock read (vDSO, ~20 ns) on the empty (full) path, nothing on
 /// the success path. Process-local; a fresh clock is due at once.
-pub(crate) struct CheckClock(std::sync::atomic::AtomicU64);
+pub(crate) struct CheckClock(#[cfg_attr(loom, allow(dead_code))] std::sync::atomic::AtomicU64);
 
 impl CheckClock {
     pub(crate) fn new() -> CheckClock {
@@ -286,5 +332,61 @@ pub(crate) fn block_on<R>(
             }
             next_check = Deadline::after(CHECK_EVERY);
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_announcement_is_erased_by_the_next_notify() {
+        let ec = EventCount::new();
+        let _dead = ec.prepare_wait(); // a waiter that never comes back
+        assert_eq!(ec.waiters(), 1);
+        ec.notify_all();
+        assert_eq!(ec.waiters(), 0, "erased");
+        ec.notify_all();
+        assert_eq!(ec.waiters(), 0);
+    }
+
+    #[test]
+    fn an_erased_waiter_does_not_decrement_the_new_epoch() {
+        let ec = EventCount::new();
+        let old = ec.prepare_wait();
+        ec.notify_all(); // erases `old`
+        let new = ec.prepare_wait();
+        assert_eq!(ec.waiters(), 1);
+        // `old`'s key is stale, so its wait returns at once, without touching `new`'s count.
+        assert_eq!(
+            ec.wait(old, Deadline::after(std::time::Duration::from_secs(5))),
+            FutexWait::Woken
+        );
+        assert_eq!(ec.waiters(), 1);
+        ec.cancel_wait(new);
+        assert_eq!(ec.waiters(), 0);
+    }
+
+    #[test]
+    fn a_notify_wakes_a_sleeper() {
+        let ec = std::sync::Arc::new(EventCount::new());
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t = {
+            let (ec, flag) = (ec.clone(), flag.clone());
+            std::thread::spawn(move || {
+                while !flag.load(Ordering::SeqCst) {
+                    let ticket = ec.prepare_wait();
+                    if flag.load(Ordering::SeqCst) {
+                        ec.cancel_wait(ticket);
+                        break;
+                    }
+                    let _ = ec.wait(ticket, Deadline::after(std::time::Duration::from_secs(5)));
+                }
+            })
+        };
+        flag.store(true, Ordering::SeqCst);
+        ec.notify_all();
+        t.join().unwrap();
+        assert_eq!(ec.waiters(), 0);
     }
 }

@@ -128,6 +128,10 @@ pub(crate) struct Slot<T> {
 
 type Ring<T> = RingMem<Header, Slot<T>>;
 
+#[cfg(loom)]
+#[doc(hidden)]
+pub use super::eventcount::LoomEventCount;
+
 /// Creates a bounded multi-producer multi-consumer queue of at least `capacity` messages
 /// (rounded up to a power of two, and at least 2) in a new anonymous shared segment. Both ends can be
 /// cloned and used from any number of threads and (forked) processes.
@@ -952,5 +956,63 @@ mod tests {
         assert_eq!(rx.try_recv_batch(&mut out, 5).unwrap(), 5);
         assert_eq!(rx.recv_batch(&mut out, 10).unwrap(), 3);
         assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_scribbled_tail_is_corruption_for_everyone_from_then_on() {
+        for scribble in [|_| 1000u64, |t: u64| t + 5] {
+            let (tx, rx) = heap_channel::<u32>(8).unwrap();
+            tx.send(1).unwrap();
+            tx.send(2).unwrap();
+            tx.__scribble_tail(scribble);
+            // A sender may or may not notice on its own (a position a few ahead looks free);
+            // the receiver notices at the latest where `tail` claims messages that never were.
+            let _ = tx.try_send(3);
+            let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            assert!([&[][..], &[1], &[1, 2]].contains(&&got[..]), "{got:?}");
+            assert!(matches!(rx.try_recv(), Err(TryRecvError::Corrupted(_))));
+            assert!(matches!(tx.try_send(4), Err(TrySendError::Corrupted(4))));
+            assert!(matches!(tx.send(5), Err(SendError::Corrupted(5))));
+            assert!(matches!(
+                rx.recv_timeout(std::time::Duration::from_secs(5)),
+                Err(RecvTimeoutError::Corrupted(_))
+            ));
+            let other = rx.clone();
+            assert!(matches!(other.try_recv(), Err(TryRecvError::Corrupted(_))));
+        }
+    }
+
+    #[test]
+    fn claimant_words_encode_what_the_checker_reads() {
+        let c = Claimant::of(0x3f_ffff, (0xab_cdef_1234 << 8) | 0x5a);
+        let stamp = claim(7, c.tag, true);
+        assert!(claims(stamp, 7) && stamp & READING != 0);
+        assert_eq!((stamp >> TAG_SHIFT) & ((1 << TID_BITS) - 1), 0x3f_ffff);
+        assert_eq!((stamp >> TAG_SHIFT) >> TID_BITS & 0xff, 0x5a);
+        assert_eq!(c.record >> START_BITS, 0x3f_ffff);
+        assert_eq!(c.record & 0xff, 0x5a);
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "liveness reads /proc")]
+    fn a_live_claimant_is_never_judged_dead() {
+        let slot = new_slot::<u32>(0);
+        let me = Claimant::me();
+        assert!(slot.try_claim(0, 0, me, false));
+        let stamp = slot.stamp.load(Ordering::SeqCst);
+        assert_eq!(slot.claimant_is_dead(stamp), None, "with its full record");
+        slot.claimant.store(0, Ordering::SeqCst);
+        assert_eq!(
+            slot.claimant_is_dead(stamp),
+            None,
+            "before its record is written"
+        );
+        let me_id = sys::current_thread();
+        // The same thread id with a start time that agrees in 8 bits only: dead.
+        slot.claimant.store(
+            Claimant::of(me_id.tid, me_id.start ^ (1 << 9)).record,
+            Ordering::SeqCst,
+        );
+        assert!(slot.claimant_is_dead(stamp).is_some());
     }
 }

@@ -751,4 +751,19 @@ mod tests {
         tx.send(4).unwrap();
         assert_eq!(rx.recv(), Ok(4));
     }
+
+    #[test]
+    fn an_impossible_tail_is_corruption_for_both_ends_from_then_on() {
+        let (tx, rx) = heap_spsc::<u8>(4).unwrap();
+        tx.send(1).unwrap();
+        rx.ring.header().tail.store(1000, Ordering::SeqCst);
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Corrupted(_))));
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Corrupted(_))));
+        assert!(matches!(tx.try_send(2), Err(TrySendError::Corrupted(2))));
+        assert!(matches!(tx.send(3), Err(SendError::Corrupted(3))));
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(RecvTimeoutError::Corrupted(_))
+        ));
+    }
 }
