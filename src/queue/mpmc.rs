@@ -466,12 +466,19 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     #[inline]
     fn push_checked(&self, value: T) -> Result<(), TrySendError<T>> {
         match self.push(value) {
-            Err(TrySendError::Full(v)) if self.check.due() => {
-                RawSender::receivers_alive(self);
-                self.push(v)
-            }
+            Err(TrySendError::Full(v)) => self.push_after_check(v),
             r => r,
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn push_after_check(&self, value: T) -> Result<(), TrySendError<T>> {
+        if !self.check.due() {
+            return Err(TrySendError::Full(value));
+        }
+        RawSender::receivers_alive(self);
+        self.push(value)
     }
 
     /// Claims the next free position and writes `value`, without notifying consumers.
@@ -681,12 +688,19 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     #[inline]
     fn pop_checked(&self) -> Result<T, TryRecvError> {
         match self.pop() {
-            Err(TryRecvError::Empty) if self.check.due() => {
-                RawReceiver::senders_alive(self);
-                self.pop()
-            }
+            Err(TryRecvError::Empty) => self.pop_after_check(),
             r => r,
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn pop_after_check(&self) -> Result<T, TryRecvError> {
+        if !self.check.due() {
+            return Err(TryRecvError::Empty);
+        }
+        RawReceiver::senders_alive(self);
+        self.pop()
     }
 
     /// Claims the next published position and copies its message out, without notifying.
