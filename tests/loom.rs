@@ -20,7 +20,7 @@ use loom::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
 
-use procshare::queue::mpmc::{LoomEventCount, heap_channel};
+use procshare::queue::mpmc::{LoomEventCount, LoomSlot, heap_channel};
 use procshare::queue::spsc::heap_spsc;
 use procshare::{RecvError, TryRecvError, TrySendError};
 
@@ -371,5 +371,40 @@ fn eventcount_heals_after_a_dead_waiter() {
         // or erased.
         ec.notify_all();
         assert_eq!(ec.waiters(), 0);
+    });
+}
+
+/// A checker never pairs a claim with the claimant word of an *earlier* claim. Thread id 5
+/// claims a slot as a producer, then (its id reused by a new thread whose start time
+/// agrees in the low 8 bits, so the claim words look alike) as a consumer. A checker that
+/// reads the consumer's claim and then the claimant word must find 0 (not written yet) or
+/// the consumer's own word, never the producer's: with it, the live consumer would look
+/// dead by its full start time. (A word of a *later* claim is harmless: `repair` acts only
+/// through a compare-and-swap from the claim it read, which then fails.)
+#[test]
+fn channel_claimant_word_is_never_stale() {
+    model(|| {
+        const X: u64 = 0x1_00; // the first thread's start time
+        const Y: u64 = 0x2_00; // the reuser's: equal low 8 bits
+        let slot = Arc::new(LoomSlot::default());
+        let claimant = {
+            let slot = Arc::clone(&slot);
+            thread::spawn(move || {
+                slot.write_as(5, X);
+                slot.read_as(5, Y, 2);
+            })
+        };
+        for _ in 0..2 {
+            if let Some((stamp, record)) = slot.check() {
+                let (x, y) = (LoomSlot::record_of(5, X), LoomSlot::record_of(5, Y));
+                let ok = if LoomSlot::is_reading(stamp) {
+                    record == 0 || record == y
+                } else {
+                    record == 0 || record == x || record == y
+                };
+                assert!(ok, "claim {stamp:#x} with claimant word {record:#x}");
+            }
+        }
+        claimant.join().unwrap();
     });
 }

@@ -42,8 +42,10 @@
 //! 256) is still recognised as dead. The claimant word can never be a stale record of an
 //! earlier claim: every claim zeroes it before it ends (the publishing or freeing store
 //! releases that zero, and the next claim's compare-and-swap continues that release
-//! sequence), so a checker that read the claim reads the word as zero or as written by
-//! that claim. While it is zero (the claimant is between its two stores, or died there)
+//! sequence), so a checker that read the claim reads the word as zero, as written by
+//! that claim, or as written by a later one (then the stamp has moved on, and `repair`,
+//! which frees a slot only by a compare-and-swap from the claim it read, does nothing;
+//! the loom model `channel_claimant_word_is_never_stale` checks this). While it is zero (the claimant is between its two stores, or died there)
 //! the checker falls back to the 8 bits in the claim word, which can mistake a live
 //! stranger for the claimant (never the reverse): only a claimant killed in that window
 //! of one store, whose thread id is then reused with equal low bits, can hold a slot
@@ -296,6 +298,58 @@ impl<T> Slot<T> {
                 crate::liveness::thread_is_dead(tid, hash, HASH_BITS)
             };
         dead.then_some(record)
+    }
+}
+
+/// One slot's claim protocol as the loom model in `tests/loom.rs` drives it; not API.
+#[cfg(loom)]
+#[doc(hidden)]
+pub struct LoomSlot(Slot<u64>);
+
+#[cfg(loom)]
+impl Default for LoomSlot {
+    fn default() -> Self {
+        LoomSlot(new_slot(0))
+    }
+}
+
+#[cfg(loom)]
+impl LoomSlot {
+    /// The claimant word thread `tid` started at `start` writes.
+    pub fn record_of(tid: u32, start: u64) -> u64 {
+        Claimant::of(tid, start).record
+    }
+
+    /// Claims position 0 as a producer (thread `tid`, started at `start`) and publishes.
+    pub fn write_as(&self, tid: u32, start: u64) {
+        while !self.0.try_claim(0, 0, Claimant::of(tid, start), false) {
+            loom::thread::yield_now();
+        }
+        self.0.finish(1);
+    }
+
+    /// Claims the message at position 0 as a consumer and frees the slot for lap `cap`.
+    pub fn read_as(&self, tid: u32, start: u64, cap: u64) {
+        while !self.0.try_claim(1, 0, Claimant::of(tid, start), true) {
+            loom::thread::yield_now();
+        }
+        self.0.finish(cap);
+    }
+
+    /// What a checker reads: `Some((claim, claimant word))` if the stamp was a claim.
+    /// (The word may belong to a *later* claim if the stamp moved on meanwhile; `repair`
+    /// then acts on nothing, because its compare-and-swap from the claim it read fails.)
+    pub fn check(&self) -> Option<(u64, u64)> {
+        let stamp = self.0.stamp.load(Ordering::Acquire);
+        if stamp & CLAIMED == 0 {
+            return None;
+        }
+        Some((stamp, self.0.claimant.load(Ordering::Acquire)))
+    }
+
+    /// Whether a claim word is a consumer's.
+    pub fn is_reading(stamp: u64) -> bool {
+        stamp & READING != 0
     }
 }
 
