@@ -6,6 +6,8 @@
 //! bounded, so a peer that dies is noticed: a receiver whose senders are all gone (dropped
 //! in every process, or their processes dead) gets `Disconnected` once the queue is empty,
 //! and a sender whose receivers are all gone gets its message back in `Disconnected`.
+//! Non-blocking calls run the same check (at most every 20 ms per handle) when they find
+//! the queue empty or full, so polling sees the same answers as blocking.
 
 pub mod bytes;
 mod error;

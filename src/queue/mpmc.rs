@@ -62,6 +62,19 @@
 //! | claim(p, R) | 0 / id | consumer copying out | the claim (message lost) | `repair` as above |
 //! | `p + c` | 0 | free for the next lap | — | — |
 //!
+//! The header's words:
+//!
+//! | word | a SIGKILL can leave | repaired by |
+//! |---|---|---|
+//! | `tail` / `head` | not advanced past a claimed (consumed) position | any thread that finds the claim (the next stamp) helps them on |
+//! | eventcounts | a dead waiter's announcement | the next notify erases it (see `eventcount`) |
+//! | peer tables | a dead process's handle count | `any_alive`, on every slow path |
+//! | `corrupted` | — (set once, by a single compare-and-swap) | never: recreate the queue |
+//!
+//! A `try_*` call returns at once and a `*_timeout` call on time; when either gives up,
+//! nothing was claimed, so the message stays whole in the queue (receive) or with the
+//! caller (send).
+//!
 //! `repair` runs on the slow paths only: from a blocking wait every 20 ms, and from
 //! `try_recv` (`try_send`) when it finds the queue empty (full), at most every 20 ms per
 //! handle, so a polling user gets the same answers as a blocking one.
@@ -137,6 +150,12 @@ pub use super::eventcount::LoomEventCount;
 /// Creates a bounded multi-producer multi-consumer queue of at least `capacity` messages
 /// (rounded up to a power of two, and at least 2) in a new anonymous shared segment. Both ends can be
 /// cloned and used from any number of threads and (forked) processes.
+///
+/// A peer killed at any point never blocks the others: a producer killed mid-send loses
+/// only its message, a consumer killed mid-receive only the message it was taking, and
+/// both blocking and polling calls notice within about 20 ms. A queue whose shared memory
+/// was scribbled over answers `Corrupted` to every later call. The
+/// [module docs](crate::channel) have the state table.
 ///
 /// ```
 /// let (tx, rx) = procshare::channel::<[u32; 4]>(256)?;

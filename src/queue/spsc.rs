@@ -81,6 +81,11 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 /// Creates a single-producer single-consumer queue of at least `capacity` messages
 /// (rounded up to a power of two) in a new anonymous shared segment.
 ///
+/// Each end may move between threads and, by `fork`, processes, but is used by one
+/// process at a time: after a fork, the first process to use an end owns it, and a use
+/// from another live process panics (see the [module docs](crate::spsc), which also have
+/// the crash table). For several producers or consumers, use [`channel`](fn@crate::channel).
+///
 /// ```
 /// let (tx, rx) = procshare::spsc::<u64>(1024)?;
 /// let mut child = procshare::fork::fork(move || {
