@@ -155,7 +155,7 @@ pub use super::eventcount::LoomEventCount;
 /// only its message, a consumer killed mid-receive only the message it was taking, and
 /// both blocking and polling calls notice within about 20 ms. A queue whose shared memory
 /// was scribbled over answers `Corrupted` to every later call. The
-/// [module docs](crate::channel) have the state table.
+/// [module docs](mod@crate::channel) have the state table.
 ///
 /// ```
 /// let (tx, rx) = procshare::channel::<[u32; 4]>(256)?;

@@ -83,7 +83,7 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 ///
 /// Each end may move between threads and, by `fork`, processes, but is used by one
 /// process at a time: after a fork, the first process to use an end owns it, and a use
-/// from another live process panics (see the [module docs](crate::spsc), which also have
+/// from another live process panics (see the [module docs](mod@crate::spsc), which also have
 /// the crash table). For several producers or consumers, use [`channel`](fn@crate::channel).
 ///
 /// ```
