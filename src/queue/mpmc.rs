@@ -511,12 +511,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     pub fn try_send_batch(&self, values: &[T]) -> Result<usize, TrySendError<()>> {
         let mut sent = 0;
         for v in values {
-            let r = if sent == 0 {
-                self.push_checked(*v)
-            } else {
-                self.push(*v)
-            };
-            match r {
+            match self.push(*v) {
                 Ok(()) => sent += 1,
                 Err(TrySendError::Full(_)) => break,
                 Err(TrySendError::Disconnected(_)) if sent == 0 => {
@@ -534,27 +529,22 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         Ok(sent)
     }
 
-    /// [`push`](Self::push), and when the queue is full, at most every 20 ms, the check a
-    /// blocking send runs: free slots held by dead claimants, notice dead receivers.
-    #[inline]
-    fn push_checked(&self, value: T) -> Result<(), TrySendError<T>> {
-        match self.push(value) {
-            Err(TrySendError::Full(v)) => self.push_after_check(v),
-            r => r,
-        }
-    }
-
+    /// The check a blocking send runs while it waits, for a `try_send` that found the
+    /// queue full (at most every 20 ms per handle): free slots held by dead claimants,
+    /// notice dead receivers. Returns whether it ran.
     #[cold]
     #[inline(never)]
-    fn push_after_check(&self, value: T) -> Result<(), TrySendError<T>> {
+    fn check_when_full(&self) -> bool {
         if !self.check.due() {
-            return Err(TrySendError::Full(value));
+            return false;
         }
         RawSender::receivers_alive(self);
-        self.push(value)
+        true
     }
 
     /// Claims the next free position and writes `value`, without notifying consumers.
+    /// When the queue is full, runs [`check_when_full`](Self::check_when_full) and looks
+    /// once more.
     fn push(&self, value: T) -> Result<(), TrySendError<T>> {
         let ring = &*self.ring;
         let h = ring.header();
@@ -567,6 +557,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         let cap = ring.capacity();
         let me = Claimant::me();
         let mut confused = 0;
+        let mut checked = false;
         loop {
             let pos = h.tail.load(Ordering::Acquire);
             let slot = ring.slot(pos);
@@ -612,6 +603,13 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                     // message is still waiting: `head` was scribbled over.
                     ring.mark_corrupted(BAD_HEAD);
                     return Err(TrySendError::Corrupted(value));
+                }
+                if !checked && self.check_when_full() {
+                    checked = true;
+                    if !h.receivers.any_handles() {
+                        return Err(TrySendError::Disconnected(value));
+                    }
+                    continue;
                 }
                 return Err(TrySendError::Full(value));
             }
@@ -691,7 +689,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
 impl<T: ShmSafe + Copy + Send> RawSender<T> for Sender<T> {
     #[inline]
     fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
-        self.push_checked(value)?;
+        self.push(value)?;
         self.ring.header().not_empty.notify_all();
         Ok(())
     }
@@ -722,12 +720,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     pub fn try_recv_batch(&self, out: &mut Vec<T>, max: usize) -> Result<usize, TryRecvError> {
         let mut n = 0;
         while n < max {
-            let r = if n == 0 {
-                self.pop_checked()
-            } else {
-                self.pop()
-            };
-            match r {
+            match self.pop() {
                 Ok(v) => {
                     out.push(v);
                     n += 1;
@@ -756,27 +749,22 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         }
     }
 
-    /// [`pop`](Self::pop), and when the queue is empty, at most every 20 ms, the check a
-    /// blocking receive runs: skip slots held by dead claimants, notice dead senders.
-    #[inline]
-    fn pop_checked(&self) -> Result<T, TryRecvError> {
-        match self.pop() {
-            Err(TryRecvError::Empty) => self.pop_after_check(),
-            r => r,
-        }
-    }
-
+    /// The check a blocking receive runs while it waits, for a `try_recv` that found the
+    /// queue empty (at most every 20 ms per handle): skip slots held by dead claimants,
+    /// notice dead senders. Returns whether it ran.
     #[cold]
     #[inline(never)]
-    fn pop_after_check(&self) -> Result<T, TryRecvError> {
+    fn check_when_empty(&self) -> bool {
         if !self.check.due() {
-            return Err(TryRecvError::Empty);
+            return false;
         }
         RawReceiver::senders_alive(self);
-        self.pop()
+        true
     }
 
     /// Claims the next published position and copies its message out, without notifying.
+    /// When the queue is empty, runs [`check_when_empty`](Self::check_when_empty) and
+    /// looks once more.
     fn pop(&self) -> Result<T, TryRecvError> {
         let ring = &*self.ring;
         let h = ring.header();
@@ -786,6 +774,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         let cap = ring.capacity();
         let me = Claimant::me();
         let mut confused = 0;
+        let mut checked = false;
         loop {
             let pos = h.head.load(Ordering::Acquire);
             let slot = ring.slot(pos);
@@ -820,6 +809,10 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
             if claims(stamp, pos) {
                 // A producer is still writing `pos`.
                 if h.head.load(Ordering::Acquire) == pos {
+                    if !checked && self.check_when_empty() {
+                        checked = true;
+                        continue;
+                    }
                     return Err(self.empty_or_disconnected());
                 }
                 continue;
@@ -837,6 +830,10 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                     // stamp never returns to these states: `tail` was scribbled over.
                     ring.mark_corrupted(BAD_TAIL);
                     return Err(TryRecvError::Corrupted(describe_corruption(BAD_TAIL)));
+                }
+                if !checked && self.check_when_empty() {
+                    checked = true;
+                    continue;
                 }
                 return Err(self.empty_or_disconnected());
             }
@@ -886,7 +883,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
 impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
     #[inline]
     fn try_recv(&self) -> Result<T, TryRecvError> {
-        let v = self.pop_checked()?;
+        let v = self.pop()?;
         self.ring.header().not_full.notify_all();
         Ok(v)
     }
