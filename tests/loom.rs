@@ -20,7 +20,7 @@ use loom::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
 
-use procshare::queue::mpmc::heap_channel;
+use procshare::queue::mpmc::{LoomEventCount, LoomSlot, heap_channel};
 use procshare::queue::spsc::heap_spsc;
 use procshare::{RecvError, TryRecvError, TrySendError};
 
@@ -44,7 +44,7 @@ fn send_retrying<T>(mut try_send: impl FnMut(T) -> Result<(), TrySendError<T>>, 
                 value = back;
                 thread::yield_now();
             }
-            Err(TrySendError::Disconnected(_)) => panic!("disconnected while sending"),
+            Err(e) => panic!("sending: {e}"),
         }
     }
 }
@@ -296,5 +296,115 @@ fn channel_blocking_send() {
             assert_eq!(recv_retrying(|| rx.try_recv()), i);
         }
         drop(producer.join().unwrap());
+    });
+}
+
+/// The eventcount never loses a wake-up although every notify erases all announcements:
+/// one waiter needs two notifications (the first erases its announcement and wakes it,
+/// it announces again, the second must still wake it), with the notifications coming
+/// from two threads. A lost wake-up is a deadlock here (no deadline).
+#[test]
+fn eventcount_reannounces_after_an_erase() {
+    model(|| {
+        let ec = Arc::new(LoomEventCount::default());
+        let count = Arc::new(AtomicUsize::new(0));
+        let notifiers: Vec<_> = (0..2)
+            .map(|_| {
+                let (ec, count) = (Arc::clone(&ec), Arc::clone(&count));
+                thread::spawn(move || {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    ec.notify_all();
+                })
+            })
+            .collect();
+        ec.wait_until(|| count.load(Ordering::SeqCst) == 2);
+        for n in notifiers {
+            n.join().unwrap();
+        }
+    });
+}
+
+/// Two waiters and one notification: both wake.
+#[test]
+fn eventcount_wakes_every_waiter() {
+    model(|| {
+        let ec = Arc::new(LoomEventCount::default());
+        let flag = Arc::new(AtomicUsize::new(0));
+        let waiter = {
+            let (ec, flag) = (Arc::clone(&ec), Arc::clone(&flag));
+            thread::spawn(move || ec.wait_until(|| flag.load(Ordering::SeqCst) == 1))
+        };
+        let notifier = {
+            let (ec, flag) = (Arc::clone(&ec), Arc::clone(&flag));
+            thread::spawn(move || {
+                flag.store(1, Ordering::SeqCst);
+                ec.notify_all();
+            })
+        };
+        ec.wait_until(|| flag.load(Ordering::SeqCst) == 1);
+        waiter.join().unwrap();
+        notifier.join().unwrap();
+    });
+}
+
+/// A waiter that dies announced leaves a count that the next notify erases (so later
+/// notifies take the fast path again), while a live waiter racing with it is still woken.
+#[test]
+fn eventcount_heals_after_a_dead_waiter() {
+    model(|| {
+        let ec = Arc::new(LoomEventCount::default());
+        let flag = Arc::new(AtomicUsize::new(0));
+        {
+            let ec = Arc::clone(&ec);
+            thread::spawn(move || ec.announce_and_die()).join().unwrap();
+        }
+        assert_eq!(ec.waiters(), 1);
+        let waiter = {
+            let (ec, flag) = (Arc::clone(&ec), Arc::clone(&flag));
+            thread::spawn(move || ec.wait_until(|| flag.load(Ordering::SeqCst) == 1))
+        };
+        flag.store(1, Ordering::SeqCst);
+        ec.notify_all();
+        waiter.join().unwrap();
+        // Whatever the interleaving, nobody is announced any more once the waiter is
+        // done: the dead waiter's count was erased by a notify, the live one's taken back
+        // or erased.
+        ec.notify_all();
+        assert_eq!(ec.waiters(), 0);
+    });
+}
+
+/// A checker never pairs a claim with the claimant word of an *earlier* claim. Thread id 5
+/// claims a slot as a producer, then (its id reused by a new thread whose start time
+/// agrees in the low 8 bits, so the claim words look alike) as a consumer. A checker that
+/// reads the consumer's claim and then the claimant word must find 0 (not written yet) or
+/// the consumer's own word, never the producer's: with it, the live consumer would look
+/// dead by its full start time. (A word of a *later* claim is harmless: `repair` acts only
+/// through a compare-and-swap from the claim it read, which then fails.)
+#[test]
+fn channel_claimant_word_is_never_stale() {
+    model(|| {
+        const X: u64 = 0x1_00; // the first thread's start time
+        const Y: u64 = 0x2_00; // the reuser's: equal low 8 bits
+        let slot = Arc::new(LoomSlot::default());
+        let claimant = {
+            let slot = Arc::clone(&slot);
+            thread::spawn(move || {
+                slot.write_as(5, X);
+                slot.read_as(5, Y, 2);
+            })
+        };
+        for _ in 0..2 {
+            if let Some((stamp, record)) = slot.check() {
+                let (x, y) = (LoomSlot::record_of(5, X), LoomSlot::record_of(5, Y));
+                let ok = if LoomSlot::is_reading(stamp) {
+                    record == 0 || record == y
+                } else {
+                    record == 0 || record == x || record == y
+                };
+                assert!(ok, "claim {stamp:#x} with claimant word {record:#x}");
+            }
+        }
+        claimant.join().unwrap();
     });
 }

@@ -39,6 +39,14 @@ fn main() {
             timeouts_are_honoured,
             capacity_one_holds_exactly_one_message,
             one_cpu_ping_pong,
+            try_recv_repairs_a_dead_claim_in_front,
+            try_recv_sees_the_killed_sender,
+            try_send_sees_the_killed_receiver_and_its_dead_claim,
+            channel_claim_of_a_reused_tid_is_judged_by_its_full_start_time,
+            receiver_killed_asleep_leaves_no_waiter_count,
+            channel_corrupted_tail_is_reported_to_both_sides,
+            spsc_end_used_from_two_processes_is_refused,
+            spsc_end_moved_to_a_child_or_left_by_a_dead_one_is_usable,
         ],
         &[],
     )
@@ -350,7 +358,7 @@ fn send_blocked_when_the_receiver_is_killed() {
             let t0 = Instant::now();
             let r = tx.send(7);
             times_ref[1].store(mono_ns(), Ordering::SeqCst);
-            assert!(matches!(r, Err(SendError(7))), "{flavour}: {r:?}");
+            assert!(matches!(r, Err(SendError::Disconnected(7))), "{flavour}: {r:?}");
             assert!(t0.elapsed() >= Duration::from_millis(250), "{flavour}: did not block");
         });
         assert!(ready[1].wait_timeout(LIMIT));
@@ -785,4 +793,360 @@ fn one_cpu_ping_pong() {
         .max(socket * 10)
         .max(yielding * 10);
     assert!(each < limit, "one-CPU round trip {each:?}, limit {limit:?}");
+}
+
+/// Polls `f` until it returns `Some`, panicking with `what` after [`NOTICE`].
+fn poll_within<R>(what: &str, mut f: impl FnMut() -> Option<R>) -> R {
+    let t0 = Instant::now();
+    loop {
+        if let Some(r) = f() {
+            return r;
+        }
+        assert!(t0.elapsed() < NOTICE, "{what}: nothing after {NOTICE:?}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// A producer killed between claiming a slot and publishing it, with two messages queued
+/// behind its claim: a consumer that only polls with `try_recv` must get them as soon as
+/// a blocking one would (which notices the dead claim within its 20 ms check).
+fn try_recv_repairs_a_dead_claim_in_front() {
+    let (tx, rx) = procshare::channel::<u64>(8).unwrap();
+    let ev = stall();
+    let claimed: &Event = &ev[0];
+    let mut stalled = {
+        let tx = tx.clone();
+        spawn(move || {
+            tx.__send_stalled_after_claim(1000, || {
+                claimed.set();
+                sleep_forever()
+            });
+        })
+    };
+    assert!(claimed.wait_timeout(LIMIT));
+    tx.send(1).unwrap();
+    tx.send(2).unwrap();
+    assert_eq!(
+        rx.try_recv(),
+        Err(TryRecvError::Empty),
+        "the live claim is skipped"
+    );
+    stalled.signal(signal::KILL).unwrap();
+    stalled.wait().unwrap();
+    let got = poll_within("try_recv behind a dead claim", || match rx.try_recv() {
+        Ok(v) => Some(v),
+        Err(TryRecvError::Empty) => None,
+        Err(e) => panic!("{e}"),
+    });
+    assert_eq!(got, 1);
+    assert_eq!(rx.try_recv(), Ok(2));
+}
+
+/// With the only sender SIGKILLed, a receiver that only polls must see `Disconnected`,
+/// not `Empty` forever.
+fn try_recv_sees_the_killed_sender() {
+    for_both_flavours!(<u64> |flavour, make| {
+        let (tx, rx) = make(4);
+        let ready = Shared::new(Event::new()).unwrap();
+        let ready_ref: &Event = &ready;
+        let mut sender = spawn(move || {
+            let _tx = tx;
+            ready_ref.set();
+            sleep_forever()
+        });
+        assert!(ready.wait_timeout(LIMIT));
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty), "{flavour}");
+        sender.signal(signal::KILL).unwrap();
+        sender.wait().unwrap();
+        poll_within(&format!("{flavour}: try_recv after the sender was killed"), || {
+            match rx.try_recv() {
+                Err(TryRecvError::Disconnected) => Some(()),
+                Err(TryRecvError::Empty) => None,
+                r => panic!("{flavour}: {r:?}"),
+            }
+        });
+    });
+}
+
+/// A sender that only polls with `try_send` must see `Disconnected` once the only
+/// receiver is SIGKILLed, and (channel) must get the slot of a consumer killed while
+/// holding it.
+fn try_send_sees_the_killed_receiver_and_its_dead_claim() {
+    for_both_flavours!(<u64> |flavour, make| {
+        let (tx, rx) = make(4);
+        let ready = Shared::new(Event::new()).unwrap();
+        let ready_ref: &Event = &ready;
+        let mut receiver = spawn(move || {
+            let _rx = rx;
+            ready_ref.set();
+            sleep_forever()
+        });
+        assert!(ready.wait_timeout(LIMIT));
+        while tx.try_send(1).is_ok() {}
+        receiver.signal(signal::KILL).unwrap();
+        receiver.wait().unwrap();
+        poll_within(&format!("{flavour}: try_send after the receiver was killed"), || {
+            match tx.try_send(2) {
+                Err(TrySendError::Disconnected(2)) => Some(()),
+                Err(TrySendError::Full(2)) => None,
+                r => panic!("{flavour}: {r:?}"),
+            }
+        });
+    });
+    let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+    for i in 0..4 {
+        tx.try_send(i).unwrap();
+    }
+    let ev = stall();
+    let claimed: &Event = &ev[0];
+    let mut consumer = {
+        let rx = rx.clone();
+        spawn(move || {
+            rx.__recv_stalled_after_claim(|| {
+                claimed.set();
+                sleep_forever()
+            });
+        })
+    };
+    assert!(claimed.wait_timeout(LIMIT));
+    assert!(matches!(tx.try_send(9), Err(TrySendError::Full(9))));
+    consumer.signal(signal::KILL).unwrap();
+    consumer.wait().unwrap();
+    poll_within(
+        "try_send after a consumer holding a slot was killed",
+        || match tx.try_send(4) {
+            Ok(()) => Some(()),
+            Err(TrySendError::Full(4)) => None,
+            Err(e) => panic!("{e:?}"),
+        },
+    );
+    assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 2, 3, 4]);
+}
+
+/// The start time (clock ticks after boot) of process `pid`, from `/proc/<pid>/stat`.
+fn start_time(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &text[text.rfind(')').unwrap() + 1..];
+    after.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// A claim left by a dead thread whose tid now belongs to a live stranger that started at
+/// a time equal to the dead one's in the low 8 bits (1 in 256 reuses): the claim must be
+/// judged by the full start time, so it is dead and repaired. The same claim naming the
+/// stranger exactly must be left alone.
+fn channel_claim_of_a_reused_tid_is_judged_by_its_full_start_time() {
+    let stranger = spawn(|| sleep_forever());
+    let tid = stranger.pid();
+    let start = start_time(tid);
+    for (exact, want) in [(true, Err(RecvTimeoutError::Timeout)), (false, Ok(1))] {
+        let (tx, rx) = procshare::channel::<u64>(8).unwrap();
+        let claimed_start = if exact { start } else { start ^ (1 << 9) };
+        tx.__plant_claim(tid, claimed_start);
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        let wait = if exact {
+            Duration::from_millis(300)
+        } else {
+            NOTICE
+        };
+        assert_eq!(
+            rx.recv_timeout(wait),
+            want,
+            "claim naming start time {claimed_start} \
+             (the stranger's is {start})"
+        );
+    }
+    drop(stranger);
+}
+
+/// A receiver SIGKILLed while asleep in `recv` leaves its announcement on the eventcount;
+/// the next sends must clear it, or every send pays a futex wake for the queue's life.
+fn receiver_killed_asleep_leaves_no_waiter_count() {
+    for_both_flavours!(<u64> |flavour, make| {
+        let (tx, rx) = make(4);
+        // The sleeper re-announces itself every 20 ms; a kill that lands in the few
+        // microseconds between two announcements leaves nothing to heal, so try again.
+        let mut left = 0;
+        for _ in 0..10 {
+            let mut receiver = spawn(|| {
+                let _ = rx.recv();
+                panic!("received");
+            });
+            common::wait_for("the receiver to sleep", LIMIT, || tx.__not_empty_waiters() != 0);
+            std::thread::sleep(Duration::from_millis(50));
+            receiver.signal(signal::KILL).unwrap();
+            receiver.wait().unwrap();
+            left = tx.__not_empty_waiters();
+            if left != 0 {
+                break;
+            }
+        }
+        assert_ne!(left, 0, "{flavour}: the dead sleeper left no count to heal");
+        for i in 0..3 {
+            let _ = tx.try_send(i);
+        }
+        assert_eq!(tx.__not_empty_waiters(), 0, "{flavour}: the count stayed high");
+        drop(rx);
+    });
+}
+
+/// A scribbled `tail` (far ahead, or a few positions ahead) must be reported as
+/// corruption to senders and receivers alike, persistently, and must wake a receiver
+/// blocked in `recv` rather than leave it asleep forever.
+fn channel_corrupted_tail_is_reported_to_both_sides() {
+    let far: fn(u64) -> u64 = |_| 1000;
+    for scribble in [far, |t| t + 5] {
+        let (tx, rx) = procshare::channel::<u64>(8).unwrap();
+        let receiver = {
+            let rx = rx.clone();
+            spawn(move || {
+                let mut got = Vec::new();
+                let e = loop {
+                    match rx.recv() {
+                        Ok(v) => got.push(v),
+                        Err(e) => break e,
+                    }
+                };
+                assert!(
+                    e.to_string().contains("corrupted"),
+                    "blocked recv got {e} after {got:?}"
+                );
+            })
+        };
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        tx.__scribble_tail(scribble);
+        // The sender may not notice the first time (a position ahead looks free), but once
+        // anyone has noticed, everyone must be told.
+        let mut sender_told = false;
+        let t0 = Instant::now();
+        while t0.elapsed() < NOTICE {
+            match tx.send_timeout(3, Duration::from_millis(10)) {
+                Err(e) if e.to_string().contains("corrupted") => {
+                    sender_told = true;
+                    break;
+                }
+                Err(e) if e.to_string().contains("disconnected") => {
+                    panic!("a corrupted queue told the sender: {e}")
+                }
+                _ => match rx.try_recv() {
+                    Err(TryRecvError::Corrupted(_)) | Err(TryRecvError::Empty) | Ok(_) => {}
+                    Err(e) => panic!("{e}"),
+                },
+            }
+        }
+        assert!(
+            sender_told,
+            "the sender was never told the queue is corrupted"
+        );
+        join(receiver, LIMIT);
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Corrupted(_))));
+        assert!(
+            tx.try_send(4)
+                .unwrap_err()
+                .to_string()
+                .contains("corrupted")
+        );
+    }
+}
+
+/// Runs `f`, which must panic with the refusal of a second process on an spsc end.
+fn assert_refused<R: std::fmt::Debug>(what: &str, f: impl FnOnce() -> R) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let e = r.expect_err(what);
+    let msg = e
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(
+        msg.contains("another live process"),
+        "{what}: unclear refusal: {msg}"
+    );
+}
+
+/// An spsc end inherited by fork and used by two live processes would duplicate or lose
+/// messages: after a fork, the first process to use an end owns it, and another live
+/// process's use panics with a clear message, while the owner carries on undisturbed.
+/// Once the owner is dead, the other process may take over.
+fn spsc_end_used_from_two_processes_is_refused() {
+    let (tx, rx) = procshare::spsc::<u64>(64).unwrap();
+    let ev = Shared::new([Event::new(), Event::new()]).unwrap();
+    let (used, done): (&Event, &Event) = (&ev[0], &ev[1]);
+    tx.send(0).unwrap();
+    // The parent uses the sender after the fork first; the child is refused.
+    let child = spawn(|| {
+        assert!(used.wait_timeout(LIMIT));
+        assert_refused("a second process sent on the spsc sender", || tx.send(99));
+        assert_refused("a second process received on the spsc receiver", || {
+            rx.try_recv()
+        });
+    });
+    tx.send(1).unwrap();
+    assert_eq!(rx.recv(), Ok(0));
+    used.set();
+    join(child, LIMIT);
+    for i in 2..10 {
+        tx.send(i).unwrap();
+    }
+    assert_eq!(
+        rx.try_iter().collect::<Vec<_>>(),
+        (1..10).collect::<Vec<_>>()
+    );
+    // The child uses both ends first; the parent is refused while the child lives.
+    used.clear();
+    let child = spawn(|| {
+        tx.send(10).unwrap();
+        assert_eq!(rx.recv(), Ok(10));
+        tx.send(11).unwrap();
+        used.set();
+        assert!(done.wait_timeout(LIMIT));
+    });
+    assert!(used.wait_timeout(LIMIT));
+    assert_refused("the parent sent while the child owns the sender", || {
+        tx.send(98)
+    });
+    assert_refused(
+        "the parent received while the child owns the receiver",
+        || rx.try_recv(),
+    );
+    done.set();
+    join(child, LIMIT);
+    // The child exited without dropping (fork children leave with _exit): its ownership
+    // dies with it, and the parent takes over where it left off.
+    tx.send(12).unwrap();
+    assert_eq!(rx.try_iter().collect::<Vec<_>>(), [11, 12]);
+}
+
+/// The usual hand-over stays legal: an end used here, then moved into a forked child,
+/// works there at once; and an end whose owning process died may be used by a process
+/// that inherited it.
+fn spsc_end_moved_to_a_child_or_left_by_a_dead_one_is_usable() {
+    for _ in 0..20 {
+        let (tx, rx) = procshare::spsc::<u64>(64).unwrap();
+        tx.send(0).unwrap();
+        let child = spawn(move || {
+            for i in 1..100 {
+                tx.send(i).unwrap();
+            }
+        });
+        for i in 0..100 {
+            assert_eq!(rx.recv_timeout(LIMIT), Ok(i));
+        }
+        join(child, LIMIT);
+    }
+    let (tx, rx) = procshare::spsc::<u64>(64).unwrap();
+    let ready = Shared::new(Event::new()).unwrap();
+    let ready_ref: &Event = &ready;
+    let mut owner = spawn(|| {
+        tx.send(1).unwrap();
+        ready_ref.set();
+        sleep_forever()
+    });
+    assert!(ready.wait_timeout(LIMIT));
+    owner.signal(signal::KILL).unwrap();
+    owner.wait().unwrap();
+    tx.send(2).unwrap();
+    assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 2]);
 }

@@ -2,10 +2,15 @@
 
 use std::fmt;
 
-/// The receiving side is gone: every receiver dropped its handle or its process died.
-/// Carries the message that could not be sent.
+/// Why a blocking send failed; carries the message that could not be sent.
 #[derive(PartialEq, Eq, Clone, Copy)]
-pub struct SendError<T>(pub T);
+pub enum SendError<T> {
+    /// The receiving side is gone: every receiver dropped its handle or its process died.
+    Disconnected(T),
+    /// The queue's shared state is impossible (a peer scribbled over it); the queue is
+    /// unusable from now on, and every later operation on it says so.
+    Corrupted(T),
+}
 
 /// Why [`try_send`](crate::channel::Sender::try_send) failed; carries the message.
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -14,6 +19,8 @@ pub enum TrySendError<T> {
     Full(T),
     /// Every receiver is gone.
     Disconnected(T),
+    /// See [`SendError::Corrupted`].
+    Corrupted(T),
 }
 
 /// Why a timed send failed; carries the message.
@@ -23,6 +30,8 @@ pub enum SendTimeoutError<T> {
     Timeout(T),
     /// Every receiver is gone.
     Disconnected(T),
+    /// See [`SendError::Corrupted`].
+    Corrupted(T),
 }
 
 /// Why a blocking receive failed.
@@ -60,7 +69,14 @@ pub enum RecvTimeoutError {
 impl<T> SendError<T> {
     /// The message that was not sent.
     pub fn into_inner(self) -> T {
-        self.0
+        match self {
+            SendError::Disconnected(v) | SendError::Corrupted(v) => v,
+        }
+    }
+
+    /// Whether the queue was found corrupted (rather than disconnected).
+    pub fn is_corrupted(&self) -> bool {
+        matches!(self, SendError::Corrupted(_))
     }
 }
 
@@ -68,7 +84,7 @@ impl<T> TrySendError<T> {
     /// The message that was not sent.
     pub fn into_inner(self) -> T {
         match self {
-            TrySendError::Full(v) | TrySendError::Disconnected(v) => v,
+            TrySendError::Full(v) | TrySendError::Disconnected(v) | TrySendError::Corrupted(v) => v,
         }
     }
 
@@ -82,14 +98,19 @@ impl<T> SendTimeoutError<T> {
     /// The message that was not sent.
     pub fn into_inner(self) -> T {
         match self {
-            SendTimeoutError::Timeout(v) | SendTimeoutError::Disconnected(v) => v,
+            SendTimeoutError::Timeout(v)
+            | SendTimeoutError::Disconnected(v)
+            | SendTimeoutError::Corrupted(v) => v,
         }
     }
 }
 
 impl<T> fmt::Debug for SendError<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SendError(..)")
+        match self {
+            SendError::Disconnected(_) => f.write_str("Disconnected(..)"),
+            SendError::Corrupted(_) => f.write_str("Corrupted(..)"),
+        }
     }
 }
 
@@ -98,6 +119,7 @@ impl<T> fmt::Debug for TrySendError<T> {
         match self {
             TrySendError::Full(_) => f.write_str("Full(..)"),
             TrySendError::Disconnected(_) => f.write_str("Disconnected(..)"),
+            TrySendError::Corrupted(_) => f.write_str("Corrupted(..)"),
         }
     }
 }
@@ -107,6 +129,7 @@ impl<T> fmt::Debug for SendTimeoutError<T> {
         match self {
             SendTimeoutError::Timeout(_) => f.write_str("Timeout(..)"),
             SendTimeoutError::Disconnected(_) => f.write_str("Disconnected(..)"),
+            SendTimeoutError::Corrupted(_) => f.write_str("Corrupted(..)"),
         }
     }
 }
@@ -115,6 +138,8 @@ const GONE_RX: &str = "every receiver has dropped its end or its process has die
                        message is returned in the error";
 const GONE_TX: &str = "the queue is empty and every sender has dropped its end or its process \
                        has died: stop receiving";
+
+const SEND_CORRUPTED: &str = "the message was not sent and is returned in the error";
 
 fn corrupted(f: &mut fmt::Formatter<'_>, what: &str) -> fmt::Result {
     write!(
@@ -126,7 +151,10 @@ fn corrupted(f: &mut fmt::Formatter<'_>, what: &str) -> fmt::Result {
 
 impl<T> fmt::Display for SendError<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sending on a disconnected queue: {GONE_RX}")
+        match self {
+            SendError::Disconnected(_) => write!(f, "sending on a disconnected queue: {GONE_RX}"),
+            SendError::Corrupted(_) => corrupted(f, SEND_CORRUPTED),
+        }
     }
 }
 
@@ -139,6 +167,7 @@ impl<T> fmt::Display for TrySendError<T> {
             TrySendError::Disconnected(_) => {
                 write!(f, "sending on a disconnected queue: {GONE_RX}")
             }
+            TrySendError::Corrupted(_) => corrupted(f, SEND_CORRUPTED),
         }
     }
 }
@@ -153,6 +182,7 @@ impl<T> fmt::Display for SendTimeoutError<T> {
             SendTimeoutError::Disconnected(_) => {
                 write!(f, "sending on a disconnected queue: {GONE_RX}")
             }
+            SendTimeoutError::Corrupted(_) => corrupted(f, SEND_CORRUPTED),
         }
     }
 }

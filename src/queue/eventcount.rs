@@ -1,20 +1,64 @@
 //! An eventcount on a shared futex word: lets a consumer sleep until a producer makes
 //! progress, without a lock and without lost wake-ups (after folly's `EventCount`).
 //!
-//! The producer's fast path is a fence and a load: it only touches the futex when someone
-//! announced that they are about to sleep. A waiter announces itself, re-checks its
-//! condition, and only then sleeps, on the sequence value it read *before* re-checking, so
-//! a notification between the re-check and the sleep makes the sleep return at once.
+//! The producer's fast path is one read-modify-write of the `waiters` word: it only
+//! touches the futex when someone announced that they are about to sleep. A waiter
+//! announces itself, re-checks its condition, and only then sleeps, on the sequence value
+//! it read *before* re-checking, so a notification between the re-check and the sleep
+//! makes the sleep return at once.
 //!
-//! A waiter killed while announced leaves `waiters` too high; that only makes notifiers
-//! take their slow path (a futex wake) until the count is right again: nobody waits on it.
+//! # The shared words
+//!
+//! ```text
+//!  seq:      [sequence (32)]                         futex word; +1 per slow notify
+//!  waiters:  [epoch (16)][announced waiters (16)]
+//! ```
+//!
+//! An announcement lives for one sleep. A notifier that finds announced waiters does not
+//! wait for them to take their announcements back: it **erases them all** (starts a new
+//! epoch with a count of 0), then bumps `seq` and wakes every sleeper. A woken waiter
+//! that still has to wait announces itself again (in the new epoch); a waiter that comes
+//! back from an erased epoch does not decrement. So:
+//!
+//! * a waiter killed while announced (asleep, or between announcing and sleeping) leaves
+//!   at most one stale count, and the next notify erases it: that notify pays one futex
+//!   wake that finds nobody, and every later one takes the fast path again. The count
+//!   never stays high for the life of the queue;
+//! * while a woken sleeper is on its way back, notifies take the fast path (its
+//!   announcement is already erased): one futex wake per sleep episode, not one per
+//!   message (no wake convoy);
+//! * no wake-up is lost. A waiter checks, after reading the key it will sleep on, that its
+//!   epoch is still current. All operations on both words are sequentially consistent;
+//!   if the erasing notify came before that check, the waiter sees the new epoch and
+//!   announces again; if it came after, the notify's `seq` increment also comes after the
+//!   key was read, so the waiter's futex wait returns at once (or is woken by the wake
+//!   that follows the increment).
+//!
+//! | state a SIGKILL can leave | effect | repaired by |
+//! |---|---|---|
+//! | count includes a dead waiter | next notify takes the slow path once | that notify's erase |
+//! | `seq` bumped, wake not issued | sleepers time out (every sleep is capped at 20 ms) | their next attempt |
+//! | epoch erased, `seq` not bumped | a waiter that slept on the old key, uncounted, sleeps until its 20 ms cap | its cap |
+//!
+//! The last row is the only way a wake-up can be delayed, and only by a notifier's death
+//! between two adjacent stores; every sleep is bounded, so nothing hangs.
 
 use crate::facade::{AtomicU32, Deadline, FutexWait, Ordering, fence, spin_hint, wait, wake};
+
+const COUNT_MASK: u32 = 0xffff;
+const EPOCH_ONE: u32 = 1 << 16;
 
 #[repr(C)]
 pub(crate) struct EventCount {
     seq: AtomicU32,
     waiters: AtomicU32,
+}
+
+/// What `prepare_wait` hands the waiter: the key to sleep on and the epoch it announced in.
+#[derive(Clone, Copy)]
+pub(crate) struct Ticket {
+    key: u32,
+    epoch: u32,
 }
 
 impl EventCount {
@@ -25,6 +69,11 @@ impl EventCount {
         }
     }
 
+    /// How many waiters are announced in the current epoch (for tests).
+    pub(crate) fn waiters(&self) -> u32 {
+        self.waiters.load(Ordering::SeqCst) & COUNT_MASK
+    }
+
     /// Wakes every waiter. Call after publishing the progress they wait for.
     #[inline]
     pub(crate) fn notify_all(&self) {
@@ -33,34 +82,111 @@ impl EventCount {
         // comes after ours and, acquiring from it, its re-check sees what we published
         // before it. On x86 this is one `lock xadd` on a line only we write while nobody
         // waits, cheaper than the `mfence` a fence-plus-load would cost on every message.
-        if self.waiters.fetch_add(0, Ordering::SeqCst) != 0 {
-            self.notify_slow();
+        let w = self.waiters.fetch_add(0, Ordering::SeqCst);
+        if w & COUNT_MASK != 0 {
+            self.notify_slow(w);
         }
     }
 
     #[cold]
-    fn notify_slow(&self) {
+    fn notify_slow(&self, mut w: u32) {
+        // SYNC POINT: erase every announcement (a new epoch, count 0), then bump the key
+        // and wake. See the module docs for why no wake-up is lost.
+        loop {
+            if w & COUNT_MASK == 0 {
+                return; // someone else erased (and will wake), or the waiters left
+            }
+            let erased = (w & !COUNT_MASK).wrapping_add(EPOCH_ONE);
+            match self
+                .waiters
+                .compare_exchange(w, erased, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
         self.seq.fetch_add(1, Ordering::SeqCst);
         wake(&self.seq, u32::MAX);
     }
 
     /// Announces a waiter; re-check the condition after this, then `wait` or `cancel_wait`.
-    pub(crate) fn prepare_wait(&self) -> u32 {
-        self.waiters.fetch_add(1, Ordering::SeqCst);
-        let key = self.seq.load(Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        key
+    pub(crate) fn prepare_wait(&self) -> Ticket {
+        loop {
+            let w = self.waiters.fetch_add(1, Ordering::SeqCst);
+            let key = self.seq.load(Ordering::SeqCst);
+            // SYNC POINT: still announced? If a notify erased our epoch before this load,
+            // announce again; if after, its `seq` bump comes after our key.
+            let now = self.waiters.load(Ordering::SeqCst);
+            if now & !COUNT_MASK == w & !COUNT_MASK {
+                fence(Ordering::SeqCst);
+                return Ticket {
+                    key,
+                    epoch: w & !COUNT_MASK,
+                };
+            }
+        }
     }
 
-    pub(crate) fn cancel_wait(&self) {
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    /// Takes the announcement back, unless a notify already erased it.
+    pub(crate) fn cancel_wait(&self, ticket: Ticket) {
+        let _ = self
+            .waiters
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w & !COUNT_MASK == ticket.epoch && w & COUNT_MASK != 0).then(|| w - 1)
+            });
     }
 
-    /// Sleeps unless notified since `prepare_wait` returned `key`.
-    pub(crate) fn wait(&self, key: u32, deadline: Deadline) -> FutexWait {
-        let r = wait(&self.seq, key, deadline);
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    /// Sleeps unless notified since `prepare_wait` returned `ticket`.
+    pub(crate) fn wait(&self, ticket: Ticket, deadline: Deadline) -> FutexWait {
+        let r = wait(&self.seq, ticket.key, deadline);
+        self.cancel_wait(ticket);
         r
+    }
+}
+
+/// The eventcount protocol as the loom models in `tests/loom.rs` drive it; not API.
+#[cfg(loom)]
+#[doc(hidden)]
+pub struct LoomEventCount(EventCount);
+
+#[cfg(loom)]
+impl Default for LoomEventCount {
+    fn default() -> Self {
+        LoomEventCount(EventCount::new())
+    }
+}
+
+#[cfg(loom)]
+impl LoomEventCount {
+    /// See [`EventCount::notify_all`].
+    pub fn notify_all(&self) {
+        self.0.notify_all();
+    }
+
+    /// Sleeps (without a deadline, so a lost wake-up is a deadlock loom reports) until
+    /// `ready()`, announcing and re-checking as `block_on` does.
+    pub fn wait_until(&self, ready: impl Fn() -> bool) {
+        loop {
+            if ready() {
+                return;
+            }
+            let ticket = self.0.prepare_wait();
+            if ready() {
+                self.0.cancel_wait(ticket);
+                return;
+            }
+            let _ = self.0.wait(ticket, Deadline::NEVER);
+        }
+    }
+
+    /// A waiter killed after announcing itself: its announcement is never taken back.
+    pub fn announce_and_die(&self) {
+        let _ = self.0.prepare_wait();
+    }
+
+    /// Announced waiters in the current epoch.
+    pub fn waiters(&self) -> u32 {
+        self.0.waiters()
     }
 }
 
@@ -117,6 +243,41 @@ fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>) -> Option<R> {
     None
 }
 
+/// How often a waiter (or a non-blocking call that found nothing to do) runs its slow
+/// check for dead peers.
+pub(crate) const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Rate-limits the dead-peer check of non-blocking calls to one per [`CHECK_EVERY`] per
+/// handle: one monotonic clock read (vDSO, ~20 ns) on the empty (full) path, nothing on
+/// the success path. Process-local; a fresh clock is due at once.
+pub(crate) struct CheckClock(#[cfg_attr(loom, allow(dead_code))] std::sync::atomic::AtomicU64);
+
+impl CheckClock {
+    pub(crate) fn new() -> CheckClock {
+        CheckClock(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    /// Whether a check is due; if so, the next one is due [`CHECK_EVERY`] from now.
+    #[cfg(not(loom))]
+    #[inline]
+    pub(crate) fn due(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = crate::sys::monotonic_now().as_nanos() as u64;
+        if now < self.0.load(Relaxed) {
+            return false;
+        }
+        self.0.store(now + CHECK_EVERY.as_nanos() as u64, Relaxed);
+        true
+    }
+
+    /// Under loom: never (a clock would make executions non-deterministic, and the checks
+    /// read /proc, which loom does not model).
+    #[cfg(loom)]
+    pub(crate) fn due(&self) -> bool {
+        false
+    }
+}
+
 /// What a blocking operation's attempt found.
 pub(crate) enum Attempt<R> {
     /// Done (successfully or with a final error).
@@ -139,7 +300,6 @@ pub(crate) fn block_on<R>(
     mut attempt: impl FnMut() -> Attempt<R>,
     mut check: impl FnMut() -> Option<R>,
 ) -> Option<R> {
-    const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
     if deadline.has_passed() {
         // A `try_*` call: exactly one attempt, no spinning.
         return match attempt() {
@@ -152,12 +312,12 @@ pub(crate) fn block_on<R>(
     }
     let mut next_check = Deadline::after(CHECK_EVERY);
     loop {
-        let key = ec.prepare_wait();
+        let ticket = ec.prepare_wait();
         if let Attempt::Ready(r) = attempt() {
-            ec.cancel_wait();
+            ec.cancel_wait(ticket);
             return Some(r);
         }
-        let _ = ec.wait(key, deadline.capped(CHECK_EVERY));
+        let _ = ec.wait(ticket, deadline.capped(CHECK_EVERY));
         if let Attempt::Ready(r) = attempt() {
             return Some(r);
         }
@@ -172,5 +332,61 @@ pub(crate) fn block_on<R>(
             }
             next_check = Deadline::after(CHECK_EVERY);
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_announcement_is_erased_by_the_next_notify() {
+        let ec = EventCount::new();
+        let _dead = ec.prepare_wait(); // a waiter that never comes back
+        assert_eq!(ec.waiters(), 1);
+        ec.notify_all();
+        assert_eq!(ec.waiters(), 0, "erased");
+        ec.notify_all();
+        assert_eq!(ec.waiters(), 0);
+    }
+
+    #[test]
+    fn an_erased_waiter_does_not_decrement_the_new_epoch() {
+        let ec = EventCount::new();
+        let old = ec.prepare_wait();
+        ec.notify_all(); // erases `old`
+        let new = ec.prepare_wait();
+        assert_eq!(ec.waiters(), 1);
+        // `old`'s key is stale, so its wait returns at once, without touching `new`'s count.
+        assert_eq!(
+            ec.wait(old, Deadline::after(std::time::Duration::from_secs(5))),
+            FutexWait::Woken
+        );
+        assert_eq!(ec.waiters(), 1);
+        ec.cancel_wait(new);
+        assert_eq!(ec.waiters(), 0);
+    }
+
+    #[test]
+    fn a_notify_wakes_a_sleeper() {
+        let ec = std::sync::Arc::new(EventCount::new());
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t = {
+            let (ec, flag) = (ec.clone(), flag.clone());
+            std::thread::spawn(move || {
+                while !flag.load(Ordering::SeqCst) {
+                    let ticket = ec.prepare_wait();
+                    if flag.load(Ordering::SeqCst) {
+                        ec.cancel_wait(ticket);
+                        break;
+                    }
+                    let _ = ec.wait(ticket, Deadline::after(std::time::Duration::from_secs(5)));
+                }
+            })
+        };
+        flag.store(true, Ordering::SeqCst);
+        ec.notify_all();
+        t.join().unwrap();
+        assert_eq!(ec.waiters(), 0);
     }
 }

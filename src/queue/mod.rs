@@ -6,6 +6,8 @@
 //! bounded, so a peer that dies is noticed: a receiver whose senders are all gone (dropped
 //! in every process, or their processes dead) gets `Disconnected` once the queue is empty,
 //! and a sender whose receivers are all gone gets its message back in `Disconnected`.
+//! Non-blocking calls run the same check (at most every 20 ms per handle) when they find
+//! the queue empty or full, so polling sees the same answers as blocking.
 
 pub mod bytes;
 mod error;
@@ -63,6 +65,7 @@ pub(crate) fn send_until<T, S: RawSender<T>>(
             Err(TrySendError::Disconnected(v)) => {
                 Attempt::Ready(Err(SendTimeoutError::Disconnected(v)))
             }
+            Err(TrySendError::Corrupted(v)) => Attempt::Ready(Err(SendTimeoutError::Corrupted(v))),
         },
         || {
             (!s.receivers_alive()).then(|| {
@@ -114,17 +117,22 @@ macro_rules! sender_api {
         ///
         /// # Errors
         ///
-        /// [`SendError`] with the value if every receiver is gone.
+        /// [`SendError`] with the value: `Disconnected` if every receiver is gone,
+        /// `Corrupted` if the queue's shared memory was found scribbled over.
         pub fn send(&self, value: T) -> Result<(), SendError<T>> {
-            $crate::queue::send_until(self, value, $crate::sys::Deadline::NEVER)
-                .map_err(|e| SendError(e.into_inner()))
+            $crate::queue::send_until(self, value, $crate::sys::Deadline::NEVER).map_err(
+                |e| match e {
+                    SendTimeoutError::Corrupted(v) => SendError::Corrupted(v),
+                    e => SendError::Disconnected(e.into_inner()),
+                },
+            )
         }
 
         /// Sends `value` if there is room right now.
         ///
         /// # Errors
         ///
-        /// `Full` or `Disconnected`, with the value.
+        /// `Full`, `Disconnected` or `Corrupted`, with the value.
         pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
             $crate::queue::RawSender::try_send(self, value)
         }
@@ -133,7 +141,7 @@ macro_rules! sender_api {
         ///
         /// # Errors
         ///
-        /// `Timeout` or `Disconnected`, with the value.
+        /// `Timeout`, `Disconnected` or `Corrupted`, with the value.
         pub fn send_timeout(
             &self,
             value: T,
@@ -147,7 +155,8 @@ macro_rules! sender_api {
         ///
         /// # Errors
         ///
-        /// [`SendError`] carrying how many were sent, if every receiver went away.
+        /// [`SendError`] carrying how many were sent, if every receiver went away or the
+        /// queue was found corrupted.
         pub fn send_batch(&self, values: &[T]) -> Result<(), SendError<usize>> {
             let mut sent = 0;
             while sent < values.len() {
@@ -155,10 +164,16 @@ macro_rules! sender_api {
                     Ok(n) if n > 0 => sent += n,
                     Ok(_) | Err(TrySendError::Full(())) => {
                         // Wait for room for one, then go back to batching.
-                        self.send(values[sent]).map_err(|_| SendError(sent))?;
+                        self.send(values[sent]).map_err(|e| match e {
+                            SendError::Corrupted(_) => SendError::Corrupted(sent),
+                            SendError::Disconnected(_) => SendError::Disconnected(sent),
+                        })?;
                         sent += 1;
                     }
-                    Err(TrySendError::Disconnected(())) => return Err(SendError(sent)),
+                    Err(TrySendError::Disconnected(())) => {
+                        return Err(SendError::Disconnected(sent));
+                    }
+                    Err(TrySendError::Corrupted(())) => return Err(SendError::Corrupted(sent)),
                 }
             }
             Ok(())

@@ -8,8 +8,14 @@
 //! a word that names the claimant:
 //!
 //! ```text
-//!  63        62        61..32                         31..0
-//! [CLAIMED][READING][thread id + start-time hash (30)][position (low 32 bits)]
+//!  stamp, claimed:
+//!  63        62        61..40                 39..32             31..0
+//! [CLAIMED][READING][thread id (22)][start time, low 8 bits][position (low 32 bits)]
+//!
+//!  claimant (a second word in the slot), written right after the claim, zeroed before
+//!  the slot is published or freed:
+//!  63..40              39..0
+//! [thread id (24)][start time (40 bits, clock ticks after boot)]      0 = not written
 //! ```
 //!
 //! and then advances `tail` (`head`) with a second compare-and-swap that any other thread
@@ -24,7 +30,64 @@
 //!   slot is freed for the producers.
 //!
 //! A thread that is merely slow (descheduled, stopped) still exists, so it is never
-//! skipped. Checks happen only on the slow path, after a waiter has slept.
+//! skipped.
+//!
+//! # Who claimed a slot
+//!
+//! The claim word has room for the thread id and only 8 bits of its start time; the
+//! claimant word holds the full 40-bit start time, as the mutex's owner record does. A
+//! checker trusts a claimant word only if it names the claim's thread id and agrees with
+//! its 8 bits, and then judges the claimant by all 40 bits: a dead claimant whose thread
+//! id now belongs to a live stranger (whose start time can agree in 8 bits, 1 reuse in
+//! 256) is still recognised as dead. The claimant word can never be a stale record of an
+//! earlier claim: every claim zeroes it before it ends (the publishing or freeing store
+//! releases that zero, and the next claim's compare-and-swap continues that release
+//! sequence), so a checker that read the claim reads the word as zero, as written by
+//! that claim, or as written by a later one (then the stamp has moved on, and `repair`,
+//! which frees a slot only by a compare-and-swap from the claim it read, does nothing;
+//! the loom model `channel_claimant_word_is_never_stale` checks this). While it is zero (the claimant is between its two stores, or died there)
+//! the checker falls back to the 8 bits in the claim word, which can mistake a live
+//! stranger for the claimant (never the reverse): only a claimant killed in that window
+//! of one store, whose thread id is then reused with equal low bits, can hold a slot
+//! longer than its life.
+//!
+//! # State table (one slot, position `p`, capacity `c`)
+//!
+//! | stamp | claimant | meaning | a SIGKILL here leaves | repaired by |
+//! |---|---|---|---|---|
+//! | `p` | 0 | free for a producer | — | — |
+//! | claim(p, W) | 0 | producer claimed, record not yet written | the claim | `repair`, by the 8-bit check |
+//! | claim(p, W) | id | producer writing the message | the claim (tail maybe not advanced: others help) | `repair`, by the 40-bit check: stamp → `p + c`, tail and head moved past `p` |
+//! | `p + 1` | 0 | published | — | — |
+//! | claim(p, R) | 0 / id | consumer copying out | the claim (message lost) | `repair` as above |
+//! | `p + c` | 0 | free for the next lap | — | — |
+//!
+//! The header's words:
+//!
+//! | word | a SIGKILL can leave | repaired by |
+//! |---|---|---|
+//! | `tail` / `head` | not advanced past a claimed (consumed) position | any thread that finds the claim (the next stamp) helps them on |
+//! | eventcounts | a dead waiter's announcement | the next notify erases it (see `eventcount`) |
+//! | peer tables | a dead process's handle count | `any_alive`, on every slow path |
+//! | `corrupted` | — (set once, by a single compare-and-swap) | never: recreate the queue |
+//!
+//! A `try_*` call returns at once and a `*_timeout` call on time; when either gives up,
+//! nothing was claimed, so the message stays whole in the queue (receive) or with the
+//! caller (send).
+//!
+//! `repair` runs on the slow paths only: from a blocking wait every 20 ms, and from
+//! `try_recv` (`try_send`) when it finds the queue empty (full), at most every 20 ms per
+//! handle, so a polling user gets the same answers as a blocking one.
+//!
+//! # Corruption
+//!
+//! `head`, `tail` and the stamps are checked against the states above wherever they are
+//! read; a value no correct run can produce (a stamp that fits no state at its position,
+//! a position that `tail` says was claimed while its stamp says it never was, a message
+//! still waiting behind `head`) marks the queue corrupted in its header, wakes every
+//! sleeper, and from then on every operation on every handle returns `Corrupted` (the
+//! message given back to senders). A scribbled index is never used beyond `& (capacity -
+//! 1)`, so it can lose messages but never reach outside the ring.
 
 use std::fmt;
 use std::mem::MaybeUninit;
@@ -48,6 +111,14 @@ const TAG_SHIFT: u32 = 32;
 const TAG_MASK: u64 = (1 << 30) - 1;
 const TID_BITS: u32 = 22;
 const HASH_BITS: u32 = 8;
+/// The claimant word packs the thread id above a 40-bit start time.
+const START_BITS: u32 = 40;
+const START_MASK: u64 = (1 << START_BITS) - 1;
+
+/// Why a channel was marked corrupted (the header's `corrupted` word; 0 = sound).
+const BAD_STAMP: u64 = 1;
+const BAD_TAIL: u64 = 2;
+const BAD_HEAD: u64 = 3;
 
 #[repr(C)]
 pub(crate) struct Header {
@@ -56,20 +127,35 @@ pub(crate) struct Header {
     not_empty: CachePadded<EventCount>,
     not_full: CachePadded<EventCount>,
     senders: PeerTable,
+    /// 0, or why the queue was found corrupted (`BAD_*`); never cleared. Next to
+    /// `receivers.total`, which every send reads anyway.
+    corrupted: AtomicU64,
     receivers: PeerTable,
 }
 
 #[repr(C)]
 pub(crate) struct Slot<T> {
     stamp: AtomicU64,
+    /// Who holds the claim in `stamp` (see the module docs), or 0.
+    claimant: AtomicU64,
     value: UnsafeCell<MaybeUninit<T>>,
 }
 
 type Ring<T> = RingMem<Header, Slot<T>>;
 
+#[cfg(loom)]
+#[doc(hidden)]
+pub use super::eventcount::LoomEventCount;
+
 /// Creates a bounded multi-producer multi-consumer queue of at least `capacity` messages
 /// (rounded up to a power of two, and at least 2) in a new anonymous shared segment. Both ends can be
 /// cloned and used from any number of threads and (forked) processes.
+///
+/// A peer killed at any point never blocks the others: a producer killed mid-send loses
+/// only its message, a consumer killed mid-receive only the message it was taking, and
+/// both blocking and polling calls notice within about 20 ms. A queue whose shared memory
+/// was scribbled over answers `Corrupted` to every later call. The
+/// [module docs](mod@crate::channel) have the state table.
 ///
 /// ```
 /// let (tx, rx) = procshare::channel::<[u32; 4]>(256)?;
@@ -110,6 +196,7 @@ fn min_capacity(capacity: usize) -> usize {
 fn new_slot<T>(i: u64) -> Slot<T> {
     Slot {
         stamp: AtomicU64::new(i),
+        claimant: AtomicU64::new(0),
         value: UnsafeCell::new(MaybeUninit::uninit()),
     }
 }
@@ -123,6 +210,7 @@ impl Header {
             not_full: CachePadded(EventCount::new()),
             // SAFETY: a peer table is plain atomics; all-zero is the empty table.
             senders: unsafe { std::mem::zeroed() },
+            corrupted: AtomicU64::new(0),
             // SAFETY: as above.
             receivers: unsafe { std::mem::zeroed() },
         }
@@ -131,11 +219,9 @@ impl Header {
 
 fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>, Receiver<T>)> {
     peers::attach(&ring.header().senders)?;
-    let tx = Sender {
-        ring: Arc::clone(&ring),
-    };
+    let tx = Sender::new(Arc::clone(&ring));
     peers::attach(&ring.header().receivers)?;
-    Ok((tx, Receiver { ring }))
+    Ok((tx, Receiver::new(ring)))
 }
 
 /// A heap-backed pair, for loom and Miri.
@@ -151,11 +237,29 @@ pub fn heap_channel<T: ShmSafe + Copy + Send + 'static>(
     )))
 }
 
-/// This thread's claim tag: 22 bits of thread id and 8 bits of its start time.
-#[inline]
-fn claim_tag() -> u64 {
-    let me = sys::current_thread();
-    (u64::from(me.tid) | ((me.start & ((1 << HASH_BITS) - 1)) << TID_BITS)) & TAG_MASK
+/// A thread's identity as the ring records it: the claim tag (22 bits of thread id, 8 of
+/// start time) and the claimant word (thread id above 40 bits of start time).
+#[derive(Clone, Copy)]
+struct Claimant {
+    tag: u64,
+    record: u64,
+}
+
+impl Claimant {
+    fn of(tid: u32, start: u64) -> Claimant {
+        let tid = u64::from(tid) & ((1 << TID_BITS) - 1);
+        Claimant {
+            tag: (tid | ((start & ((1 << HASH_BITS) - 1)) << TID_BITS)) & TAG_MASK,
+            record: (tid << START_BITS) | (start & START_MASK),
+        }
+    }
+
+    /// The calling thread.
+    #[inline]
+    fn me() -> Claimant {
+        let me = sys::current_thread();
+        Claimant::of(me.tid, me.start)
+    }
 }
 
 #[inline]
@@ -168,15 +272,117 @@ fn claims(stamp: u64, pos: u64) -> bool {
     stamp & CLAIMED != 0 && stamp & 0xffff_ffff == pos & 0xffff_ffff
 }
 
-fn claimant_is_dead(stamp: u64) -> bool {
-    let tag = (stamp >> TAG_SHIFT) & TAG_MASK;
-    let tid = (tag & ((1 << TID_BITS) - 1)) as u32;
-    crate::liveness::thread_is_dead(tid, tag >> TID_BITS, HASH_BITS)
+impl<T> Slot<T> {
+    /// Claims this slot for position `pos` if its stamp is `expect`; on success the
+    /// claimant word is written and the caller owns the slot until [`Slot::finish`].
+    #[inline]
+    fn try_claim(&self, expect: u64, pos: u64, me: Claimant, reading: bool) -> bool {
+        let ok = self
+            .stamp
+            .compare_exchange_weak(
+                expect,
+                claim(pos, me.tag, reading),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .is_ok();
+        if ok {
+            self.claimant.store(me.record, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Ends our claim: zeroes the claimant word, then publishes `stamp`.
+    #[inline]
+    fn finish(&self, stamp: u64) {
+        self.claimant.store(0, Ordering::Relaxed);
+        // SYNC POINT: releases the message (or the freed slot) and the zeroed claimant.
+        self.stamp.store(stamp, Ordering::Release);
+    }
+
+    /// Whether the thread holding `stamp` (a claim read from this slot) is provably gone;
+    /// `Some(record)` with the claimant word to clear if so.
+    fn claimant_is_dead(&self, stamp: u64) -> Option<u64> {
+        let tag = (stamp >> TAG_SHIFT) & TAG_MASK;
+        let tid = (tag & ((1 << TID_BITS) - 1)) as u32;
+        let hash = tag >> TID_BITS;
+        // Read after the claim (acquire above): zero, or written by this very claim.
+        let record = self.claimant.load(Ordering::Acquire);
+        let dead =
+            if record >> START_BITS == u64::from(tid) && record & ((1 << HASH_BITS) - 1) == hash {
+                crate::liveness::thread_is_dead(tid, record & START_MASK, START_BITS)
+            } else {
+                // Not written yet (or, if the words disagree, not ours to trust): the
+                // claim's own 8 bits can only err towards "alive".
+                crate::liveness::thread_is_dead(tid, hash, HASH_BITS)
+            };
+        dead.then_some(record)
+    }
+}
+
+/// One slot's claim protocol as the loom model in `tests/loom.rs` drives it; not API.
+#[cfg(loom)]
+#[doc(hidden)]
+pub struct LoomSlot(Slot<u64>);
+
+#[cfg(loom)]
+impl Default for LoomSlot {
+    fn default() -> Self {
+        LoomSlot(new_slot(0))
+    }
+}
+
+#[cfg(loom)]
+impl LoomSlot {
+    /// The claimant word thread `tid` started at `start` writes.
+    pub fn record_of(tid: u32, start: u64) -> u64 {
+        Claimant::of(tid, start).record
+    }
+
+    /// Claims position 0 as a producer (thread `tid`, started at `start`) and publishes.
+    pub fn write_as(&self, tid: u32, start: u64) {
+        while !self.0.try_claim(0, 0, Claimant::of(tid, start), false) {
+            loom::thread::yield_now();
+        }
+        self.0.finish(1);
+    }
+
+    /// Claims the message at position 0 as a consumer and frees the slot for lap `cap`.
+    pub fn read_as(&self, tid: u32, start: u64, cap: u64) {
+        while !self.0.try_claim(1, 0, Claimant::of(tid, start), true) {
+            loom::thread::yield_now();
+        }
+        self.0.finish(cap);
+    }
+
+    /// What a checker reads: `Some((claim, claimant word))` if the stamp was a claim.
+    /// (The word may belong to a *later* claim if the stamp moved on meanwhile; `repair`
+    /// then acts on nothing, because its compare-and-swap from the claim it read fails.)
+    pub fn check(&self) -> Option<(u64, u64)> {
+        let stamp = self.0.stamp.load(Ordering::Acquire);
+        if stamp & CLAIMED == 0 {
+            return None;
+        }
+        Some((stamp, self.0.claimant.load(Ordering::Acquire)))
+    }
+
+    /// Whether a claim word is a consumer's.
+    pub fn is_reading(stamp: u64) -> bool {
+        stamp & READING != 0
+    }
 }
 
 /// How many times in a row a thread may find a stamp that fits no state before it calls
-/// the ring corrupted. Positions move under a reader, so one odd stamp proves nothing.
+/// the ring corrupted. One confirmed odd stamp is already proof (see `push`), so this is
+/// only a margin against a reasoning error; it costs nothing on a sound ring.
 const CONFUSION_LIMIT: u32 = 1 << 12;
+
+/// Whether position `a` is ahead of `b` (positions wrap at 2^64).
+#[inline]
+fn ahead(a: u64, b: u64) -> bool {
+    let d = a.wrapping_sub(b);
+    d != 0 && d < 1 << 63
+}
 
 impl<T> RingMem<Header, Slot<T>> {
     /// Frees slots that a dead thread claimed and left half done; returns whether it
@@ -191,12 +397,22 @@ impl<T> RingMem<Header, Slot<T>> {
         for pos in [head, behind_tail] {
             let slot = self.slot(pos);
             let stamp = slot.stamp.load(Ordering::Acquire);
-            if !claims(stamp, pos) || !claimant_is_dead(stamp) {
+            if !claims(stamp, pos) {
                 continue;
             }
+            let Some(record) = slot.claimant_is_dead(stamp) else {
+                continue;
+            };
             // A dead writer's message was never sent; a dead reader's was lost with it.
-            // Either way the position is finished: free the slot for the next lap, and
-            // move `head` and `tail` past it in case the dead thread had not.
+            // Either way the position is finished: zero the dead claimant's word (unless
+            // someone already did), free the slot for the next lap, and move `tail` and
+            // then `head` past it in case the dead thread had not (in that order, so
+            // `head` never passes `tail`).
+            if record != 0 {
+                let _ =
+                    slot.claimant
+                        .compare_exchange(record, 0, Ordering::Relaxed, Ordering::Relaxed);
+            }
             if slot
                 .stamp
                 .compare_exchange(
@@ -207,13 +423,13 @@ impl<T> RingMem<Header, Slot<T>> {
                 )
                 .is_ok()
             {
-                let _ = h.head.compare_exchange(
+                let _ = h.tail.compare_exchange(
                     pos,
                     pos.wrapping_add(1),
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 );
-                let _ = h.tail.compare_exchange(
+                let _ = h.head.compare_exchange(
                     pos,
                     pos.wrapping_add(1),
                     Ordering::AcqRel,
@@ -228,26 +444,70 @@ impl<T> RingMem<Header, Slot<T>> {
         }
         freed
     }
+
+    /// Marks the queue corrupted (first reason wins) and wakes every sleeper to see it.
+    #[cold]
+    fn mark_corrupted(&self, why: u64) {
+        let h = self.header();
+        let _ = h
+            .corrupted
+            .compare_exchange(0, why, Ordering::SeqCst, Ordering::SeqCst);
+        h.not_full.notify_all();
+        h.not_empty.notify_all();
+    }
+
+    /// The corruption report, if the queue was marked corrupted.
+    #[inline]
+    fn corruption(&self) -> Option<String> {
+        match self.header().corrupted.load(Ordering::Relaxed) {
+            0 => None,
+            why => Some(describe_corruption(why)),
+        }
+    }
 }
+
+#[cold]
+fn describe_corruption(why: u64) -> String {
+    match why {
+        BAD_STAMP => "a slot's stamp fits no state of its position".into(),
+        BAD_TAIL => "the shared tail is ahead of a position that was never claimed".into(),
+        BAD_HEAD => "the shared head is ahead of a message that was never received".into(),
+        other => format!("the corruption mark itself holds the impossible value {other:#x}"),
+    }
+}
+
+/// A per-handle clock for the checks a non-blocking call runs when it finds the queue
+/// empty (full): at most one every [`CHECK_EVERY`](super::eventcount::CHECK_EVERY).
+type CheckClock = super::eventcount::CheckClock;
 
 /// The sending end of a [`channel`](fn@crate::channel). Clone it for more producers.
 pub struct Sender<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
+    check: CheckClock,
 }
 
 /// The receiving end of a [`channel`](fn@crate::channel). Clone it for more consumers.
 pub struct Receiver<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
+    check: CheckClock,
 }
 
 impl<T: ShmSafe + Copy + Send> Sender<T> {
+    fn new(ring: Arc<Ring<T>>) -> Sender<T> {
+        Sender {
+            ring,
+            check: CheckClock::new(),
+        }
+    }
+
     /// Sends as many of `values` as fit right now; returns how many. Each message is
     /// claimed and published on its own (positions are shared with other producers), but
     /// consumers are notified once for the batch.
     ///
     /// # Errors
     ///
-    /// `Disconnected(())` if every receiver is gone.
+    /// `Disconnected(())` if every receiver is gone, `Corrupted(())` if the queue is
+    /// corrupted (only when nothing was sent).
     pub fn try_send_batch(&self, values: &[T]) -> Result<usize, TrySendError<()>> {
         let mut sent = 0;
         for v in values {
@@ -257,7 +517,10 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                 Err(TrySendError::Disconnected(_)) if sent == 0 => {
                     return Err(TrySendError::Disconnected(()));
                 }
-                Err(TrySendError::Disconnected(_)) => break,
+                Err(TrySendError::Corrupted(_)) if sent == 0 => {
+                    return Err(TrySendError::Corrupted(()));
+                }
+                Err(_) => break,
             }
         }
         if sent > 0 {
@@ -266,31 +529,41 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         Ok(sent)
     }
 
+    /// The check a blocking send runs while it waits, for a `try_send` that found the
+    /// queue full (at most every 20 ms per handle): free slots held by dead claimants,
+    /// notice dead receivers. Returns whether it ran.
+    #[cold]
+    #[inline(never)]
+    fn check_when_full(&self) -> bool {
+        if !self.check.due() {
+            return false;
+        }
+        RawSender::receivers_alive(self);
+        true
+    }
+
     /// Claims the next free position and writes `value`, without notifying consumers.
+    /// When the queue is full, runs [`check_when_full`](Self::check_when_full) and looks
+    /// once more.
     fn push(&self, value: T) -> Result<(), TrySendError<T>> {
         let ring = &*self.ring;
         let h = ring.header();
+        if h.corrupted.load(Ordering::Relaxed) != 0 {
+            return Err(TrySendError::Corrupted(value));
+        }
         if !h.receivers.any_handles() {
             return Err(TrySendError::Disconnected(value));
         }
         let cap = ring.capacity();
-        let tag = claim_tag();
+        let me = Claimant::me();
         let mut confused = 0;
+        let mut checked = false;
         loop {
             let pos = h.tail.load(Ordering::Acquire);
             let slot = ring.slot(pos);
             let stamp = slot.stamp.load(Ordering::Acquire);
             if stamp == pos {
-                if slot
-                    .stamp
-                    .compare_exchange_weak(
-                        pos,
-                        claim(pos, tag, false),
-                        Ordering::Acquire,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok()
-                {
+                if slot.try_claim(pos, pos, me, false) {
                     let _ = h.tail.compare_exchange(
                         pos,
                         pos.wrapping_add(1),
@@ -299,13 +572,15 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                     );
                     // SAFETY: our claim gives us this slot exclusively until we publish it.
                     slot.value.with_mut(|p| unsafe { (*p).write(value) });
-                    slot.stamp.store(pos.wrapping_add(1), Ordering::Release);
+                    slot.finish(pos.wrapping_add(1));
                     return Ok(());
                 }
                 continue;
             }
-            if stamp == pos.wrapping_add(1) || (claims(stamp, pos) && stamp & READING == 0) {
-                // Someone claimed or filled `pos` but has not advanced `tail`: help.
+            if stamp == pos.wrapping_add(1) || stamp == pos.wrapping_add(cap) || claims(stamp, pos)
+            {
+                // Someone claimed (and maybe filled, or even consumed, or a repair freed)
+                // `pos` but `tail` was not advanced yet: help.
                 let _ = h.tail.compare_exchange(
                     pos,
                     pos.wrapping_add(1),
@@ -317,15 +592,35 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
             let prev = pos.wrapping_sub(cap);
             if stamp == prev.wrapping_add(1) || claims(stamp, prev) {
                 // Last lap's message is still there (or being read).
-                if h.tail.load(Ordering::Acquire) == pos {
-                    return Err(TrySendError::Full(value));
+                if h.tail.load(Ordering::Acquire) != pos {
+                    continue;
                 }
-                continue;
+                if stamp == prev.wrapping_add(1)
+                    && ahead(h.head.load(Ordering::Acquire), prev)
+                    && slot.stamp.load(Ordering::Acquire) == stamp
+                {
+                    // `head` passed `prev` only after a consumer claimed it, yet its
+                    // message is still waiting: `head` was scribbled over.
+                    ring.mark_corrupted(BAD_HEAD);
+                    return Err(TrySendError::Corrupted(value));
+                }
+                if !checked && self.check_when_full() {
+                    checked = true;
+                    if !h.receivers.any_handles() {
+                        return Err(TrySendError::Disconnected(value));
+                    }
+                    continue;
+                }
+                return Err(TrySendError::Full(value));
             }
+            // With `tail` at `pos` before and after (it only grows), the stamp we read lies
+            // between the two, and every state a sound ring can show there is handled
+            // above: this one is impossible.
             if h.tail.load(Ordering::Acquire) == pos {
                 confused += 1;
                 if confused > CONFUSION_LIMIT {
-                    return Err(TrySendError::Disconnected(value)); // corrupted
+                    ring.mark_corrupted(BAD_STAMP);
+                    return Err(TrySendError::Corrupted(value));
                 }
                 crate::facade::spin_hint();
             }
@@ -337,19 +632,11 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     #[doc(hidden)]
     pub fn __send_stalled_after_claim(&self, value: T, stall: impl FnOnce()) {
         let h = self.ring.header();
+        let me = Claimant::me();
         loop {
             let pos = h.tail.load(Ordering::Acquire);
             let slot = self.ring.slot(pos);
-            if slot
-                .stamp
-                .compare_exchange(
-                    pos,
-                    claim(pos, claim_tag(), false),
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
+            if slot.try_claim(pos, pos, me, false) {
                 let _ = h.tail.compare_exchange(
                     pos,
                     pos.wrapping_add(1),
@@ -359,12 +646,41 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                 stall();
                 // SAFETY: claimed above, as in `push`.
                 slot.value.with_mut(|p| unsafe { (*p).write(value) });
-                slot.stamp.store(pos.wrapping_add(1), Ordering::Release);
+                slot.finish(pos.wrapping_add(1));
                 h.not_empty.notify_all();
                 return;
             }
             std::thread::yield_now();
         }
+    }
+
+    /// Test hook: claims the next position for thread `tid` with start time `start`,
+    /// exactly as that thread's own claim would look (both words), and moves `tail` past
+    /// it, as if that thread had claimed the slot and stalled.
+    #[doc(hidden)]
+    pub fn __plant_claim(&self, tid: u32, start: u64) {
+        let h = self.ring.header();
+        let pos = h.tail.load(Ordering::Acquire);
+        assert!(
+            self.ring
+                .slot(pos)
+                .try_claim(pos, pos, Claimant::of(tid, start), false),
+            "the next slot is free"
+        );
+        h.tail.store(pos.wrapping_add(1), Ordering::Release);
+    }
+
+    /// Test hook: overwrites the shared `tail` with `f(tail)`, as a scribbling peer would.
+    #[doc(hidden)]
+    pub fn __scribble_tail(&self, f: impl FnOnce(u64) -> u64) {
+        let tail = &self.ring.header().tail;
+        tail.store(f(tail.load(Ordering::Acquire)), Ordering::Release);
+    }
+
+    /// Test hook: how many waiters the receivers' eventcount has announced.
+    #[doc(hidden)]
+    pub fn __not_empty_waiters(&self) -> u32 {
+        self.ring.header().not_empty.waiters()
     }
 
     sender_api!();
@@ -389,6 +705,13 @@ impl<T: ShmSafe + Copy + Send> RawSender<T> for Sender<T> {
 }
 
 impl<T: ShmSafe + Copy + Send> Receiver<T> {
+    fn new(ring: Arc<Ring<T>>) -> Receiver<T> {
+        Receiver {
+            ring,
+            check: CheckClock::new(),
+        }
+    }
+
     /// Appends up to `max` ready messages to `out`; returns how many.
     ///
     /// # Errors
@@ -426,28 +749,38 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         }
     }
 
+    /// The check a blocking receive runs while it waits, for a `try_recv` that found the
+    /// queue empty (at most every 20 ms per handle): skip slots held by dead claimants,
+    /// notice dead senders. Returns whether it ran.
+    #[cold]
+    #[inline(never)]
+    fn check_when_empty(&self) -> bool {
+        if !self.check.due() {
+            return false;
+        }
+        RawReceiver::senders_alive(self);
+        true
+    }
+
     /// Claims the next published position and copies its message out, without notifying.
+    /// When the queue is empty, runs [`check_when_empty`](Self::check_when_empty) and
+    /// looks once more.
     fn pop(&self) -> Result<T, TryRecvError> {
         let ring = &*self.ring;
         let h = ring.header();
+        if let Some(why) = ring.corruption() {
+            return Err(TryRecvError::Corrupted(why));
+        }
         let cap = ring.capacity();
-        let tag = claim_tag();
+        let me = Claimant::me();
         let mut confused = 0;
+        let mut checked = false;
         loop {
             let pos = h.head.load(Ordering::Acquire);
             let slot = ring.slot(pos);
             let stamp = slot.stamp.load(Ordering::Acquire);
             if stamp == pos.wrapping_add(1) {
-                if slot
-                    .stamp
-                    .compare_exchange_weak(
-                        stamp,
-                        claim(pos, tag, true),
-                        Ordering::Acquire,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok()
-                {
+                if slot.try_claim(stamp, pos, me, true) {
                     let _ = h.head.compare_exchange(
                         pos,
                         pos.wrapping_add(1),
@@ -458,7 +791,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                     // store is what our acquire CAS read), and our claim keeps producers
                     // away until we free the slot.
                     let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
-                    slot.stamp.store(pos.wrapping_add(cap), Ordering::Release);
+                    slot.finish(pos.wrapping_add(cap));
                     return Ok(value);
                 }
                 continue;
@@ -473,17 +806,41 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                 );
                 continue;
             }
-            if stamp == pos || claims(stamp, pos) || claims(stamp, pos.wrapping_sub(cap)) {
-                // Nothing published at `pos` yet: a producer is still writing it, or a slow
-                // consumer is still copying out the previous lap's message from its slot.
+            if claims(stamp, pos) {
+                // A producer is still writing `pos`.
                 if h.head.load(Ordering::Acquire) == pos {
+                    if !checked && self.check_when_empty() {
+                        checked = true;
+                        continue;
+                    }
                     return Err(self.empty_or_disconnected());
                 }
                 continue;
             }
+            if stamp == pos || claims(stamp, pos.wrapping_sub(cap)) {
+                // Nothing claimed at `pos` yet (a slow consumer may still be copying out the
+                // previous lap's message from its slot).
+                if h.head.load(Ordering::Acquire) != pos {
+                    continue;
+                }
+                if ahead(h.tail.load(Ordering::Acquire), pos)
+                    && slot.stamp.load(Ordering::Acquire) == stamp
+                {
+                    // `tail` passed `pos` only after someone claimed it, and a claimed
+                    // stamp never returns to these states: `tail` was scribbled over.
+                    ring.mark_corrupted(BAD_TAIL);
+                    return Err(TryRecvError::Corrupted(describe_corruption(BAD_TAIL)));
+                }
+                if !checked && self.check_when_empty() {
+                    checked = true;
+                    continue;
+                }
+                return Err(self.empty_or_disconnected());
+            }
             if h.head.load(Ordering::Acquire) == pos {
                 confused += 1;
                 if confused > CONFUSION_LIMIT {
+                    ring.mark_corrupted(BAD_STAMP);
                     return Err(TryRecvError::Corrupted(format!(
                         "slot stamp {stamp:#x} fits no state of position {pos}"
                     )));
@@ -498,19 +855,11 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     #[doc(hidden)]
     pub fn __recv_stalled_after_claim(&self, stall: impl FnOnce()) -> T {
         let h = self.ring.header();
+        let me = Claimant::me();
         loop {
             let pos = h.head.load(Ordering::Acquire);
             let slot = self.ring.slot(pos);
-            if slot
-                .stamp
-                .compare_exchange(
-                    pos.wrapping_add(1),
-                    claim(pos, claim_tag(), true),
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
+            if slot.try_claim(pos.wrapping_add(1), pos, me, true) {
                 let _ = h.head.compare_exchange(
                     pos,
                     pos.wrapping_add(1),
@@ -520,8 +869,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                 stall();
                 // SAFETY: claimed a published slot above, as in `pop`.
                 let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
-                slot.stamp
-                    .store(pos.wrapping_add(self.ring.capacity()), Ordering::Release);
+                slot.finish(pos.wrapping_add(self.ring.capacity()));
                 h.not_full.notify_all();
                 return value;
             }
@@ -558,9 +906,7 @@ impl<T: ShmSafe + Copy + Send> Clone for Sender<T> {
     /// If more than 64 processes already hold handles to this end.
     fn clone(&self) -> Self {
         peers::attach(&self.ring.header().senders).expect("attach a sender");
-        Sender {
-            ring: Arc::clone(&self.ring),
-        }
+        Sender::new(Arc::clone(&self.ring))
     }
 }
 
@@ -572,9 +918,7 @@ impl<T: ShmSafe + Copy + Send> Clone for Receiver<T> {
     /// If more than 64 processes already hold handles to this end.
     fn clone(&self) -> Self {
         peers::attach(&self.ring.header().receivers).expect("attach a receiver");
-        Receiver {
-            ring: Arc::clone(&self.ring),
-        }
+        Receiver::new(Arc::clone(&self.ring))
     }
 }
 
@@ -640,7 +984,7 @@ mod tests {
         assert_eq!(rx.recv(), Err(RecvError::Disconnected));
         let (tx, rx) = heap_channel::<u8>(2).unwrap();
         drop(rx);
-        assert!(matches!(tx.send(5), Err(SendError(5))));
+        assert!(matches!(tx.send(5), Err(SendError::Disconnected(5))));
     }
 
     #[test]
@@ -696,5 +1040,63 @@ mod tests {
         assert_eq!(rx.try_recv_batch(&mut out, 5).unwrap(), 5);
         assert_eq!(rx.recv_batch(&mut out, 10).unwrap(), 3);
         assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_scribbled_tail_is_corruption_for_everyone_from_then_on() {
+        for scribble in [|_| 1000u64, |t: u64| t + 5] {
+            let (tx, rx) = heap_channel::<u32>(8).unwrap();
+            tx.send(1).unwrap();
+            tx.send(2).unwrap();
+            tx.__scribble_tail(scribble);
+            // A sender may or may not notice on its own (a position a few ahead looks free);
+            // the receiver notices at the latest where `tail` claims messages that never were.
+            let _ = tx.try_send(3);
+            let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            assert!([&[][..], &[1], &[1, 2]].contains(&&got[..]), "{got:?}");
+            assert!(matches!(rx.try_recv(), Err(TryRecvError::Corrupted(_))));
+            assert!(matches!(tx.try_send(4), Err(TrySendError::Corrupted(4))));
+            assert!(matches!(tx.send(5), Err(SendError::Corrupted(5))));
+            assert!(matches!(
+                rx.recv_timeout(std::time::Duration::from_secs(5)),
+                Err(RecvTimeoutError::Corrupted(_))
+            ));
+            let other = rx.clone();
+            assert!(matches!(other.try_recv(), Err(TryRecvError::Corrupted(_))));
+        }
+    }
+
+    #[test]
+    fn claimant_words_encode_what_the_checker_reads() {
+        let c = Claimant::of(0x3f_ffff, (0xab_cdef_1234 << 8) | 0x5a);
+        let stamp = claim(7, c.tag, true);
+        assert!(claims(stamp, 7) && stamp & READING != 0);
+        assert_eq!((stamp >> TAG_SHIFT) & ((1 << TID_BITS) - 1), 0x3f_ffff);
+        assert_eq!((stamp >> TAG_SHIFT) >> TID_BITS & 0xff, 0x5a);
+        assert_eq!(c.record >> START_BITS, 0x3f_ffff);
+        assert_eq!(c.record & 0xff, 0x5a);
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "liveness reads /proc")]
+    fn a_live_claimant_is_never_judged_dead() {
+        let slot = new_slot::<u32>(0);
+        let me = Claimant::me();
+        assert!(slot.try_claim(0, 0, me, false));
+        let stamp = slot.stamp.load(Ordering::SeqCst);
+        assert_eq!(slot.claimant_is_dead(stamp), None, "with its full record");
+        slot.claimant.store(0, Ordering::SeqCst);
+        assert_eq!(
+            slot.claimant_is_dead(stamp),
+            None,
+            "before its record is written"
+        );
+        let me_id = sys::current_thread();
+        // The same thread id with a start time that agrees in 8 bits only: dead.
+        slot.claimant.store(
+            Claimant::of(me_id.tid, me_id.start ^ (1 << 9)).record,
+            Ordering::SeqCst,
+        );
+        assert!(slot.claimant_is_dead(stamp).is_some());
     }
 }

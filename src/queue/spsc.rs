@@ -6,24 +6,48 @@
 //! full (producer) or empty (consumer). A message is the `T` itself, copied into its slot:
 //! no encoding, no allocation.
 //!
-//! # Crash semantics
+//! # One process per end
 //!
-//! * The producer writes a slot before publishing it with a release store of `tail`, so a
-//!   producer killed mid-write leaves at most an unpublished slot: the consumer sees only
-//!   complete messages. After the producer's process is gone, [`Receiver::new_sender`]
-//!   hands out a new producer that resumes at the published `tail`.
-//! * The consumer likewise publishes `head` only after copying a message out; a new
-//!   consumer ([`Sender::new_receiver`]) resumes there.
+//! Each end is used by one process at a time; the header records which (its process
+//! identity, pid and 40-bit start time), and the handle caches "checked in this process
+//! since its last fork" as one process-local generation number, so the fast path pays a
+//! single comparison. A `fork` (our `pthread_atfork` prepare handler) releases the
+//! parent's ownership of every end it holds and moves the generation on: after the fork,
+//! whichever process uses an end first owns it. A use by any other live process panics
+//! with a message saying so (two producers or two consumers on an spsc ring would
+//! duplicate or lose messages silently; that is a bug in the program, not a condition to
+//! handle at run time). Ownership passes on when the owner drops its handle, or when its
+//! process is proven dead (`liveness::process_is_dead`); the new owner resumes at the
+//! shared position. Forking from a thread while another thread is inside an operation
+//! on the same end is not covered (procshare's `fork` refuses multi-threaded processes).
+//!
+//! # Crash semantics (the shared words)
+//!
+//! | word | written by | a SIGKILL between stores leaves | repaired by |
+//! |---|---|---|---|
+//! | slot | producer, before `tail` | an unpublished slot: invisible | the next producer overwrites it |
+//! | `tail` | producer (release) | complete messages only | — |
+//! | `head` | consumer (release), after copying out | messages copied but not released: delivered again to the next consumer | — |
+//! | sender/receiver owner | the end's first user in a process | the dead process's identity | the next user, once the kernel proves that process dead |
+//! | peer tables | attach/detach, fork handlers | a dead process's handle count | `any_alive`, on every slow path |
+//!
+//! * After the producer's process is gone, [`Receiver::new_sender`] hands out a new
+//!   producer (or an inherited handle takes over) that resumes at the published `tail`.
+//! * The consumer likewise; a new consumer ([`Sender::new_receiver`]) resumes at `head`.
+//! * A `try_recv` that finds the queue empty (a `try_send` that finds it full) checks, at
+//!   most every 20 ms per handle, whether the other end's processes are alive, exactly as
+//!   a blocking call does while it waits: a polling user sees `Disconnected` too.
 //! * Positions read from shared memory are checked (`0 <= tail - head <= capacity`);
-//!   anything else is reported as `Corrupted` to the consumer and as `Disconnected` to the
-//!   producer, never used to index.
+//!   anything else marks the queue corrupted in its header, and every later operation on
+//!   either end returns `Corrupted` (senders get their message back). An index is never
+//!   used beyond `& (capacity - 1)`.
 
 use std::cell::Cell;
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use super::eventcount::EventCount;
+use super::eventcount::{CheckClock, EventCount};
 use super::peers::{self, PeerTable};
 use super::ring::{CachePadded, RingMem};
 use super::{
@@ -40,7 +64,14 @@ pub(crate) struct Header {
     head: CachePadded<AtomicU64>,
     not_empty: CachePadded<EventCount>,
     not_full: CachePadded<EventCount>,
+    /// [`process_identity`](crate::liveness::process_identity) of the process using the
+    /// sender (receiver), 0 if none.
+    sender_owner: AtomicU64,
+    receiver_owner: AtomicU64,
     senders: PeerTable,
+    /// 0, or 1 once the queue was found corrupted; never cleared. Next to
+    /// `receivers.total`, which every send reads anyway.
+    corrupted: AtomicU64,
     receivers: PeerTable,
 }
 
@@ -49,6 +80,11 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 
 /// Creates a single-producer single-consumer queue of at least `capacity` messages
 /// (rounded up to a power of two) in a new anonymous shared segment.
+///
+/// Each end may move between threads and, by `fork`, processes, but is used by one
+/// process at a time: after a fork, the first process to use an end owns it, and a use
+/// from another live process panics (see the [module docs](mod@crate::spsc), which also have
+/// the crash table). For several producers or consumers, use [`channel`](fn@crate::channel).
 ///
 /// ```
 /// let (tx, rx) = procshare::spsc::<u64>(1024)?;
@@ -82,8 +118,11 @@ impl Header {
             head: CachePadded(AtomicU64::new(0)),
             not_empty: CachePadded(EventCount::new()),
             not_full: CachePadded(EventCount::new()),
+            sender_owner: AtomicU64::new(0),
+            receiver_owner: AtomicU64::new(0),
             // SAFETY: a peer table is plain atomics; all-zero is the empty table.
             senders: unsafe { std::mem::zeroed() },
+            corrupted: AtomicU64::new(0),
             // SAFETY: as above.
             receivers: unsafe { std::mem::zeroed() },
         }
@@ -108,9 +147,15 @@ pub fn heap_spsc<T: ShmSafe + Copy + Send + 'static>(
 
 /// The producing end of an [`spsc`](fn@crate::spsc) queue. Not `Clone`: there is exactly one
 /// producer. It may move to another thread or (by `fork`) another process; after a fork,
-/// only one process may use it.
+/// the first process to use it owns it (see the [module docs](self)).
+///
+/// # Panics
+///
+/// Every sending method panics if another live process owns this end.
 pub struct Sender<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
+    owned: Cell<u64>,
+    check: CheckClock,
     /// Next position to write (authoritative: only this handle writes `tail`).
     tail: Cell<u64>,
     /// Last `head` seen; the ring is certainly not full while `tail - head_seen < cap`.
@@ -118,9 +163,15 @@ pub struct Sender<T: ShmSafe + Copy + Send> {
 }
 
 /// The consuming end of an [`spsc`](fn@crate::spsc) queue. Not `Clone`: there is exactly one
-/// consumer.
+/// consumer, in one process at a time, as for [`Sender`].
+///
+/// # Panics
+///
+/// Every receiving method panics if another live process owns this end.
 pub struct Receiver<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
+    owned: Cell<u64>,
+    check: CheckClock,
     head: Cell<u64>,
     tail_seen: Cell<u64>,
 }
@@ -132,6 +183,8 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         let tail = h.tail.load(Ordering::Acquire);
         let head = h.head.load(Ordering::Acquire);
         Ok(Sender {
+            owned: Cell::new(ownership::NEVER),
+            check: CheckClock::new(),
             tail: Cell::new(tail),
             head_seen: Cell::new(head),
             ring,
@@ -153,28 +206,69 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         Receiver::attach(Arc::clone(&self.ring))
     }
 
+    /// Makes sure this process owns the sender (one comparison unless a fork happened or
+    /// this handle was never used here), then whether the queue is usable.
+    #[inline]
+    fn enter(&self) -> Result<(), TrySendError<()>> {
+        let h = self.ring.header();
+        if self.owned.get() != ownership::generation() {
+            self.take_ownership();
+        }
+        if h.corrupted.load(Ordering::Relaxed) != 0 {
+            return Err(TrySendError::Corrupted(()));
+        }
+        if !h.receivers.any_handles() {
+            return Err(TrySendError::Disconnected(()));
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn take_ownership(&self) {
+        let h = self.ring.header();
+        self.owned
+            .set(ownership::take(&h.sender_owner, "spsc::Sender", "send"));
+        // Another process may have sent since this handle last did: resume where it left.
+        self.tail.set(h.tail.load(Ordering::Acquire));
+        self.head_seen.set(h.head.load(Ordering::Acquire));
+    }
+
+    /// How much room there is, reading the shared `head` if the cached one says less
+    /// than `want`.
+    #[inline]
+    fn room(&self, want: u64) -> Result<u64, TrySendError<()>> {
+        let cap = self.ring.capacity();
+        let tail = self.tail.get();
+        let room = cap - tail.wrapping_sub(self.head_seen.get()).min(cap);
+        if room >= want {
+            return Ok(room);
+        }
+        let head = self.ring.header().head.load(Ordering::Acquire);
+        let used = tail.wrapping_sub(head);
+        if used > cap {
+            self.ring.header().corrupt();
+            return Err(TrySendError::Corrupted(()));
+        }
+        self.head_seen.set(head);
+        Ok(cap - used)
+    }
+
     /// Sends as many of `values` as fit right now with one index update; returns how many.
     ///
     /// # Errors
     ///
-    /// `Disconnected(())` if every receiver is gone.
+    /// `Disconnected(())` if every receiver is gone, `Corrupted(())` if the queue is
+    /// corrupted.
     pub fn try_send_batch(&self, values: &[T]) -> Result<usize, TrySendError<()>> {
-        let h = self.ring.header();
-        if !h.receivers.any_handles() {
-            return Err(TrySendError::Disconnected(()));
-        }
-        let cap = self.ring.capacity();
-        let tail = self.tail.get();
-        let mut room = cap - tail.wrapping_sub(self.head_seen.get()).min(cap);
-        if room < values.len() as u64 {
-            let head = h.head.load(Ordering::Acquire);
-            let used = tail.wrapping_sub(head);
-            if used > cap {
-                return Err(TrySendError::Disconnected(())); // corrupted: see module docs
+        self.enter()?;
+        let mut room = self.room(values.len() as u64)?;
+        if room == 0 && !values.is_empty() && self.check.due() {
+            if !RawSender::receivers_alive(self) {
+                return Err(TrySendError::Disconnected(()));
             }
-            self.head_seen.set(head);
-            room = cap - used;
+            room = self.room(1)?;
         }
+        let tail = self.tail.get();
         let n = room.min(values.len() as u64);
         for (i, v) in values[..n as usize].iter().enumerate() {
             // SAFETY: positions tail..tail+n are free (head <= tail+n-cap) and only this
@@ -184,6 +278,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                 .with_mut(|p| unsafe { (*p).write(*v) });
         }
         if n > 0 {
+            let h = self.ring.header();
             self.tail.set(tail.wrapping_add(n));
             h.tail.store(tail.wrapping_add(n), Ordering::Release);
             h.not_empty.notify_all();
@@ -191,33 +286,46 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         Ok(n as usize)
     }
 
+    /// Test hook: how many waiters the receiver's eventcount has announced.
+    #[doc(hidden)]
+    pub fn __not_empty_waiters(&self) -> u32 {
+        self.ring.header().not_empty.waiters()
+    }
+
     sender_api!();
+}
+
+fn with_value<T>(e: TrySendError<()>, value: T) -> TrySendError<T> {
+    match e {
+        TrySendError::Full(()) => TrySendError::Full(value),
+        TrySendError::Disconnected(()) => TrySendError::Disconnected(value),
+        TrySendError::Corrupted(()) => TrySendError::Corrupted(value),
+    }
 }
 
 impl<T: ShmSafe + Copy + Send> RawSender<T> for Sender<T> {
     #[inline]
     fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
-        let h = self.ring.header();
-        if !h.receivers.any_handles() {
-            return Err(TrySendError::Disconnected(value));
+        if let Err(e) = self.enter() {
+            return Err(with_value(e, value));
+        }
+        let mut room = self.room(1).map_err(|e| with_value(e, value))?;
+        if room == 0 && self.check.due() {
+            if !self.receivers_alive() {
+                return Err(TrySendError::Disconnected(value));
+            }
+            room = self.room(1).map_err(|e| with_value(e, value))?;
+        }
+        if room == 0 {
+            return Err(TrySendError::Full(value));
         }
         let tail = self.tail.get();
-        if tail.wrapping_sub(self.head_seen.get()) >= self.ring.capacity() {
-            let head = h.head.load(Ordering::Acquire);
-            let used = tail.wrapping_sub(head);
-            if used > self.ring.capacity() {
-                return Err(TrySendError::Disconnected(value)); // corrupted: see module docs
-            }
-            self.head_seen.set(head);
-            if used == self.ring.capacity() {
-                return Err(TrySendError::Full(value));
-            }
-        }
         // SAFETY: the slot at `tail` is free (tail - head < capacity) and only this
         // producer writes it until `tail` is published.
         self.ring
             .slot(tail)
             .with_mut(|p| unsafe { (*p).write(value) });
+        let h = self.ring.header();
         self.tail.set(tail.wrapping_add(1));
         h.tail.store(tail.wrapping_add(1), Ordering::Release);
         h.not_empty.notify_all();
@@ -239,6 +347,8 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         peers::attach(&h.receivers)?;
         let head = h.head.load(Ordering::Acquire);
         Ok(Receiver {
+            owned: Cell::new(ownership::NEVER),
+            check: CheckClock::new(),
             head: Cell::new(head),
             tail_seen: Cell::new(head),
             ring,
@@ -263,9 +373,11 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     /// Checks and returns how many messages are ready, refreshing the cached tail.
     fn ready(&self) -> Result<u64, TryRecvError> {
         let head = self.head.get();
-        let tail = self.ring.header().tail.load(Ordering::Acquire);
+        let h = self.ring.header();
+        let tail = h.tail.load(Ordering::Acquire);
         let ready = tail.wrapping_sub(head);
         if ready > self.ring.capacity() {
+            h.corrupt();
             return Err(TryRecvError::Corrupted(format!(
                 "spsc tail {tail} is not within capacity {} of head {head}",
                 self.ring.capacity()
@@ -287,6 +399,53 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         }
     }
 
+    /// How many messages are ready (at least one), looking at the shared `tail` only if
+    /// the cached one shows fewer than `want`; ownership and corruption checked first.
+    /// When there are none, at most every 20 ms, the check a blocking receive runs: are
+    /// the senders alive?
+    #[inline]
+    fn available(&self, want: u64) -> Result<u64, TryRecvError> {
+        let h = self.ring.header();
+        if self.owned.get() != ownership::generation() {
+            self.take_ownership();
+        }
+        if h.corrupted.load(Ordering::Relaxed) != 0 {
+            return Err(TryRecvError::Corrupted(
+                "this spsc queue was marked corrupted: a peer found an impossible position".into(),
+            ));
+        }
+        let cached = self.tail_seen.get().wrapping_sub(self.head.get());
+        if cached >= want {
+            return Ok(cached);
+        }
+        // The cached tail may be stale: look at the shared one before settling for less.
+        match self.ready()? {
+            0 if self.check.due() => {
+                self.senders_alive();
+                match self.ready()? {
+                    0 => Err(self.empty_or_disconnected()),
+                    n => Ok(n),
+                }
+            }
+            0 => Err(self.empty_or_disconnected()),
+            n => Ok(n),
+        }
+    }
+
+    #[cold]
+    fn take_ownership(&self) {
+        let h = self.ring.header();
+        self.owned.set(ownership::take(
+            &h.receiver_owner,
+            "spsc::Receiver",
+            "receive",
+        ));
+        // Another process may have received since this handle last did: resume there.
+        let head = h.head.load(Ordering::Acquire);
+        self.head.set(head);
+        self.tail_seen.set(head);
+    }
+
     /// Appends up to `max` ready messages to `out` with one index update; returns how many.
     ///
     /// # Errors
@@ -296,15 +455,8 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         if max == 0 {
             return Ok(0);
         }
+        let ready = self.available(max as u64)?;
         let head = self.head.get();
-        let mut ready = self.tail_seen.get().wrapping_sub(head);
-        if ready < max as u64 {
-            // The cached tail may be stale: look at the shared one before settling for less.
-            ready = self.ready()?;
-            if ready == 0 {
-                return Err(self.empty_or_disconnected());
-            }
-        }
         let n = ready.min(max as u64);
         out.reserve(n as usize);
         for pos in head..head.wrapping_add(n) {
@@ -330,10 +482,8 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
 impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
     #[inline]
     fn try_recv(&self) -> Result<T, TryRecvError> {
+        self.available(1)?;
         let head = self.head.get();
-        if head == self.tail_seen.get() && self.ready()? == 0 {
-            return Err(self.empty_or_disconnected());
-        }
         // SAFETY: as in `try_recv_batch`.
         let value = self
             .ring
@@ -358,6 +508,7 @@ impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
 impl<T: ShmSafe + Copy + Send> Drop for Sender<T> {
     fn drop(&mut self) {
         let h = self.ring.header();
+        ownership::release(&h.sender_owner, self.owned.get());
         peers::detach(&h.senders);
         // A receiver asleep on an empty queue must wake to see it is disconnected.
         h.not_empty.notify_all();
@@ -367,6 +518,7 @@ impl<T: ShmSafe + Copy + Send> Drop for Sender<T> {
 impl<T: ShmSafe + Copy + Send> Drop for Receiver<T> {
     fn drop(&mut self) {
         let h = self.ring.header();
+        ownership::release(&h.receiver_owner, self.owned.get());
         peers::detach(&h.receivers);
         h.not_full.notify_all();
     }
@@ -385,6 +537,157 @@ impl<T: ShmSafe + Copy + Send> fmt::Debug for Receiver<T> {
         f.debug_struct("spsc::Receiver")
             .field("capacity", &self.ring.capacity())
             .finish_non_exhaustive()
+    }
+}
+
+impl Header {
+    /// Marks the queue corrupted for good and wakes every sleeper to see it.
+    #[cold]
+    fn corrupt(&self) {
+        self.corrupted.store(1, Ordering::SeqCst);
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+    }
+}
+
+/// Which process uses each spsc end (see "One process per end" in the module docs).
+mod ownership {
+    use std::cell::UnsafeCell;
+    use std::sync::Once;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use crate::facade;
+    use crate::liveness;
+    use crate::queue::peers;
+    use crate::sys;
+
+    /// A generation no handle has checked in.
+    pub(super) const NEVER: u64 = 0;
+
+    /// Moves on at every fork (in the parent's prepare handler, so parent and child both
+    /// see the new value): a handle that checked ownership in an older generation checks
+    /// again before its next operation.
+    static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+    #[inline]
+    pub(super) fn generation() -> u64 {
+        GENERATION.load(Ordering::Relaxed)
+    }
+
+    /// The owner words this process holds (addresses of `AtomicU64`s in mapped rings
+    /// kept alive by the owning handles), for the prepare handler to release. A spin
+    /// lock, not a std Mutex, as in `peers`: the handlers hold it across the fork.
+    struct Owned {
+        locked: AtomicBool,
+        words: UnsafeCell<Vec<usize>>,
+    }
+
+    // SAFETY: `words` is only touched with `locked` held.
+    unsafe impl Sync for Owned {}
+
+    static OWNED: Owned = Owned {
+        locked: AtomicBool::new(false),
+        words: UnsafeCell::new(Vec::new()),
+    };
+    static HANDLERS: Once = Once::new();
+
+    impl Owned {
+        fn lock(&self) {
+            while self
+                .locked
+                .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                std::hint::spin_loop();
+            }
+        }
+
+        fn unlock(&self) {
+            self.locked.store(false, Ordering::Release);
+        }
+
+        fn with<R>(&self, f: impl FnOnce(&mut Vec<usize>) -> R) -> R {
+            self.lock();
+            // SAFETY: we hold the lock, so no other reference to `words` exists.
+            let r = f(unsafe { &mut *self.words.get() });
+            self.unlock();
+            r
+        }
+    }
+
+    extern "C" fn prepare_fork() {
+        OWNED.lock();
+        let me = peers::current_process();
+        // SAFETY: the lock is held until `after_fork` releases it.
+        let words = unsafe { &mut *OWNED.words.get() };
+        for &word in words.iter() {
+            // SAFETY: a word is listed only while a handle of this process owns it, which
+            // keeps its mapping alive, and the list cannot change while we hold the lock.
+            let word = unsafe { &*(word as *const facade::AtomicU64) };
+            let _ = word.compare_exchange(me, 0, Ordering::SeqCst, Ordering::Relaxed);
+        }
+        words.clear(); // no allocation: clear keeps the buffer
+        GENERATION.fetch_add(1, Ordering::SeqCst);
+    }
+
+    extern "C" fn after_fork() {
+        OWNED.unlock();
+    }
+
+    /// Makes this process the owner of the end whose owner word is `word`, and returns
+    /// the generation the handle may cache.
+    ///
+    /// # Panics
+    ///
+    /// If another live process owns the end.
+    pub(super) fn take(word: &facade::AtomicU64, end: &str, verb: &str) -> u64 {
+        HANDLERS.call_once(|| sys::register_fork_handlers(prepare_fork, after_fork, after_fork));
+        let generation = generation();
+        let me = peers::current_process();
+        loop {
+            let owner = word.load(Ordering::Acquire);
+            if owner == me {
+                break;
+            }
+            if owner != 0 && !liveness::process_is_dead(owner) {
+                panic!(
+                    "this {end} is already used by another live process (pid {}): an spsc \
+                     queue has one sender and one receiver, and two processes using the same \
+                     end would duplicate or lose messages. Use the end in one process only \
+                     (drop it in the others), or use `procshare::channel` to {verb} from \
+                     several processes",
+                    owner >> 40
+                );
+            }
+            if word
+                .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                break;
+            }
+        }
+        let addr = word as *const facade::AtomicU64 as usize;
+        OWNED.with(|words| {
+            if !words.contains(&addr) {
+                words.push(addr);
+            }
+        });
+        generation
+    }
+
+    /// Gives up ownership held since `generation`, when the handle is dropped.
+    pub(super) fn release(word: &facade::AtomicU64, generation: u64) {
+        if generation != self::generation() {
+            return; // not ours in this process (or not since the last fork)
+        }
+        let addr = word as *const facade::AtomicU64 as usize;
+        OWNED.with(|words| words.retain(|&w| w != addr));
+        let _ = word.compare_exchange(
+            peers::current_process(),
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -452,5 +755,20 @@ mod tests {
         let rx = tx.new_receiver().unwrap();
         tx.send(4).unwrap();
         assert_eq!(rx.recv(), Ok(4));
+    }
+
+    #[test]
+    fn an_impossible_tail_is_corruption_for_both_ends_from_then_on() {
+        let (tx, rx) = heap_spsc::<u8>(4).unwrap();
+        tx.send(1).unwrap();
+        rx.ring.header().tail.store(1000, Ordering::SeqCst);
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Corrupted(_))));
+        assert!(matches!(rx.try_recv(), Err(TryRecvError::Corrupted(_))));
+        assert!(matches!(tx.try_send(2), Err(TrySendError::Corrupted(2))));
+        assert!(matches!(tx.send(3), Err(SendError::Corrupted(3))));
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(RecvTimeoutError::Corrupted(_))
+        ));
     }
 }
