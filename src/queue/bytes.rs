@@ -124,7 +124,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::eventcount::{Attempt, EventCount, block_on};
+use super::eventcount::{Attempt, CheckClock, EventCount, block_on};
 use super::peers::{self, PeerTable};
 use super::ring::{CachePadded, RingMem};
 use crate::error::Result;
@@ -277,6 +277,9 @@ pub(crate) struct Core {
     partial: std::sync::Mutex<Option<Partial>>,
     /// Whether `partial` may hold something: the common path reads only this.
     has_partial: AtomicBool,
+    /// Rate-limits the dead-peer check of calls that give up (`try_*`, timeouts), which
+    /// never sleep long enough for the blocking path's periodic check.
+    check: CheckClock,
 }
 
 /// The received start of a chunked message.
@@ -351,6 +354,7 @@ impl Core {
             max_message,
             partial: std::sync::Mutex::new(None),
             has_partial: AtomicBool::new(false),
+            check: CheckClock::new(),
         })
     }
 
@@ -586,13 +590,22 @@ impl Core {
         );
         match outcome {
             Some(r) => r,
-            // Giving up: unless a dead reader held the room (a `try_*` call never ran the
-            // periodic check above), in which case one more attempt.
-            None if self.free_dead_readers() => match try_reserve()? {
-                Some(rec) => Ok(rec),
-                None => Err(QueueError::Timeout),
-            },
-            None => Err(QueueError::Timeout),
+            // Giving up. A `try_*` call never ran the periodic check above, so run it here
+            // (the liveness part at most every `CHECK_EVERY`): a dead reader may have held
+            // the room, or every receiver may be gone. Then one more attempt.
+            None => {
+                let repaired = self.free_dead_readers();
+                let orphaned =
+                    !repaired && self.check.due() && !self.counterpart_alive(role, Role::Recv);
+                if !(repaired || orphaned) {
+                    return Err(QueueError::Timeout);
+                }
+                match try_reserve()? {
+                    Some(rec) => Ok(rec),
+                    None if orphaned => Err(QueueError::Disconnected),
+                    None => Err(QueueError::Timeout),
+                }
+            }
         }
     }
 
@@ -828,12 +841,22 @@ impl Core {
         );
         let got = match outcome {
             Some(got) => got?,
-            // Giving up: unless a dead writer blocked `head` (a `try_*` call never ran
-            // the periodic check above), in which case one more attempt.
-            None if self.finish_dead_writer(deadline) => self
-                .try_take(Deadline::after(Duration::ZERO))?
-                .ok_or(QueueError::Timeout)?,
-            None => return Err(QueueError::Timeout),
+            // Giving up. A `try_*` call never ran the periodic check above, so run it here
+            // (the liveness part at most every `CHECK_EVERY`): a dead writer may block
+            // `head`, or every sender may be gone. Then one more attempt.
+            None => {
+                let repaired = self.finish_dead_writer(deadline);
+                let orphaned =
+                    !repaired && self.check.due() && !self.counterpart_alive(role, Role::Send);
+                if !(repaired || orphaned) {
+                    return Err(QueueError::Timeout);
+                }
+                match self.try_take(Deadline::after(Duration::ZERO))? {
+                    Some(got) => got,
+                    None if orphaned => return Err(QueueError::Disconnected),
+                    None => return Err(QueueError::Timeout),
+                }
+            }
         };
         match got {
             Got::InPlace(rec) => {
