@@ -425,6 +425,8 @@ mod tests {
     #[test]
     fn too_large_is_refused_whole() {
         let q: Queue<Vec<u8>> = Queue::builder().max_message(1000).build().unwrap();
+        // A second handle: a lone one would (rightly) be told `Disconnected`.
+        let _peer = q.clone();
         let e = q.put(&vec![0; 2000]).unwrap_err();
         assert!(
             matches!(e, QueueError::MessageTooLarge { max: 1000, .. }),
@@ -438,6 +440,7 @@ mod tests {
     #[test]
     fn full_timeout_close() {
         let q: Queue<u64> = Queue::builder().capacity(4096).build().unwrap();
+        let peer = q.clone(); // could receive, so a full queue is full, not disconnected
         let mut n = 0;
         while q.try_put(&n).is_ok() {
             n += 1;
@@ -449,6 +452,7 @@ mod tests {
         );
         q.close();
         assert_eq!(q.put(&1), Err(QueueError::Closed));
+        drop(peer);
         for i in 0..n {
             assert_eq!(q.get().unwrap(), i);
         }
@@ -465,6 +469,9 @@ mod tests {
             Err(QueueError::Timeout)
         );
         drop(other);
+        // Polling learns it too, not only blocking (the check runs at most every 20 ms).
+        std::thread::sleep(Duration::from_millis(25));
+        assert_eq!(q.try_get(), Err(QueueError::Disconnected));
     }
 
     #[test]
