@@ -32,10 +32,7 @@ fn perform_transactions(use_lock: bool) -> procshare::Result<i32> {
     let mut withdraw = fork(|| transact(&balance, &start, -1, use_lock))?;
     let mut deposit = fork(|| transact(&balance, &start, 1, use_lock))?;
     for child in [&mut withdraw, &mut deposit] {
-        let status = child.wait().map_err(|e| procshare::Error::Io {
-            op: "waiting for a child",
-            source: e,
-        })?;
+        let status = child.wait()?;
         assert!(status.success(), "child failed: {status}");
     }
     Ok(balance.get())

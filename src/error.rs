@@ -8,6 +8,27 @@ use std::fmt;
 use std::io;
 
 /// What went wrong in a procshare operation.
+///
+/// `?` converts into it from every error the crate's API returns (queue and channel
+/// errors, a poisoned lock, I/O), so a `fn main() -> procshare::Result<()>` can use them
+/// all:
+///
+/// ```
+/// fn main() -> procshare::Result<()> {
+///     let (tx, rx) = procshare::channel::<u64>(8)?;
+///     tx.send(1)?;
+///     assert_eq!(rx.recv()?, 1);
+///     let q = procshare::Queue::<String>::new()?;
+///     q.put(&"job".to_string())?;
+///     let balance = procshare::Value::new(100i64)?;
+///     *balance.lock()? += 1;
+///     let _file = std::fs::File::open("/dev/null")?;
+///     let (a, b) = procshare::pipe()?;
+///     a.send(&q.get()?)?;
+///     assert_eq!(b.recv::<String>()?, "job");
+///     Ok(())
+/// }
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -115,6 +136,9 @@ pub enum Error {
         /// This process's pid namespace.
         our_namespace: u64,
     },
+    /// A queue or channel operation failed (made by `?` from the queues' own errors; a
+    /// message that could not be sent is dropped with the error).
+    Queue(crate::QueueError),
 }
 
 impl Error {
@@ -240,6 +264,7 @@ impl fmt::Display for Error {
                      (`into_inner`), check or repair the data, then call `clear_poison()`",
                 )
             }
+            Error::Queue(e) => fmt::Display::fmt(e, f),
             Error::ForeignPidNamespace {
                 name,
                 segment_namespace,
@@ -262,6 +287,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io { source, .. } => Some(source),
+            Error::Queue(e) => Some(e),
             _ => None,
         }
     }
@@ -310,6 +336,60 @@ impl<T> From<std::sync::PoisonError<crate::ArrayGuard<'_, T>>> for Error {
             what: "the Array",
             dead_holder: e.get_ref().dead_holder(),
         }
+    }
+}
+
+/// Lets `?` carry a queue error out of a function returning [`procshare::Result`](Result).
+impl From<crate::QueueError> for Error {
+    fn from(e: crate::QueueError) -> Error {
+        Error::Queue(e)
+    }
+}
+
+macro_rules! from_channel_errors {
+    ($($ty:ident $(<$t:ident>)? { $($variant:ident $(($bind:tt))? => $to:expr),* $(,)? })*) => {$(
+        /// Lets `?` carry a channel error out of a function returning
+        /// [`procshare::Result`](Result), as the matching [`QueueError`](crate::QueueError)
+        /// (a message that was not sent is dropped).
+        impl$(<$t>)? From<crate::queue::$ty$(<$t>)?> for Error {
+            fn from(e: crate::queue::$ty$(<$t>)?) -> Error {
+                use crate::queue::$ty as E;
+                Error::Queue(match e {
+                    $(E::$variant $(($bind))? => $to,)*
+                })
+            }
+        }
+    )*};
+}
+
+from_channel_errors! {
+    SendError<T> {
+        Disconnected(_) => crate::QueueError::Disconnected,
+        Corrupted(_) => crate::QueueError::Corrupted("the channel".into()),
+    }
+    TrySendError<T> {
+        Full(_) => crate::QueueError::Full,
+        Disconnected(_) => crate::QueueError::Disconnected,
+        Corrupted(_) => crate::QueueError::Corrupted("the channel".into()),
+    }
+    SendTimeoutError<T> {
+        Timeout(_) => crate::QueueError::Timeout,
+        Disconnected(_) => crate::QueueError::Disconnected,
+        Corrupted(_) => crate::QueueError::Corrupted("the channel".into()),
+    }
+    RecvError {
+        Disconnected => crate::QueueError::Disconnected,
+        Corrupted(what) => crate::QueueError::Corrupted(what),
+    }
+    TryRecvError {
+        Empty => crate::QueueError::Empty,
+        Disconnected => crate::QueueError::Disconnected,
+        Corrupted(what) => crate::QueueError::Corrupted(what),
+    }
+    RecvTimeoutError {
+        Timeout => crate::QueueError::Timeout,
+        Disconnected => crate::QueueError::Disconnected,
+        Corrupted(what) => crate::QueueError::Corrupted(what),
     }
 }
 
