@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use procshare::fork::signal;
-use procshare::{Mutex, RawMutex, Shared, channel};
+use procshare::{Mutex, Queue, QueueError, RawMutex, Segment, Shared, channel};
 
 fn main() {
     common::run(
@@ -24,6 +24,8 @@ fn main() {
             stopped_owner_with_a_recycled_tid_is_not_robbed,
             lock_of_an_exited_main_thread_is_recovered_while_its_process_runs,
             sender_whose_main_thread_exited_still_counts,
+            sender_hidden_by_hidepid_keeps_the_queue_connected,
+            segment_of_a_creator_whose_main_thread_exited_is_not_stale,
         ],
         &[],
     )
@@ -417,4 +419,77 @@ fn sender_whose_main_thread_exited_still_counts() {
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), i);
     }
     common::join(sender, Duration::from_secs(10));
+}
+
+fn sender_hidden_by_hidepid_keeps_the_queue_connected() {
+    if !is_root() {
+        return skip("hidepid queue", "needs root to mount /proc and change uid");
+    }
+    let (tx, rx) = channel::<u32>(8).unwrap();
+    let (qtx, qrx) = Queue::<u32>::new().unwrap().split().unwrap();
+    let done = Shared::new(procshare::Event::new()).unwrap();
+    // The only senders live in a root process that the receiver cannot see in /proc. (A
+    // forked child inherits every handle its parent holds, so the senders move into the
+    // sender's closure before the receiver is forked.)
+    let waiting = done.clone();
+    let mut sender = common::spawn(move || {
+        let _keep = (tx, qtx);
+        assert!(waiting.wait_timeout(Duration::from_secs(20)));
+    });
+    let receiver = common::spawn(|| {
+        remount_proc("proc", "hidepid=2");
+        become_nobody();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_millis(300)),
+            Err(procshare::RecvTimeoutError::Timeout),
+            "a channel whose sender lives was reported disconnected"
+        );
+        assert_eq!(
+            qrx.get_timeout(Duration::from_millis(300)),
+            Err(QueueError::Timeout),
+            "a queue whose sender lives was reported disconnected"
+        );
+    });
+    common::join(receiver, Duration::from_secs(10));
+    done.set();
+    sender.wait().unwrap();
+    // Control: with the sender gone, the same receivers learn it.
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)),
+        Err(procshare::RecvTimeoutError::Disconnected)
+    );
+    assert_eq!(
+        qrx.get_timeout(Duration::from_secs(5)),
+        Err(QueueError::Disconnected)
+    );
+}
+
+fn segment_of_a_creator_whose_main_thread_exited_is_not_stale() {
+    let name = common::unique_name("zombie-main");
+    let ready = Shared::new(procshare::Event::new()).unwrap();
+    let done = Shared::new(procshare::Event::new()).unwrap();
+    let mut creator = common::spawn(|| {
+        let segment = Segment::create(&name, 64).unwrap();
+        let (ready, done) = (ready.clone(), done.clone());
+        exit_main_thread_keeping(move || {
+            ready.set();
+            assert!(done.wait_timeout(Duration::from_secs(20)));
+            drop(segment);
+            // SAFETY: _exit is always safe to call.
+            unsafe { libc::_exit(0) }
+        });
+    });
+    assert!(ready.wait_timeout(Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_millis(50)); // the main thread is a zombie by now
+    let info = Segment::list()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.name == name)
+        .expect("listed");
+    assert_eq!(info.creator_alive, Some(true), "{info:?}");
+    let removed = Segment::remove_stale().unwrap();
+    assert!(!removed.contains(&name), "removed a live creator's segment");
+    assert!(Segment::open(&name).is_ok());
+    done.set();
+    creator.wait().unwrap();
 }
