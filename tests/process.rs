@@ -48,14 +48,19 @@ fn main() {
             unencodable_result_is_a_decode_error,
             drop_waits_for_non_daemon_and_kills_daemon,
             names_parent_and_active_children,
-            fork_server_is_refused_with_a_clear_error,
+            fork_server_survives_being_killed_and_serves_threaded_callers,
+            fork_needs_the_fork_method,
             no_zombies_and_no_descriptor_growth,
         ],
         &[],
     )
 }
 
-const METHODS: [StartMethod; 2] = [StartMethod::Fork, StartMethod::Spawn];
+const METHODS: [StartMethod; 3] = [
+    StartMethod::Fork,
+    StartMethod::Spawn,
+    StartMethod::ForkServer,
+];
 
 fn with<F, A, R>(method: StartMethod, f: F, arg: A) -> Child<R>
 where
@@ -291,15 +296,17 @@ fn daemon_children_die_with_their_parent() {
         sleep_forever(())
     })
     .unwrap();
-    let a = pids.get_timeout(Duration::from_secs(10)).unwrap();
-    let b = pids.get_timeout(Duration::from_secs(10)).unwrap();
+    let daemons: Vec<u32> = METHODS
+        .iter()
+        .map(|_| pids.get_timeout(Duration::from_secs(10)).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(200)); // the spawned daemon reaches init
     middle.kill().unwrap();
     assert_eq!(
         middle.join_timeout(Duration::from_secs(5)),
         Err(ProcessError::Signaled(libc::SIGKILL))
     );
-    for pid in [a, b] {
+    for pid in daemons {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let mut status = 0;
@@ -369,8 +376,22 @@ fn spawn_handshake_mismatch_is_a_bootstrap_error() {
         other => panic!("expected Bootstrap, got {other:?}"),
     }
     assert!(err.to_string().contains("could not start its function"));
+    // The fork server's children check the same handshake.
+    tamper_next_spawn(Tamper::Executable);
+    let err = with(StartMethod::ForkServer, square, 3).join().unwrap_err();
+    assert!(
+        matches!(&err, ProcessError::Bootstrap(w) if w.contains("different executable")),
+        "{err:?}"
+    );
+    tamper_next_spawn(Tamper::FunctionType);
+    let err = with(StartMethod::ForkServer, square, 3).join().unwrap_err();
+    assert!(
+        matches!(&err, ProcessError::Bootstrap(w) if w.contains("different function type")),
+        "{err:?}"
+    );
     // Untampered spawns still work afterwards.
     assert_eq!(with(StartMethod::Spawn, square, 3).join(), Ok(9));
+    assert_eq!(with(StartMethod::ForkServer, square, 3).join(), Ok(9));
 }
 
 fn spawned_child_dying_before_init_is_an_error_in_time() {
@@ -662,16 +683,68 @@ fn names_parent_and_active_children() {
     assert!(active_children().is_empty());
 }
 
-fn fork_server_is_refused_with_a_clear_error() {
-    let err = Process::builder()
-        .start_method(StartMethod::ForkServer)
-        .spawn(square, 1)
-        .unwrap_err();
-    let text = err.to_string();
+fn fork_server_survives_being_killed_and_serves_threaded_callers() {
+    let c = with(StartMethod::ForkServer, square, 4);
+    assert_eq!(c.start_method(), StartMethod::ForkServer);
+    assert_eq!(c.join(), Ok(16));
+    // Kill the server (our only other child) behind the library's back.
+    let server = server_pids();
+    assert_eq!(server.len(), 1, "one fork server: {server:?}");
+    // SAFETY: kill takes plain integers.
+    assert_eq!(unsafe { libc::kill(server[0] as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(50));
+    // The next request finds it gone, reaps it, and starts another.
+    assert_eq!(with(StartMethod::ForkServer, square, 5).join(), Ok(25));
+    let again = server_pids();
+    assert_eq!(again.len(), 1);
+    assert_ne!(again, server);
+    // A child whose server dies while it runs is still reported when it ends.
+    let mut c = with(StartMethod::ForkServer, sleep_then, 300);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(again[0] as i32, libc::SIGKILL) }, 0);
+    let r = c.join_timeout(Duration::from_secs(5));
     assert!(
-        text.contains("ForkServer is not available") && text.contains("StartMethod::Spawn"),
-        "{text}"
+        matches!(r, Ok(300) | Err(ProcessError::Exited(-1))),
+        "{r:?}"
     );
+    // With other threads running, the default is the (running) fork server.
+    assert_eq!(with(StartMethod::ForkServer, square, 1).join(), Ok(1));
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || rx.recv());
+    assert_eq!(
+        procshare::process::default_start_method().unwrap(),
+        StartMethod::ForkServer
+    );
+    let c = Process::spawn(square, 6).unwrap();
+    assert_eq!(c.start_method(), StartMethod::ForkServer);
+    assert_eq!(c.join(), Ok(36));
+    tx.send(()).unwrap();
+    t.join().unwrap().unwrap();
+}
+
+/// Our children that are not procshare children (the fork server), from /proc.
+fn server_pids() -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let mut f = after.split(' ');
+        let state = f.next().unwrap();
+        let ppid: u32 = f.next().unwrap().parse().unwrap();
+        if ppid == me && state != "Z" && !active_children().iter().any(|c| c.pid() == pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn fork_needs_the_fork_method() {
     let err = Process::builder()
         .start_method(StartMethod::Spawn)
         .fork(|| 1u8)
@@ -712,7 +785,9 @@ fn no_zombies_and_no_descriptor_growth() {
         run_mix();
     }
     assert_eq!(fd_count(), before, "descriptors leaked");
-    // No child of ours is left, zombie or running.
+    // No child of ours is left but the fork server: no zombie, nothing running.
+    assert!(active_children().is_empty(), "{:?}", active_children());
+    assert_eq!(server_pids().len(), 1);
     // SAFETY: an all-zero siginfo_t is valid; waitid writes into it.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: `info` is valid and writable.
@@ -724,9 +799,6 @@ fn no_zombies_and_no_descriptor_growth() {
             libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
         )
     };
-    let errno = std::io::Error::last_os_error().raw_os_error();
-    assert!(
-        rc == -1 && errno == Some(libc::ECHILD),
-        "a child is left: rc {rc}"
-    );
+    // SAFETY: reading si_pid of a waitid result (zero: no child has exited unreaped).
+    assert!(rc == 0 && unsafe { info.si_pid() } == 0, "a zombie is left");
 }

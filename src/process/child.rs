@@ -46,7 +46,18 @@ pub struct Child<R> {
     status: Option<ChildStatus>,
     forced: Option<ProcessError>,
     delivered: bool,
+    /// For a fork-server child: the socket on which the server reports its status.
+    status_sock: Option<OwnedFd>,
+    via_server: bool,
     _value: PhantomData<fn() -> R>,
+}
+
+/// What the fork server hands over with a child it forked for us.
+pub(crate) struct ServerLink {
+    /// Opened by the server before it could reap the child (`None` if refused).
+    pub(crate) pidfd: Option<OwnedFd>,
+    /// Where the server writes the child's status (5 bytes) once it reaped it.
+    pub(crate) status: OwnedFd,
 }
 
 pub(crate) struct ChildParts {
@@ -56,16 +67,21 @@ pub(crate) struct ChildParts {
     pub(crate) method: StartMethod,
     pub(crate) sock: OwnedFd,
     pub(crate) bootstrap_timeout: Option<Duration>,
+    pub(crate) server: Option<ServerLink>,
 }
 
 impl<R> Child<R> {
     pub(crate) fn new(p: ChildParts) -> Child<R> {
-        // The child is ours and unreaped, so its pid cannot have been recycled yet: the
-        // pidfd certainly names it.
-        let pidfd = sys::pidfd_open(p.pid).ok();
+        let via_server = p.server.is_some();
+        let (pidfd, status_sock) = match p.server {
+            Some(link) => (link.pidfd, Some(link.status)),
+            // The child is ours and unreaped, so its pid cannot have been recycled yet:
+            // the pidfd certainly names it.
+            None => (sys::pidfd_open(p.pid).ok(), None),
+        };
         #[cfg(feature = "test-hooks")]
         let pidfd = pidfd.filter(|_| !super::spawn::hooks::pidfds_disabled());
-        registry::add(p.pid, &p.name);
+        registry::add(p.pid, &p.name, via_server);
         Child {
             pid: p.pid,
             name: p.name,
@@ -78,6 +94,8 @@ impl<R> Child<R> {
             status: None,
             forced: None,
             delivered: false,
+            status_sock,
+            via_server,
             _value: PhantomData,
         }
     }
@@ -113,6 +131,13 @@ impl<R> Child<R> {
     pub fn is_alive(&self) -> bool {
         if self.status.is_some() {
             return false;
+        }
+        if self.via_server {
+            // Not our child: its pidfd turns readable when it ends.
+            return match &self.pidfd {
+                Some(fd) => !sys::poll_readable(fd.as_fd(), Some(Duration::ZERO)).unwrap_or(true),
+                None => true, // until the server reports its status
+            };
         }
         matches!(sys::wait_child(self.target(), false, false), Ok(None))
     }
@@ -183,11 +208,22 @@ impl<R> Child<R> {
                          of main, before anything slow, or raise Builder::bootstrap_timeout",
                         self.pid
                     )));
-                    self.reap(true);
+                    if !self.via_server {
+                        self.reap(true);
+                    }
                     continue;
                 } else if let Some(r) = boot.remaining() {
                     wait = wait.capped(r);
                 }
+            }
+            if self.via_server {
+                if self.pump_server(wait) {
+                    return true;
+                }
+                if deadline.has_passed() {
+                    return false;
+                }
+                continue;
             }
             if self.pidfd.is_none() {
                 wait = wait.capped(PID_POLL);
@@ -208,6 +244,77 @@ impl<R> Child<R> {
                 return false;
             }
         }
+    }
+
+    /// One wait of [`pump`](Child::pump) for a fork-server child: the status comes from
+    /// the server's status socket, not from `waitid`. Returns whether the child is done.
+    fn pump_server(&mut self, wait: Deadline) -> bool {
+        let Some(status_sock) = &self.status_sock else {
+            // The server died without reporting: wait for the child itself to end
+            // (its pidfd turns readable), then report the status as lost.
+            let ended = match &self.pidfd {
+                Some(fd) => sys::poll_two(
+                    self.sock.as_ref().map(|s| s.as_fd()),
+                    Some(fd.as_fd()),
+                    wait.remaining(),
+                )
+                .map(|(sock_ready, ended)| {
+                    if sock_ready {
+                        self.read_available();
+                    }
+                    ended
+                })
+                .unwrap_or(true),
+                None => true,
+            };
+            if ended {
+                self.finish(ChildStatus::Exited(-1));
+            }
+            return ended;
+        };
+        let (sock_ready, status_ready) = sys::poll_two(
+            self.sock.as_ref().map(|s| s.as_fd()),
+            Some(status_sock.as_fd()),
+            wait.remaining(),
+        )
+        .unwrap_or((false, false));
+        if sock_ready {
+            self.read_available();
+        }
+        if status_ready {
+            let status_sock = self.status_sock.as_ref().expect("checked above");
+            let mut msg = Vec::with_capacity(5);
+            while msg.len() < 5 {
+                match sys::recv_nonblocking(status_sock.as_fd(), &mut msg) {
+                    Ok(Some(n)) if n > 0 => continue,
+                    _ => break,
+                }
+            }
+            if msg.len() >= 5 {
+                let code = i32::from_le_bytes([msg[1], msg[2], msg[3], msg[4]]);
+                let status = if msg[0] == 0 {
+                    ChildStatus::Exited(code)
+                } else {
+                    ChildStatus::Signaled(code)
+                };
+                self.finish(status);
+                return true;
+            }
+            // End of file without a status: the server is gone.
+            self.status_sock = None;
+        }
+        false
+    }
+
+    /// Records the final status of a child that has been reaped (by us or the server),
+    /// unregisters it and collects everything it sent.
+    fn finish(&mut self, status: ChildStatus) {
+        lock_and_unregister(self.pid);
+        self.status = Some(status);
+        self.read_available();
+        self.sock = None;
+        self.pidfd = None;
+        self.status_sock = None;
     }
 
     fn read_available(&mut self) {
@@ -236,7 +343,7 @@ impl<R> Child<R> {
             Ok(Some(s)) => s,
             Err(_) => ChildStatus::Exited(-1), // reaped by someone else: status lost
         };
-        children.retain(|c| c.pid() != self.pid);
+        children.retain(|c| c.info.pid() != self.pid);
         drop(children);
         self.status = Some(status);
         self.read_available();
@@ -291,12 +398,20 @@ impl<R> Child<R> {
                 ChildStatus::Exited(code)
                     if self.method == StartMethod::Spawn && !received.started =>
                 {
-                    ProcessError::Bootstrap(format!(
-                        "the spawned child (pid {}) exited with code {code} before \
-                         procshare::init() took over; call procshare::init() as the first \
-                         line of main, before anything that can exit or fail",
-                        self.pid
-                    ))
+                    ProcessError::Bootstrap(if self.method == StartMethod::Spawn {
+                        format!(
+                            "the spawned child (pid {}) exited with code {code} before \
+                             procshare::init() took over; call procshare::init() as the first \
+                             line of main, before anything that can exit or fail",
+                            self.pid
+                        )
+                    } else {
+                        format!(
+                            "the fork server's child (pid {}) exited with code {code} before \
+                             it started its function (its stderr may say why)",
+                            self.pid
+                        )
+                    })
                 }
                 ChildStatus::Exited(code) => ProcessError::Exited(code),
             }),
@@ -350,6 +465,10 @@ impl<R> Child<R> {
             None
         }
     }
+}
+
+fn lock_and_unregister(pid: u32) {
+    registry::lock().retain(|c| c.info.pid() != pid);
 }
 
 impl<R> Drop for Child<R> {

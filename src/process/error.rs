@@ -16,7 +16,8 @@ pub enum ProcessError {
     },
     /// The child exited with this code before returning a value (it called
     /// `std::process::exit`, or something it ran did). `-1` means the status was lost:
-    /// someone else reaped the child (SIGCHLD ignored, or `waitpid(-1)` elsewhere).
+    /// someone else reaped the child (SIGCHLD ignored, or `waitpid(-1)` elsewhere), or the
+    /// fork server that started it died first.
     Exited(i32),
     /// A signal ended the child before it returned a value (9 = SIGKILL, 15 = SIGTERM,
     /// 11 = SIGSEGV, 6 = SIGABRT...).
@@ -74,8 +75,9 @@ impl fmt::Display for ProcessError {
             }
             ProcessError::Exited(-1) => f.write_str(
                 "the child process ended but its exit status was lost: something else reaped it \
-                 (SIGCHLD set to SIG_IGN, or a waitpid(-1) elsewhere in this program); leave \
-                 SIGCHLD at its default and let the handle do the waiting",
+                 (SIGCHLD set to SIG_IGN, or a waitpid(-1) elsewhere in this program), or the \
+                 fork server that started it was killed; leave SIGCHLD at its default and let \
+                 the handle do the waiting",
             ),
             ProcessError::Exited(code) => write!(
                 f,

@@ -28,17 +28,19 @@
 //!
 //! | | [`Fork`](StartMethod::Fork) | [`Spawn`](StartMethod::Spawn) | [`ForkServer`](StartMethod::ForkServer) |
 //! |---|---|---|---|
-//! | How | `fork()` of the caller | exec of `/proc/self/exe`; `init()` in the child's `main` finds the function | not available yet (returns an error) |
-//! | Start + join cost | lowest (see BENCHMARKS.md) | an exec and the program's startup up to `init()` | — |
-//! | Caller with other threads | refused ([`Error::MultiThreaded`]); `unsafe` unchecked variants exist | safe | — |
-//! | What the child sees | a copy of the parent: every mapping (`Value`, `Queue`, channels, `Segment`s) works as is | a fresh process: only `arg` | — |
-//! | Functions | any closure ([`Process::fork`]) or a capture-free `Fn(A) -> R` | a capture-free `Fn(A) -> R` (a `fn` item or closure) | — |
-//! | Needs `procshare::init()` | no | yes, as the first line of `main` (code before it runs again in the child) | — |
-//! | Handles in `arg` (`Value`, `Queue`...) | inherited memory, works | not yet (descriptors are not carried) | — |
+//! | How | `fork()` of the caller | exec of `/proc/self/exe`; `init()` in the child's `main` finds the function | a server (exec'd once, on first use, stopped in `init()`) forks the child |
+//! | Start + join cost (BENCHMARKS.md) | lowest | highest: an exec and the program's start-up up to `init()` | between: one request round trip and a fork of a small process |
+//! | Caller with other threads | refused ([`Error::MultiThreaded`]); `unsafe` unchecked variants exist | safe | safe |
+//! | What the child sees | a copy of the parent: every mapping (`Value`, `Queue`, channels, `Segment`s) works as is | a fresh process: only `arg` | a fresh process (the server's state at `init()`): only `arg` |
+//! | Functions | any closure ([`Process::fork`]) or a capture-free `Fn(A) -> R` | a capture-free `Fn(A) -> R` (a `fn` item or closure) | as Spawn |
+//! | Needs `procshare::init()` | no | yes, first line of `main`; code before it runs again in every child | yes, first line of `main`; code before it runs once more, in the server |
+//! | Extra process | none | none | the server, alive while this process is (it exits when this process does) |
+//! | Handles in `arg` (`Value`, `Queue`...) | inherited memory, works | not yet (descriptors are not carried) | not yet |
 //!
 //! **The default** (no `start_method` on the builder) never deadlocks: `Fork` while the
-//! process is single-threaded; otherwise `Spawn` if `init()` has run; otherwise the error
-//! [`Error::MultiThreaded`], which names both ways out (fork before starting threads, or
+//! process is single-threaded; otherwise `ForkServer` if this process already runs a fork
+//! server; otherwise `Spawn` if `init()` has run; otherwise the error
+//! [`Error::MultiThreaded`], which names the ways out (fork before starting threads, or
 //! call `init()` first in `main`).
 //!
 //! # Guarantees
@@ -47,10 +49,13 @@
 //!   end (through its pidfd), reading as data arrives, so a large value cannot deadlock
 //!   and a child that dies mid-write yields `Signaled`/`Exited`, never a hang. A
 //!   grandchild holding the child's end of the socket cannot delay `join` either.
+//! * A fork-server child is waited for through the server's status report and signalled
+//!   through a pidfd the server opened before it could reap the child, so neither can hit
+//!   a recycled pid; see `forkserver.rs` for what happens when the server dies.
 //! * A spawned child must reach `init()` within the bootstrap timeout (10 s by default,
 //!   [`Builder::bootstrap_timeout`]) or it is killed and reported as
 //!   [`ProcessError::Bootstrap`]; one that exits first is reported as soon as it exits.
-//! * Spawn checks the child runs the same executable (device, inode, size, mtime) before
+//! * Spawn and ForkServer check the child runs the same executable (device, inode, size, mtime) before
 //!   forming any pointer, and the same function type (a hash of the type names) before
 //!   calling it: a mismatch is `Bootstrap`, never undefined behaviour.
 //! * Children leave with `_exit`, never unwinding into the parent's code; their panics
@@ -72,6 +77,7 @@
 
 mod child;
 mod error;
+mod forkserver;
 mod registry;
 mod spawn;
 mod wire;
@@ -101,7 +107,9 @@ pub enum StartMethod {
     /// Re-execute the current binary, which must call [`init`](crate::init) first in
     /// `main`.
     Spawn,
-    /// A fork server started by `init()`. Not available yet: choosing it is an error.
+    /// Ask a fork server (a single-threaded copy of this program stopped in `init()`,
+    /// started on first use) to fork the child. Needs [`init`](crate::init) first in
+    /// `main`.
     ForkServer,
 }
 
@@ -115,10 +123,14 @@ pub(crate) fn init() {
     if let Some(value) = std::env::var_os(spawn::ENV) {
         spawn::child_entry(value)
     }
+    if let Some(value) = std::env::var_os(forkserver::ENV) {
+        forkserver::serve(value)
+    }
 }
 
 /// The start method a builder without [`Builder::start_method`] uses right now: `Fork`
-/// while this process is single-threaded, else `Spawn` if `init()` has run.
+/// while this process is single-threaded; else `ForkServer` if this process already runs
+/// a fork server; else `Spawn` if `init()` has run.
 ///
 /// # Errors
 ///
@@ -128,6 +140,8 @@ pub fn default_start_method() -> Result<StartMethod> {
     let threads = thread_count()?;
     if threads <= 1 {
         Ok(StartMethod::Fork)
+    } else if INIT_RAN.load(Ordering::SeqCst) && forkserver::is_running() {
+        Ok(StartMethod::ForkServer)
     } else if INIT_RAN.load(Ordering::SeqCst) {
         Ok(StartMethod::Spawn)
     } else {
@@ -147,12 +161,17 @@ fn refuse_if_threaded() -> Result<()> {
     Ok(())
 }
 
-fn fork_server_unavailable() -> Error {
-    Error::InvalidArgument {
-        what: "StartMethod::ForkServer is not available in this version of procshare; use \
-               StartMethod::Spawn (call procshare::init() first in main) or StartMethod::Fork"
-            .to_owned(),
+fn require_init(method: StartMethod) -> Result<()> {
+    if INIT_RAN.load(Ordering::SeqCst) {
+        return Ok(());
     }
+    Err(Error::InvalidArgument {
+        what: format!(
+            "StartMethod::{method:?} needs procshare::init() to have run: call it as the \
+             first line of main (the re-executed process starts main from the top and init() \
+             is where it takes over), or use StartMethod::Fork"
+        ),
+    })
 }
 
 /// Starting child processes. Not constructed: use [`Process::spawn`], [`Process::fork`]
@@ -315,18 +334,13 @@ impl Builder {
                 unsafe { fork_child(name, self.daemon, move || f(arg)) }
             }
             StartMethod::Spawn => {
-                if !INIT_RAN.load(Ordering::SeqCst) {
-                    return Err(Error::InvalidArgument {
-                        what: "StartMethod::Spawn needs procshare::init() to have run: call it \
-                               as the first line of main (the re-executed child starts main \
-                               from the top and init() is where it takes over), or use \
-                               StartMethod::Fork"
-                            .to_owned(),
-                    });
-                }
+                require_init(method)?;
                 spawn::spawn::<F, A, R>(&arg, name, self.daemon, self.bootstrap_timeout)
             }
-            StartMethod::ForkServer => Err(fork_server_unavailable()),
+            StartMethod::ForkServer => {
+                require_init(method)?;
+                forkserver::spawn::<F, A, R>(&arg, name, self.daemon, self.bootstrap_timeout)
+            }
         }
     }
 
@@ -408,6 +422,7 @@ where
                 }
             }
             registry::enter_child(name.clone(), parent);
+            forkserver::forget_in_child();
             wire::run_child(theirs, body)
         }
         sys::Forked::Parent(pid) => {
@@ -419,6 +434,7 @@ where
                 method: StartMethod::Fork,
                 sock: ours,
                 bootstrap_timeout: None,
+                server: None,
             }))
         }
     }

@@ -42,14 +42,21 @@ static IDENTITY: Mutex<Identity> = Mutex::new(Identity {
     name: None,
     parent: None,
 });
-static CHILDREN: Mutex<Vec<ProcessInfo>> = Mutex::new(Vec::new());
+/// An unreaped child. Children of the fork server are not ours to `waitid`: they count
+/// as active until their handle has collected their status.
+pub(crate) struct Entry {
+    pub(crate) info: ProcessInfo,
+    via_server: bool,
+}
+
+static CHILDREN: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 static NEXT_NUMBER: AtomicU64 = AtomicU64::new(1);
 
 fn identity() -> MutexGuard<'static, Identity> {
     IDENTITY.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub(crate) fn lock() -> MutexGuard<'static, Vec<ProcessInfo>> {
+pub(crate) fn lock() -> MutexGuard<'static, Vec<Entry>> {
     CHILDREN.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -58,10 +65,13 @@ pub(crate) fn next_default_name() -> String {
     format!("Process-{}", NEXT_NUMBER.fetch_add(1, Ordering::Relaxed))
 }
 
-pub(crate) fn add(pid: u32, name: &str) {
-    lock().push(ProcessInfo {
-        pid,
-        name: name.to_owned(),
+pub(crate) fn add(pid: u32, name: &str, via_server: bool) {
+    lock().push(Entry {
+        info: ProcessInfo {
+            pid,
+            name: name.to_owned(),
+        },
+        via_server,
     });
 }
 
@@ -105,11 +115,12 @@ pub fn active_children() -> Vec<ProcessInfo> {
         .filter(|c| {
             // Registered means unreaped (reaping unregisters under this lock), so the pid
             // is still that child's; WNOWAIT leaves it for its handle to reap.
-            matches!(
-                sys::wait_child(sys::WaitTarget::Pid(c.pid), false, false),
-                Ok(None)
-            )
+            c.via_server
+                || matches!(
+                    sys::wait_child(sys::WaitTarget::Pid(c.info.pid), false, false),
+                    Ok(None)
+                )
         })
-        .cloned()
+        .map(|c| c.info.clone())
         .collect()
 }

@@ -45,7 +45,7 @@ use crate::sys;
 
 pub(crate) const ENV: &str = "PROCSHARE_SPAWN";
 const MAGIC: u64 = 0x7072_6f63_7368_7231; // "procshr1"
-const MAX_MESSAGE: u64 = 1 << 32;
+pub(crate) const MAX_MESSAGE: u64 = 1 << 32;
 
 #[derive(Serialize, Deserialize)]
 struct Bootstrap {
@@ -184,12 +184,9 @@ pub fn tamper_next_spawn(t: Tamper) {
     hooks::TAMPER.store(t as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-pub(crate) fn spawn<F, A, R>(
-    arg: &A,
-    name: String,
-    daemon: bool,
-    bootstrap_timeout: Duration,
-) -> Result<Child<R>>
+/// The bootstrap message for running `F(arg)` in a child that re-finds `F` (Spawn and
+/// ForkServer children).
+pub(crate) fn message<F, A, R>(arg: &A, name: &str, daemon: bool) -> Result<Vec<u8>>
 where
     F: Fn(A) -> R + Copy + 'static,
     A: Serialize + DeserializeOwned,
@@ -219,15 +216,38 @@ where
         executable,
         type_hash,
         entry_offset: entry_offset as u64,
-        name: name.clone(),
+        name: name.to_owned(),
         parent_pid: me.pid(),
         parent_name: me.name().to_owned(),
         daemon,
         arg,
     };
-    let bytes = postcard::to_allocvec(&message).map_err(|e| Error::InvalidArgument {
+    postcard::to_allocvec(&message).map_err(|e| Error::InvalidArgument {
         what: format!("could not encode the bootstrap message ({e})"),
-    })?;
+    })
+}
+
+/// Whether a bootstrap message asks for a daemon (`None`: not a bootstrap message).
+pub(crate) fn message_is_daemon(bytes: &[u8]) -> Option<bool> {
+    postcard::from_bytes::<Bootstrap>(bytes)
+        .ok()
+        .filter(|m| m.magic == MAGIC)
+        .map(|m| m.daemon)
+}
+
+pub(crate) fn spawn<F, A, R>(
+    arg: &A,
+    name: String,
+    daemon: bool,
+    bootstrap_timeout: Duration,
+) -> Result<Child<R>>
+where
+    F: Fn(A) -> R + Copy + 'static,
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+{
+    let bytes = message::<F, A, R>(arg, &name, daemon)?;
+    let me = sys::getpid();
     let memfd =
         sys::memfd_with(&bytes).map_err(|e| Error::io("writing the bootstrap message", e))?;
     let (ours, theirs) =
@@ -237,7 +257,7 @@ where
         (ENV, &value),
         &[memfd.as_raw_fd(), theirs.as_raw_fd()],
         daemon,
-        me.pid(),
+        me,
     )
     .map_err(|e| Error::io("re-executing /proc/self/exe for a spawned child", e))?;
     drop(theirs);
@@ -249,6 +269,7 @@ where
         method: StartMethod::Spawn,
         sock: ours,
         bootstrap_timeout: Some(bootstrap_timeout),
+        server: None,
     }))
 }
 
@@ -296,7 +317,13 @@ pub(crate) fn child_entry(value: std::ffi::OsString) -> ! {
         ),
     };
     drop(file);
-    let msg = match postcard::from_bytes::<Bootstrap>(&bytes) {
+    run_message(sock, &bytes, None)
+}
+
+/// Checks a bootstrap message and runs the function it names; never returns. A daemon
+/// child exits at once unless its parent is `parent` (default: the message's sender).
+pub(crate) fn run_message(sock: OwnedFd, bytes: &[u8], parent: Option<u32>) -> ! {
+    let msg = match postcard::from_bytes::<Bootstrap>(bytes) {
         Ok(m) if m.magic == MAGIC => m,
         _ => wire::bootstrap_failed(
             &sock,
@@ -321,7 +348,7 @@ pub(crate) fn child_entry(value: std::ffi::OsString) -> ! {
             &format!("the child could not identify its executable ({e})"),
         ),
     }
-    if msg.daemon && sys::getppid() != msg.parent_pid {
+    if msg.daemon && sys::getppid() != parent.unwrap_or(msg.parent_pid) {
         sys::exit_immediately(1); // the parent died before we got here: follow it
     }
     registry::enter_child(msg.name, ProcessInfo::new(msg.parent_pid, msg.parent_name));

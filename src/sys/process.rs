@@ -340,3 +340,193 @@ pub(crate) fn send_all(fd: BorrowedFd<'_>, mut bytes: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets (message boundaries kept),
+/// close-on-exec: the fork server's control channel.
+pub(crate) fn socketpair_seqpacket() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds: [libc::c_int; 2] = [-1, -1];
+    // SAFETY: `fds` is a valid, writable array of two ints, which socketpair fills in.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and owned by nothing else; each is wrapped once.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// At most this many descriptors travel in one message.
+pub(crate) const MAX_FDS: usize = 4;
+
+/// Sends one message of `bytes` with the descriptors `fds` attached (`SCM_RIGHTS`).
+pub(crate) fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    assert!(fds.len() <= MAX_FDS && !bytes.is_empty());
+    // Room for a cmsghdr and MAX_FDS ints, aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    let space = {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        unsafe { libc::CMSG_SPACE((fds.len() * std::mem::size_of::<RawFd>()) as u32) as usize }
+    };
+    debug_assert!(space <= std::mem::size_of_val(&control));
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` writable, cmsghdr-aligned bytes, so the
+        // first header and its data (fds.len() ints) lie inside `control`.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len =
+                libc::CMSG_LEN((fds.len() * std::mem::size_of::<RawFd>()) as u32) as _;
+            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                data.add(i).write_unaligned(fd.as_raw_fd());
+            }
+        }
+    }
+    loop {
+        // SAFETY: `msg` describes one live iovec over `bytes` and the control buffer
+        // above, both borrowed for the call; sendmsg only reads them.
+        let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if rc >= 0 {
+            if rc as usize != bytes.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "short seqpacket send",
+                ));
+            }
+            return Ok(());
+        }
+        if errno() != libc::EINTR {
+            return Err(io::Error::last_os_error());
+        }
+    }
+}
+
+/// Receives one message into `buf`, with any descriptors attached (close-on-exec).
+/// Returns the byte count (0: the peer closed) and the descriptors.
+pub(crate) fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    let n = loop {
+        // SAFETY: `msg` points at a writable iovec over `buf` and a writable, aligned
+        // control buffer, both live for the call.
+        let rc = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if rc >= 0 {
+            break rc as usize;
+        }
+        if errno() != libc::EINTR {
+            return Err(io::Error::last_os_error());
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: recvmsg filled the control buffer and set msg_controllen; the CMSG macros
+    // walk only within it, and every SCM_RIGHTS payload holds the descriptors the kernel
+    // just installed in this process, each owned by nobody else yet.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header)
+                    / std::mem::size_of::<RawFd>();
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "descriptors truncated",
+        ));
+    }
+    Ok((n, fds))
+}
+
+/// Waits until any of `fds` is readable, for at most `timeout` (`None`: no limit).
+/// Returns one flag per descriptor; all false after a signal or the timeout.
+pub(crate) fn poll_many(
+    fds: &[BorrowedFd<'_>],
+    timeout: Option<Duration>,
+) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(ptr::null(), |ts| ts as *const libc::timespec);
+    // SAFETY: `pfds` is a valid, writable array of `pfds.len()` pollfds; `ts_ptr` is null
+    // or points at `ts`, which outlives the call.
+    let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as _, ts_ptr, ptr::null()) };
+    if rc < 0 {
+        if errno() == libc::EINTR {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pfds
+        .iter()
+        .map(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
+        .collect())
+}
+
+/// Starts `/proc/self/exe` as a helper (the fork server): like [`spawn_self`] without a
+/// death signal.
+pub(crate) fn spawn_helper(env: (&str, &str), keep: &[RawFd]) -> io::Result<u32> {
+    spawn_self(env, keep, false, 0)
+}
+
+/// Closes `fd` without an owner's `Drop`.
+///
+/// # Safety
+///
+/// `fd` must be open and must never be used (or closed) again by anything in this
+/// process, including the `OwnedFd` that may still hold it (which must never be dropped).
+pub(crate) unsafe fn close_raw(fd: RawFd) {
+    // SAFETY: the caller guarantees nothing uses `fd` afterwards.
+    unsafe { libc::close(fd) };
+}
