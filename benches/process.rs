@@ -8,10 +8,11 @@
 //! * `fork_closure`: `Process::fork(move || x * 2)` (the capturing variant).
 //! * `spawn`: `StartMethod::Spawn`: an exec of this (release, statically linked Rust)
 //!   bench binary, which calls `procshare::init()` first in `main`.
+//! * `forkserver`: `StartMethod::ForkServer`: a request to the fork server (started by
+//!   the warm-up's first iteration), which forks a child of its small, single-threaded
+//!   image; the status comes back from the server.
 //! * `command_true`: `std::process::Command::new("/bin/true").status()`, the baseline
 //!   for "start a process and wait for it" (fork/exec of a tiny C program, no value).
-//!
-//! `ForkServer` is not implemented yet, so it has no id.
 //!
 //! Python's side of the comparison is `benches/python/process_start.py` (stdlib only);
 //! run both in one sitting, since these VMs move between days:
@@ -53,6 +54,15 @@ fn start_join(c: &mut Criterion) {
         b.iter(|| {
             let child = Process::builder()
                 .start_method(StartMethod::Spawn)
+                .spawn(double, black_box(21))
+                .unwrap();
+            assert_eq!(child.join(), Ok(42));
+        })
+    });
+    g.bench_function("forkserver", |b| {
+        b.iter(|| {
+            let child = Process::builder()
+                .start_method(StartMethod::ForkServer)
                 .spawn(double, black_box(21))
                 .unwrap();
             assert_eq!(child.join(), Ok(42));
