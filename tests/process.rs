@@ -707,6 +707,23 @@ fn fork_server_survives_being_killed_and_serves_threaded_callers() {
         matches!(r, Ok(300) | Err(ProcessError::Exited(-1))),
         "{r:?}"
     );
+    // ... also with a forked sibling holding copies of the parent's descriptors (the
+    // status socket's end of file comes from the server's end, which nobody else holds).
+    let mut c = with(StartMethod::ForkServer, sleep_then, 200);
+    let sibling = Process::fork(|| std::thread::sleep(Duration::from_secs(4))).unwrap();
+    let server = server_pids();
+    assert_eq!(server.len(), 1, "{server:?}");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(server[0] as i32, libc::SIGKILL) }, 0);
+    let t0 = Instant::now();
+    let r = c.join_timeout(Duration::from_secs(5));
+    assert!(
+        matches!(r, Ok(200) | Err(ProcessError::Exited(-1))),
+        "{r:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    sibling.kill().unwrap();
+    assert!(sibling.join().is_err());
     // With other threads running, the default is the (running) fork server.
     assert_eq!(with(StartMethod::ForkServer, square, 1).join(), Ok(1));
     let (tx, rx) = std::sync::mpsc::channel::<()>();

@@ -15,6 +15,9 @@ use crate::sys::{self, ChildStatus, Deadline, WaitTarget};
 /// How often a child without a pidfd (old kernel, seccomp) is polled with `waitpid`.
 const PID_POLL: Duration = Duration::from_millis(5);
 
+/// How long a fork-server child's status may lag behind its end before it counts as lost.
+const STATUS_GRACE: Duration = Duration::from_secs(2);
+
 /// A running (or finished, unjoined) child process started by [`Process`](super::Process),
 /// whose function returns an `R`.
 ///
@@ -48,6 +51,9 @@ pub struct Child<R> {
     delivered: bool,
     /// For a fork-server child: the socket on which the server reports its status.
     status_sock: Option<OwnedFd>,
+    status_buf: Vec<u8>,
+    /// Set when a fork-server child's pidfd says it ended: the server's report is due.
+    server_grace: Option<Deadline>,
     via_server: bool,
     _value: PhantomData<fn() -> R>,
 }
@@ -95,6 +101,8 @@ impl<R> Child<R> {
             forced: None,
             delivered: false,
             status_sock,
+            status_buf: Vec::new(),
+            server_grace: None,
             via_server,
             _value: PhantomData,
         }
@@ -248,60 +256,73 @@ impl<R> Child<R> {
 
     /// One wait of [`pump`](Child::pump) for a fork-server child: the status comes from
     /// the server's status socket, not from `waitid`. Returns whether the child is done.
+    ///
+    /// Once the child's pidfd says it ended, the server's report is due within moments; if
+    /// none comes within [`STATUS_GRACE`] (the server died and a forked sibling still holds
+    /// a copy of the status socket, so no end of file arrives either), or the status
+    /// socket reaches end of file, the status is reported as lost.
     fn pump_server(&mut self, wait: Deadline) -> bool {
-        let Some(status_sock) = &self.status_sock else {
-            // The server died without reporting: wait for the child itself to end
-            // (its pidfd turns readable), then report the status as lost.
-            let ended = match &self.pidfd {
-                Some(fd) => sys::poll_two(
-                    self.sock.as_ref().map(|s| s.as_fd()),
-                    Some(fd.as_fd()),
-                    wait.remaining(),
-                )
-                .map(|(sock_ready, ended)| {
-                    if sock_ready {
-                        self.read_available();
-                    }
-                    ended
-                })
-                .unwrap_or(true),
-                None => true,
-            };
-            if ended {
-                self.finish(ChildStatus::Exited(-1));
+        if self.server_grace.is_some_and(|g| g.has_passed()) {
+            self.finish(ChildStatus::Exited(-1));
+            return true;
+        }
+        let watch_pidfd = self.server_grace.is_none();
+        let mut fds = Vec::with_capacity(3);
+        let mut slots = [usize::MAX; 3];
+        for (i, fd) in [
+            self.sock.as_ref(),
+            self.status_sock.as_ref(),
+            self.pidfd.as_ref().filter(|_| watch_pidfd),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if let Some(fd) = fd {
+                slots[i] = fds.len();
+                fds.push(fd.as_fd());
             }
-            return ended;
-        };
-        let (sock_ready, status_ready) = sys::poll_two(
-            self.sock.as_ref().map(|s| s.as_fd()),
-            Some(status_sock.as_fd()),
-            wait.remaining(),
-        )
-        .unwrap_or((false, false));
-        if sock_ready {
+        }
+        let mut wait = wait;
+        if let Some(grace) = self.server_grace {
+            wait = wait.capped(grace.remaining().unwrap_or_default());
+        }
+        let ready =
+            sys::poll_many(&fds, wait.remaining()).unwrap_or_else(|_| vec![false; fds.len()]);
+        drop(fds);
+        let is_ready = |slot: usize| ready.get(slot).copied().unwrap_or(false);
+        if is_ready(slots[0]) {
             self.read_available();
         }
-        if status_ready {
-            let status_sock = self.status_sock.as_ref().expect("checked above");
-            let mut msg = Vec::with_capacity(5);
-            while msg.len() < 5 {
-                match sys::recv_nonblocking(status_sock.as_fd(), &mut msg) {
-                    Ok(Some(n)) if n > 0 => continue,
-                    _ => break,
+        if is_ready(slots[1]) {
+            if let Some(status_sock) = &self.status_sock {
+                loop {
+                    match sys::recv_nonblocking(status_sock.as_fd(), &mut self.status_buf) {
+                        Ok(Some(0)) | Err(_) => {
+                            self.status_sock = None; // the server is gone
+                            break;
+                        }
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                    }
                 }
             }
-            if msg.len() >= 5 {
-                let code = i32::from_le_bytes([msg[1], msg[2], msg[3], msg[4]]);
-                let status = if msg[0] == 0 {
+            if let [kind, a, b, c, d, ..] = self.status_buf[..] {
+                let code = i32::from_le_bytes([a, b, c, d]);
+                self.finish(if kind == 0 {
                     ChildStatus::Exited(code)
                 } else {
                     ChildStatus::Signaled(code)
-                };
-                self.finish(status);
+                });
                 return true;
             }
-            // End of file without a status: the server is gone.
-            self.status_sock = None;
+        }
+        if is_ready(slots[2]) {
+            self.server_grace = Some(Deadline::after(STATUS_GRACE));
+        }
+        let ended = self.server_grace.is_some() || self.pidfd.is_none();
+        if self.status_sock.is_none() && ended {
+            self.finish(ChildStatus::Exited(-1));
+            return true;
         }
         false
     }

@@ -117,12 +117,18 @@ fn request(
             "sending the request failed: {e}"
         )));
     }
-    match sys::poll_readable(ctl, Some(timeout)) {
-        Ok(true) => {}
-        _ => {
-            return Err(Failure::ServerGone(format!(
-                "it did not answer within {timeout:?}"
-            )));
+    let deadline = sys::Deadline::after(timeout);
+    loop {
+        match sys::poll_readable(ctl, deadline.remaining()) {
+            Ok(true) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && !deadline.has_passed() => {
+                continue;
+            }
+            _ => {
+                return Err(Failure::ServerGone(format!(
+                    "it did not answer within {timeout:?}"
+                )));
+            }
         }
     }
     let mut buf = [0u8; 16];
