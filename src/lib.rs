@@ -8,6 +8,8 @@
 //! * [`Mutex<T>`] (robust: a holder's death poisons it, never hangs it), [`Semaphore`],
 //!   [`Condvar`], [`Event`], [`Barrier`]: `#[repr(C)]`, usable in place in any mapping.
 //! * [`Value<T>`] and [`Array<T>`]: Python's cells, each with its own lock.
+//! * [`Process`]: child processes by fork, spawn or fork server, whose return value,
+//!   panic, exit code or signal comes back to [`Child::join`] (see [`process`]).
 //!
 //! Anything placed in shared memory must be [`ShmSafe`].
 //!
