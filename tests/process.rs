@@ -50,6 +50,7 @@ fn main() {
             names_parent_and_active_children,
             fork_server_survives_being_killed_and_serves_threaded_callers,
             fork_needs_the_fork_method,
+            buffered_output_is_not_written_twice,
             no_zombies_and_no_descriptor_growth,
         ],
         &[],
@@ -767,6 +768,40 @@ fn fork_needs_the_fork_method() {
         .fork(|| 1u8)
         .unwrap_err();
     assert!(err.to_string().contains("only StartMethod::Fork"), "{err}");
+}
+
+fn buffered_output_is_not_written_twice() {
+    // stdout to a pipe we read: print a partial line (buffered by Rust's LineWriter),
+    // then fork; the child's flush on exit must not print it again.
+    let (r, w) = {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into a valid array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        (fds[0], fds[1])
+    };
+    let writer = Process::fork(move || {
+        // SAFETY: plain descriptor calls on descriptors this process owns.
+        unsafe {
+            libc::dup2(w, 1);
+            libc::close(w);
+            libc::close(r);
+        }
+        print!("partial ");
+        let c = Process::fork(|| print!("child")).unwrap();
+        c.join().unwrap();
+        use std::io::Write;
+        std::io::stdout().flush().unwrap();
+    })
+    .unwrap();
+    // SAFETY: closing our copy of the write end.
+    unsafe { libc::close(w) };
+    writer.join().unwrap();
+    let mut out = String::new();
+    use std::io::Read;
+    // SAFETY: `r` is an open descriptor we own; File takes it over.
+    let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(r) };
+    file.read_to_string(&mut out).unwrap();
+    assert_eq!(out, "partial child");
 }
 
 fn fd_count() -> usize {

@@ -409,6 +409,13 @@ where
     let parent = registry::current_process();
     let (ours, theirs) =
         sys::socketpair_stream().map_err(|e| Error::io("creating the result socket", e))?;
+    // Output still buffered now would be written twice: once by us, once by the child's
+    // own flush on its way out.
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+    }
     // SAFETY: forwarded to the caller; the child never returns from this function (it
     // ends in `run_child`'s `_exit`).
     match unsafe { sys::fork() }.map_err(|e| Error::io("forking a child process", e))? {
