@@ -124,7 +124,7 @@ impl Connection {
     /// memory [`Segment`](crate::Segment) and send its description instead.
     pub const MAX_MESSAGE_LEN: usize = 1 << 30;
 
-    fn new(fd: OwnedFd) -> Connection {
+    pub(crate) fn new(fd: OwnedFd) -> Connection {
         Connection {
             fd,
             send: Mutex::new(Vec::new()),

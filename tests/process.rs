@@ -12,9 +12,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use procshare::process::{Tamper, disable_pidfds, tamper_next_spawn};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use procshare::{
-    Child, Error, Process, ProcessError, Queue, StartMethod, Value, active_children,
-    current_process, parent_process,
+    Array, Child, Connection, Error, Process, ProcessError, Queue, Segment, Shared, StartMethod,
+    Value, active_children, current_process, parent_process,
 };
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +53,8 @@ fn main() {
             fork_server_survives_being_killed_and_serves_threaded_callers,
             fork_needs_the_fork_method,
             buffered_output_is_not_written_twice,
+            handles_cross_every_start_method,
+            a_handle_outside_a_process_argument_is_an_error,
             no_zombies_and_no_descriptor_growth,
         ],
         &[],
@@ -804,6 +808,59 @@ fn buffered_output_is_not_written_twice() {
     assert_eq!(out, "partial child");
 }
 
+fn add_under_lock((v, n): (Value<u64>, u64)) -> u64 {
+    for _ in 0..n {
+        *v.lock().unwrap() += 1;
+    }
+    v.get()
+}
+
+type Handles = (Array<u32>, Shared<AtomicU64>, Connection, Segment);
+
+fn use_handles((arr, hits, conn, seg): Handles) -> (u32, usize) {
+    arr.lock().unwrap()[2] = 7;
+    hits.fetch_add(5, Ordering::SeqCst);
+    conn.send("hello from the child").unwrap();
+    let n: u32 = conn.recv().unwrap();
+    (n + 1, seg.len())
+}
+
+fn handles_cross_every_start_method() {
+    for m in METHODS {
+        let v = Value::new(0u64).unwrap();
+        let kids: Vec<Child<u64>> = (0..3)
+            .map(|_| with(m, add_under_lock, (v.clone(), 1000)))
+            .collect();
+        for k in kids {
+            assert!(k.join().unwrap() <= 3000);
+        }
+        assert_eq!(v.get(), 3000, "{m:?}");
+
+        let arr = Array::<u32>::zeroed(4).unwrap();
+        let hits = Shared::new(AtomicU64::new(0)).unwrap();
+        let seg = Segment::anonymous(12345).unwrap();
+        let (ours, theirs) = procshare::pipe().unwrap();
+        let c = with(m, use_handles, (arr.clone(), hits.clone(), theirs, seg));
+        let hello: String = ours.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(hello, "hello from the child");
+        ours.send(&41u32).unwrap();
+        assert_eq!(c.join(), Ok((42, 12345)), "{m:?}");
+        assert_eq!(arr.to_vec(), vec![0, 0, 7, 0]);
+        assert_eq!(hits.load(Ordering::SeqCst), 5);
+        // The child's end is closed everywhere now: end of file, not a hang.
+        assert!(ours.recv_timeout::<u32>(Duration::from_secs(5)).is_err());
+    }
+}
+
+fn a_handle_outside_a_process_argument_is_an_error() {
+    let v = Value::new(1u32).unwrap();
+    let q: Queue<Value<u32>> = Queue::new().unwrap();
+    assert!(q.put(&v).is_err(), "a Value cannot travel over a Queue");
+    // ... and `Process::fork` moves it without encoding: it just works there.
+    let c = Process::fork(move || v.get() + 1).unwrap();
+    assert_eq!(c.join(), Ok(2));
+}
+
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -827,6 +884,8 @@ fn no_zombies_and_no_descriptor_growth() {
                 .unwrap();
             drop(c);
             drop(with(m, square, 3)); // dropped unjoined: waited for
+            let v = Value::new(0u64).unwrap();
+            assert_eq!(with(m, add_under_lock, (v, 1)).join(), Ok(1)); // handle descriptors
         }
         tamper_next_spawn(Tamper::Executable);
         assert!(with(StartMethod::Spawn, square, 1).join().is_err());

@@ -14,7 +14,8 @@
 //! Requests travel over a `SOCK_SEQPACKET` pair, one message each way:
 //!
 //! ```text
-//! parent -> server  "S" + SCM_RIGHTS [bootstrap memfd, result socket, status socket]
+//! parent -> server  "S" + SCM_RIGHTS [bootstrap memfd, result socket, status socket,
+//!                                      the argument's handle descriptors...]
 //! server -> parent  "P" pid:u32 + SCM_RIGHTS [pidfd]      (pidfd omitted if refused)
 //!                 | "E" errno:i32                          (fork failed)
 //! ```
@@ -41,7 +42,7 @@
 //!   starts its own on first use.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -108,11 +109,11 @@ enum Failure {
 
 fn request(
     server: &Server,
-    fds: [&OwnedFd; 3],
+    fds: &[BorrowedFd<'_>],
     timeout: Duration,
 ) -> std::result::Result<(u32, Option<OwnedFd>), Failure> {
     let ctl = server.control.as_fd();
-    if let Err(e) = sys::send_with_fds(ctl, b"S", &fds.map(|f| f.as_fd())) {
+    if let Err(e) = sys::send_with_fds(ctl, b"S", fds) {
         return Err(Failure::ServerGone(format!(
             "sending the request failed: {e}"
         )));
@@ -168,7 +169,17 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
-    let bytes = spawn::message::<F, A, R>(arg, &name, daemon)?;
+    let (bytes, handle_fds) = spawn::message::<F, A, R>(arg, &name, daemon)?;
+    if handle_fds.len() + 3 > sys::MAX_FDS {
+        return Err(Error::InvalidArgument {
+            what: format!(
+                "the argument holds {} handles with descriptors; a fork server child can take \
+                 at most {}: use StartMethod::Spawn, or fewer handles",
+                handle_fds.len(),
+                sys::MAX_FDS - 3
+            ),
+        });
+    }
     let memfd =
         sys::memfd_with(&bytes).map_err(|e| Error::io("writing the bootstrap message", e))?;
     let memfd = OwnedFd::from(memfd);
@@ -185,11 +196,9 @@ where
             *guard = Some(start()?);
         }
         let server = guard.as_ref().expect("just ensured");
-        match request(
-            server,
-            [&memfd, &result_theirs, &status_theirs],
-            bootstrap_timeout,
-        ) {
+        let mut fds = vec![memfd.as_fd(), result_theirs.as_fd(), status_theirs.as_fd()];
+        fds.extend(handle_fds.iter().map(|f| f.as_fd()));
+        match request(server, &fds, bootstrap_timeout) {
             Ok((pid, pidfd)) => {
                 drop(guard);
                 return Ok(Child::new(ChildParts {
@@ -309,10 +318,16 @@ fn handle_request(control: &OwnedFd, kids: &mut Vec<Kid>, me: u32) -> bool {
         msg[1..].copy_from_slice(&errno.to_le_bytes());
         let _ = sys::send_with_fds(control.as_fd(), &msg, &[]);
     };
-    let Ok([memfd, result, status]) = <[OwnedFd; 3]>::try_from(fds) else {
+    if fds.len() < 3 {
         reply_error(22); // EINVAL
         return true;
+    }
+    let mut fds = fds.into_iter();
+    let (Some(memfd), Some(result), Some(status)) = (fds.next(), fds.next(), fds.next()) else {
+        reply_error(22);
+        return true;
     };
+    let handles: Vec<OwnedFd> = fds.collect();
     let file = std::fs::File::from(memfd);
     let Ok(bytes) = sys::read_whole(&file, spawn::MAX_MESSAGE) else {
         reply_error(5); // EIO
@@ -338,10 +353,11 @@ fn handle_request(control: &OwnedFd, kids: &mut Vec<Kid>, me: u32) -> bool {
                     sys::exit_immediately(1);
                 }
             }
-            spawn::run_message(result, &bytes, Some(me))
+            spawn::run_message(result, &bytes, Some(me), handles)
         }
         Ok(sys::Forked::Parent(pid)) => {
             drop(result);
+            drop(handles);
             // Unreaped, so the pidfd certainly names this child.
             let pidfd = sys::pidfd_open(pid).ok();
             let mut msg = [b'P', 0, 0, 0, 0];

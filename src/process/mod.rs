@@ -35,13 +35,16 @@
 //! | Functions | any closure ([`Process::fork`]) or a capture-free `Fn(A) -> R` | a capture-free `Fn(A) -> R` (a `fn` item or closure) | as Spawn |
 //! | Needs `procshare::init()` | no | yes, first line of `main`; code before it runs again in every child | yes, first line of `main`; code before it runs once more, in the server |
 //! | Extra process | none | none | the server, alive while this process is (it exits when this process does) |
-//! | Handles in `arg` (`Value`, `Queue`...) | inherited memory, works | not yet (descriptors are not carried) | not yet |
+//! | Handles in `arg` | all work (memory is inherited) | `Value`, `Array`, `Shared<T>`, `Segment`, `Connection`: descriptors carried beside the bytes; `Queue`/`ByteQueue`/channel ends not yet | as Spawn |
 //!
 //! **The default** (no `start_method` on the builder) never deadlocks: `Fork` while the
 //! process is single-threaded; otherwise `ForkServer` if this process already runs a fork
 //! server; otherwise `Spawn` if `init()` has run; otherwise the error
 //! [`Error::MultiThreaded`], which names the ways out (fork before starting threads, or
 //! call `init()` first in `main`).
+//!
+//! A handle serialized anywhere but in a `Process::spawn` argument (into a file, over a
+//! `Queue`) fails to encode: descriptor numbers never travel without their descriptors.
 //!
 //! # Guarantees
 //!
@@ -78,6 +81,7 @@
 mod child;
 mod error;
 mod forkserver;
+mod handles;
 mod registry;
 mod spawn;
 mod wire;

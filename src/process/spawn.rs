@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::child::{Child, ChildParts};
 use super::registry::{self, ProcessInfo};
-use super::{StartMethod, wire};
+use super::{StartMethod, handles, wire};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -66,6 +66,7 @@ pub(crate) struct SpawnContext {
     sock: OwnedFd,
     type_hash: u64,
     arg: Vec<u8>,
+    handles: Vec<OwnedFd>,
 }
 
 type Entry = fn(SpawnContext);
@@ -123,14 +124,16 @@ where
             ),
         );
     }
-    let arg: A = match postcard::from_bytes(&ctx.arg) {
+    let decoded = handles::providing(ctx.handles, || postcard::from_bytes::<A>(&ctx.arg));
+    let arg: A = match decoded {
         Ok(a) => a,
         Err(e) => wire::bootstrap_failed(
             &ctx.sock,
             &format!(
-                "the child could not decode its argument as {} ({e}); make sure the type's \
+                "the child could not decode its argument as {} ({}); make sure the type's \
                  Serialize and Deserialize agree (postcard is not self-describing)",
-                std::any::type_name::<A>()
+                std::any::type_name::<A>(),
+                handles::take_last_error().unwrap_or_else(|| e.to_string())
             ),
         ),
     };
@@ -186,7 +189,10 @@ pub fn tamper_next_spawn(t: Tamper) {
 
 /// The bootstrap message for running `F(arg)` in a child that re-finds `F` (Spawn and
 /// ForkServer children).
-pub(crate) fn message<F, A, R>(arg: &A, name: &str, daemon: bool) -> Result<Vec<u8>>
+///
+/// Returns the message and the descriptors of the handles inside `arg`, which must reach
+/// the child beside it (see `handles`).
+pub(crate) fn message<F, A, R>(arg: &A, name: &str, daemon: bool) -> Result<(Vec<u8>, Vec<OwnedFd>)>
 where
     F: Fn(A) -> R + Copy + 'static,
     A: Serialize + DeserializeOwned,
@@ -202,11 +208,13 @@ where
         2 => type_hash ^= 1,
         _ => {}
     }
-    let arg = postcard::to_allocvec(arg).map_err(|e| Error::InvalidArgument {
+    let (arg, fds) = handles::collecting(|| postcard::to_allocvec(arg));
+    let arg = arg.map_err(|e| Error::InvalidArgument {
         what: format!(
             "the argument of type {} could not be encoded with postcard for a spawned child \
-             ({e}); use a type postcard supports",
-            std::any::type_name::<A>()
+             ({}); use a type postcard supports",
+            std::any::type_name::<A>(),
+            handles::take_last_error().unwrap_or_else(|| e.to_string())
         ),
     })?;
     let entry_offset = (entry::<F, A, R> as Entry as usize).wrapping_sub(anchor as Entry as usize);
@@ -222,9 +230,10 @@ where
         daemon,
         arg,
     };
-    postcard::to_allocvec(&message).map_err(|e| Error::InvalidArgument {
+    let bytes = postcard::to_allocvec(&message).map_err(|e| Error::InvalidArgument {
         what: format!("could not encode the bootstrap message ({e})"),
-    })
+    })?;
+    Ok((bytes, fds))
 }
 
 /// Whether a bootstrap message asks for a daemon (`None`: not a bootstrap message).
@@ -246,22 +255,29 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
-    let bytes = message::<F, A, R>(arg, &name, daemon)?;
+    let (bytes, handle_fds) = message::<F, A, R>(arg, &name, daemon)?;
     let me = sys::getpid();
     let memfd =
         sys::memfd_with(&bytes).map_err(|e| Error::io("writing the bootstrap message", e))?;
     let (ours, theirs) =
         sys::socketpair_stream().map_err(|e| Error::io("creating the result socket", e))?;
-    let value = format!("v1:{}:{}", memfd.as_raw_fd(), theirs.as_raw_fd());
-    let pid = sys::spawn_self(
-        (ENV, &value),
-        &[memfd.as_raw_fd(), theirs.as_raw_fd()],
-        daemon,
-        me,
-    )
-    .map_err(|e| Error::io("re-executing /proc/self/exe for a spawned child", e))?;
+    let handle_list: Vec<String> = handle_fds
+        .iter()
+        .map(|f| f.as_raw_fd().to_string())
+        .collect();
+    let value = format!(
+        "v1:{}:{}:{}",
+        memfd.as_raw_fd(),
+        theirs.as_raw_fd(),
+        handle_list.join(",")
+    );
+    let mut keep = vec![memfd.as_raw_fd(), theirs.as_raw_fd()];
+    keep.extend(handle_fds.iter().map(|f| f.as_raw_fd()));
+    let pid = sys::spawn_self((ENV, &value), &keep, daemon, me)
+        .map_err(|e| Error::io("re-executing /proc/self/exe for a spawned child", e))?;
     drop(theirs);
     drop(memfd);
+    drop(handle_fds);
     Ok(Child::new(ChildParts {
         pid,
         name,
@@ -286,9 +302,19 @@ pub(crate) fn child_entry(value: std::ffi::OsString) -> ! {
     let fds = value
         .to_str()
         .and_then(|v| v.strip_prefix("v1:"))
-        .and_then(|v| v.split_once(':'))
-        .and_then(|(a, b)| Some((a.parse::<i32>().ok()?, b.parse::<i32>().ok()?)));
-    let Some((memfd, sock)) = fds else {
+        .and_then(|v| {
+            let mut parts = v.splitn(3, ':');
+            let memfd = parts.next()?.parse::<i32>().ok()?;
+            let sock = parts.next()?.parse::<i32>().ok()?;
+            let handles = parts
+                .next()?
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse::<i32>().ok())
+                .collect::<Option<Vec<i32>>>()?;
+            Some((memfd, sock, handles))
+        });
+    let Some((memfd, sock, handles)) = fds else {
         eprintln!("procshare: {ENV} is set to something procshare did not write; exiting");
         sys::exit_immediately(wire::BOOTSTRAP_EXIT)
     };
@@ -317,12 +343,29 @@ pub(crate) fn child_entry(value: std::ffi::OsString) -> ! {
         ),
     };
     drop(file);
-    run_message(sock, &bytes, None)
+    let handles = match handles
+        .into_iter()
+        .map(sys::adopt_inherited_any)
+        .collect::<std::io::Result<Vec<OwnedFd>>>()
+    {
+        Ok(h) => h,
+        Err(e) => wire::bootstrap_failed(
+            &sock,
+            &format!("a descriptor of a handle in the argument did not reach the child ({e})"),
+        ),
+    };
+    run_message(sock, &bytes, None, handles)
 }
 
 /// Checks a bootstrap message and runs the function it names; never returns. A daemon
 /// child exits at once unless its parent is `parent` (default: the message's sender).
-pub(crate) fn run_message(sock: OwnedFd, bytes: &[u8], parent: Option<u32>) -> ! {
+/// `handles` are the descriptors of the handles inside the argument, in order.
+pub(crate) fn run_message(
+    sock: OwnedFd,
+    bytes: &[u8],
+    parent: Option<u32>,
+    handles: Vec<OwnedFd>,
+) -> ! {
     let msg = match postcard::from_bytes::<Bootstrap>(bytes) {
         Ok(m) if m.magic == MAGIC => m,
         _ => wire::bootstrap_failed(
@@ -356,6 +399,7 @@ pub(crate) fn run_message(sock: OwnedFd, bytes: &[u8], parent: Option<u32>) -> !
         sock,
         type_hash: msg.type_hash,
         arg: msg.arg,
+        handles,
     };
     let address = (anchor as Entry as usize).wrapping_add(msg.entry_offset as usize);
     // SAFETY: the executable is the parent's own file (checked above), so the code at

@@ -217,6 +217,14 @@ pub(crate) fn executable_identity() -> io::Result<[u64; 5]> {
     ])
 }
 
+/// Takes ownership of an inherited descriptor of any kind after checking it is open.
+pub(crate) fn adopt_inherited_any(fd: RawFd) -> io::Result<OwnedFd> {
+    set_cloexec_raw(fd, true)?; // fails with EBADF if it is not open
+    // SAFETY: the descriptor is open (fcntl succeeded) and was handed to this process for
+    // the bootstrap alone, through the environment variable the caller just consumed.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Sets or clears close-on-exec on `fd`; async-signal-safe (only `fcntl`), for `pre_exec`.
 fn set_cloexec_raw(fd: RawFd, on: bool) -> io::Result<()> {
     // SAFETY: F_GETFD/F_SETFD take integers; an invalid fd gives EBADF.
@@ -361,8 +369,15 @@ pub(crate) fn socketpair_seqpacket() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// At most this many descriptors travel in one message.
-pub(crate) const MAX_FDS: usize = 4;
+/// At most this many descriptors travel in one message (the kernel's limit is 253).
+pub(crate) const MAX_FDS: usize = 96;
+
+/// A control-message buffer, aligned for `cmsghdr`, with room for `fds` descriptors.
+fn control_buffer(fds: usize) -> (Vec<u64>, usize) {
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE((fds * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    (vec![0u64; space.div_ceil(8)], space)
+}
 
 /// Sends one message of `bytes` with the descriptors `fds` attached (`SCM_RIGHTS`).
 pub(crate) fn send_with_fds(
@@ -370,14 +385,13 @@ pub(crate) fn send_with_fds(
     bytes: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
-    assert!(fds.len() <= MAX_FDS && !bytes.is_empty());
-    // Room for a cmsghdr and MAX_FDS ints, aligned for cmsghdr.
-    let mut control = [0u64; 8];
-    let space = {
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        unsafe { libc::CMSG_SPACE((fds.len() * std::mem::size_of::<RawFd>()) as u32) as usize }
-    };
-    debug_assert!(space <= std::mem::size_of_val(&control));
+    if fds.len() > MAX_FDS || bytes.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors for one message",
+        ));
+    }
+    let (mut control, space) = control_buffer(fds.len());
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr().cast_mut().cast(),
         iov_len: bytes.len(),
@@ -428,7 +442,7 @@ pub(crate) fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
 ) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut control = [0u64; 8];
+    let (mut control, space) = control_buffer(MAX_FDS);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -438,7 +452,7 @@ pub(crate) fn recv_with_fds(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    msg.msg_controllen = space as _;
     let n = loop {
         // SAFETY: `msg` points at a writable iovec over `buf` and a writable, aligned
         // control buffer, both live for the call.
