@@ -54,6 +54,7 @@ fn main() {
             fork_needs_the_fork_method,
             buffered_output_is_not_written_twice,
             handles_cross_every_start_method,
+            a_late_join_does_not_mistake_a_started_child_for_a_stuck_one,
             a_handle_outside_a_process_argument_is_an_error,
             no_zombies_and_no_descriptor_growth,
         ],
@@ -409,6 +410,18 @@ fn spawned_child_dying_before_init_is_an_error_in_time() {
         "{err:?}"
     );
     assert!(t0.elapsed() < Duration::from_secs(5));
+    // Also when joined only after its bootstrap deadline.
+    let c = Process::builder()
+        .start_method(StartMethod::Spawn)
+        .bootstrap_timeout(Duration::from_millis(100))
+        .spawn(square, 3)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let err = c.join().unwrap_err();
+    assert!(
+        matches!(&err, ProcessError::Bootstrap(w) if w.contains("exited with code 3 before procshare::init()")),
+        "{err:?}"
+    );
 
     // SAFETY: as above.
     unsafe { std::env::set_var(BEFORE_INIT, "hang") };
@@ -806,6 +819,20 @@ fn buffered_output_is_not_written_twice() {
     let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(r) };
     file.read_to_string(&mut out).unwrap();
     assert_eq!(out, "partial child");
+}
+
+fn a_late_join_does_not_mistake_a_started_child_for_a_stuck_one() {
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        let mut c = Process::builder()
+            .start_method(m)
+            .bootstrap_timeout(Duration::from_millis(200))
+            .spawn(sleep_then, 600)
+            .unwrap();
+        // Nobody reads the child's STARTED report until well after its deadline.
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(c.is_alive());
+        assert_eq!(c.join_timeout(Duration::from_secs(5)), Ok(600), "{m:?}");
+    }
 }
 
 fn add_under_lock((v, n): (Value<u64>, u64)) -> u64 {

@@ -205,8 +205,19 @@ impl<R> Child<R> {
             // A spawned child must prove it reached init() in time.
             let mut wait = deadline;
             if let Some((boot, limit)) = self.bootstrap {
+                if boot.has_passed() {
+                    // Judge on everything the child has sent so far, not only on what an
+                    // earlier call happened to read: a join long after the deadline must
+                    // not mistake a started child for a stuck one.
+                    self.read_available();
+                }
                 if wire::parse(&self.buf).started {
                     self.bootstrap = None;
+                } else if boot.has_passed() && !self.via_server && self.reap(false) {
+                    // It already exited without starting: its exit status says more
+                    // than "timed out" (see take_outcome).
+                    self.bootstrap = None;
+                    continue;
                 } else if boot.has_passed() {
                     self.bootstrap = None;
                     let _ = self.kill();
@@ -356,6 +367,9 @@ impl<R> Child<R> {
     /// it sent. The socket is only drained *after* the exit, without blocking: a
     /// grandchild holding a copy of the child's end cannot keep us waiting.
     fn reap(&mut self, block: bool) -> bool {
+        if self.status.is_some() {
+            return true; // never wait twice: the pid may belong to someone else by now
+        }
         // Reap and unregister under the registry lock, so `active_children` never asks
         // about a pid that is no longer ours.
         let mut children = registry::lock();
