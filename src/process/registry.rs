@@ -108,6 +108,9 @@ pub fn parent_process() -> Option<ProcessInfo> {
 }
 
 /// The children this process started and has not reaped yet that are still running.
+///
+/// A fork-server child is not this process's own child (the server forked it), so it is
+/// listed until its handle has collected its status, even if it has just exited.
 pub fn active_children() -> Vec<ProcessInfo> {
     let children = lock();
     children
