@@ -7,37 +7,29 @@
 
 use std::time::Duration;
 
-use procshare::fork::fork;
-use procshare::pipe;
+use procshare::{Process, pipe};
 
-fn main() -> procshare::Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    procshare::init();
     // Python: parent_conn, child_conn = Pipe()
     let (parent_conn, child_conn) = pipe()?;
 
     // Python: p1 = Process(target=sender, args=(parent_conn,))
-    let mut sender = fork(|| {
+    let sender = Process::fork(|| {
         parent_conn
             .send("Hello from the sender process!")
             .expect("send");
-        0
     })?;
     // Python: p2 = Process(target=receiver, args=(child_conn,))
-    let mut receiver = fork(|| {
+    let receiver = Process::fork(|| {
         // A bounded wait: if the sender died, say so instead of hanging.
-        match child_conn.recv_timeout::<String>(Duration::from_secs(10)) {
-            Ok(message) => {
-                println!("Received: {message}");
-                0
-            }
-            Err(e) => {
-                eprintln!("receiver: {e}");
-                1
-            }
-        }
+        let message = child_conn.recv_timeout::<String>(Duration::from_secs(10));
+        message.map_err(|e| e.to_string())
     })?;
     // The parent holds both ends too; it only waits for its children.
-    let sent = sender.wait()?;
-    let received = receiver.wait()?;
-    assert!(sent.success() && received.success(), "{sent}, {received}");
+    sender.join()?;
+    // Python: p2.join(); the value the receiver returned comes back with it.
+    let message = receiver.join()??;
+    println!("Received: {message}");
     Ok(())
 }

@@ -11,10 +11,9 @@
 
 use std::time::Duration;
 
-use procshare::fork::fork;
-use procshare::{Queue, QueueError};
+use procshare::{Process, Queue, QueueError};
 
-fn producer(queue: procshare::QueueSender<u32>) -> i32 {
+fn producer(queue: procshare::QueueSender<u32>) -> u32 {
     // A small xorshift generator: the example needs no `rand` dependency.
     let mut state = std::process::id() | 1;
     for _ in 0..10 {
@@ -26,10 +25,10 @@ fn producer(queue: procshare::QueueSender<u32>) -> i32 {
         println!("Produced: {item}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    0
+    10
 }
 
-fn consumer(queue: procshare::QueueReceiver<u32>) -> i32 {
+fn consumer(queue: procshare::QueueReceiver<u32>) -> u32 {
     let mut consumed = 0;
     loop {
         match queue.get() {
@@ -44,7 +43,7 @@ fn consumer(queue: procshare::QueueReceiver<u32>) -> i32 {
         }
     }
     println!("Consumer done: {consumed} items");
-    i32::from(consumed != 10)
+    consumed
 }
 
 fn main() -> procshare::Result<()> {
@@ -52,11 +51,14 @@ fn main() -> procshare::Result<()> {
     let (tx, rx) = Queue::<u32>::new()?.split()?;
     // Python: Process(target=producer, args=(q,)), Process(target=consumer, args=(q,)).
     // A forked child inherits every handle its parent holds at that moment, so hand each
-    // end over with `move`: `fork` drops the closure (and the end in it) in the parent, and
-    // the consumer, forked after that, holds no sender that would keep the queue open.
-    let mut prod = fork(move || producer(tx))?;
-    let mut cons = fork(move || consumer(rx))?;
-    let (p, c) = (prod.wait()?, cons.wait()?);
-    assert!(p.success() && c.success(), "producer {p}, consumer {c}");
+    // end over with `move`: `Process::fork` drops the closure (and the end in it) in the
+    // parent, and the consumer, forked after that, holds no sender that would keep the
+    // queue open.
+    let prod = Process::fork(move || producer(tx))?;
+    let cons = Process::fork(move || consumer(rx))?;
+    // Python: prod.join(); cons.join()
+    let produced = prod.join().expect("the producer process failed");
+    let consumed = cons.join().expect("the consumer process failed");
+    assert_eq!((produced, consumed), (10, 10));
     Ok(())
 }

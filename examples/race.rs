@@ -8,12 +8,11 @@
 //!
 //! Run with `cargo run --release --example race`.
 
-use procshare::fork::fork;
-use procshare::{Barrier, Shared, Value};
+use procshare::{Barrier, Process, Shared, Value};
 
 const TRANSACTIONS: u32 = 10_000;
 
-fn transact(balance: &Value<i32>, start: &Barrier, delta: i32, use_lock: bool) -> i32 {
+fn transact(balance: &Value<i32>, start: &Barrier, delta: i32, use_lock: bool) {
     // Both processes start together so their updates overlap even on two cores.
     start.wait().expect("both processes reach the start");
     for _ in 0..TRANSACTIONS {
@@ -23,22 +22,24 @@ fn transact(balance: &Value<i32>, start: &Barrier, delta: i32, use_lock: bool) -
             balance.set(balance.get() + delta);
         }
     }
-    0
 }
 
 fn perform_transactions(use_lock: bool) -> procshare::Result<i32> {
     let balance = Value::new(100i32)?;
     let start = Shared::new(Barrier::new(2))?;
-    let mut withdraw = fork(|| transact(&balance, &start, -1, use_lock))?;
-    let mut deposit = fork(|| transact(&balance, &start, 1, use_lock))?;
-    for child in [&mut withdraw, &mut deposit] {
-        let status = child.wait()?;
-        assert!(status.success(), "child failed: {status}");
+    // Python: Process(target=withdraw, args=(balance, lock)) ... start(), join()
+    let withdraw = Process::fork(|| transact(&balance, &start, -1, use_lock))?;
+    let deposit = Process::fork(|| transact(&balance, &start, 1, use_lock))?;
+    for child in [withdraw, deposit] {
+        if let Err(e) = child.join() {
+            panic!("a transaction process failed: {e}");
+        }
     }
     Ok(balance.get())
 }
 
 fn main() -> procshare::Result<()> {
+    procshare::init();
     for _ in 0..10 {
         println!(
             "without lock: Final balance = {}",

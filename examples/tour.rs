@@ -2,19 +2,21 @@
 //!
 //! Run with `cargo run --release --example tour`.
 //!
-//! Each section forks worker processes (procshare's `Process`/`Pool` layer is still to
-//! come; until then `procshare::fork::fork` starts a child running a closure) and shows one
-//! primitive doing the job Python's does, plus what Python's cannot: surviving a worker that
-//! is killed at the worst moment.
+//! Each section starts worker processes with `Process::fork` (a forked child running a
+//! closure; `join` gives back its return value) and shows one primitive doing the job
+//! Python's does, plus what Python's cannot: surviving a worker that is killed at the worst
+//! moment.
 
 use std::time::{Duration, Instant};
 
-use procshare::fork::{fork, signal};
-use procshare::{Array, Event, Mutex, Queue, Shared, Value, channel, pipe, spsc};
+use procshare::{
+    Array, Event, Mutex, Process, ProcessError, Queue, Shared, Value, channel, pipe, spsc,
+};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
 fn main() -> Res {
+    procshare::init();
     println!(
         "procshare tour: {} CPUs available\n",
         procshare::cpu_count()
@@ -32,14 +34,13 @@ fn value_and_array() -> Res {
     let mylist = [1, 2, 3, 4];
     let result = Array::<i32>::zeroed(4)?;
     let square_sum = Value::new(0i32)?;
-    let mut child = fork(|| {
+    let child = Process::fork(|| {
         for (slot, n) in result.lock().unwrap().iter_mut().zip(mylist) {
             *slot = n * n;
         }
         square_sum.set(result.to_vec().iter().sum());
-        0
     })?;
-    child.wait()?;
+    child.join()?;
     println!(
         "Value/Array: result = {:?}, sum of squares = {}",
         result.to_vec(),
@@ -51,31 +52,29 @@ fn value_and_array() -> Res {
 /// Python: `Queue()` between a producer and a consumer process, any serde type, any size.
 fn queue() -> Res {
     let q: Queue<(String, Vec<u8>)> = Queue::new()?;
-    let mut producer = fork({
+    let producer = Process::fork({
         let q = q.clone();
         move || {
             for (name, size) in [("small", 10), ("medium", 64 << 10), ("large", 8 << 20)] {
                 q.put(&(name.to_string(), vec![7; size])).unwrap();
             }
-            0
         }
     })?;
     for _ in 0..3 {
         let (name, data) = q.get()?;
         println!("Queue: got {name:>6} message of {:>8} bytes", data.len());
     }
-    producer.wait()?;
+    producer.join()?;
     Ok(())
 }
 
 /// Python: `Pipe()`: the child sends messages until "END".
 fn pipe_conversation() -> Res {
     let (parent_end, child_end) = pipe()?;
-    let mut child = fork(move || {
+    let child = Process::fork(move || {
         for msg in ["hello", "hey", "hru?", "END"] {
             child_end.send(msg).unwrap();
         }
-        0
     })?;
     let mut heard = Vec::new();
     loop {
@@ -85,7 +84,7 @@ fn pipe_conversation() -> Res {
         }
         heard.push(msg);
     }
-    child.wait()?;
+    child.join()?;
     println!("Pipe: received {heard:?}");
     Ok(())
 }
@@ -95,14 +94,13 @@ fn zero_copy_rings() -> Res {
     const N: u64 = 2_000_000;
     let (tx, rx) = spsc::<u64>(4096)?;
     let t0 = Instant::now();
-    let mut child = fork(move || {
+    let child = Process::fork(move || {
         for i in 0..N {
             tx.send(i).unwrap();
         }
-        0
     })?;
     let sum: u64 = rx.iter().sum(); // ends when the child's sender is gone
-    child.wait()?;
+    child.join()?;
     let secs = t0.elapsed().as_secs_f64();
     assert_eq!(sum, N * (N - 1) / 2);
     println!(
@@ -115,18 +113,17 @@ fn zero_copy_rings() -> Res {
     let workers: Vec<_> = (0..2u64)
         .map(|w| {
             let tx = tx.clone();
-            fork(move || {
+            Process::fork(move || {
                 for i in 0..100_000 {
                     tx.send([w, i]).unwrap();
                 }
-                0
             })
         })
         .collect::<Result<_, _>>()?;
     drop(tx);
     let received = rx.iter().count();
-    for mut w in workers {
-        w.wait()?;
+    for w in workers {
+        w.join()?;
     }
     println!("channel: {received} messages from 2 producer processes");
     Ok(())
@@ -146,16 +143,15 @@ fn robust_lock() -> Res {
         balance: Mutex::new(100),
         locked: Event::new(),
     })?;
-    let mut holder = fork(|| {
+    let holder = Process::fork(|| {
         let mut balance = account.balance.lock().unwrap();
         *balance -= 30; // half-way through a transaction...
         account.locked.set();
         std::thread::sleep(Duration::from_secs(3600)); // ...and never finishes
-        0
     })?;
     account.locked.wait();
-    holder.signal(signal::KILL)?;
-    holder.wait()?;
+    holder.kill()?;
+    assert_eq!(holder.join(), Err(ProcessError::Signaled(9)));
     let t0 = Instant::now();
     match account.balance.lock() {
         Ok(_) => unreachable!("the holder died mid-transaction: the lock must say so"),

@@ -238,7 +238,9 @@ impl fmt::Display for Error {
             Error::MultiThreaded { threads } => write!(
                 f,
                 "refusing to fork a process with {threads} threads: the child could deadlock on \
-                 locks held by the other threads; fork before starting threads"
+                 locks held by the other threads; fork before starting threads, or use \
+                 StartMethod::Spawn (call procshare::init() as the first line of main; \
+                 Process::spawn then picks Spawn by itself)"
             ),
             Error::InvalidArgument { what } => write!(f, "invalid argument: {what}"),
             Error::BarrierBroken => write!(

@@ -8,6 +8,8 @@
 //! * [`Mutex<T>`] (robust: a holder's death poisons it, never hangs it), [`Semaphore`],
 //!   [`Condvar`], [`Event`], [`Barrier`]: `#[repr(C)]`, usable in place in any mapping.
 //! * [`Value<T>`] and [`Array<T>`]: Python's cells, each with its own lock.
+//! * [`Process`]: child processes by fork, spawn or fork server, whose return value,
+//!   panic, exit code or signal comes back to [`Child::join`] (see [`process`]).
 //!
 //! Anything placed in shared memory must be [`ShmSafe`].
 //!
@@ -58,6 +60,25 @@ pub fn cpu_count() -> usize {
 pub mod __fuzz {
     pub use crate::shm::header::fuzz_parse as segment_header;
 }
+
+// --- process ---
+pub mod process;
+/// Python's `Process`: see [`process`].
+pub use process::Process;
+pub use process::{
+    Child, ProcessError, ProcessInfo, StartMethod, active_children, current_process, parent_process,
+};
+
+/// Call as the first line of `main` to enable [`StartMethod::Spawn`].
+///
+/// In a process started by `Spawn`, `init()` does not return: it runs the function the
+/// parent asked for and exits. Code before it in `main` runs again in every spawned child,
+/// so put nothing before it. In any other process it records that `Spawn` is usable and
+/// returns at once.
+pub fn init() {
+    process::init()
+}
+// --- end process ---
 
 /// Compiles and runs the README's examples as doc tests.
 #[cfg(doctest)]

@@ -45,8 +45,8 @@ const CLOSED: &str = "the other end of the pipe was closed (its process exited o
 /// [`UnexpectedEof`](std::io::ErrorKind::UnexpectedEof) error, instead of blocking forever)
 /// once *every* copy of the other end is closed, including the copy a fork left in the
 /// receiver's own process. Moving the child's end into the closure given to
-/// [`procshare::fork::fork`](crate::fork::fork) does this for the parent: the parent's copy
-/// is dropped when `fork` returns.
+/// [`Process::fork`](crate::Process::fork) does this for the parent: the parent's copy is
+/// dropped when `fork` returns.
 ///
 /// An end is meant to be used by one process. Within that process it may be shared by
 /// threads (see [`Connection`]), but two processes sending on copies of the same end can
@@ -65,19 +65,19 @@ const CLOSED: &str = "the other end of the pipe was closed (its process exited o
 ///
 /// let (parent_end, child_end) = pipe()?;
 /// // `move` hands `child_end` to the child; the parent's copy is dropped as fork returns.
-/// let mut child = procshare::fork::fork(move || {
+/// let child = procshare::Process::fork(move || {
 ///     let mut count = 0u32;
 ///     while child_end.recv::<String>().unwrap() != "END" {
 ///         count += 1;
 ///     }
 ///     child_end.send(&count).unwrap();
-///     0
+///     count
 /// })?;
 /// for msg in ["hello", "hey", "hru?", "END"] {
 ///     parent_end.send(msg)?;
 /// }
 /// assert_eq!(parent_end.recv::<u32>()?, 3);
-/// assert!(child.wait().unwrap().success());
+/// assert_eq!(child.join(), Ok(3));
 /// // The child has exited and the parent holds no copy of its end: end of file.
 /// assert!(parent_end.recv::<u32>().is_err());
 /// # Ok::<(), procshare::Error>(())
@@ -124,7 +124,7 @@ impl Connection {
     /// memory [`Segment`](crate::Segment) and send its description instead.
     pub const MAX_MESSAGE_LEN: usize = 1 << 30;
 
-    fn new(fd: OwnedFd) -> Connection {
+    pub(crate) fn new(fd: OwnedFd) -> Connection {
         Connection {
             fd,
             send: Mutex::new(Vec::new()),

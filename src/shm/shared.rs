@@ -106,9 +106,22 @@ impl<T: ShmSafe> Shared<T> {
         Ok(Self::from_segment(Arc::new(segment)))
     }
 
-    fn from_segment(segment: Arc<Segment>) -> Shared<T> {
+    pub(crate) fn from_segment(segment: Arc<Segment>) -> Shared<T> {
         let ptr = segment.data_ptr().cast::<T>();
         Shared { segment, ptr }
+    }
+
+    /// Adopts a segment received as a descriptor (a handle in a `Process` argument),
+    /// checking that its size fits a `T`.
+    pub(crate) fn adopt(segment: Segment) -> Result<Shared<T>> {
+        if segment.len() != size_of::<T>() || segment.elements() != 1 {
+            return Err(Error::SizeMismatch {
+                name: "<descriptor>".to_owned(),
+                expected: size_of::<T>() as u64,
+                found: segment.len() as u64,
+            });
+        }
+        Ok(Self::from_segment(Arc::new(segment)))
     }
 }
 

@@ -60,6 +60,13 @@ pub struct Value<T> {
 }
 
 impl<T: ShmSafe + Send> Value<T> {
+    /// A cell over a segment received as a descriptor (a handle in a `Process` argument).
+    pub(crate) fn adopt(segment: Segment) -> Result<Value<T>> {
+        Ok(Value {
+            cell: Shared::adopt(segment)?,
+        })
+    }
+
     /// A new anonymous shared cell holding `value`.
     ///
     /// # Errors
@@ -287,6 +294,12 @@ impl<T: ShmSafe + Send> Array<T> {
     /// As for [`Shared::open`].
     pub fn open(name: &str) -> Result<Array<T>> {
         let segment = Segment::open_with(name, Some(&Self::tag()), DEFAULT_OPEN_TIMEOUT)?;
+        Self::adopt(segment, name)
+    }
+
+    /// An array over `segment` (opened by name, or received as a descriptor in a
+    /// `Process` argument), checking its length against its element count.
+    pub(crate) fn adopt(segment: Segment, name: &str) -> Result<Array<T>> {
         let len = usize::try_from(segment.elements()).unwrap_or(usize::MAX);
         let expected = len
             .checked_mul(size_of::<T>())

@@ -11,6 +11,10 @@
 mod linux;
 #[cfg(target_os = "linux")]
 pub(crate) use linux::*;
+#[cfg(target_os = "linux")]
+mod process;
+#[cfg(target_os = "linux")]
+pub(crate) use process::*;
 
 // Sockets are POSIX, not Linux-specific: shared by every Unix back end.
 mod socket;
