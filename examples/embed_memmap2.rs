@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use memmap2::MmapMut;
+use memmap2::{MmapOptions, MmapRaw};
 use procshare::shm::{init_in, place};
 use procshare::{Barrier, Condvar, Mutex, ShmSafe};
 
@@ -43,11 +43,12 @@ struct Board {
 // SAFETY: repr(C), only ShmSafe procshare types inside, no pointers, no Drop.
 unsafe impl ShmSafe for Board {}
 
-fn map(path: &Path) -> procshare::Result<MmapMut> {
+/// Maps the whole file shared. A raw mapping (not `MmapMut`, which hands out slices over
+/// the same bytes the placed values change) is what `procshare::shm::place` accepts.
+/// Nobody may truncate the file while it is mapped: accesses past its end would fault.
+fn map(path: &Path) -> procshare::Result<MmapRaw> {
     let file = OpenOptions::new().read(true).write(true).open(path)?;
-    // SAFETY: the file is ours (created by the parent below) and nobody truncates it while
-    // it is mapped, which is what would make accesses fault.
-    Ok(unsafe { MmapMut::map_mut(&file)? })
+    Ok(MmapOptions::new().map_raw(&file)?)
 }
 
 fn main() -> procshare::Result<()> {

@@ -30,7 +30,13 @@ pub struct ForkedChild {
 /// [`Error::MultiThreaded`] if the calling process has more than one thread (the child
 /// could deadlock on a lock another thread held); [`Error::Io`] if fork fails.
 pub fn fork<F: FnOnce() -> i32>(f: F) -> Result<ForkedChild> {
-    let threads = sys::thread_count().map_err(|e| Error::io("counting threads", e))?;
+    let threads = sys::thread_count().map_err(|e| {
+        Error::io(
+            "counting this process's threads before a fork (read from /proc/self/stat; \
+             without /proc, use fork_unchecked if the process is known to be single-threaded)",
+            e,
+        )
+    })?;
     if threads > 1 {
         return Err(Error::MultiThreaded { threads });
     }

@@ -12,7 +12,7 @@
 //! | `/proc/t/stat` readable, same start (or start unknown)  | alive              |
 //! | `/proc/t` missing or unreadable, `kill(t, 0)` → `ESRCH` | dead               |
 //! | `/proc/t` missing or unreadable, `kill(t, 0)` → 0/EPERM | alive (hidden: `hidepid`, non-dumpable, no `/proc`) |
-//! | owner recorded in another pid namespace                 | alive (cannot tell)|
+//! | owner recorded in another pid namespace, or either namespace unknown | alive (cannot tell) |
 //! | `/proc` mounted for another pid namespace               | only `kill` is asked |
 //!
 //! A *process* is judged by its whole thread group: a main thread that has exited
@@ -81,10 +81,12 @@ pub(crate) fn thread_is_dead(tid: u32, start_bits: u64, bits: u32) -> bool {
 }
 
 /// Like [`thread_is_dead`], for an owner recorded with its pid namespace (`ns`, 0 when
-/// unknown): an owner in another namespace than ours is never judged.
+/// unknown): an owner in another namespace than ours, or where either namespace is
+/// unknown, is never judged (ids from different namespaces name different tasks, and
+/// `kill(tid, 0)` would answer for the wrong one).
 pub(crate) fn thread_in_namespace_is_dead(tid: u32, start_bits: u64, bits: u32, ns: u32) -> bool {
     let mine = sys::current_thread().ns;
-    if ns != 0 && mine != 0 && ns != mine {
+    if ns == 0 || mine == 0 || ns != mine {
         return false;
     }
     thread_is_dead(tid, start_bits, bits)

@@ -154,7 +154,14 @@ pub fn default_start_method() -> Result<StartMethod> {
 }
 
 fn thread_count() -> Result<u64> {
-    sys::thread_count().map_err(|e| Error::io("counting this process's threads", e))
+    sys::thread_count().map_err(|e| {
+        Error::io(
+            "counting this process's threads before a fork (read from /proc/self/stat; \
+             without /proc, use StartMethod::Spawn, or Process::fork_unchecked if the process \
+             is known to be single-threaded)",
+            e,
+        )
+    })
 }
 
 fn refuse_if_threaded() -> Result<()> {

@@ -14,7 +14,7 @@ pub use shared::Shared;
 ///
 /// A value in shared memory is seen by processes with separate address spaces, may be
 /// read after the process that wrote it has died, and is never dropped. That rules out
-/// most types. Implemented for the integers, floats, `bool`, the atomics, arrays of
+/// most types. Implemented for the integers, floats, the integer atomics, arrays of
 /// `ShmSafe` types, `()`, and procshare's own synchronisation types.
 ///
 /// # Safety
@@ -31,10 +31,10 @@ pub use shared::Shared;
 ///    and every field is `ShmSafe`, so every process built from the same source lays it
 ///    out the same way.
 /// 4. **Every bit pattern a peer can store is valid**, and the all-zero pattern is valid
-///    (fresh segments start zeroed). Types with forbidden patterns (enums, `char`,
-///    references) must not be implemented. `bool` is allowed because procshare only ever
-///    stores `true`/`false` into one; a peer that scribbles over memory is outside what any
-///    type can defend against.
+///    (fresh segments start zeroed). Types with forbidden patterns (`bool`, `AtomicBool`,
+///    enums, `char`, references) must not be implemented: any process of the same user can
+///    write any byte into a named segment, and a `bool` holding 2 is undefined behaviour in
+///    the reader, not an error. Use `u8` / `AtomicU8` for flags.
 /// 5. **It is `Sync`** and shared access from several processes is as sound as from several
 ///    threads: all mutation goes through atomics or `UnsafeCell` guarded by a procshare
 ///    lock.
@@ -101,8 +101,6 @@ impl_shm_safe!(
     isize,
     f32,
     f64,
-    bool,
-    std::sync::atomic::AtomicBool,
     std::sync::atomic::AtomicU8,
     std::sync::atomic::AtomicU16,
     std::sync::atomic::AtomicU32,

@@ -25,15 +25,15 @@
 //! let file = std::fs::OpenOptions::new()
 //!     .read(true).write(true).create(true).truncate(true).open(&path)?;
 //! file.set_len(4096)?;
-//! // SAFETY: nobody truncates the file while it is mapped (that would SIGBUS).
-//! let mut map = unsafe { memmap2::MmapMut::map_mut(&file)? };
+//! // A raw mapping: it never hands out slices that could alias the placed values.
+//! let mut map = memmap2::MmapOptions::new().map_raw(&file)?;
 //!
 //! // The creator writes the initial value once, before any other process uses it...
 //! init_in(&mut map, 0, Board { total: Mutex::new(0), start: Barrier::new(1) })?;
 //! // ...and every process (the creator too) then views it in place.
 //! let board: &Board = place(&map, 0)?;
 //! *board.total.lock().unwrap() += 1;
-//! board.start.wait();
+//! board.start.wait()?;
 //! # Ok::<(), procshare::Error>(())
 //! ```
 
@@ -46,7 +46,15 @@ use crate::shm::{Segment, ShmSafe};
 /// Memory that procshare may place shared values in: a mapping that stays mapped at the
 /// same address for as long as the value is borrowed from it.
 ///
-/// Implemented for [`Segment`] and for `memmap2`'s `MmapRaw` and `MmapMut`.
+/// Implemented for [`Segment`] and for `memmap2`'s `MmapRaw`. Not for `MmapMut`: it hands
+/// out `&[u8]`/`&mut [u8]` over its bytes (`Deref`), and a slice alive while a placed value
+/// changes those bytes is undefined behaviour; map with `MmapOptions::map_raw` instead.
+///
+/// ```compile_fail
+/// let map = memmap2::MmapMut::map_anon(64).unwrap();
+/// // error: `MmapMut` is not a `Mapping`
+/// let _: &u64 = procshare::shm::place(&map, 0).unwrap();
+/// ```
 ///
 /// # Safety
 ///
@@ -76,18 +84,6 @@ unsafe impl Mapping for Segment {
 unsafe impl Mapping for memmap2::MmapRaw {
     fn base(&self) -> *mut u8 {
         self.as_mut_ptr()
-    }
-    fn mapped_len(&self) -> usize {
-        self.len()
-    }
-}
-
-// SAFETY: an MmapMut maps `len()` bytes until it is dropped. It can also hand out slices
-// (`Deref`), but only through `&self`/`&mut self` borrows, which `place` and `init_in`
-// hold for as long as the placed value is borrowed, so no slice coexists with it.
-unsafe impl Mapping for memmap2::MmapMut {
-    fn base(&self) -> *mut u8 {
-        self.as_ptr().cast_mut()
     }
     fn mapped_len(&self) -> usize {
         self.len()

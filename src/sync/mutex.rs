@@ -188,7 +188,7 @@ impl RawMutex {
     pub(crate) fn holder_is_dead(&self) -> bool {
         match self.state.load(Ordering::Relaxed) & !WAITERS {
             0 => false,
-            owner => self.dead_owner_record(owner).is_some(),
+            owner => self.dead_owner_record(owner, false).is_some(),
         }
     }
 
@@ -271,19 +271,44 @@ impl RawMutex {
 
     /// Releases the lock.
     ///
+    /// The word is released only if it names the calling thread: a copy of a guard that
+    /// crossed a `fork` (the child is another thread, with another identity) leaves the
+    /// lock, which may meanwhile belong to someone else, alone.
+    ///
     /// # Safety
     ///
     /// The calling thread must hold the lock.
     #[inline]
     pub unsafe fn unlock(&self) {
+        let me = owner_tag(sys::current_thread());
+        let mut s = self.state.load(Ordering::Relaxed);
+        if s & !WAITERS != me {
+            return;
+        }
         // Clear the record first: once the word is free, the next owner may have our tid
         // (recycled) but must never be judged by our start time.
         self.owner.store(0, Ordering::Relaxed);
         // SYNC POINT: releases the data and the cleared record to the next locker (and,
-        // through its compare-and-swap, to anyone who reads its word with Acquire).
-        if self.state.swap(0, Ordering::Release) & WAITERS != 0 {
+        // through its compare-and-swap, to anyone who reads its word with Acquire). Only
+        // a waiter setting WAITERS can change the word under us, so this loops at most
+        // once more.
+        while let Err(now) =
+            self.state
+                .compare_exchange_weak(s, 0, Ordering::Release, Ordering::Relaxed)
+        {
+            if now & !WAITERS != me {
+                return;
+            }
+            s = now;
+        }
+        if s & WAITERS != 0 {
             sys::futex_wake(&self.state, 1);
         }
+    }
+
+    /// Whether the calling thread holds the lock.
+    pub(crate) fn held_by_current_thread(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & !WAITERS == owner_tag(sys::current_thread())
     }
 
     #[cold]
@@ -331,7 +356,10 @@ impl RawMutex {
             if self.state.load(Ordering::Acquire) != held {
                 continue;
             }
-            if let Some(record) = self.dead_owner_record(held & !WAITERS) {
+            // Past the first checks, also ask whether a living owner has exec'd another
+            // program (and so left the mapping, and the lock, behind).
+            let deep = check_every >= MAX_CHECK;
+            if let Some(record) = self.dead_owner_record(held & !WAITERS, deep) {
                 // Clear the dead owner's record (only that one: a faster taker may already
                 // have published its own) so that, between our compare-and-swap and our own
                 // record store, nobody judges us by the dead owner's start time.
@@ -364,7 +392,11 @@ impl RawMutex {
     /// If the thread named by `owner` (a lock word without the waiters bit) is provably
     /// gone, the owner record the verdict was based on (0 when only the hash was usable).
     /// Errs on the side of "alive": when the kernel cannot tell, nobody is robbed.
-    fn dead_owner_record(&self, owner: u32) -> Option<u64> {
+    ///
+    /// With `deep`, an owner that still runs but no longer maps the lock (its process
+    /// `exec`'d another program, which keeps the thread's id and start time) counts as gone
+    /// too: nothing in that program can unlock it.
+    fn dead_owner_record(&self, owner: u32, deep: bool) -> Option<u64> {
         let tid = owner & TID_MASK;
         let hash = u64::from(owner >> TID_BITS);
         // The word was loaded with Acquire, so this sees at least the record as it was
@@ -373,6 +405,7 @@ impl RawMutex {
         let dead = if record_matches(record, owner) {
             let ns = self.owner_ns.load(Ordering::Relaxed);
             crate::liveness::thread_in_namespace_is_dead(tid, record, 40, ns)
+                || (deep && ns == sys::current_thread().ns && self.owner_left_mapping(tid))
         } else {
             // The owner has not published its record yet (or died before it could):
             // only the hash in the word itself can be compared.
@@ -383,6 +416,19 @@ impl RawMutex {
         } else {
             0
         })
+    }
+}
+
+impl RawMutex {
+    /// Whether the process of live thread `tid` provably no longer maps the memory this
+    /// lock lives in (its `/proc/<tid>/maps` is readable and lacks our file). Locks outside
+    /// file-backed shared mappings (a thread-shared heap lock) are never judged this way.
+    #[cold]
+    fn owner_left_mapping(&self, tid: u32) -> bool {
+        let Ok(Some((_, _, Some(file)))) = sys::own_mapping_at(self as *const Self as usize) else {
+            return false;
+        };
+        matches!(sys::process_maps_file(tid, file), Ok(Some(false)))
     }
 }
 
@@ -627,7 +673,9 @@ impl<'a> RawGuard<'a> {
 impl Drop for RawGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        if !self.panicking && std::thread::panicking() {
+        // A copy of a guard that crossed a fork neither poisons nor releases the lock: the
+        // child is not its holder (see `RawMutex::unlock`).
+        if !self.panicking && std::thread::panicking() && self.raw.held_by_current_thread() {
             self.raw.poison();
         }
         // SAFETY: a RawGuard exists only while its thread holds the lock.

@@ -760,11 +760,45 @@ pub(crate) fn pid_namespace_id() -> Option<u64> {
     if cached != 0 && (cached >> 32) as u32 == pid {
         return Some(cached & 0xffff_ffff);
     }
-    let ino = std::fs::metadata("/proc/self/ns/pid").ok()?.ino();
+    let ino = match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(m) => m.ino(),
+        // No /proc (or one this process is not visible in): ask the pidfd instead.
+        Err(_) => pid_namespace_from_pidfd()?,
+    };
     if ino != 0 && ino <= u64::from(u32::MAX) {
         CACHE.store((u64::from(pid) << 32) | ino, Ordering::Relaxed);
     }
     Some(ino)
+}
+
+/// The pid namespace inode through `ioctl(pidfd, PIDFD_GET_PID_NAMESPACE)` (Linux 6.11),
+/// which needs no `/proc`. `None` on older kernels.
+fn pid_namespace_from_pidfd() -> Option<u64> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    /// `_IO(PIDFS_IOCTL_MAGIC, 5)` from `<linux/pidfd.h>`.
+    const PIDFD_GET_PID_NAMESPACE: libc::c_ulong = (0xFF << 8) | 5;
+    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, getpid() as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: this ioctl takes no argument and returns a new namespace descriptor or -1.
+    let ns = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            PIDFD_GET_PID_NAMESPACE as _,
+            0,
+        )
+    };
+    if ns < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let ns = File::from(unsafe { OwnedFd::from_raw_fd(ns) });
+    ns.metadata().ok().map(|m| m.ino())
 }
 
 /// `(device, inode)` of an open file: which object it is, whatever its name now.
