@@ -80,6 +80,11 @@ pub fn init() {
 }
 // --- end process ---
 
+// --- pool ---
+pub mod pool;
+pub use pool::{AsyncResult, Pool, PoolBuilder, PoolError, TaskError, as_completed};
+// --- end pool ---
+
 /// Compiles and runs the README's examples as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -95,9 +95,13 @@ use serde::de::DeserializeOwned;
 pub use child::Child;
 pub use error::ProcessError;
 pub use registry::{ProcessInfo, active_children, current_process, parent_process};
+// For the pool, which runs many functions per worker process.
+pub(crate) use error::signal_name;
+pub(crate) use spawn::type_hash;
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub use spawn::{Tamper, disable_pidfds, tamper_next_spawn};
+pub(crate) use wire::catch_panic;
 
 use crate::error::{Error, Result};
 use crate::sys;

@@ -112,6 +112,23 @@ fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Runs `f`, returning its panic (if any) as the message and location the hook recorded,
+/// as [`run_child`] reports them. For pool workers, which run many tasks per process.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, (String, Option<String>)> {
+    install_panic_hook();
+    let _ = LAST_PANIC.try_with(|p| p.borrow_mut().take());
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(v) => Ok(v),
+        Err(payload) => {
+            let recorded = LAST_PANIC.with(|p| p.borrow_mut().take());
+            let caught = recorded.unwrap_or_else(|| (payload_text(&*payload), None));
+            // The payload's destructor is user code that could panic again: never run it.
+            std::mem::forget(payload);
+            Err(caught)
+        }
+    }
+}
+
 /// Sends a frame, ignoring failure (the parent may be gone; there is nobody to tell).
 pub(crate) fn send_frame(sock: &OwnedFd, tag: u8, payload: &[u8]) {
     let _ = sys::send_all(sock.as_fd(), &frame(tag, payload));

@@ -1,0 +1,491 @@
+//! The pool's scheduler, run in the pool's own process and only when a caller waits
+//! (there is no supervisor thread): dispatch, results, deaths, timeouts, respawns.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::error::TaskError;
+use super::task::{DONE, EXIT, INIT_FAILED, READY, REPLY_HEADER, word};
+use super::worker::{self, Init, RING, Worker};
+use crate::channel;
+use crate::process::ProcessError;
+use crate::queue::{QueueError, RecvTimeoutError};
+
+/// Longest single sleep: how soon a dead worker is noticed while the pool is waited on.
+pub(crate) const SLICE: Duration = Duration::from_millis(20);
+/// Chunks queued per worker (one running, one ready to go; see `dispatch`).
+const DEPTH: usize = 2;
+/// How long `join` waits for a worker told to exit before killing it.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+pub(crate) struct Config {
+    pub(crate) processes: usize,
+    pub(crate) init: Option<Init>,
+    pub(crate) max_tasks: Option<usize>,
+    pub(crate) task_timeout: Option<Duration>,
+    pub(crate) retries: u32,
+}
+
+/// A chunk's fate, as the pool knows it.
+pub(crate) enum Outcome {
+    /// A worker ran it: the encoded results, one per item.
+    Ran(Vec<u8>),
+    /// It never produced results; every item fails with this.
+    Failed(TaskError),
+}
+
+struct Chunk {
+    job: u64,
+    index: usize,
+    frame: Vec<u8>,
+    items: usize,
+    attempts: u32,
+}
+
+pub(crate) struct Job {
+    /// Items per chunk.
+    pub(crate) sizes: Vec<usize>,
+    pub(crate) outcomes: Vec<Option<Outcome>>,
+    /// Chunk indices in the order their outcomes arrived.
+    pub(crate) arrivals: VecDeque<usize>,
+    pub(crate) remaining: usize,
+}
+
+#[derive(Clone, PartialEq)]
+pub(crate) enum State {
+    Running,
+    Closed,
+    Stopped(TaskError),
+}
+
+pub(crate) struct Core {
+    pub(crate) cfg: Config,
+    workers: Vec<Option<Worker>>,
+    bell_rx: channel::Receiver<u32>,
+    bell_tx: channel::Sender<u32>,
+    pending: VecDeque<u64>,
+    chunks: HashMap<u64, Chunk>,
+    pub(crate) jobs: HashMap<u64, Job>,
+    next_id: u64,
+    pub(crate) state: State,
+    last_health: Instant,
+}
+
+fn died(pid: u32, r: &Result<(), ProcessError>) -> TaskError {
+    let (signal, exit_code) = match r {
+        Ok(()) => (None, Some(0)),
+        Err(ProcessError::Signaled(s)) => (Some(*s), None),
+        Err(ProcessError::Exited(c)) => (None, Some(*c)),
+        Err(_) => (None, None),
+    };
+    TaskError::WorkerDied {
+        pid,
+        signal,
+        exit_code,
+    }
+}
+
+impl Core {
+    pub(crate) fn new(cfg: Config) -> crate::Result<Core> {
+        let (bell_tx, bell_rx) = channel::channel::<u32>(4096)?;
+        let mut core = Core {
+            workers: Vec::with_capacity(cfg.processes),
+            cfg,
+            bell_rx,
+            bell_tx,
+            pending: VecDeque::new(),
+            chunks: HashMap::new(),
+            jobs: HashMap::new(),
+            next_id: 1,
+            state: State::Running,
+            last_health: Instant::now(),
+        };
+        for slot in 0..core.cfg.processes {
+            let w = worker::start(
+                slot as u32,
+                &core.bell_tx,
+                core.cfg.init.clone(),
+                core.cfg.max_tasks,
+            )?;
+            core.workers.push(Some(w));
+        }
+        Ok(core)
+    }
+
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.workers.iter().flatten().map(|w| w.pid).collect()
+    }
+
+    pub(crate) fn all_ready(&self) -> bool {
+        self.workers
+            .iter()
+            .all(|w| w.as_ref().is_some_and(|w| w.ready))
+    }
+
+    /// Registers a job of `chunks` = (items, frame or the error that stopped it).
+    pub(crate) fn add_job(&mut self, chunks: Vec<(usize, Result<Vec<u8>, TaskError>)>) -> u64 {
+        let id = self.fresh_id();
+        let mut job = Job {
+            sizes: chunks.iter().map(|c| c.0).collect(),
+            outcomes: Vec::with_capacity(chunks.len()),
+            arrivals: VecDeque::new(),
+            remaining: 0,
+        };
+        for (index, (items, frame)) in chunks.into_iter().enumerate() {
+            match frame {
+                Ok(frame) => {
+                    job.outcomes.push(None);
+                    job.remaining += 1;
+                    // The id the frame was made with (see `fresh_id`).
+                    let cid = word(&frame, 8).expect("a run frame has a header");
+                    self.chunks.insert(
+                        cid,
+                        Chunk {
+                            job: id,
+                            index,
+                            frame,
+                            items,
+                            attempts: 0,
+                        },
+                    );
+                    self.pending.push_back(cid);
+                }
+                Err(e) => {
+                    job.outcomes.push(Some(Outcome::Failed(e)));
+                    job.arrivals.push_back(index);
+                }
+            }
+        }
+        self.jobs.insert(id, job);
+        self.dispatch();
+        id
+    }
+
+    /// A chunk id to put in a frame before the chunk exists: ids are unique per pool.
+    pub(crate) fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Drops a job whose handle is gone; its chunks still in flight are discarded on
+    /// arrival, those not yet sent are skipped.
+    pub(crate) fn forget_job(&mut self, job: u64) {
+        self.jobs.remove(&job);
+    }
+
+    /// One round of work, sleeping at most until `until` (and at most [`SLICE`]).
+    pub(crate) fn pump(&mut self, until: Option<Instant>) {
+        self.dispatch();
+        let now = Instant::now();
+        let mut wait = SLICE;
+        if let Some(u) = until {
+            wait = wait.min(u.saturating_duration_since(now));
+        }
+        if let Some(t) = self.next_timeout() {
+            wait = wait.min(t.saturating_duration_since(now));
+        }
+        if self.workers.iter().all(Option::is_none) {
+            // Nothing can ring: stopped, or every respawn failed.
+            std::thread::sleep(wait.min(Duration::from_millis(1)));
+        } else {
+            match self.bell_rx.recv_timeout(wait) {
+                Ok(slot) => {
+                    self.drain(slot as usize);
+                    while let Ok(slot) = self.bell_rx.try_recv() {
+                        self.drain(slot as usize);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => self.health(),
+                // This process holds a sender, so neither is expected; poll instead.
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    self.health();
+                }
+            }
+        }
+        if self.last_health.elapsed() >= SLICE {
+            self.health();
+        }
+        self.check_timeouts();
+        self.dispatch();
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
+        let limit = self.cfg.task_timeout?;
+        self.workers
+            .iter()
+            .flatten()
+            .filter_map(|w| {
+                let head = self.chunks.get(w.outstanding.front()?)?;
+                Some(w.head_since + limit * head.items.max(1) as u32)
+            })
+            .min()
+    }
+
+    /// Sends pending chunks to workers with room, spreading them: first one each, then a
+    /// second each.
+    fn dispatch(&mut self) {
+        if self.state != State::Running && self.state != State::Closed {
+            return;
+        }
+        for level in 0..DEPTH {
+            for slot in 0..self.workers.len() {
+                loop {
+                    // Skip chunks whose job was forgotten.
+                    let Some(&cid) = self.pending.front() else {
+                        return;
+                    };
+                    let Some(chunk) = self.chunks.get(&cid) else {
+                        self.pending.pop_front();
+                        continue;
+                    };
+                    if !self.jobs.contains_key(&chunk.job) {
+                        self.pending.pop_front();
+                        self.chunks.remove(&cid);
+                        continue;
+                    }
+                    break;
+                }
+                let cid = self.pending[0];
+                let chunk = &self.chunks[&cid];
+                let Some(w) = self.workers[slot].as_mut() else {
+                    continue;
+                };
+                // A second chunk waits behind the first, so it is queued only while
+                // there is work for every worker twice over: the tail of a job goes to
+                // whichever worker is free first.
+                if level > 0 && self.pending.len() < 2 * self.cfg.processes {
+                    return;
+                }
+                if !w.ready
+                    || w.outstanding.len() != level
+                    || self.cfg.max_tasks.is_some_and(|m| w.dispatched >= m)
+                {
+                    continue;
+                }
+                let big = chunk.frame.len() > RING / 4;
+                if big && !w.outstanding.is_empty() {
+                    continue;
+                }
+                let sent = if big {
+                    // Streamed in pieces while the (idle) worker reads them.
+                    let t =
+                        Duration::from_secs(1) + Duration::from_nanos(chunk.frame.len() as u64 * 5);
+                    w.tasks.send_timeout(&chunk.frame, t)
+                } else {
+                    w.tasks.try_send(&chunk.frame)
+                };
+                if sent.is_ok() {
+                    self.pending.pop_front();
+                    if w.outstanding.is_empty() {
+                        w.head_since = Instant::now();
+                    }
+                    w.outstanding.push_back(cid);
+                    w.dispatched += 1;
+                }
+            }
+        }
+    }
+
+    /// Takes every reply waiting in worker `slot`'s result ring.
+    fn drain(&mut self, slot: usize) {
+        let mut replies = Vec::new();
+        let mut corrupted = false;
+        if let Some(Some(w)) = self.workers.get(slot) {
+            loop {
+                match w.results.try_recv_with(|b| b.to_vec()) {
+                    Ok(r) => replies.push(r),
+                    Err(QueueError::Corrupted { .. }) => {
+                        corrupted = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        for r in replies {
+            self.reply(slot, &r);
+        }
+        if corrupted {
+            // Its ring cannot be trusted: replace the worker; its chunks go on elsewhere.
+            if let Some(Some(w)) = self.workers.get(slot) {
+                let _ = w.child.kill();
+            }
+        }
+    }
+
+    fn reply(&mut self, slot: usize, r: &[u8]) {
+        let (Some(&kind), Some(chunk)) = (r.first(), word(r, 8)) else {
+            return;
+        };
+        let payload = r.get(REPLY_HEADER..).unwrap_or_default();
+        let Some(w) = self.workers[slot].as_mut() else {
+            return;
+        };
+        match kind {
+            READY => w.ready = true,
+            INIT_FAILED => {
+                let (message, location) = postcard::from_bytes::<(String, Option<String>)>(payload)
+                    .unwrap_or_else(|_| ("(message unreadable)".into(), None));
+                self.stop(TaskError::Initializer { message, location });
+            }
+            DONE => {
+                let Some(pos) = w.outstanding.iter().position(|&c| c == chunk) else {
+                    return; // not ours (stale or overwritten): ignore
+                };
+                w.outstanding.remove(pos);
+                if pos == 0 {
+                    w.head_since = Instant::now();
+                }
+                self.finish(chunk, Outcome::Ran(payload.to_vec()));
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self, cid: u64, outcome: Outcome) {
+        let Some(chunk) = self.chunks.remove(&cid) else {
+            return;
+        };
+        if let Some(job) = self.jobs.get_mut(&chunk.job) {
+            if let Some(slot @ None) = job.outcomes.get_mut(chunk.index) {
+                *slot = Some(outcome);
+                job.arrivals.push_back(chunk.index);
+                job.remaining -= 1;
+            }
+        }
+    }
+
+    /// Reaps dead workers, fails or retries what they held, and replaces them.
+    fn health(&mut self) {
+        self.last_health = Instant::now();
+        for slot in 0..self.workers.len() {
+            let ended = match self.workers[slot].as_mut() {
+                Some(w) => w.child.try_join(),
+                None => continue,
+            };
+            if let Some(r) = ended {
+                self.drain(slot);
+                let w = self.workers[slot].take().expect("checked above");
+                let cause = died(w.pid, &r);
+                self.lost(slot, w, cause);
+            } else {
+                self.drain(slot);
+            }
+        }
+    }
+
+    fn check_timeouts(&mut self) {
+        let Some(limit) = self.cfg.task_timeout else {
+            return;
+        };
+        let now = Instant::now();
+        for slot in 0..self.workers.len() {
+            let over = self.workers[slot].as_ref().and_then(|w| {
+                let head = self.chunks.get(w.outstanding.front()?)?;
+                (now >= w.head_since + limit * head.items.max(1) as u32).then_some(())
+            });
+            if over.is_none() {
+                continue;
+            }
+            let mut w = self.workers[slot].take().expect("checked above");
+            let _ = w.child.kill();
+            // Its result may have landed just in time.
+            let _ = w.child.join_timeout(EXIT_GRACE);
+            self.workers[slot] = Some(w);
+            self.drain(slot);
+            let w = self.workers[slot].take().expect("put back above");
+            let still_over = w
+                .outstanding
+                .front()
+                .is_some_and(|c| self.chunks.contains_key(c));
+            let cause = if still_over {
+                TaskError::Timeout { limit }
+            } else {
+                died(w.pid, &Err(ProcessError::Signaled(9)))
+            };
+            self.lost(slot, w, cause);
+        }
+    }
+
+    /// Worker `w` (taken out of `slot`) has ended: its first chunk fails with `cause` (or
+    /// is retried), the rest go back to the front of the queue, and the slot is refilled.
+    fn lost(&mut self, slot: usize, mut w: Worker, cause: TaskError) {
+        if !w.ready && !matches!(self.state, State::Stopped(_)) {
+            // It died before its initializer finished: a pool error, not a respawn loop.
+            self.stop(TaskError::Initializer {
+                message: format!("the worker ended during the initializer ({cause})"),
+                location: None,
+            });
+            return;
+        }
+        let head = w.outstanding.pop_front();
+        for cid in w.outstanding.drain(..).rev() {
+            self.pending.push_front(cid);
+        }
+        if let Some(cid) = head {
+            let retry = matches!(cause, TaskError::WorkerDied { .. })
+                && self.chunks.get_mut(&cid).is_some_and(|c| {
+                    c.attempts += 1;
+                    c.attempts <= self.cfg.retries
+                });
+            if retry {
+                self.pending.push_front(cid);
+            } else {
+                self.finish(cid, Outcome::Failed(cause));
+            }
+        }
+        drop(w);
+        if matches!(self.state, State::Running | State::Closed) {
+            match worker::start(
+                slot as u32,
+                &self.bell_tx,
+                self.cfg.init.clone(),
+                self.cfg.max_tasks,
+            ) {
+                Ok(w) => self.workers[slot] = Some(w),
+                Err(e) => self.stop(TaskError::Start(e.to_string())),
+            }
+        }
+    }
+
+    /// Stops the pool for good: kills and reaps every worker and fails every unfinished
+    /// chunk with `why`.
+    pub(crate) fn stop(&mut self, why: TaskError) {
+        if matches!(self.state, State::Stopped(_)) {
+            return;
+        }
+        self.state = State::Stopped(why.clone());
+        for w in self.workers.iter().flatten() {
+            let _ = w.child.kill();
+        }
+        // Dropping a daemon Child kills it (again) and reaps it.
+        self.workers.iter_mut().for_each(|w| drop(w.take()));
+        let ids: Vec<u64> = self.chunks.keys().copied().collect();
+        for cid in ids {
+            self.finish(cid, Outcome::Failed(why.clone()));
+        }
+        self.pending.clear();
+    }
+
+    /// Python's `join` after `close`: waits for all work, then lets workers exit.
+    pub(crate) fn join(&mut self) {
+        while !self.chunks.is_empty() && !matches!(self.state, State::Stopped(_)) {
+            self.pump(None);
+        }
+        self.state = match &self.state {
+            State::Stopped(e) => State::Stopped(e.clone()),
+            _ => State::Stopped(TaskError::Closed),
+        };
+        for w in self.workers.iter().flatten() {
+            let _ = w.tasks.try_send(&[EXIT, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        for w in self.workers.iter_mut() {
+            if let Some(mut w) = w.take() {
+                if w.child.join_timeout(EXIT_GRACE).is_err() && w.child.is_alive() {
+                    let _ = w.child.kill();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! Python's `multiprocessing.Pool` and `ProcessPoolExecutor`, over shared-memory rings, as a
+//! pool that a dead worker cannot break.
+//!
+//! ```
+//! use procshare::Pool;
+//!
+//! fn square(x: u64) -> u64 {
+//!     x * x
+//! }
+//!
+//! let pool = Pool::new(2)?;
+//! assert_eq!(pool.map(square, 0..10)?, (0..10).map(|x| x * x).collect::<Vec<_>>());
+//! let r = pool.apply_async(|s: String| s.len(), "hello".to_string())?;
+//! assert_eq!(r.get()?, 5);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Tasks are `fn(A) -> R` items or closures that capture nothing (checked at compile
+//! time, as for [`Process::spawn`](crate::Process::spawn)); arguments and results travel
+//! with postcard. Workers are forked ([`StartMethod::Fork`](crate::StartMethod::Fork), the
+//! only start method the pool supports for now), so build the pool while the process is
+//! single-threaded; the pool itself starts no thread, so it can fork replacements later.
+//!
+//! # How work moves
+//!
+//! Each worker has two [`ByteQueue`](crate::ByteQueue)s of its own (tasks in, replies
+//! out) and all share one [`channel`](fn@crate::channel) of `u32` "doorbells" on which a
+//! worker rings its number after each reply. The pool sends each worker at most two
+//! chunks at a time, so it knows exactly which chunk each worker is running: the oldest it
+//! sent that has not come back. No pipe or socket carries data; the pidfd of each worker
+//! (through [`Child`](crate::Child)) tells of its death.
+//!
+//! There is no supervisor thread: the pool does its work while the caller waits in one of
+//! its calls (`map`, `get`, iterating `imap`, `ready`, `join`). Work already sent runs on
+//! meanwhile; results wait in the rings.
+//!
+//! # Chunks
+//!
+//! `map`, `imap`, `imap_unordered` and `starmap` cut their input into chunks (one ring
+//! message each). `map` and `starmap` default to Python's heuristic,
+//! `ceil(len / (4 × processes))`; `imap` and `imap_unordered` default to 1 as in Python.
+//! The `*_chunked` variants take a chunk size (0 is refused). Inputs are consumed at once
+//! (as Python's task handler does).
+//!
+//! # Failure semantics
+//!
+//! | what happens | outcome | the pool |
+//! |---|---|---|
+//! | a task panics | that item: [`TaskError::Panicked`] with message and location | carries on, same worker |
+//! | a worker is SIGKILLed, OOM-killed, segfaults, or exits mid-task | the chunk it was running: [`TaskError::WorkerDied`] (or re-run, up to `retries` times); its other queued chunk goes to another worker unharmed | replaces the worker within ~20 ms of noticing (noticed while someone waits on the pool) |
+//! | a chunk runs over `task_timeout` × its items | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
+//! | an argument or result fails to encode or decode | that item (the whole chunk if the chunk cannot be decoded): [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; never hangs (cpython gh-79492) |
+//! | the initializer panics or its worker dies in it | [`Pool::builder`]`.build()` fails with [`PoolError::Initializer`]; later (on a respawn) every unfinished task fails with [`TaskError::Initializer`] | stops: no endless respawn loop (cpython gh-87472) |
+//! | a replacement worker cannot be forked | every unfinished task: [`TaskError::Start`] | stops |
+//! | `terminate()`, or the pool dropped | every unfinished task: [`TaskError::Closed`] | workers SIGKILLed and reaped at once |
+//! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`) | — |
+//!
+//! `map` returns the values or the first failure; `imap`/`imap_unordered` give every
+//! item's own `Result`. A chunk whose worker died counts as run once even if the worker
+//! died before starting it (the pool cannot tell), so with `retries(0)` it fails.
+//! A worker whose ring turns out corrupted is killed and handled as a death.
+
+mod core;
+mod error;
+mod handle;
+mod task;
+mod worker;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use self::core::{Config, Core, State};
+pub use error::{PoolError, TaskError};
+pub use handle::{AsCompleted, AsyncResult, IMap, as_completed};
+use task::{Call, One, Star, ZeroSized, entry_of, run_frame};
+
+use crate::error::Error;
+use crate::process::StartMethod;
+
+/// How long `build` waits for workers to finish their initializer.
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A pool of worker processes: Python's `multiprocessing.Pool`. See the
+/// [module docs](self) for how it works and fails.
+///
+/// Not `Send`: it lives in the process (and thread) that forked its workers. Dropping it
+/// is [`terminate`](Pool::terminate): workers are killed and reaped, and unfinished
+/// results fail with [`TaskError::Closed`]. Call [`close`](Pool::close) and
+/// [`join`](Pool::join) first to let queued work finish.
+pub struct Pool {
+    core: Rc<RefCell<Core>>,
+}
+
+/// Settings for a [`Pool`]; from [`Pool::builder`].
+#[must_use = "a PoolBuilder does nothing until build()"]
+pub struct PoolBuilder {
+    processes: Option<usize>,
+    method: StartMethod,
+    init: Option<worker::Init>,
+    max_tasks: Option<usize>,
+    task_timeout: Option<Duration>,
+    retries: u32,
+}
+
+impl PoolBuilder {
+    /// Number of workers (default [`cpu_count`](crate::cpu_count)).
+    pub fn processes(mut self, n: usize) -> Self {
+        self.processes = Some(n);
+        self
+    }
+
+    /// The start method for workers. Only [`StartMethod::Fork`] (the default) is
+    /// supported for now; others make `build` fail with a message saying so.
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// Runs `f(arg)` once in each worker before its first task (Python's `initializer`
+    /// and `initargs`). A panic in it is a pool error, see the [module docs](self).
+    pub fn initializer<F, A>(mut self, f: F, arg: A) -> Self
+    where
+        F: Fn(A) + Copy + 'static,
+        A: Clone + 'static,
+    {
+        self.init = Some(Rc::new(move || f(arg.clone())));
+        self
+    }
+
+    /// Replace each worker after it ran this many chunks (Python's `maxtasksperchild`).
+    pub fn max_tasks_per_child(mut self, n: usize) -> Self {
+        self.max_tasks = Some(n);
+        self
+    }
+
+    /// A task (chunk) running longer than this per item fails with
+    /// [`TaskError::Timeout`]; its worker is killed and replaced.
+    pub fn task_timeout(mut self, limit: Duration) -> Self {
+        self.task_timeout = Some(limit);
+        self
+    }
+
+    /// How many times a chunk whose worker died is re-run before it fails with
+    /// [`TaskError::WorkerDied`] (default 0).
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = n;
+        self
+    }
+
+    /// Starts the workers (and, with an initializer, waits for each to finish it).
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::Start`] for `processes(0)`, `max_tasks_per_child(0)`, a start method
+    /// other than `Fork`, a multi-threaded caller ([`Error::MultiThreaded`]) or an OS
+    /// error; [`PoolError::Initializer`] if the initializer failed in a worker.
+    pub fn build(self) -> Result<Pool, PoolError> {
+        if self.method != StartMethod::Fork {
+            return Err(PoolError::Start(worker::unsupported(self.method)));
+        }
+        let processes = self.processes.unwrap_or_else(crate::cpu_count);
+        if processes == 0 || self.max_tasks == Some(0) {
+            return Err(PoolError::Start(Error::InvalidArgument {
+                what: "a Pool needs processes >= 1 and max_tasks_per_child >= 1".into(),
+            }));
+        }
+        let has_init = self.init.is_some();
+        let core = Core::new(Config {
+            processes,
+            init: self.init,
+            max_tasks: self.max_tasks,
+            task_timeout: self.task_timeout,
+            retries: self.retries,
+        })?;
+        let pool = Pool {
+            core: Rc::new(RefCell::new(core)),
+        };
+        if has_init {
+            let until = Instant::now() + INIT_TIMEOUT;
+            loop {
+                let mut core = pool.core.borrow_mut();
+                if let State::Stopped(TaskError::Initializer { message, location }) = &core.state {
+                    return Err(PoolError::Initializer {
+                        message: message.clone(),
+                        location: location.clone(),
+                    });
+                }
+                if core.all_ready() {
+                    break;
+                }
+                if Instant::now() >= until {
+                    core.stop(TaskError::Closed);
+                    return Err(PoolError::Initializer {
+                        message: format!(
+                            "the workers did not finish the initializer within {INIT_TIMEOUT:?}"
+                        ),
+                        location: None,
+                    });
+                }
+                core.pump(Some(until));
+            }
+        }
+        Ok(pool)
+    }
+}
+
+fn check_chunksize(chunksize: usize) -> Result<usize, TaskError> {
+    if chunksize == 0 {
+        return Err(TaskError::Encode(
+            "chunksize 0 is not a chunk size; pass at least 1".into(),
+        ));
+    }
+    Ok(chunksize)
+}
+
+impl Pool {
+    /// A pool of `processes` forked workers.
+    ///
+    /// # Errors
+    ///
+    /// As [`PoolBuilder::build`].
+    pub fn new(processes: usize) -> Result<Pool, PoolError> {
+        Pool::builder().processes(processes).build()
+    }
+
+    /// Settings: processes, initializer, max tasks per child, task timeout, retries.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder {
+            processes: None,
+            method: StartMethod::Fork,
+            init: None,
+            max_tasks: None,
+            task_timeout: None,
+            retries: 0,
+        }
+    }
+
+    /// The number of workers.
+    pub fn processes(&self) -> usize {
+        self.core.borrow().cfg.processes
+    }
+
+    /// The pids of the current workers (they change as workers are replaced).
+    pub fn pids(&self) -> Vec<u32> {
+        self.core.borrow().pids()
+    }
+
+    /// Queues a job of `items` in chunks of `chunksize`; returns its id.
+    fn submit_job<C, A, R>(&self, items: Vec<A>, chunksize: usize) -> Result<u64, TaskError>
+    where
+        C: Call<A, R>,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        #[allow(clippy::let_unit_value)]
+        let () = ZeroSized::<C>::CHECK;
+        let mut core = self.core.borrow_mut();
+        match &core.state {
+            State::Running => {}
+            State::Closed => return Err(TaskError::Closed),
+            State::Stopped(e) => return Err(e.clone()),
+        }
+        let (entry, hash) = entry_of::<C, A, R>();
+        let chunks = items
+            .chunks(chunksize)
+            .map(|chunk| {
+                let frame = postcard::to_allocvec(chunk)
+                    .map(|args| run_frame(core.fresh_id(), entry, hash, chunk.len(), &args))
+                    .map_err(|e| {
+                        TaskError::Encode(format!(
+                            "the pool could not encode an argument of type {} ({e})",
+                            std::any::type_name::<A>()
+                        ))
+                    });
+                (chunk.len(), frame)
+            })
+            .collect();
+        Ok(core.add_job(chunks))
+    }
+
+    fn default_chunksize(&self, len: usize) -> usize {
+        len.div_ceil(4 * self.processes()).max(1)
+    }
+
+    /// `[f(x) for x in items]` in parallel, in order, with Python's default chunk size.
+    ///
+    /// # Errors
+    ///
+    /// The first item's failure (in input order); the pool stays usable.
+    pub fn map<F, A, R, I>(&self, f: F, items: I) -> Result<Vec<R>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async(f, items)?.get()
+    }
+
+    /// [`map`](Pool::map) with an explicit chunk size.
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](Pool::map); [`TaskError::Encode`] for `chunksize` 0.
+    pub fn map_chunked<F, A, R, I>(
+        &self,
+        f: F,
+        items: I,
+        chunksize: usize,
+    ) -> Result<Vec<R>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async_chunked(f, items, chunksize)?.get()
+    }
+
+    /// [`map`](Pool::map) without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`TaskError::Closed`] (or why it stopped) if the pool takes no more work.
+    pub fn map_async<F, A, R, I>(&self, _f: F, items: I) -> Result<AsyncResult<Vec<R>>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let items: Vec<A> = items.into_iter().collect();
+        let chunksize = self.default_chunksize(items.len());
+        self.map_async_items::<One<F>, A, R>(items, chunksize)
+    }
+
+    /// [`map_async`](Pool::map_async) with an explicit chunk size.
+    ///
+    /// # Errors
+    ///
+    /// As [`map_async`](Pool::map_async); [`TaskError::Encode`] for `chunksize` 0.
+    pub fn map_async_chunked<F, A, R, I>(
+        &self,
+        _f: F,
+        items: I,
+        chunksize: usize,
+    ) -> Result<AsyncResult<Vec<R>>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let chunksize = check_chunksize(chunksize)?;
+        self.map_async_items::<One<F>, A, R>(items.into_iter().collect(), chunksize)
+    }
+
+    fn map_async_items<C, A, R>(
+        &self,
+        items: Vec<A>,
+        chunksize: usize,
+    ) -> Result<AsyncResult<Vec<R>>, TaskError>
+    where
+        C: Call<A, R>,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        let job = self.submit_job::<C, A, R>(items, chunksize)?;
+        Ok(AsyncResult::new(
+            Rc::clone(&self.core),
+            job,
+            handle::finish_all::<R>,
+        ))
+    }
+
+    /// `[f(a, b) for (a, b) in items]` (Python's `starmap`), in order.
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](Pool::map).
+    pub fn starmap<F, A, B, R, I>(&self, _f: F, items: I) -> Result<Vec<R>, TaskError>
+    where
+        F: Fn(A, B) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        B: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = (A, B)>,
+    {
+        let items: Vec<(A, B)> = items.into_iter().collect();
+        let chunksize = self.default_chunksize(items.len());
+        self.map_async_items::<Star<F>, (A, B), R>(items, chunksize)?
+            .get()
+    }
+
+    /// Each item's own outcome, in input order, as results come in (chunk size 1).
+    ///
+    /// # Errors
+    ///
+    /// [`TaskError::Closed`] (or why it stopped) if the pool takes no more work.
+    pub fn imap<F, A, R, I>(&self, f: F, items: I) -> Result<IMap<R>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        self.imap_chunked(f, items, 1)
+    }
+
+    /// [`imap`](Pool::imap) with an explicit chunk size.
+    ///
+    /// # Errors
+    ///
+    /// As [`imap`](Pool::imap); [`TaskError::Encode`] for `chunksize` 0.
+    pub fn imap_chunked<F, A, R, I>(
+        &self,
+        _f: F,
+        items: I,
+        chunksize: usize,
+    ) -> Result<IMap<R>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let chunksize = check_chunksize(chunksize)?;
+        let job = self.submit_job::<One<F>, A, R>(items.into_iter().collect(), chunksize)?;
+        Ok(IMap::new(Rc::clone(&self.core), job, true))
+    }
+
+    /// Each item's own outcome, in completion order (chunk size 1).
+    ///
+    /// # Errors
+    ///
+    /// As [`imap`](Pool::imap).
+    pub fn imap_unordered<F, A, R, I>(&self, f: F, items: I) -> Result<IMap<R>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        self.imap_unordered_chunked(f, items, 1)
+    }
+
+    /// [`imap_unordered`](Pool::imap_unordered) with an explicit chunk size.
+    ///
+    /// # Errors
+    ///
+    /// As [`imap`](Pool::imap); [`TaskError::Encode`] for `chunksize` 0.
+    pub fn imap_unordered_chunked<F, A, R, I>(
+        &self,
+        _f: F,
+        items: I,
+        chunksize: usize,
+    ) -> Result<IMap<R>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+        I: IntoIterator<Item = A>,
+    {
+        let chunksize = check_chunksize(chunksize)?;
+        let job = self.submit_job::<One<F>, A, R>(items.into_iter().collect(), chunksize)?;
+        Ok(IMap::new(Rc::clone(&self.core), job, false))
+    }
+
+    /// `f(arg)` in a worker, waiting for the result.
+    ///
+    /// # Errors
+    ///
+    /// The task's failure; [`TaskError::Closed`] if the pool takes no more work.
+    pub fn apply<F, A, R>(&self, f: F, arg: A) -> Result<R, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        self.apply_async(f, arg)?.get()
+    }
+
+    /// `f(arg)` in a worker; the handle gives the result.
+    ///
+    /// # Errors
+    ///
+    /// [`TaskError::Closed`] (or why it stopped) if the pool takes no more work.
+    pub fn apply_async<F, A, R>(&self, _f: F, arg: A) -> Result<AsyncResult<R>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        let job = self.submit_job::<One<F>, A, R>(vec![arg], 1)?;
+        Ok(AsyncResult::new(
+            Rc::clone(&self.core),
+            job,
+            handle::finish_one::<R>,
+        ))
+    }
+
+    /// `ProcessPoolExecutor.submit`: as [`apply_async`](Pool::apply_async); use
+    /// [`as_completed`] on the handles.
+    ///
+    /// # Errors
+    ///
+    /// As [`apply_async`](Pool::apply_async).
+    pub fn submit<F, A, R>(&self, f: F, arg: A) -> Result<AsyncResult<R>, TaskError>
+    where
+        F: Fn(A) -> R + Copy + 'static,
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        self.apply_async(f, arg)
+    }
+
+    /// Takes no more work; what is queued still runs (see [`join`](Pool::join)).
+    pub fn close(&self) {
+        let mut core = self.core.borrow_mut();
+        if core.state == State::Running {
+            core.state = State::Closed;
+        }
+    }
+
+    /// Waits for all queued work, then lets the workers exit and reaps them. Call
+    /// [`close`](Pool::close) (or [`terminate`](Pool::terminate)) first.
+    ///
+    /// # Panics
+    ///
+    /// If the pool is still taking work (as Python raises `ValueError`).
+    pub fn join(&self) {
+        let mut core = self.core.borrow_mut();
+        assert!(
+            core.state != State::Running,
+            "Pool::join needs close() or terminate() first (otherwise it could wait forever)"
+        );
+        core.join();
+    }
+
+    /// Kills every worker at once (SIGKILL, reaped before returning); unfinished results
+    /// fail with [`TaskError::Closed`].
+    pub fn terminate(&self) {
+        self.core.borrow_mut().stop(TaskError::Closed);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Ok(mut core) = self.core.try_borrow_mut() {
+            core.stop(TaskError::Closed);
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("processes", &self.processes())
+            .field("pids", &self.pids())
+            .finish()
+    }
+}

@@ -1,0 +1,269 @@
+//! What crosses the rings: task and result frames, and how a worker finds the function.
+//!
+//! # Frames
+//!
+//! ```text
+//! to a worker    [kind u8 = RUN][0; 7][chunk u64][entry u64][hash u64][n u64] args...
+//!                [kind u8 = EXIT][0; 7]
+//! from a worker  [kind u8 = READY | INIT_FAILED | DONE][0; 7][chunk u64] payload...
+//! ```
+//!
+//! All integers little-endian. `args` is postcard of the chunk's `[A]`; a `DONE` payload is
+//! postcard of `Vec<Result<R, TaskError>>` (one per item, panics caught per item); an
+//! `INIT_FAILED` payload is postcard of `(message, Option<location>)`. Frames are read from
+//! shared memory, so every parse is bounds-checked and a bad frame is an error, never a
+//! panic.
+//!
+//! # Finding the function
+//!
+//! A task names its function as the offset of a monomorphized trampoline
+//! `entry::<C, A, R>` from [`anchor`], plus a hash of the type names. Workers are forked
+//! from the pool's process, so the same code lies at the same offset; the trampoline
+//! re-checks the hash before decoding anything and makes the (zero-sized) function value
+//! from nothing, as `Process::spawn` does. The rings are private to the pool and its
+//! workers (anonymous memfds inherited by fork, never named): a process that can write them
+//! can already run code as the pool's user.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::error::TaskError;
+use crate::process::{catch_panic, type_hash};
+
+pub(crate) const RUN: u8 = 1;
+pub(crate) const EXIT: u8 = 2;
+pub(crate) const READY: u8 = 3;
+pub(crate) const INIT_FAILED: u8 = 4;
+pub(crate) const DONE: u8 = 5;
+
+pub(crate) const RUN_HEADER: usize = 40;
+pub(crate) const REPLY_HEADER: usize = 16;
+
+/// A task function the pool can call: `F: Fn(A) -> R` ([`One`]) or `Fn(A, B) -> R` on
+/// pairs ([`Star`]). Zero-sized and `Copy`, so a worker can make its own.
+pub(crate) trait Call<A, R>: Copy + 'static {
+    fn call(self, arg: A) -> R;
+}
+
+/// `f(a)`.
+#[derive(Clone, Copy)]
+pub(crate) struct One<F>(pub(crate) F);
+
+impl<F, A, R> Call<A, R> for One<F>
+where
+    F: Fn(A) -> R + Copy + 'static,
+{
+    fn call(self, arg: A) -> R {
+        (self.0)(arg)
+    }
+}
+
+/// `f(a, b)` for an argument `(a, b)` (Python's `starmap`).
+#[derive(Clone, Copy)]
+pub(crate) struct Star<F>(pub(crate) F);
+
+impl<F, A, B, R> Call<(A, B), R> for Star<F>
+where
+    F: Fn(A, B) -> R + Copy + 'static,
+{
+    fn call(self, (a, b): (A, B)) -> R {
+        (self.0)(a, b)
+    }
+}
+
+/// Compile-time check that a task function carries no data.
+pub(crate) struct ZeroSized<F>(std::marker::PhantomData<F>);
+
+impl<F> ZeroSized<F> {
+    pub(crate) const CHECK: () = assert!(
+        std::mem::size_of::<F>() == 0,
+        "Pool tasks must be fn items or closures that capture nothing (a worker makes its own \
+         copy of the function from nothing); pass data through the argument"
+    );
+}
+
+/// Runs a chunk: `(hash, args, n)` → the encoded results.
+pub(crate) type Entry = fn(u64, &[u8], usize) -> Vec<u8>;
+
+/// The fixed point entry offsets are measured from. Never inlined, so it has one address.
+#[inline(never)]
+fn anchor(_: u64, _: &[u8], _: usize) -> Vec<u8> {
+    unreachable!("the pool anchor is never called")
+}
+
+/// The entry offset and type hash naming `C` for a task frame.
+pub(crate) fn entry_of<C, A, R>() -> (u64, u64)
+where
+    C: Call<A, R>,
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    let offset = (entry::<C, A, R> as Entry as usize).wrapping_sub(anchor as Entry as usize);
+    (offset as u64, type_hash::<C, A, R>())
+}
+
+/// The trampoline for one `(C, A, R)`: runs in the worker.
+fn entry<C, A, R>(hash: u64, args: &[u8], n: usize) -> Vec<u8>
+where
+    C: Call<A, R>,
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    let fail =
+        |e: TaskError| -> Vec<Result<R, TaskError>> { (0..n).map(|_| Err(e.clone())).collect() };
+    let results = if hash != type_hash::<C, A, R>() {
+        fail(TaskError::Decode(
+            "the worker found a different function type at the task's entry point; the pool's \
+             rings were overwritten"
+                .into(),
+        ))
+    } else {
+        match postcard::from_bytes::<Vec<A>>(args) {
+            Ok(items) if items.len() == n => {
+                // SAFETY: `C` is zero-sized (checked at compile time where the task was
+                // submitted) and `Copy`, and the pool's process holds a value of it; a
+                // zero-sized value has no bytes, so this is a copy of that value, which
+                // `Copy` permits. Closures and fn items are inhabited and have no invalid
+                // values.
+                let f: C = unsafe { std::mem::zeroed() };
+                items
+                    .into_iter()
+                    .map(|a| {
+                        catch_panic(|| f.call(a)).map_err(|(message, location)| {
+                            TaskError::Panicked { message, location }
+                        })
+                    })
+                    .collect()
+            }
+            Ok(items) => fail(TaskError::Decode(format!(
+                "the chunk held {} arguments, its frame said {n}",
+                items.len()
+            ))),
+            Err(e) => fail(TaskError::Decode(format!(
+                "the worker could not decode an argument of type {} ({e})",
+                std::any::type_name::<A>()
+            ))),
+        }
+    };
+    encode_results(&results)
+}
+
+/// Encodes a chunk's results; an item whose result does not encode becomes
+/// `Err(TaskError::Encode)` and the others keep their values.
+fn encode_results<R: Serialize>(results: &[Result<R, TaskError>]) -> Vec<u8> {
+    if let Ok(bytes) = postcard::to_allocvec(results) {
+        return bytes;
+    }
+    // postcard writes a sequence as its length then the items, and `Result<R, E>::Err`
+    // the same way whatever `R` is: so encode item by item.
+    let mut out = postcard::to_allocvec(&vec![(); results.len()]).unwrap_or_default();
+    for r in results {
+        match postcard::to_allocvec(r) {
+            Ok(b) => out.extend_from_slice(&b),
+            Err(e) => {
+                let err: Result<(), TaskError> = Err(TaskError::Encode(format!(
+                    "the worker could not encode a result of type {} ({e})",
+                    std::any::type_name::<R>()
+                )));
+                out.extend_from_slice(&postcard::to_allocvec(&err).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+/// Decodes a chunk's results in the pool's process.
+pub(crate) fn decode_results<R: DeserializeOwned>(
+    bytes: &[u8],
+    n: usize,
+) -> Vec<Result<R, TaskError>> {
+    let all = |e: TaskError| (0..n).map(|_| Err(e.clone())).collect();
+    match postcard::from_bytes::<Vec<Result<R, TaskError>>>(bytes) {
+        Ok(v) if v.len() == n => v,
+        Ok(v) => all(TaskError::Decode(format!(
+            "a worker returned {} results for a chunk of {n}",
+            v.len()
+        ))),
+        Err(e) => all(TaskError::Decode(format!(
+            "the pool could not decode a result of type {} ({e})",
+            std::any::type_name::<R>()
+        ))),
+    }
+}
+
+/// Runs a task frame's chunk in the worker. `entry` and `hash` come from shared memory.
+pub(crate) fn run_chunk(entry: u64, hash: u64, args: &[u8], n: usize) -> Vec<u8> {
+    let address = (anchor as Entry as usize).wrapping_add(entry as usize);
+    // SAFETY: the worker is a fork of the pool's process, so `anchor + offset` here is the
+    // parent's `entry::<C, A, R>` for the offset it wrote: a function of type `Entry`, which
+    // re-checks the type hash before using anything. A function pointer and a usize have
+    // the same size on every Linux target. (Only the pool's process and its workers map the
+    // ring the offset was read from; see the module docs.)
+    let f: Entry = unsafe { std::mem::transmute::<usize, Entry>(address) };
+    f(hash, args, n)
+}
+
+/// A task frame: header then the encoded arguments.
+pub(crate) fn run_frame(chunk: u64, entry: u64, hash: u64, n: usize, args: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(RUN_HEADER + args.len());
+    f.extend_from_slice(&[RUN, 0, 0, 0, 0, 0, 0, 0]);
+    for w in [chunk, entry, hash, n as u64] {
+        f.extend_from_slice(&w.to_le_bytes());
+    }
+    f.extend_from_slice(args);
+    f
+}
+
+/// A reply frame: header then the payload.
+pub(crate) fn reply_frame(kind: u8, chunk: u64, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(REPLY_HEADER + payload.len());
+    f.extend_from_slice(&[kind, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&chunk.to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+pub(crate) fn word(bytes: &[u8], at: usize) -> Option<u64> {
+    let w = bytes.get(at..at + 8)?;
+    Some(u64::from_le_bytes(w.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_encode_item_by_item_when_one_fails() {
+        struct Bad;
+        impl Serialize for Bad {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no"))
+            }
+        }
+        #[derive(Serialize)]
+        enum Maybe {
+            Good(u32),
+            Bad(Bad),
+        }
+        let bytes = encode_results(&[Ok(Maybe::Good(1)), Ok(Maybe::Bad(Bad)), Ok(Maybe::Good(3))]);
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        enum MaybeOut {
+            Good(u32),
+            Bad(()),
+        }
+        let out: Vec<Result<MaybeOut, TaskError>> = decode_results(&bytes, 3);
+        assert_eq!(out[0], Ok(MaybeOut::Good(1)));
+        assert!(matches!(out[1], Err(TaskError::Encode(_))));
+        assert_eq!(out[2], Ok(MaybeOut::Good(3)));
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let f = run_frame(7, 8, 9, 2, b"ab");
+        assert_eq!(f[0], RUN);
+        assert_eq!(word(&f, 8), Some(7));
+        assert_eq!(word(&f, 32), Some(2));
+        assert_eq!(&f[RUN_HEADER..], b"ab");
+        assert_eq!(word(&f, 40), None);
+    }
+}

@@ -1,0 +1,476 @@
+//! The Pool with real worker processes: every API, chunk sizes, panics, killed workers,
+//! timeouts, initializers, recycling, terminate and drop.
+//!
+//! Every test runs in its own forked process under a watchdog (see `common`), and every
+//! wait on the pool below is bounded by that watchdog and by the pool's own death checks.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use procshare::pool::IMap;
+use procshare::{Pool, PoolError, StartMethod, TaskError, as_completed};
+use serde::{Deserialize, Serialize};
+
+fn main() {
+    procshare::init();
+    common::run(
+        tests![
+            map_returns_squares_in_order,
+            chunk_sizes_one_larger_than_input_and_empty_input,
+            chunksize_zero_is_refused,
+            imap_keeps_order_and_imap_unordered_gives_every_item,
+            starmap_apply_and_map_async,
+            apply_async_get_timeout_ready_and_wait,
+            submit_and_as_completed,
+            a_panicking_task_fails_alone_with_message_and_location,
+            a_worker_killed_mid_map_fails_exactly_its_task_and_is_replaced,
+            a_worker_killed_during_apply_async_fails_that_task,
+            retries_rerun_a_task_whose_worker_died,
+            task_timeout_fails_the_task_and_replaces_only_its_worker,
+            initializer_runs_once_per_worker_before_tasks,
+            a_failing_initializer_is_a_pool_error_not_a_respawn_loop,
+            an_unencodable_result_is_that_items_error,
+            max_tasks_per_child_recycles_workers,
+            terminate_with_work_in_flight_is_prompt,
+            dropping_a_pool_mid_map_async_leaves_no_children,
+            close_then_join_finishes_queued_work,
+            other_start_methods_are_refused_with_a_clear_error,
+        ],
+        &[],
+    )
+}
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+fn pid_of(_: u32) -> u32 {
+    std::process::id()
+}
+
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+fn kill_self_at_7(x: u32) -> u32 {
+    if x == 7 {
+        // SAFETY: raising a signal on our own process.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+    x
+}
+
+/// Reaped children: after a pool is gone this process must have none left.
+fn assert_no_children() {
+    // SAFETY: plain waitpid with a null status pointer.
+    let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert!(
+        r == -1 && errno == Some(libc::ECHILD),
+        "children left behind (waitpid -> {r}, {errno:?})"
+    );
+}
+
+fn map_returns_squares_in_order() {
+    let pool = Pool::new(2).unwrap();
+    assert_eq!(pool.processes(), 2);
+    let out = pool.map(square, 0..1000u64).unwrap();
+    assert_eq!(out, (0..1000u64).map(|x| x * x).collect::<Vec<_>>());
+    let out = pool
+        .map(|s: String| s.to_uppercase(), ["a", "bc"].map(String::from))
+        .unwrap();
+    assert_eq!(out, vec!["A".to_string(), "BC".to_string()]);
+}
+
+fn chunk_sizes_one_larger_than_input_and_empty_input() {
+    let pool = Pool::new(2).unwrap();
+    let want: Vec<u64> = (0..37u64).map(|x| x * x).collect();
+    for cs in [1, 2, 5, 36, 37, 38, 1000] {
+        assert_eq!(
+            pool.map_chunked(square, 0..37u64, cs).unwrap(),
+            want,
+            "chunksize {cs}"
+        );
+    }
+    assert_eq!(
+        pool.map(square, Vec::<u64>::new()).unwrap(),
+        Vec::<u64>::new()
+    );
+    assert_eq!(pool.imap(square, Vec::<u64>::new()).unwrap().count(), 0);
+}
+
+fn chunksize_zero_is_refused() {
+    let pool = Pool::new(1).unwrap();
+    let e = pool.map_chunked(square, 0..3u64, 0).unwrap_err();
+    assert!(e.to_string().contains("chunksize 0"), "{e}");
+    assert!(pool.imap_chunked(square, 0..3u64, 0).is_err());
+    assert_eq!(pool.map(square, 0..3u64).unwrap(), vec![0, 1, 4]);
+}
+
+fn imap_keeps_order_and_imap_unordered_gives_every_item() {
+    let pool = Pool::new(2).unwrap();
+    // Later items finish first: the ordered iterator must still yield in input order.
+    let ms = [60u64, 1, 40, 1, 20, 1];
+    let got: Vec<u64> = pool
+        .imap(sleep_ms, ms)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(got, ms);
+    let it: IMap<u64> = pool.imap_unordered(square, 0..200u64).unwrap();
+    let got: BTreeSet<u64> = it.map(Result::unwrap).collect();
+    assert_eq!(got, (0..200u64).map(|x| x * x).collect());
+    let got: Vec<u64> = pool
+        .imap_chunked(square, 0..50u64, 7)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(got, (0..50u64).map(|x| x * x).collect::<Vec<_>>());
+    let n = pool
+        .imap_unordered_chunked(square, 0..50u64, 7)
+        .unwrap()
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(n, 50);
+}
+
+fn starmap_apply_and_map_async() {
+    let pool = Pool::new(2).unwrap();
+    let out = pool
+        .starmap(
+            |a: u32, b: String| format!("{b}{a}"),
+            [(1, "x".to_string()), (2, "y".into())],
+        )
+        .unwrap();
+    assert_eq!(out, vec!["x1".to_string(), "y2".to_string()]);
+    assert_eq!(pool.apply(square, 12).unwrap(), 144);
+    let r = pool.map_async(square, 0..10u64).unwrap();
+    assert_eq!(
+        r.get().unwrap(),
+        (0..10u64).map(|x| x * x).collect::<Vec<_>>()
+    );
+    let r = pool.map_async_chunked(square, 0..10u64, 3).unwrap();
+    assert_eq!(r.get().unwrap().len(), 10);
+}
+
+fn apply_async_get_timeout_ready_and_wait() {
+    let pool = Pool::new(2).unwrap();
+    let mut r = pool.apply_async(sleep_ms, 300).unwrap();
+    assert!(!r.ready());
+    assert!(r.get_timeout(Duration::from_millis(20)).is_none());
+    let t = Instant::now();
+    assert_eq!(r.get_timeout(LIMIT), Some(Ok(300)));
+    assert!(t.elapsed() < LIMIT);
+    let r = pool.apply_async(square, 3).unwrap();
+    r.wait();
+    assert!(r.ready());
+    assert!(r.wait_timeout(Duration::ZERO));
+    assert_eq!(r.get(), Ok(9));
+}
+
+fn submit_and_as_completed() {
+    let pool = Pool::new(2).unwrap();
+    let handles: Vec<_> = [200u64, 1, 100]
+        .iter()
+        .map(|&ms| pool.submit(sleep_ms, ms).unwrap())
+        .collect();
+    let order: Vec<u64> = as_completed(handles).map(|h| h.get().unwrap()).collect();
+    assert_eq!(order.len(), 3);
+    assert_eq!(order[2], 200, "the slowest comes last: {order:?}");
+}
+
+fn a_panicking_task_fails_alone_with_message_and_location() {
+    let pool = Pool::new(2).unwrap();
+    let got: Vec<Result<u32, TaskError>> = pool
+        .imap(
+            |x: u32| {
+                assert!(x != 3, "three is not allowed");
+                x
+            },
+            0..6u32,
+        )
+        .unwrap()
+        .collect();
+    for (i, r) in got.iter().enumerate() {
+        if i == 3 {
+            match r {
+                Err(TaskError::Panicked { message, location }) => {
+                    assert!(message.contains("three is not allowed"), "{message}");
+                    assert!(
+                        location.as_deref().unwrap_or("").contains("pool.rs"),
+                        "{location:?}"
+                    );
+                }
+                other => panic!("item 3: {other:?}"),
+            }
+        } else {
+            assert_eq!(r, &Ok(i as u32));
+        }
+    }
+    let e = pool
+        .map(|x: u32| if x == 2 { panic!("boom") } else { x }, 0..4u32)
+        .unwrap_err();
+    assert!(e.to_string().contains("boom"), "{e}");
+    assert_eq!(pool.map(square, 0..4u64).unwrap(), vec![0, 1, 4, 9]);
+}
+
+fn a_worker_killed_mid_map_fails_exactly_its_task_and_is_replaced() {
+    let pool = Pool::new(2).unwrap();
+    let before: BTreeSet<u32> = pool.pids().into_iter().collect();
+    let t = Instant::now();
+    let got: Vec<Result<u32, TaskError>> = pool.imap(kill_self_at_7, 0..20u32).unwrap().collect();
+    assert!(t.elapsed() < LIMIT);
+    for (i, r) in got.iter().enumerate() {
+        if i == 7 {
+            assert!(
+                matches!(
+                    r,
+                    Err(TaskError::WorkerDied {
+                        signal: Some(9),
+                        ..
+                    })
+                ),
+                "item 7: {r:?}"
+            );
+        } else {
+            assert_eq!(r, &Ok(i as u32), "item {i}");
+        }
+    }
+    // map returns the failure, and the pool is still whole afterwards.
+    let e = pool.map(kill_self_at_7, 0..10u32).unwrap_err();
+    assert!(matches!(e, TaskError::WorkerDied { .. }), "{e}");
+    assert!(e.to_string().contains("SIGKILL"), "{e}");
+    assert_eq!(pool.map(square, 0..100u64).unwrap().len(), 100);
+    let after: BTreeSet<u32> = pool.pids().into_iter().collect();
+    assert_eq!(after.len(), 2);
+    assert!(after != before, "a new worker pid appears");
+}
+
+fn a_worker_killed_during_apply_async_fails_that_task() {
+    let pool = Pool::new(1).unwrap();
+    let r = pool.apply_async(sleep_ms, 5_000).unwrap();
+    let other = pool.apply_async(square, 5).unwrap();
+    // Let the worker take the task, then kill it from outside.
+    assert!(!r.wait_timeout(Duration::from_millis(200)));
+    let pid = pool.pids()[0];
+    // SAFETY: signalling our own child, not yet reaped (the pool reaps it).
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    match r.get() {
+        Err(TaskError::WorkerDied {
+            pid: p,
+            signal: Some(9),
+            ..
+        }) => assert_eq!(p, pid),
+        other => panic!("{other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // The task queued behind it was not lost.
+    assert_eq!(other.get(), Ok(25));
+    assert_ne!(pool.pids()[0], pid);
+}
+
+fn kill_self_first_time(path: String) -> u32 {
+    if std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .is_ok()
+    {
+        // SAFETY: raising a signal on our own process.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+    42
+}
+
+fn retries_rerun_a_task_whose_worker_died() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("m").to_str().unwrap().to_string();
+    let pool = Pool::builder().processes(2).retries(1).build().unwrap();
+    assert_eq!(pool.apply(kill_self_first_time, marker.clone()), Ok(42));
+    // Without retries the same death fails the task.
+    std::fs::remove_file(&marker).unwrap();
+    let pool = Pool::new(2).unwrap();
+    assert!(matches!(
+        pool.apply(kill_self_first_time, marker),
+        Err(TaskError::WorkerDied { .. })
+    ));
+}
+
+fn task_timeout_fails_the_task_and_replaces_only_its_worker() {
+    let pool = Pool::builder()
+        .processes(2)
+        .task_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let got: Vec<Result<u64, TaskError>> = pool
+        .imap(sleep_ms, [1, 10_000, 1, 1, 50, 1])
+        .unwrap()
+        .collect();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(
+        matches!(got[1], Err(TaskError::Timeout { .. })),
+        "{:?}",
+        got[1]
+    );
+    for i in [0, 2, 3, 4, 5] {
+        assert!(got[i].is_ok(), "item {i}: {:?}", got[i]);
+    }
+    assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+}
+
+static INIT_RUNS: AtomicU32 = AtomicU32::new(0);
+
+fn init_worker(add: u32) {
+    INIT_RUNS.fetch_add(add, Ordering::SeqCst);
+}
+
+fn init_runs(_: u32) -> (u32, u32) {
+    (std::process::id(), INIT_RUNS.load(Ordering::SeqCst))
+}
+
+fn initializer_runs_once_per_worker_before_tasks() {
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(init_worker, 1)
+        .build()
+        .unwrap();
+    let got = pool.map_chunked(init_runs, 0..40u32, 1).unwrap();
+    assert!(got.iter().all(|&(_, n)| n == 1), "{got:?}");
+    let pids: BTreeSet<u32> = got.iter().map(|&(p, _)| p).collect();
+    assert!(pids.iter().all(|p| pool.pids().contains(p)));
+    assert_eq!(
+        INIT_RUNS.load(Ordering::SeqCst),
+        0,
+        "not run in the pool's process"
+    );
+}
+
+fn failing_init(_: ()) {
+    panic!("no database");
+}
+
+fn a_failing_initializer_is_a_pool_error_not_a_respawn_loop() {
+    let t = Instant::now();
+    match Pool::builder()
+        .processes(2)
+        .initializer(failing_init, ())
+        .build()
+    {
+        Err(PoolError::Initializer { message, location }) => {
+            assert!(message.contains("no database"), "{message}");
+            assert!(location.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_no_children();
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+enum Picky {
+    Fine(u32),
+    Unencodable(()),
+}
+
+impl Serialize for Picky {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Picky::Fine(x) => s.serialize_newtype_variant("Picky", 0, "Fine", x),
+            Picky::Unencodable(()) => Err(serde::ser::Error::custom("cannot encode this one")),
+        }
+    }
+}
+
+fn picky(x: u32) -> Picky {
+    if x == 2 {
+        Picky::Unencodable(())
+    } else {
+        Picky::Fine(x)
+    }
+}
+
+fn an_unencodable_result_is_that_items_error() {
+    let pool = Pool::new(2).unwrap();
+    let got: Vec<Result<Picky, TaskError>> =
+        pool.imap_chunked(picky, 0..5u32, 5).unwrap().collect();
+    for (i, r) in got.iter().enumerate() {
+        if i == 2 {
+            match r {
+                Err(TaskError::Encode(m)) => assert!(m.contains("Picky"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        } else {
+            assert_eq!(r, &Ok(Picky::Fine(i as u32)));
+        }
+    }
+    assert!(matches!(pool.apply(picky, 2), Err(TaskError::Encode(_))));
+    assert_eq!(pool.apply(picky, 3), Ok(Picky::Fine(3)));
+}
+
+fn max_tasks_per_child_recycles_workers() {
+    let pool = Pool::builder()
+        .processes(1)
+        .max_tasks_per_child(2)
+        .build()
+        .unwrap();
+    let pids = pool.map_chunked(pid_of, 0..6u32, 1).unwrap();
+    let distinct: BTreeSet<u32> = pids.iter().copied().collect();
+    assert_eq!(distinct.len(), 3, "{pids:?}");
+    assert_eq!(pids[0], pids[1]);
+    assert_eq!(pids[2], pids[3]);
+    assert_eq!(pool.map(square, 0..5u64).unwrap(), vec![0, 1, 4, 9, 16]);
+}
+
+fn terminate_with_work_in_flight_is_prompt() {
+    let pool = Pool::new(2).unwrap();
+    let r = pool.map_async_chunked(sleep_ms, [10_000u64; 8], 1).unwrap();
+    assert!(!r.wait_timeout(Duration::from_millis(100)));
+    let t = Instant::now();
+    pool.terminate();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(r.get(), Err(TaskError::Closed));
+    assert_eq!(pool.apply(square, 2), Err(TaskError::Closed));
+    assert_no_children();
+}
+
+fn dropping_a_pool_mid_map_async_leaves_no_children() {
+    let pool = Pool::new(2).unwrap();
+    let r = pool.map_async_chunked(sleep_ms, [10_000u64; 4], 1).unwrap();
+    assert!(!r.wait_timeout(Duration::from_millis(100)));
+    let t = Instant::now();
+    drop(pool);
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert_eq!(r.get(), Err(TaskError::Closed));
+    assert_no_children();
+}
+
+fn close_then_join_finishes_queued_work() {
+    let pool = Pool::new(2).unwrap();
+    let r = pool.map_async_chunked(sleep_ms, [50u64; 6], 1).unwrap();
+    pool.close();
+    assert_eq!(pool.apply(square, 1), Err(TaskError::Closed));
+    pool.join();
+    assert_eq!(r.get().unwrap(), vec![50; 6]);
+    assert!(pool.pids().is_empty());
+    assert_no_children();
+}
+
+fn other_start_methods_are_refused_with_a_clear_error() {
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        let e = Pool::builder()
+            .processes(1)
+            .start_method(m)
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("StartMethod::Fork only"), "{e}");
+    }
+    assert!(Pool::new(0).is_err());
+}
