@@ -1,1 +1,133 @@
-fn main() {}
+//! The Pool against the same work done sequentially, and its per-task overhead.
+//!
+//! * `pool_cpu`: the seeds' CPU-bound work. `fib_1_to_32`: `fib(n)` for n in 1..=32 (seed
+//!   000's Fibonacci benchmark, shortened from 40 so an iteration takes ~30 ms), sequential
+//!   vs a 2-worker pool (`imap_unordered`, largest first). `primes_16x`: the sum of primes
+//!   below 200 000 for 16 items, sequential vs `map` with chunksize 1.
+//! * `pool_overhead`: tiny tasks, where only the pool's own cost shows: `map` of the
+//!   identity over 10 000 `u64`s with Python's default chunks and with chunksize 1,
+//!   `apply_async` × 1000 in flight, one `apply` round trip, and `Pool::new(2)` + drop.
+//!
+//! ```text
+//! cargo bench --bench pool -- --warm-up-time 1 --measurement-time 3
+//! python3 benches/python/pool.py
+//! ```
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput};
+use procshare::Pool;
+
+fn fib(n: u32) -> u64 {
+    if n < 2 {
+        u64::from(n)
+    } else {
+        fib(n - 1) + fib(n - 2)
+    }
+}
+
+fn sum_primes_below(n: u64) -> u64 {
+    let mut sieve = vec![true; n as usize];
+    let mut sum = 0;
+    for i in 2..n as usize {
+        if sieve[i] {
+            sum += i as u64;
+            let mut j = i * i;
+            while j < n as usize {
+                sieve[j] = false;
+                j += i;
+            }
+        }
+    }
+    sum
+}
+
+fn identity(x: u64) -> u64 {
+    x
+}
+
+fn cpu(c: &mut Criterion, pool: &Pool) {
+    let mut g = c.benchmark_group("pool_cpu");
+    g.sample_size(10);
+    g.bench_function("fib_1_to_32/sequential", |b| {
+        b.iter(|| (1..=32u32).map(|n| fib(black_box(n))).sum::<u64>())
+    });
+    g.bench_function("fib_1_to_32/pool2", |b| {
+        b.iter(|| {
+            pool.imap_unordered(fib, (1..=32u32).rev())
+                .unwrap()
+                .map(Result::unwrap)
+                .sum::<u64>()
+        })
+    });
+    g.bench_function("primes_16x/sequential", |b| {
+        b.iter(|| {
+            (0..16)
+                .map(|_| sum_primes_below(black_box(200_000)))
+                .sum::<u64>()
+        })
+    });
+    g.bench_function("primes_16x/pool2", |b| {
+        b.iter(|| {
+            pool.map_chunked(sum_primes_below, [200_000u64; 16], 1)
+                .unwrap()
+                .into_iter()
+                .sum::<u64>()
+        })
+    });
+    g.finish();
+}
+
+fn overhead(c: &mut Criterion, pool: &Pool) {
+    let mut g = c.benchmark_group("pool_overhead");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("map_identity_10k/default_chunks", |b| {
+        b.iter(|| assert_eq!(pool.map(identity, 0..10_000u64).unwrap().len(), 10_000))
+    });
+    g.bench_function("map_identity_10k/chunksize_1", |b| {
+        b.iter(|| {
+            assert_eq!(
+                pool.map_chunked(identity, 0..10_000u64, 1).unwrap().len(),
+                10_000
+            )
+        })
+    });
+    g.bench_function("imap_unordered_10k/chunksize_100", |b| {
+        b.iter(|| {
+            assert_eq!(
+                pool.imap_unordered_chunked(identity, 0..10_000u64, 100)
+                    .unwrap()
+                    .count(),
+                10_000
+            )
+        })
+    });
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("apply_async_1000", |b| {
+        b.iter(|| {
+            let hs: Vec<_> = (0..1000u64)
+                .map(|i| pool.apply_async(identity, i).unwrap())
+                .collect();
+            hs.into_iter().map(|h| h.get().unwrap()).sum::<u64>()
+        })
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("apply_round_trip", |b| {
+        b.iter(|| pool.apply(identity, black_box(7)).unwrap())
+    });
+    g.bench_function("pool_new_2_and_drop", |b| {
+        b.iter(|| drop(Pool::new(2).unwrap()))
+    });
+    g.finish();
+}
+
+fn main() {
+    procshare::init();
+    let mut c = Criterion::default().configure_from_args();
+    let pool = Pool::new(2).unwrap();
+    cpu(&mut c, &pool);
+    overhead(&mut c, &pool);
+    drop(pool);
+    c.final_summary();
+}

@@ -306,12 +306,34 @@ impl Core {
         for r in replies {
             self.reply(slot, &r);
         }
+        self.retire(slot);
         if corrupted {
             // Its ring cannot be trusted: replace the worker; its chunks go on elsewhere.
             if let Some(Some(w)) = self.workers.get(slot) {
                 let _ = w.child.kill();
             }
         }
+    }
+
+    /// A worker that used its `max_tasks_per_child` and has nothing outstanding exits by
+    /// itself: reap it now and start its replacement, rather than at the next health check.
+    fn retire(&mut self, slot: usize) {
+        let Some(max) = self.cfg.max_tasks else {
+            return;
+        };
+        let done = self.workers[slot]
+            .as_ref()
+            .is_some_and(|w| w.dispatched >= max && w.outstanding.is_empty());
+        if !done {
+            return;
+        }
+        let mut w = self.workers[slot].take().expect("checked above");
+        let r = w.child.join_timeout(EXIT_GRACE);
+        if matches!(r, Err(ProcessError::Timeout)) {
+            let _ = w.child.kill();
+        }
+        let cause = died(w.pid, &r);
+        self.lost(slot, w, cause);
     }
 
     fn reply(&mut self, slot: usize, r: &[u8]) {
@@ -366,9 +388,15 @@ impl Core {
             };
             if let Some(r) = ended {
                 self.drain(slot);
-                let w = self.workers[slot].take().expect("checked above");
-                let cause = died(w.pid, &r);
-                self.lost(slot, w, cause);
+                // (`drain` may have retired it and put a new one in already.)
+                let ended_here = self.workers[slot]
+                    .as_ref()
+                    .is_some_and(|w| !w.child.is_alive());
+                if ended_here {
+                    let w = self.workers[slot].take().expect("checked above");
+                    let cause = died(w.pid, &r);
+                    self.lost(slot, w, cause);
+                }
             } else {
                 self.drain(slot);
             }
@@ -392,9 +420,13 @@ impl Core {
             let _ = w.child.kill();
             // Its result may have landed just in time.
             let _ = w.child.join_timeout(EXIT_GRACE);
+            let pid = w.pid;
             self.workers[slot] = Some(w);
             self.drain(slot);
-            let w = self.workers[slot].take().expect("put back above");
+            if self.workers[slot].as_ref().map(|w| w.pid) != Some(pid) {
+                continue; // `drain` retired it and started its replacement
+            }
+            let w = self.workers[slot].take().expect("checked above");
             let still_over = w
                 .outstanding
                 .front()
