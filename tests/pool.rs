@@ -38,6 +38,7 @@ fn main() {
             dropping_a_pool_mid_map_async_leaves_no_children,
             close_then_join_finishes_queued_work,
             other_start_methods_are_refused_with_a_clear_error,
+            large_arguments_and_results_cross_promptly,
         ],
         &[],
     )
@@ -473,4 +474,24 @@ fn other_start_methods_are_refused_with_a_clear_error() {
         assert!(e.to_string().contains("StartMethod::Fork only"), "{e}");
     }
     assert!(Pool::new(0).is_err());
+}
+
+fn echo(s: String) -> String {
+    s
+}
+
+fn large_arguments_and_results_cross_promptly() {
+    let pool = Pool::new(2).unwrap();
+    // Strings, because postcard copies them whole (a Vec<u8> goes byte by byte, slow in
+    // a debug build).
+    let items: Vec<String> = (0..6)
+        .map(|i| format!("{i}{}", "x".repeat(3 << 20)))
+        .collect();
+    let t = Instant::now();
+    let got = pool.map_chunked(echo, items.clone(), 1).unwrap();
+    let took = t.elapsed();
+    assert!(got == items, "a large result came back wrong");
+    // 18 MiB each way through 64 KiB rings: a pool that drained results only at its
+    // 20 ms health checks takes seconds here.
+    assert!(took < Duration::from_millis(1500), "{took:?}");
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::error::TaskError;
 use super::task::{DONE, EXIT, INIT_FAILED, READY, REPLY_HEADER, word};
-use super::worker::{self, Init, RING, Worker};
+use super::worker::{self, BIG, BIG_BELL, Init, Worker};
 use crate::channel;
 use crate::process::ProcessError;
 use crate::queue::{QueueError, RecvTimeoutError};
@@ -15,6 +15,8 @@ use crate::queue::{QueueError, RecvTimeoutError};
 pub(crate) const SLICE: Duration = Duration::from_millis(20);
 /// Chunks queued per worker (one running, one ready to go; see `dispatch`).
 const DEPTH: usize = 2;
+/// How long one `drain` waits for announced big replies to stream in.
+const BIG_WAIT: Duration = Duration::from_secs(1);
 /// How long `join` waits for a worker told to exit before killing it.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -189,10 +191,10 @@ impl Core {
             std::thread::sleep(wait.min(Duration::from_millis(1)));
         } else {
             match self.bell_rx.recv_timeout(wait) {
-                Ok(slot) => {
-                    self.drain(slot as usize);
-                    while let Ok(slot) = self.bell_rx.try_recv() {
-                        self.drain(slot as usize);
+                Ok(bell) => {
+                    self.ring(bell);
+                    while let Ok(bell) = self.bell_rx.try_recv() {
+                        self.ring(bell);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => self.health(),
@@ -263,7 +265,7 @@ impl Core {
                 {
                     continue;
                 }
-                let big = chunk.frame.len() > RING / 4;
+                let big = chunk.frame.len() > BIG;
                 if big && !w.outstanding.is_empty() {
                     continue;
                 }
@@ -287,19 +289,49 @@ impl Core {
         }
     }
 
-    /// Takes every reply waiting in worker `slot`'s result ring.
+    fn ring(&mut self, bell: u32) {
+        let slot = (bell & !BIG_BELL) as usize;
+        if bell & BIG_BELL != 0 {
+            if let Some(Some(w)) = self.workers.get_mut(slot) {
+                w.big_expected += 1;
+            }
+        }
+        self.drain(slot);
+    }
+
+    /// Takes every reply waiting in worker `slot`'s result ring, and waits for the big
+    /// ones it announced as they stream in (while it lives).
     fn drain(&mut self, slot: usize) {
         let mut replies = Vec::new();
         let mut corrupted = false;
-        if let Some(Some(w)) = self.workers.get(slot) {
+        // A stuck (live) writer holds the pool here at most this long per call; the part
+        // received so far is kept by the queue for the next call.
+        let until = Instant::now() + BIG_WAIT;
+        if let Some(Some(w)) = self.workers.get_mut(slot) {
             loop {
-                match w.results.try_recv_with(|b| b.to_vec()) {
-                    Ok(r) => replies.push(r),
+                let r = if w.big_expected > 0 {
+                    w.results.recv_with_timeout(SLICE, |b| b.to_vec())
+                } else {
+                    w.results.try_recv_with(|b| b.to_vec())
+                };
+                match r {
+                    Ok(r) => {
+                        if r.len() > BIG {
+                            w.big_expected = w.big_expected.saturating_sub(1);
+                        }
+                        replies.push(r);
+                    }
                     Err(QueueError::Corrupted { .. }) => {
                         corrupted = true;
                         break;
                     }
-                    Err(_) => break,
+                    Err(QueueError::Timeout) if w.child.is_alive() && Instant::now() < until => {}
+                    Err(_) => {
+                        if !w.child.is_alive() {
+                            w.big_expected = 0;
+                        }
+                        break;
+                    }
                 }
             }
         }

@@ -17,7 +17,7 @@
 //!
 //! Tasks are `fn(A) -> R` items or closures that capture nothing (checked at compile
 //! time, as for [`Process::spawn`](crate::Process::spawn)); arguments and results travel
-//! with postcard. Workers are forked ([`StartMethod::Fork`](crate::StartMethod::Fork), the
+//! with postcard. Workers are forked ([`StartMethod::Fork`], the
 //! only start method the pool supports for now), so build the pool while the process is
 //! single-threaded; the pool itself starts no thread, so it can fork replacements later.
 //!
