@@ -13,8 +13,9 @@ use crate::queue::{QueueError, RecvTimeoutError};
 
 /// Longest single sleep: how soon a dead worker is noticed while the pool is waited on.
 pub(crate) const SLICE: Duration = Duration::from_millis(20);
-/// Chunks queued per worker (one running, one ready to go; see `dispatch`).
-const DEPTH: usize = 2;
+/// Most chunks queued per worker (one running, the rest ready to go; see `dispatch`), so
+/// a worker runs through small tasks without waiting for the pool to wake up.
+const DEPTH: usize = 8;
 /// How long one `drain` waits for announced big replies to stream in.
 const BIG_WAIT: Duration = Duration::from_secs(1);
 /// How long `join` waits for a worker told to exit before killing it.
@@ -253,10 +254,10 @@ impl Core {
                 let Some(w) = self.workers[slot].as_mut() else {
                     continue;
                 };
-                // A second chunk waits behind the first, so it is queued only while
-                // there is work for every worker twice over: the tail of a job goes to
-                // whichever worker is free first.
-                if level > 0 && self.pending.len() < 2 * self.cfg.processes {
+                // A chunk queued behind others waits for them, so the `level`-th one is
+                // queued only while there is work for every worker `level + 1` times
+                // over: the tail of a job goes to whichever worker is free first.
+                if level > 0 && self.pending.len() < (level + 1) * self.cfg.processes {
                     return;
                 }
                 if !w.ready

@@ -25,10 +25,13 @@
 //!
 //! Each worker has two [`ByteQueue`](crate::ByteQueue)s of its own (tasks in, replies
 //! out) and all share one [`channel`](fn@crate::channel) of `u32` "doorbells" on which a
-//! worker rings its number after each reply. The pool sends each worker at most two
-//! chunks at a time, so it knows exactly which chunk each worker is running: the oldest it
-//! sent that has not come back. No pipe or socket carries data; the pidfd of each worker
-//! (through [`Child`](crate::Child)) tells of its death.
+//! worker rings its number after each reply (64 KiB rings; larger messages stream through
+//! in pieces). The pool queues up to 8 chunks per worker while there is plenty of work
+//! (the k-th only while at least k × processes chunks wait, so the tail of a job goes to
+//! whichever worker is free first), and a worker runs its chunks in order, so the pool
+//! knows exactly which chunk each worker is running: the oldest it sent that has not come
+//! back. No pipe or socket carries data; the pidfd of each worker (through
+//! [`Child`](crate::Child)) tells of its death.
 //!
 //! There is no supervisor thread: the pool does its work while the caller waits in one of
 //! its calls (`map`, `get`, iterating `imap`, `ready`, `join`). Work already sent runs on
