@@ -58,6 +58,23 @@
 //! | `terminate()`, or the pool dropped | every unfinished task: [`TaskError::Closed`] | workers SIGKILLed and reaped at once |
 //! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`) | — |
 //!
+//! # What a worker's death between two steps leaves
+//!
+//! A worker loops: take a task frame, run it, send the reply frame, ring the doorbell.
+//! The pool learns of a death from the worker's pidfd, then first takes every reply
+//! already in the dead worker's ring, and only then judges what is left.
+//!
+//! | killed | left behind | what the pool does |
+//! |---|---|---|
+//! | before taking the frame, or after taking it and before replying | the chunk outstanding, no reply | the chunk fails with `WorkerDied` (or is retried); chunks queued behind it are sent elsewhere, not counted as attempts |
+//! | while writing the reply | a `WRITING` record of a dead writer | the ring turns it into padding ([`ByteQueue`](crate::ByteQueue)'s repair); as the row above |
+//! | after replying, before ringing | a complete reply, no doorbell | taken by the drain that follows the death (or the next 20 ms health check), so the chunk succeeds |
+//! | after a doorbell for a big reply, before the reply | `big_expected` set | the drain stops waiting once the worker is seen dead |
+//! | during its initializer | no `READY` | a pool error (see the table above), never a respawn |
+//!
+//! A task frame the pool could not finish writing (the pool's process is the writer; if
+//! it dies, its workers die with it through `PR_SET_PDEATHSIG`) needs no repair.
+//!
 //! `map` returns the values or the first failure; `imap`/`imap_unordered` give every
 //! item's own `Result`. A chunk whose worker died counts as run once even if the worker
 //! died before starting it (the pool cannot tell), so with `retries(0)` it fails.
