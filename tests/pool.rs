@@ -39,6 +39,8 @@ fn main() {
             close_then_join_finishes_queued_work,
             other_start_methods_are_refused_with_a_clear_error,
             large_arguments_and_results_cross_promptly,
+            fifty_respawns_leak_no_descriptors_or_children,
+            workers_die_with_the_pools_process,
         ],
         &[],
     )
@@ -494,4 +496,63 @@ fn large_arguments_and_results_cross_promptly() {
     // 18 MiB each way through 64 KiB rings: a pool that drained results only at its
     // 20 ms health checks takes seconds here.
     assert!(took < Duration::from_millis(1500), "{took:?}");
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn fifty_respawns_leak_no_descriptors_or_children() {
+    // One pool first, so lazily created process-wide state is not counted as a leak.
+    drop(Pool::new(1).unwrap());
+    let before = open_fds();
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .unwrap();
+    let pids: BTreeSet<u32> = pool
+        .map_chunked(pid_of, 0..50u32, 1)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(pids.len(), 50, "each chunk ran in a fresh worker");
+    drop(pool);
+    assert_eq!(open_fds(), before, "descriptors leaked");
+    assert_no_children();
+}
+
+fn dead_or_zombie(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn workers_die_with_the_pools_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pids");
+    let path = file.clone();
+    let mut owner = common::spawn(move || {
+        let pool = Pool::new(2).unwrap();
+        let pids: Vec<String> = pool.pids().iter().map(u32::to_string).collect();
+        std::fs::write(&path, pids.join(" ")).unwrap();
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    common::wait_for("the worker pids", LIMIT, || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s.split(' ').count() == 2)
+    });
+    let pids: Vec<u32> = std::fs::read_to_string(&file)
+        .unwrap()
+        .split(' ')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    owner.signal(procshare::fork::signal::KILL).unwrap();
+    let _ = owner.wait();
+    common::wait_for("the workers to die", LIMIT, || {
+        pids.iter().all(|&p| dead_or_zombie(p))
+    });
 }

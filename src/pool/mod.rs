@@ -54,7 +54,7 @@
 //! | a chunk runs over `task_timeout` × its items | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
 //! | an argument or result fails to encode or decode | that item (the whole chunk if the chunk cannot be decoded): [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; never hangs (cpython gh-79492) |
 //! | the initializer panics or its worker dies in it | [`Pool::builder`]`.build()` fails with [`PoolError::Initializer`]; later (on a respawn) every unfinished task fails with [`TaskError::Initializer`] | stops: no endless respawn loop (cpython gh-87472) |
-//! | a replacement worker cannot be forked | every unfinished task: [`TaskError::Start`] | stops |
+//! | a replacement worker cannot be forked (out of processes or memory, or this process has started threads since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]) | every unfinished task: [`TaskError::Start`] | stops |
 //! | `terminate()`, or the pool dropped | every unfinished task: [`TaskError::Closed`] | workers SIGKILLed and reaped at once |
 //! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`) | — |
 //!
