@@ -278,13 +278,29 @@ impl Core {
                 } else {
                     w.tasks.try_send(&chunk.frame)
                 };
-                if sent.is_ok() {
-                    self.pending.pop_front();
-                    if w.outstanding.is_empty() {
-                        w.head_since = Instant::now();
+                match sent {
+                    Ok(()) => {
+                        self.pending.pop_front();
+                        if w.outstanding.is_empty() {
+                            w.head_since = Instant::now();
+                        }
+                        w.outstanding.push_back(cid);
+                        w.dispatched += 1;
                     }
-                    w.outstanding.push_back(cid);
-                    w.dispatched += 1;
+                    Err(QueueError::MessageTooLarge { size, max }) => {
+                        // No worker could ever take it: fail it rather than retry forever.
+                        self.pending.pop_front();
+                        self.finish(
+                            cid,
+                            Outcome::Failed(TaskError::Encode(format!(
+                                "a chunk's arguments take {size} bytes, over the pool's \
+                                 {max} byte message limit; use a smaller chunksize or pass \
+                                 large data through a Segment"
+                            ))),
+                        );
+                    }
+                    // Full or timed out: later. A dead worker is found by `health`.
+                    Err(_) => {}
                 }
             }
         }
