@@ -50,13 +50,16 @@
 //! | what happens | outcome | the pool |
 //! |---|---|---|
 //! | a task panics | that item: [`TaskError::Panicked`] with message and location | carries on, same worker |
-//! | a worker is SIGKILLed, OOM-killed, segfaults, or exits mid-task | the chunk it was running: [`TaskError::WorkerDied`] (or re-run, up to `retries` times); its other queued chunk goes to another worker unharmed | replaces the worker within ~20 ms of noticing (noticed while someone waits on the pool) |
+//! | a worker is SIGKILLed, OOM-killed, segfaults, or exits mid-task | the chunk it was running: [`TaskError::WorkerDied`] (or re-run, up to `retries` times); the chunks queued behind it go back to the queue unharmed | replaces the worker within ~20 ms of noticing (noticed while someone waits on the pool) |
 //! | a chunk runs over `task_timeout` × its items | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
 //! | an argument or result fails to encode or decode | that item (the whole chunk if the chunk cannot be decoded): [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; never hangs (cpython gh-79492) |
 //! | the initializer panics or its worker dies in it | [`Pool::builder`]`.build()` fails with [`PoolError::Initializer`]; later (on a respawn) every unfinished task fails with [`TaskError::Initializer`] | stops: no endless respawn loop (cpython gh-87472) |
 //! | a replacement worker cannot be forked (out of processes or memory, or this process has started threads since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]) | every unfinished task: [`TaskError::Start`] | stops |
 //! | `terminate()`, or the pool dropped | every unfinished task: [`TaskError::Closed`] | workers SIGKILLed and reaped at once |
 //! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`) | — |
+//! | Ctrl-C | the terminal's SIGINT reaches the workers too (same process group); the ones that survive it get SIGKILL when the pool's process dies | — |
+//! | a chunk's arguments or results exceed the 1 GiB message limit | that chunk: [`TaskError::Encode`] | carries on |
+//! | a task never returns and no `task_timeout` is set | waited for, as in Python (`get_timeout`/`wait_timeout` bound the wait; `terminate` ends it) | — |
 //!
 //! # What a worker's death between two steps leaves
 //!
