@@ -386,6 +386,10 @@ impl Core {
     fn create(capacity: usize, max_message: usize) -> Result<Core> {
         let capacity = capacity.max(4096);
         let ring = RingMem::create("bytequeue", capacity, Header::new, |_| 0u8)?;
+        let h = ring.header();
+        for table in [&h.handles, &h.senders, &h.receivers] {
+            table.stamp_creator();
+        }
         Ok(Core {
             ring,
             max_message,
@@ -1445,9 +1449,13 @@ impl Header {
             closed: AtomicU32::new(0),
             stream: AtomicU64::new(0),
             keeper: AtomicU64::new(0),
-            handles: PeerTable::new(),
-            senders: PeerTable::new(),
-            receivers: PeerTable::new(),
+            // SAFETY: a peer table is plain atomics; all-zero is the empty table (the creator's
+            // pid namespace is stamped once it is in place).
+            handles: unsafe { std::mem::zeroed() },
+            // SAFETY: as above.
+            senders: unsafe { std::mem::zeroed() },
+            // SAFETY: as above.
+            receivers: unsafe { std::mem::zeroed() },
         }
     }
 }

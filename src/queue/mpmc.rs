@@ -213,14 +213,20 @@ impl Header {
             head: CachePadded(AtomicU64::new(0)),
             not_empty: CachePadded(EventCount::new()),
             not_full: CachePadded(EventCount::new()),
-            senders: PeerTable::new(),
+            // SAFETY: a peer table is plain atomics; all-zero is the empty table (the creator's
+            // pid namespace is stamped once it is in place).
+            senders: unsafe { std::mem::zeroed() },
             corrupted: AtomicU64::new(0),
-            receivers: PeerTable::new(),
+            // SAFETY: as above.
+            receivers: unsafe { std::mem::zeroed() },
         }
     }
 }
 
+/// The first two handles of a ring this process has just created.
 fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>, Receiver<T>)> {
+    ring.header().senders.stamp_creator();
+    ring.header().receivers.stamp_creator();
     peers::attach(&ring.header().senders)?;
     let tx = Sender::new(Arc::clone(&ring));
     peers::attach(&ring.header().receivers)?;

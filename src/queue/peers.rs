@@ -160,12 +160,10 @@ fn to_u32(n: u64) -> u32 {
 }
 
 impl PeerTable {
-    /// An empty table of a queue created by this process (records its pid namespace).
-    pub(crate) fn new() -> PeerTable {
-        // SAFETY: a peer table is plain atomics; all-zero is the empty table.
-        let t: PeerTable = unsafe { std::mem::zeroed() };
-        t.namespace.store(my_namespace(), Ordering::Relaxed);
-        t
+    /// Records this process's pid namespace as the queue's (see [`my_namespace`]), in a
+    /// table of a queue this process is creating.
+    pub(crate) fn stamp_creator(&self) {
+        self.namespace.store(my_namespace(), Ordering::Relaxed);
     }
 
     /// Whether this process is in another pid namespace than the queue's creator (or
@@ -540,9 +538,19 @@ const NS_KNOWN: u64 = 1 << 63;
 /// for good (conservative: that end then never reads as disconnected).
 pub(crate) fn my_namespace() -> u64 {
     match NAMESPACE.load(Ordering::Relaxed) {
-        0 => compute_namespace(),
+        0 => {
+            // The cache is only as good as the fork child handler that renews it.
+            register_fork_handlers();
+            compute_namespace()
+        }
         ns => ns & !NS_KNOWN,
     }
+}
+
+fn register_fork_handlers() {
+    HANDLERS.call_once(|| {
+        sys::register_fork_handlers(prepare_fork, after_fork_parent, after_fork_child)
+    });
 }
 
 /// Computes and caches [`my_namespace`]. No allocation (called by the fork child handler):
@@ -836,9 +844,7 @@ pub(crate) fn bind_forked_child(pid: u32) {
 /// [`Error::InvalidArgument`] if [`PEER_SLOTS`] other live processes already hold
 /// handles.
 pub(crate) fn attach(table: &PeerTable) -> Result<()> {
-    HANDLERS.call_once(|| {
-        sys::register_fork_handlers(prepare_fork, after_fork_parent, after_fork_child)
-    });
+    register_fork_handlers();
     let me = current_process();
     let key = table as *const PeerTable as usize;
     // Count in the table and in the registry under one lock hold, so a fork in between

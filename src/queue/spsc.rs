@@ -120,14 +120,20 @@ impl Header {
             not_full: CachePadded(EventCount::new()),
             sender_owner: AtomicU64::new(0),
             receiver_owner: AtomicU64::new(0),
-            senders: PeerTable::new(),
+            // SAFETY: a peer table is plain atomics; all-zero is the empty table (the creator's
+            // pid namespace is stamped once it is in place).
+            senders: unsafe { std::mem::zeroed() },
             corrupted: AtomicU64::new(0),
-            receivers: PeerTable::new(),
+            // SAFETY: as above.
+            receivers: unsafe { std::mem::zeroed() },
         }
     }
 }
 
+/// The two handles of a ring this process has just created.
 fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>, Receiver<T>)> {
+    ring.header().senders.stamp_creator();
+    ring.header().receivers.stamp_creator();
     Ok((Sender::attach(Arc::clone(&ring))?, Receiver::attach(ring)?))
 }
 
