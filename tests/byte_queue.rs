@@ -35,6 +35,7 @@ fn main() {
             receiver_killed_holding_a_partial_message_blocks_nobody,
             message_kept_by_a_receiver_that_timed_out_is_put_back_when_its_process_lets_go,
             message_completed_by_a_keepers_send_is_put_back_when_its_process_lets_go,
+            a_sole_receiver_dropping_a_clone_while_it_keeps_a_message_keeps_it,
             a_peer_killed_between_any_two_stores_leaves_a_working_queue,
             panicking_fill_sends_nothing_and_does_not_wedge,
             panicking_reader_consumes_the_message_and_does_not_wedge,
@@ -421,17 +422,25 @@ fn message_completed_by_a_keepers_send_is_put_back_when_its_process_lets_go() {
     let q = small_queue();
     let big = pattern(20_000, 10);
     let producer = spawn(|| q.send(&big).unwrap());
+    // Stopped with the ring full of the first chunks, so the keeper's try keeps a part.
     std::thread::sleep(Duration::from_millis(200));
-    let drained = Shared::new(Event::new()).unwrap();
+    producer.signal(signal::STOP).unwrap();
+    let (kept, drained) = (
+        Shared::new(Event::new()).unwrap(),
+        Shared::new(Event::new()).unwrap(),
+    );
     let keeper = spawn({
-        let (q, drained) = (q.clone(), &drained);
+        let (q, kept, drained) = (q.clone(), &kept, &drained);
         move || {
             assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+            kept.set();
             // A send that must wait for room drains the kept message meanwhile.
             q.send_timeout(&[7; 3000], Duration::from_secs(5)).unwrap();
             drained.set();
         }
     });
+    assert!(kept.wait_timeout(LIMIT));
+    producer.signal(signal::CONT).unwrap();
     assert!(drained.wait_timeout(LIMIT));
     // Received while the keeper goes home: a message larger than the ring goes back
     // chunk by chunk, so a receiver must be taking them.
@@ -446,6 +455,28 @@ fn message_completed_by_a_keepers_send_is_put_back_when_its_process_lets_go() {
     assert_eq!(checksum(&got[1]), checksum(&big));
     join(keeper, LIMIT);
     join(producer, LIMIT);
+}
+
+/// The put-back on drop is bounded: a process that is the queue's only receiver, keeps a
+/// message larger than the ring and drops a clone cannot put it back (nobody else takes
+/// the chunks); after a bounded wait it keeps the message for its next receive.
+fn a_sole_receiver_dropping_a_clone_while_it_keeps_a_message_keeps_it() {
+    let q = small_queue();
+    let big = pattern(20_000, 11);
+    let producer = spawn(|| q.send(&big).unwrap());
+    // Stopped with the ring full of the first chunks, so the try keeps a part.
+    std::thread::sleep(Duration::from_millis(200));
+    producer.signal(signal::STOP).unwrap();
+    assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+    producer.signal(signal::CONT).unwrap();
+    let clone = q.clone();
+    within("dropping a clone", Duration::from_secs(6), || drop(clone));
+    join(producer, LIMIT);
+    let got = q
+        .recv_with_timeout(Duration::from_secs(1), <[u8]>::to_vec)
+        .unwrap();
+    assert_eq!(checksum(&got), checksum(&big));
+    assert_eq!(q.len(), 0);
 }
 
 static STALLED: OnceLock<Shared<Event>> = OnceLock::new();

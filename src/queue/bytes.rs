@@ -105,16 +105,18 @@
 //!   process's own sends drain the rest of it whenever they wait (for room or for the
 //!   producer lock), since only this process can free the room its chunks take; a
 //!   message completed that way waits for the next receive here.
-//! * When the keeping process drops its last handle to the queue (a worker that polled
-//!   with a timeout and goes home), the drop finishes receiving the message, waiting for
-//!   its producer for as long as that streams it (only the producer's proven death, or
-//!   its abandoning the message, ends that wait early), and puts it back into the queue
-//!   whole, as a new message (so after messages sent meanwhile: order is not kept), waiting
-//!   for room as a send without a timeout does. A message larger than the ring goes back
-//!   chunk by chunk, so some receiver must be receiving meanwhile: as with Python's
-//!   queues, don't make the process that receives wait for (`join`) a process that may
-//!   be handing a message back before receiving. If every receiver is gone, there is
-//!   nobody to lose it to.
+//! * When the keeping process drops a handle to the queue (a worker that polled with a
+//!   timeout and goes home; any handle, not only its last: a forked child never drops the
+//!   copies it inherited, as it leaves with `_exit`), the drop finishes receiving the
+//!   message, waiting for its producer for as long as that streams it (only the
+//!   producer's proven death, or its abandoning the message, ends that wait early), and
+//!   puts it back into the queue whole, as a new message (so after messages sent
+//!   meanwhile: order is not kept). A message larger than the ring goes back chunk by
+//!   chunk, so some other receiver must be receiving meanwhile; the drop waits for that at
+//!   most 2 s (this process may be the only receiver). If nobody took it, nothing was put
+//!   back and the message stays with this process for its next receive or handle drop;
+//!   if that was the process's last handle, it is lost, with a line on stderr saying so.
+//!   If every receiver is gone, there is nobody to lose it to.
 //!
 //! What still loses or delays a kept message:
 //!
@@ -244,6 +246,9 @@ const REC_HEADER: u64 = 16;
 /// How often a sender waiting for the producer lock drains a partial message its process
 /// keeps (see `Core::lock_producer`).
 const PUMP_EVERY: Duration = Duration::from_millis(1);
+/// How long a handle's drop waits for room to put back a message its process kept (see
+/// `Core::hand_back_partial`): the process may be its only receiver.
+const HAND_BACK_PATIENCE: Duration = Duration::from_secs(2);
 const ALIGN: u64 = 16;
 
 const ST_WRITING: u64 = 1;
@@ -1266,13 +1271,17 @@ impl Core {
 }
 
 impl Core {
-    /// The last handle in this process lets go while the process keeps a chunked message
+    /// A handle of this process is dropped while the process keeps a chunked message
     /// (see "Timeouts"): receives the rest of it (waiting for its producer for as long as
     /// that streams it: only its death or abandoning the message ends the wait early),
     /// then puts the whole message back into the queue as a new message, waiting for
-    /// room as a send without a deadline does (a receiver must take it if it is larger
-    /// than the ring). Lost only if the message was abandoned, or every receiver is gone.
-    fn hand_back_partial(&self, role: Role) {
+    /// room at most [`HAND_BACK_PATIENCE`] (a message larger than the ring needs a
+    /// receiver taking its chunks meanwhile). If that runs out, nothing was put back: the
+    /// whole message stays with this process for its next receive (or its next handle
+    /// drop), unless `last` (this was the process's last handle), when it is lost, with a
+    /// line on stderr saying so. Lost also if every receiver is gone, or if its producer
+    /// abandoned it.
+    fn hand_back_partial(&self, role: Role, last: bool) {
         let me = peers::current_process();
         let mine = self
             .partial
@@ -1308,15 +1317,36 @@ impl Core {
                 }
             }
         };
-        let _ = self.send_open(
+        let put = self.send_open(
             role,
             bytes.len(),
             |buf| {
                 buf.copy_from_slice(&bytes);
                 Ok(())
             },
-            Deadline::NEVER,
+            Deadline::after(HAND_BACK_PATIENCE),
         );
+        if put != Err(QueueError::Timeout) {
+            return; // put back; or lost with every receiver, or to corruption
+        }
+        if last {
+            eprintln!(
+                "procshare: a {}-byte queue message this process had started receiving (a \
+                 receive timed out in the middle of it) was lost as the process dropped its \
+                 last handle to the queue: no receiver took it back within {:?}. Receive \
+                 again before dropping the queue, or keep a receiver receiving meanwhile",
+                bytes.len(),
+                HAND_BACK_PATIENCE
+            );
+            return;
+        }
+        let total = bytes.len();
+        self.keep_partial(Partial {
+            owner: me,
+            first: 0,
+            total,
+            bytes,
+        });
     }
 }
 
@@ -1834,9 +1864,11 @@ impl Drop for ByteQueue {
         // handles is dropped, not only its last: a forked child also holds (and never
         // drops: it leaves with `_exit`) the handles it inherited, so its last drop is
         // usually of a clone. Done first, while this handle still counts, so receivers
-        // elsewhere do not see the queue disconnected meanwhile.
+        // elsewhere do not see the queue disconnected meanwhile. (`core` is shared by
+        // every handle of this process: a count of 1 means this is its last one.)
         if self.core.has_partial.load(Ordering::Relaxed) && !self.core.foreign() {
-            self.core.hand_back_partial(self.role);
+            let last = Arc::strong_count(&self.core) == 1;
+            self.core.hand_back_partial(self.role, last);
         }
         peers::detach(self.core.table(self.role));
         h.not_empty.notify_all();
