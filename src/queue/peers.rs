@@ -11,6 +11,8 @@
 //! PeerTable   total: u64      sum of every slot's handles + overflow (may over-count, never under)
 //!             overflow: u64   handles of processes that got no slot (table full at a fork)
 //!             used: u64       one past the highest slot ever claimed; scans stop there
+//!             namespace: u64  the creator's pid namespace (nsfs inode, 0 = unknown), written
+//!                             once at creation; see "Pid namespaces" below
 //!             slots[1024]     16 bytes each:
 //! PeerSlot    owner: u64      who the handles belong to, see below
 //!             handles: u32    how many
@@ -65,6 +67,18 @@
 //!   child's `stat` once; a process holding no handle pays nothing. A scan reads each
 //!   other holder's `stat` (liveness) and, at most every 250 ms per holder, its `maps`.
 //!
+//! # Pid namespaces
+//!
+//! Identities are pids, which mean one process only inside one pid namespace. A process
+//! whose namespace differs from the table's `namespace` (or cannot tell, see
+//! [`my_namespace`]) is *foreign*: it never writes its identity into a slot and never
+//! judges one. It counts the handles it creates in `overflow`; it lends the handles a fork
+//! copies in `overflow`; a foreign child leaves its parent's loan as the parent lent and
+//! binds it (the parent names the child by its pid in the table's namespace, where its
+//! death is provable) and uncounts from that loan, without owning it, the handles it
+//! drops; and its scans report every counted handle alive. So the other end never reads
+//! as disconnected because of a holder it cannot judge.
+//!
 //! # Following fork
 //!
 //! `fork` copies every handle into the child without running any constructor, so the
@@ -95,6 +109,8 @@
 //! | holder, after its count reached 0, before freeing | `holder`, 0 handles                | scan: holder dead → free |
 //! | reclaimer R, mid-reclaim                 | `[reclaiming by R]`, handles maybe left     | scan: R dead → another reclaimer takes over |
 //! | C exec'd (never dies while we wait)      | `C`, n handles, C maps no procshare segment | scan: C does not map the table's file → reclaim |
+//! | foreign C, holding a loan (any time)      | `[lent by P]` or `[bound to C]`, n or fewer handles | bound: scan, C dead → reclaim; unbound: **kept forever** (conservative) |
+//! | foreign process, holding `overflow` counts | `overflow` over by its handles        | **not repaired**: that end counts as connected for good (conservative) |
 //!
 //! Reclaiming claims the slot first (owner → `[reclaiming by me]` by compare-exchange), so
 //! two reclaimers cannot both subtract, and a slot freed and reused in between is not
@@ -139,7 +155,7 @@ pub(crate) struct PeerTable {
     overflow: AtomicU64,
     /// One past the highest slot ever claimed.
     used: AtomicU64,
-    /// The pid namespace of the process that created the queue (see [`namespace`]; 0 =
+    /// The pid namespace of the process that created the queue (see [`my_namespace`]; 0 =
     /// unknown). Written once, at creation; the same in every table of one queue.
     namespace: AtomicU64,
     slots: [PeerSlot; PEER_SLOTS],
@@ -167,7 +183,7 @@ impl PeerTable {
     }
 
     /// Whether this process is in another pid namespace than the queue's creator (or
-    /// cannot tell: see [`namespace`]), so it must neither record its identity in the
+    /// cannot tell: see [`my_namespace`]), so it must neither record its identity in the
     /// queue nor judge identities recorded there. One relaxed load of a process-local
     /// word and one of the table.
     #[inline]
