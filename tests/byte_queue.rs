@@ -33,6 +33,9 @@ fn main() {
             typed_get_timeout_mid_chunked_message_keeps_it_whole,
             partial_message_kept_by_a_timed_out_receiver_is_not_stolen,
             receiver_killed_holding_a_partial_message_blocks_nobody,
+            message_kept_by_a_receiver_that_timed_out_is_put_back_when_its_process_lets_go,
+            message_completed_by_a_keepers_send_is_put_back_when_its_process_lets_go,
+            a_sole_receiver_dropping_a_clone_while_it_keeps_a_message_keeps_it,
             a_peer_killed_between_any_two_stores_leaves_a_working_queue,
             panicking_fill_sends_nothing_and_does_not_wedge,
             panicking_reader_consumes_the_message_and_does_not_wedge,
@@ -356,6 +359,124 @@ fn receiver_killed_holding_a_partial_message_blocks_nobody() {
     );
     assert_eq!(got, b"after");
     join(producer, LIMIT);
+}
+
+/// Review finding F05: a worker polls with `get_timeout`, gives up in the middle of a
+/// large message (keeping its start, see the module docs' "Timeouts") and goes home. Its
+/// last handle's drop finishes receiving the message and puts it back: nothing is lost.
+/// (Before: the message was gone, and the next `get` returned the one after it.)
+fn message_kept_by_a_receiver_that_timed_out_is_put_back_when_its_process_lets_go() {
+    let q: Queue<Vec<u8>> = Queue::builder().capacity(4096).build().unwrap();
+    let big = pattern(50_000, 9);
+    let producer = spawn(|| {
+        q.put(&big).unwrap();
+        q.put(&b"after".to_vec()).unwrap();
+    });
+    // The producer fills the ring and waits for room; stop it there.
+    std::thread::sleep(Duration::from_millis(200));
+    producer.signal(signal::STOP).unwrap();
+    let timed_out = Shared::new(Event::new()).unwrap();
+    let poller = spawn({
+        // Its own handle, dropped when it goes home (a borrowed one would not be).
+        let (q, timed_out) = (q.clone(), &timed_out);
+        move || {
+            // Sees no whole message in time, keeps the start of `big`, and goes home: its
+            // handle's drop waits for the (stopped) producer to stream the rest.
+            assert_eq!(
+                q.get_timeout(Duration::from_millis(50)),
+                Err(QueueError::Timeout)
+            );
+            timed_out.set();
+        }
+    });
+    assert!(timed_out.wait_timeout(LIMIT));
+    std::thread::sleep(Duration::from_millis(100));
+    producer.signal(signal::CONT).unwrap();
+    // Put back as a new message, so "after" may come first.
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        match q.get_timeout(Duration::from_secs(5)) {
+            Ok(v) => got.push(v),
+            Err(e) => panic!(
+                "a message was lost: got {:?} and then {e}",
+                got.iter().map(Vec::len).collect::<Vec<_>>()
+            ),
+        }
+    }
+    got.sort_by_key(Vec::len);
+    assert_eq!(got[0], b"after");
+    assert_eq!(
+        checksum(&got[1]),
+        checksum(&big),
+        "the large message, whole"
+    );
+    join(poller, LIMIT);
+    join(producer, LIMIT);
+    // Nothing else in the queue (and nobody else holds it any more).
+    assert_eq!(q.try_get(), Err(QueueError::Disconnected));
+}
+
+/// As above, when the kept message was already completed (by a send of the keeping
+/// process draining it while waiting for room) and waits for that process's next receive.
+fn message_completed_by_a_keepers_send_is_put_back_when_its_process_lets_go() {
+    let q = small_queue();
+    let big = pattern(20_000, 10);
+    let producer = spawn(|| q.send(&big).unwrap());
+    // Stopped with the ring full of the first chunks, so the keeper's try keeps a part.
+    std::thread::sleep(Duration::from_millis(200));
+    producer.signal(signal::STOP).unwrap();
+    let (kept, drained) = (
+        Shared::new(Event::new()).unwrap(),
+        Shared::new(Event::new()).unwrap(),
+    );
+    let keeper = spawn({
+        let (q, kept, drained) = (q.clone(), &kept, &drained);
+        move || {
+            assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+            kept.set();
+            // A send that must wait for room drains the kept message meanwhile.
+            q.send_timeout(&[7; 3000], Duration::from_secs(5)).unwrap();
+            drained.set();
+        }
+    });
+    assert!(kept.wait_timeout(LIMIT));
+    producer.signal(signal::CONT).unwrap();
+    assert!(drained.wait_timeout(LIMIT));
+    // Received while the keeper goes home: a message larger than the ring goes back
+    // chunk by chunk, so a receiver must be taking them.
+    let mut got = [
+        q.recv_with_timeout(Duration::from_secs(5), <[u8]>::to_vec)
+            .unwrap(),
+        q.recv_with_timeout(Duration::from_secs(5), <[u8]>::to_vec)
+            .unwrap(),
+    ];
+    got.sort_by_key(Vec::len);
+    assert_eq!(got[0], [7; 3000]);
+    assert_eq!(checksum(&got[1]), checksum(&big));
+    join(keeper, LIMIT);
+    join(producer, LIMIT);
+}
+
+/// The put-back on drop is bounded: a process that is the queue's only receiver, keeps a
+/// message larger than the ring and drops a clone cannot put it back (nobody else takes
+/// the chunks); after a bounded wait it keeps the message for its next receive.
+fn a_sole_receiver_dropping_a_clone_while_it_keeps_a_message_keeps_it() {
+    let q = small_queue();
+    let big = pattern(20_000, 11);
+    let producer = spawn(|| q.send(&big).unwrap());
+    // Stopped with the ring full of the first chunks, so the try keeps a part.
+    std::thread::sleep(Duration::from_millis(200));
+    producer.signal(signal::STOP).unwrap();
+    assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
+    producer.signal(signal::CONT).unwrap();
+    let clone = q.clone();
+    within("dropping a clone", Duration::from_secs(6), || drop(clone));
+    join(producer, LIMIT);
+    let got = q
+        .recv_with_timeout(Duration::from_secs(1), <[u8]>::to_vec)
+        .unwrap();
+    assert_eq!(checksum(&got), checksum(&big));
+    assert_eq!(q.len(), 0);
 }
 
 static STALLED: OnceLock<Shared<Event>> = OnceLock::new();

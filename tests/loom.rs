@@ -31,7 +31,18 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
     if builder.preemption_bound.is_none() {
         builder.preemption_bound = Some(2);
     }
-    builder.check(f);
+    // The ring headers carry peer tables of 16 KiB each, built on the stack: more than a
+    // loom coroutine's default stack. So each model runs on a model thread with room.
+    let f = std::sync::Arc::new(f);
+    builder.check(move || {
+        let f = std::sync::Arc::clone(&f);
+        loom::thread::Builder::new()
+            .stack_size(4 << 20)
+            .spawn(move || f())
+            .expect("spawn the model thread")
+            .join()
+            .unwrap();
+    });
 }
 
 /// Sends `value` with `try_send`, yielding while the queue is full.

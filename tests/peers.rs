@@ -30,6 +30,7 @@ fn main() {
             exec_child_with_its_own_path_holds_no_sender,
             exec_child_with_pre_exec_holds_no_sender,
             a_quiet_forked_sender_keeps_the_queue_connected,
+            clone_docs_promise_no_64_process_limit,
         ],
         &[],
     )
@@ -265,5 +266,21 @@ fn a_quiet_forked_sender_keeps_the_queue_connected() {
             );
             assert!(t0.elapsed() < NOTICE);
         });
+    }
+}
+
+/// Review finding F07: the peer tables hold 1024 processes and count inherited handles
+/// beyond that in `overflow`; the `Clone` docs must not promise a panic above 64.
+fn clone_docs_promise_no_64_process_limit() {
+    for (file, text) in [
+        ("src/queue/bytes.rs", include_str!("../src/queue/bytes.rs")),
+        ("src/queue/mpmc.rs", include_str!("../src/queue/mpmc.rs")),
+        ("src/queue/typed.rs", include_str!("../src/queue/typed.rs")),
+        ("src/queue/spsc.rs", include_str!("../src/queue/spsc.rs")),
+    ] {
+        assert!(
+            !text.contains("more than 64 processes"),
+            "{file} documents a 64-process limit that the peer tables do not have"
+        );
     }
 }

@@ -104,9 +104,30 @@
 //!   behind a slow reader); if it dies, they skip them. While it keeps one, this
 //!   process's own sends drain the rest of it whenever they wait (for room or for the
 //!   producer lock), since only this process can free the room its chunks take; a
-//!   message completed that way waits for the next receive here. The message is lost
-//!   only if the keeping process dies, or drops its last handle to the queue, before
-//!   receiving it.
+//!   message completed that way waits for the next receive here.
+//! * When the keeping process drops a handle to the queue (a worker that polled with a
+//!   timeout and goes home; any handle, not only its last: a forked child never drops the
+//!   copies it inherited, as it leaves with `_exit`), the drop finishes receiving the
+//!   message, waiting for its producer for as long as that streams it (only the
+//!   producer's proven death, or its abandoning the message, ends that wait early), and
+//!   puts it back into the queue whole, as a new message (so after messages sent
+//!   meanwhile: order is not kept). A message larger than the ring goes back chunk by
+//!   chunk, so some other receiver must be receiving meanwhile; the drop waits for that at
+//!   most 2 s (this process may be the only receiver). If nobody took it, nothing was put
+//!   back and the message stays with this process for its next receive or handle drop;
+//!   if that was the process's last handle, it is lost, with a line on stderr saying so.
+//!   If every receiver is gone, there is nobody to lose it to.
+//!
+//! What still loses or delays a kept message:
+//!
+//! * The keeping process is killed (SIGKILL, a crash) or leaves without dropping its
+//!   handles (`std::process::exit`, `mem::forget`, a handle in a `static`): the message
+//!   is lost with it, as one a receiver took and then died with; receivers elsewhere see
+//!   the keeper gone and skip the rest of it.
+//! * The keeping process lives on, idle, holding its handle: the rest of the message
+//!   waits for its next receive (or its drop), and every other receiver waits behind it
+//!   as behind a slow reader; the producer streaming the message waits for room too.
+//!   Receive again in that process, or drop its handles, to let the queue move on.
 //!
 //! # Panics in user code
 //!
@@ -115,6 +136,14 @@
 //! and nobody waits for it. An unwinding `f` in [`ByteQueue::recv_with`] releases the
 //! record: the message counts as consumed. Drop guards do both, so a thread pool or
 //! `catch_unwind` that keeps the thread alive never leaves a record owned by it.
+//!
+//! # Pid namespaces
+//!
+//! Record owners and `keeper` are tids and pids of the queue's pid namespace, judged only
+//! by processes of that namespace: a process of another one (or one that cannot tell) gets
+//! [`QueueError::ForeignPidNamespace`] from every send and receive, before it touches
+//! the ring, so it never claims a record nor frees one whose owner it would misjudge. See
+//! [Pid namespaces](crate::queue#pid-namespaces).
 //!
 //! Everything read from the ring (positions, lengths, states) is checked before use;
 //! impossible values give [`QueueError::Corrupted`], never an out-of-bounds access.
@@ -162,6 +191,12 @@ pub enum QueueError {
     Decode(String),
     /// The queue's shared memory holds impossible values.
     Corrupted(String),
+    /// This process is in another pid namespace than the process that created the queue
+    /// (or one of the two namespaces cannot be learnt), so it may not use the queue:
+    /// crash recovery judges peers by their pids, which mean nothing across pid
+    /// namespaces. Nothing was sent or received. See the module docs of
+    /// [`bytes`](crate::queue::bytes), "Pid namespaces".
+    ForeignPidNamespace,
 }
 
 impl fmt::Display for QueueError {
@@ -197,6 +232,10 @@ impl fmt::Display for QueueError {
                 "the queue's shared memory is corrupted ({what}): a peer wrote an impossible \
                  value; recreate the queue"
             ),
+            QueueError::ForeignPidNamespace => {
+                f.write_str(&peers::foreign_message("queue"))?;
+                f.write_str("; nothing was sent or received")
+            }
         }
     }
 }
@@ -207,6 +246,9 @@ const REC_HEADER: u64 = 16;
 /// How often a sender waiting for the producer lock drains a partial message its process
 /// keeps (see `Core::lock_producer`).
 const PUMP_EVERY: Duration = Duration::from_millis(1);
+/// How long a handle's drop waits for room to put back a message its process kept (see
+/// `Core::hand_back_partial`): the process may be its only receiver.
+const HAND_BACK_PATIENCE: Duration = Duration::from_secs(2);
 const ALIGN: u64 = 16;
 
 const ST_WRITING: u64 = 1;
@@ -349,6 +391,10 @@ impl Core {
     fn create(capacity: usize, max_message: usize) -> Result<Core> {
         let capacity = capacity.max(4096);
         let ring = RingMem::create("bytequeue", capacity, Header::new, |_| 0u8)?;
+        let h = ring.header();
+        for table in [&h.handles, &h.senders, &h.receivers] {
+            table.stamp_creator();
+        }
         Ok(Core {
             ring,
             max_message,
@@ -532,6 +578,9 @@ impl Core {
         fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
         deadline: Deadline,
     ) -> Result<(), QueueError> {
+        if self.foreign() {
+            return Err(QueueError::ForeignPidNamespace);
+        }
         if len > self.max_message {
             return Err(QueueError::MessageTooLarge {
                 size: len,
@@ -541,6 +590,18 @@ impl Core {
         if self.h().closed.load(Ordering::Acquire) != 0 {
             return Err(QueueError::Closed);
         }
+        self.send_open(role, len, fill, deadline)
+    }
+
+    /// [`send`](Self::send) after its checks (also used to hand a kept message back
+    /// after `close`: it was in the queue before).
+    fn send_open(
+        &self,
+        role: Role,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
+        deadline: Deadline,
+    ) -> Result<(), QueueError> {
         if len as u64 > self.single_limit() {
             return self.send_chunked(role, len, fill, deadline);
         }
@@ -818,6 +879,9 @@ impl Core {
         deadline: Deadline,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, QueueError> {
+        if self.foreign() {
+            return Err(QueueError::ForeignPidNamespace);
+        }
         let outcome = block_on(
             &self.h().not_empty,
             deadline,
@@ -1176,13 +1240,23 @@ impl Core {
         if h.handles.any_alive() && (me != Role::Both || h.handles.handles_beyond_one_of_mine()) {
             return true;
         }
-        // The caller is never counted in the table it asks about: a sender asks about
-        // receivers and vice versa.
+        // A sender asks about receivers and vice versa, so the caller is not counted in
+        // the table it asks about, except when a receive-only handle hands a kept message
+        // back (`hand_back_partial`): then it asks about the other receivers.
         match side {
             Role::Send => h.senders.any_alive(),
-            Role::Recv => h.receivers.any_alive(),
+            Role::Recv => {
+                h.receivers.any_alive()
+                    && (me != Role::Recv || h.receivers.handles_beyond_one_of_mine())
+            }
             Role::Both => false,
         }
+    }
+
+    /// Whether this process may not use the queue (see "Pid namespaces").
+    #[inline]
+    fn foreign(&self) -> bool {
+        self.h().handles.foreign()
     }
 
     /// The peer table that counts handles of `role`.
@@ -1196,12 +1270,92 @@ impl Core {
     }
 }
 
+impl Core {
+    /// A handle of this process is dropped while the process keeps a chunked message
+    /// (see "Timeouts"): receives the rest of it (waiting for its producer for as long as
+    /// that streams it: only its death or abandoning the message ends the wait early),
+    /// then puts the whole message back into the queue as a new message, waiting for
+    /// room at most [`HAND_BACK_PATIENCE`] (a message larger than the ring needs a
+    /// receiver taking its chunks meanwhile). If that runs out, nothing was put back: the
+    /// whole message stays with this process for its next receive (or its next handle
+    /// drop), unless `last` (this was the process's last handle), when it is lost, with a
+    /// line on stderr saying so. Lost also if every receiver is gone, or if its producer
+    /// abandoned it.
+    fn hand_back_partial(&self, role: Role, last: bool) {
+        let me = peers::current_process();
+        let mine = self
+            .partial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|p| p.owner == me);
+        if !mine {
+            return; // nothing, or a copy a fork left here: another process keeps it
+        }
+        let bytes = {
+            let Some(_g) = self.lock_consumer(Deadline::NEVER) else {
+                return;
+            };
+            let Some(p) = self.take_partial() else {
+                return;
+            };
+            if p.bytes.len() == p.total {
+                p.bytes
+            } else if self.h().keeper.load(Ordering::Acquire) != me {
+                return; // abandoned meanwhile, and already skipped by another receiver
+            } else {
+                match self.assemble(p, Deadline::NEVER) {
+                    Ok(Assembly::Done(bytes)) => bytes,
+                    // Abandoned by its producer, or corrupted: `assemble` let go of it.
+                    Ok(Assembly::Abandoned) | Err(_) => return,
+                    // (Not with this deadline; if it were, let other receivers on.)
+                    Ok(Assembly::Kept) => {
+                        let _ = self.take_partial();
+                        self.drop_keeper();
+                        return;
+                    }
+                }
+            }
+        };
+        let put = self.send_open(
+            role,
+            bytes.len(),
+            |buf| {
+                buf.copy_from_slice(&bytes);
+                Ok(())
+            },
+            Deadline::after(HAND_BACK_PATIENCE),
+        );
+        if put != Err(QueueError::Timeout) {
+            return; // put back; or lost with every receiver, or to corruption
+        }
+        if last {
+            eprintln!(
+                "procshare: a {}-byte queue message this process had started receiving (a \
+                 receive timed out in the middle of it) was lost as the process dropped its \
+                 last handle to the queue: no receiver took it back within {:?}. Receive \
+                 again before dropping the queue, or keep a receiver receiving meanwhile",
+                bytes.len(),
+                HAND_BACK_PATIENCE
+            );
+            return;
+        }
+        let total = bytes.len();
+        self.keep_partial(Partial {
+            owner: me,
+            first: 0,
+            total,
+            bytes,
+        });
+    }
+}
+
 impl Drop for Core {
-    /// The last handle in this process lets go of a kept partial message, so consumers
-    /// elsewhere stop waiting for this process to resume it (the message is lost, like one
-    /// a receiver took and then exited with).
+    /// The last handle in this process has let go (and handed back a kept message, see
+    /// [`Core::hand_back_partial`]); if a kept message is still here (it could not be
+    /// finished), consumers elsewhere must stop waiting for this process to resume it.
     fn drop(&mut self) {
-        if self.has_partial.load(Ordering::Relaxed) {
+        if self.has_partial.load(Ordering::Relaxed) && !self.foreign() {
             self.drop_keeper();
         }
     }
@@ -1325,7 +1479,8 @@ impl Header {
             closed: AtomicU32::new(0),
             stream: AtomicU64::new(0),
             keeper: AtomicU64::new(0),
-            // SAFETY: a peer table is plain atomics; all-zero is the empty table.
+            // SAFETY: a peer table is plain atomics; all-zero is the empty table (the creator's
+            // pid namespace is stamped once it is in place).
             handles: unsafe { std::mem::zeroed() },
             // SAFETY: as above.
             senders: unsafe { std::mem::zeroed() },
@@ -1557,8 +1712,13 @@ impl ByteQueue {
     /// Like [`recv_with`](ByteQueue::recv_with), waiting at most `timeout`.
     ///
     /// If time runs out in the middle of a large (chunked) message, the part received is
-    /// kept by this process, and the next receive here, through any handle, resumes it;
-    /// nothing is lost (see the [module docs](self#timeouts)).
+    /// kept by this process, and the next receive here, through any handle, resumes it.
+    /// Until then the rest of that message is this process's: receivers in other
+    /// processes wait behind it as behind a slow reader (and its producer for room), so
+    /// receive again soon, or drop this process's handles. Dropping the last one
+    /// finishes the message and puts it back into the queue whole; only a process killed
+    /// (or leaving without dropping its handles) loses it (see the
+    /// [module docs](self#timeouts)).
     ///
     /// # Errors
     ///
@@ -1685,7 +1845,9 @@ impl Clone for ByteQueue {
     ///
     /// # Panics
     ///
-    /// If more than 64 processes already hold handles to this queue.
+    /// If 1024 other live processes already hold handles to this queue (handles a
+    /// process inherits by `fork` never fail: beyond 1024 processes they are counted
+    /// without a slot, and the queue then counts as connected for good: use timeouts).
     fn clone(&self) -> Self {
         peers::attach(self.core.table(self.role)).expect("attach a queue handle");
         ByteQueue {
@@ -1698,6 +1860,16 @@ impl Clone for ByteQueue {
 impl Drop for ByteQueue {
     fn drop(&mut self) {
         let h = self.core.h();
+        // A chunked message this process keeps goes back into the queue when any of its
+        // handles is dropped, not only its last: a forked child also holds (and never
+        // drops: it leaves with `_exit`) the handles it inherited, so its last drop is
+        // usually of a clone. Done first, while this handle still counts, so receivers
+        // elsewhere do not see the queue disconnected meanwhile. (`core` is shared by
+        // every handle of this process: a count of 1 means this is its last one.)
+        if self.core.has_partial.load(Ordering::Relaxed) && !self.core.foreign() {
+            let last = Arc::strong_count(&self.core) == 1;
+            self.core.hand_back_partial(self.role, last);
+        }
         peers::detach(self.core.table(self.role));
         h.not_empty.notify_all();
         h.not_full.notify_all();

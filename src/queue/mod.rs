@@ -8,6 +8,35 @@
 //! and a sender whose receivers are all gone gets its message back in `Disconnected`.
 //! Non-blocking calls run the same check (at most every 20 ms per handle) when they find
 //! the queue empty or full, so polling sees the same answers as blocking.
+//!
+//! # Pid namespaces
+//!
+//! Crash recovery judges a peer by the pid or tid it recorded in the queue (peer tables,
+//! claim words, record owners, spsc owners, the byte queue's keeper), and a pid names the
+//! same process only inside one pid namespace. So every queue records the pid namespace
+//! of the process that created it, and only processes of that namespace use it. A
+//! process that inherited a queue by `fork` after `unshare(CLONE_NEWPID)` (a container
+//! started from the process holding the queue) is *foreign*:
+//!
+//! | creator's namespace | this process's namespace | this process |
+//! |---|---|---|
+//! | N | N | uses the queue |
+//! | N | M ≠ N | foreign |
+//! | N | unknown | foreign (cannot tell) |
+//! | unknown | known | foreign (cannot tell) |
+//! | unknown | unknown | uses the queue (nobody can tell: the namespace is learnt from `/proc` or, on Linux 6.11 and later, a pidfd; without either, e.g. in a sandbox without `/proc` on an older kernel, every process is taken to be in one namespace, which holds unless one of them unshares its own) |
+//!
+//! A foreign process never records its identity in the queue and never judges one
+//! recorded there: every operation is refused at once, before it touches the ring
+//! ([`channel`](fn@crate::channel) and [`spsc`](fn@crate::spsc) methods panic with a
+//! message saying so, as for spsc's one-process-per-end rule: their error enums have no
+//! honest variant for it; [`ByteQueue`] and [`Queue`] return
+//! [`QueueError::ForeignPidNamespace`]). Its handles still count as holders, without
+//! naming it: the other end is never told `Disconnected` because of a holder it cannot
+//! judge. They are uncounted when the foreign process drops them; if it dies holding
+//! them, they are uncounted only where the parent that forked it could name it (its fork
+//! loan, bound to the child's pid in the queue's namespace), and otherwise stay counted
+//! for good (that end then never reads as disconnected: use timeouts).
 
 pub mod bytes;
 mod error;

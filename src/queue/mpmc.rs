@@ -71,6 +71,11 @@
 //! | peer tables | a dead process's handle count | `any_alive`, on every slow path |
 //! | `corrupted` | — (set once, by a single compare-and-swap) | never: recreate the queue |
 //!
+//! Every identity in a claim or claimant word was written by a process of the queue's
+//! pid namespace, and only such processes judge them: a process of another namespace is
+//! refused before it claims anything (see [Pid namespaces](crate::queue#pid-namespaces)),
+//! so a live claimant is never "repaired" because its tid means another thread there.
+//!
 //! A `try_*` call returns at once and a `*_timeout` call on time; when either gives up,
 //! nothing was claimed, so the message stays whole in the queue (receive) or with the
 //! caller (send).
@@ -208,7 +213,8 @@ impl Header {
             head: CachePadded(AtomicU64::new(0)),
             not_empty: CachePadded(EventCount::new()),
             not_full: CachePadded(EventCount::new()),
-            // SAFETY: a peer table is plain atomics; all-zero is the empty table.
+            // SAFETY: a peer table is plain atomics; all-zero is the empty table (the creator's
+            // pid namespace is stamped once it is in place).
             senders: unsafe { std::mem::zeroed() },
             corrupted: AtomicU64::new(0),
             // SAFETY: as above.
@@ -217,7 +223,10 @@ impl Header {
     }
 }
 
+/// The first two handles of a ring this process has just created.
 fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>, Receiver<T>)> {
+    ring.header().senders.stamp_creator();
+    ring.header().receivers.stamp_creator();
     peers::attach(&ring.header().senders)?;
     let tx = Sender::new(Arc::clone(&ring));
     peers::attach(&ring.header().receivers)?;
@@ -391,6 +400,9 @@ impl<T> RingMem<Header, Slot<T>> {
     /// advancing `head` but before freeing the slot, which keeps producers out).
     fn repair(&self) -> bool {
         let h = self.header();
+        if h.senders.foreign() {
+            return false; // judges nobody (see `refuse_foreign`)
+        }
         let head = h.head.load(Ordering::Acquire);
         let behind_tail = h.tail.load(Ordering::Acquire).wrapping_sub(self.capacity());
         let mut freed = false;
@@ -481,12 +493,22 @@ fn describe_corruption(why: u64) -> String {
 type CheckClock = super::eventcount::CheckClock;
 
 /// The sending end of a [`channel`](fn@crate::channel). Clone it for more producers.
+///
+/// # Panics
+///
+/// Every method that sends or receives panics in a process of another pid namespace than
+/// the queue's creator (see [Pid namespaces](crate::queue#pid-namespaces)).
 pub struct Sender<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
     check: CheckClock,
 }
 
 /// The receiving end of a [`channel`](fn@crate::channel). Clone it for more consumers.
+///
+/// # Panics
+///
+/// Every method that sends or receives panics in a process of another pid namespace than
+/// the queue's creator (see [Pid namespaces](crate::queue#pid-namespaces)).
 pub struct Receiver<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
     check: CheckClock,
@@ -548,6 +570,9 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     fn push(&self, value: T) -> Result<(), TrySendError<T>> {
         let ring = &*self.ring;
         let h = ring.header();
+        if h.senders.foreign() {
+            peers::refuse_foreign("channel");
+        }
         if h.corrupted.load(Ordering::Relaxed) != 0 {
             return Err(TrySendError::Corrupted(value));
         }
@@ -632,6 +657,9 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     #[doc(hidden)]
     pub fn __send_stalled_after_claim(&self, value: T, stall: impl FnOnce()) {
         let h = self.ring.header();
+        if h.senders.foreign() {
+            peers::refuse_foreign("channel");
+        }
         let me = Claimant::me();
         loop {
             let pos = h.tail.load(Ordering::Acquire);
@@ -768,6 +796,9 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     fn pop(&self) -> Result<T, TryRecvError> {
         let ring = &*self.ring;
         let h = ring.header();
+        if h.senders.foreign() {
+            peers::refuse_foreign("channel");
+        }
         if let Some(why) = ring.corruption() {
             return Err(TryRecvError::Corrupted(why));
         }
@@ -855,6 +886,9 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     #[doc(hidden)]
     pub fn __recv_stalled_after_claim(&self, stall: impl FnOnce()) -> T {
         let h = self.ring.header();
+        if h.senders.foreign() {
+            peers::refuse_foreign("channel");
+        }
         let me = Claimant::me();
         loop {
             let pos = h.head.load(Ordering::Acquire);
@@ -903,7 +937,9 @@ impl<T: ShmSafe + Copy + Send> Clone for Sender<T> {
     ///
     /// # Panics
     ///
-    /// If more than 64 processes already hold handles to this end.
+    /// If 1024 other live processes already hold handles to this end (handles a process
+    /// inherits by `fork` never fail: beyond 1024 processes they are counted without a
+    /// slot, and this end then counts as connected for good: use timeouts).
     fn clone(&self) -> Self {
         peers::attach(&self.ring.header().senders).expect("attach a sender");
         Sender::new(Arc::clone(&self.ring))
@@ -915,7 +951,9 @@ impl<T: ShmSafe + Copy + Send> Clone for Receiver<T> {
     ///
     /// # Panics
     ///
-    /// If more than 64 processes already hold handles to this end.
+    /// If 1024 other live processes already hold handles to this end (handles a process
+    /// inherits by `fork` never fail: beyond 1024 processes they are counted without a
+    /// slot, and this end then counts as connected for good: use timeouts).
     fn clone(&self) -> Self {
         peers::attach(&self.ring.header().receivers).expect("attach a receiver");
         Receiver::new(Arc::clone(&self.ring))

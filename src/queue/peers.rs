@@ -11,6 +11,8 @@
 //! PeerTable   total: u64      sum of every slot's handles + overflow (may over-count, never under)
 //!             overflow: u64   handles of processes that got no slot (table full at a fork)
 //!             used: u64       one past the highest slot ever claimed; scans stop there
+//!             namespace: u64  the creator's pid namespace (nsfs inode, 0 = unknown), written
+//!                             once at creation; see "Pid namespaces" below
 //!             slots[1024]     16 bytes each:
 //! PeerSlot    owner: u64      who the handles belong to, see below
 //!             handles: u32    how many
@@ -65,6 +67,18 @@
 //!   child's `stat` once; a process holding no handle pays nothing. A scan reads each
 //!   other holder's `stat` (liveness) and, at most every 250 ms per holder, its `maps`.
 //!
+//! # Pid namespaces
+//!
+//! Identities are pids, which mean one process only inside one pid namespace. A process
+//! whose namespace differs from the table's `namespace` (or cannot tell, see
+//! [`my_namespace`]) is *foreign*: it never writes its identity into a slot and never
+//! judges one. It counts the handles it creates in `overflow`; it lends the handles a fork
+//! copies in `overflow`; a foreign child leaves its parent's loan as the parent lent and
+//! binds it (the parent names the child by its pid in the table's namespace, where its
+//! death is provable) and uncounts from that loan, without owning it, the handles it
+//! drops; and its scans report every counted handle alive. So the other end never reads
+//! as disconnected because of a holder it cannot judge.
+//!
 //! # Following fork
 //!
 //! `fork` copies every handle into the child without running any constructor, so the
@@ -95,6 +109,8 @@
 //! | holder, after its count reached 0, before freeing | `holder`, 0 handles                | scan: holder dead → free |
 //! | reclaimer R, mid-reclaim                 | `[reclaiming by R]`, handles maybe left     | scan: R dead → another reclaimer takes over |
 //! | C exec'd (never dies while we wait)      | `C`, n handles, C maps no procshare segment | scan: C does not map the table's file → reclaim |
+//! | foreign C, holding a loan (any time)      | `[lent by P]` or `[bound to C]`, n or fewer handles | bound: scan, C dead → reclaim; unbound: **kept forever** (conservative) |
+//! | foreign process, holding `overflow` counts | `overflow` over by its handles        | **not repaired**: that end counts as connected for good (conservative) |
 //!
 //! Reclaiming claims the slot first (owner → `[reclaiming by me]` by compare-exchange), so
 //! two reclaimers cannot both subtract, and a slot freed and reused in between is not
@@ -139,7 +155,9 @@ pub(crate) struct PeerTable {
     overflow: AtomicU64,
     /// One past the highest slot ever claimed.
     used: AtomicU64,
-    _reserved: AtomicU64,
+    /// The pid namespace of the process that created the queue (see [`my_namespace`]; 0 =
+    /// unknown). Written once, at creation; the same in every table of one queue.
+    namespace: AtomicU64,
     slots: [PeerSlot; PEER_SLOTS],
 }
 
@@ -158,6 +176,21 @@ fn to_u32(n: u64) -> u32 {
 }
 
 impl PeerTable {
+    /// Records this process's pid namespace as the queue's (see [`my_namespace`]), in a
+    /// table of a queue this process is creating.
+    pub(crate) fn stamp_creator(&self) {
+        self.namespace.store(my_namespace(), Ordering::Relaxed);
+    }
+
+    /// Whether this process is in another pid namespace than the queue's creator (or
+    /// cannot tell: see [`my_namespace`]), so it must neither record its identity in the
+    /// queue nor judge identities recorded there. One relaxed load of a process-local
+    /// word and one of the table.
+    #[inline]
+    pub(crate) fn foreign(&self) -> bool {
+        self.namespace.load(Ordering::Relaxed) != my_namespace()
+    }
+
     /// The slots ever used (the shared bound is untrusted: clamped).
     fn used_slots(&self) -> &[PeerSlot] {
         let used = usize::try_from(self.used.load(Ordering::SeqCst)).unwrap_or(PEER_SLOTS);
@@ -255,6 +288,11 @@ impl PeerTable {
 
     /// Prepare handler: lends `n` handles of `lender` to the child about to be forked.
     fn lend(&self, lender: u64, n: u64, file: Option<MappedFile>) -> Loan {
+        if self.foreign() {
+            // Our identity means nothing to the queue's processes: count conservatively.
+            self.add_overflow(n);
+            return Loan::Overflow;
+        }
         let tag = LENT | lender;
         let index = self.claim_free(tag).or_else(|| {
             self.scan(lender, file);
@@ -295,6 +333,23 @@ impl PeerTable {
                 return true;
             }
         }
+    }
+
+    /// A foreign child (see [`my_namespace`]) drops one of the handles counted in the fork
+    /// loan in slot `i`, which it does not own: uncounts it, and leaves the slot (with 0
+    /// handles) to be freed when its named owner is proven dead. Nobody else changes a
+    /// loan's count while it can have a live holder.
+    fn uncount_loaned(&self, i: usize) {
+        let Some(slot) = self.slots.get(i) else {
+            return;
+        };
+        let before = slot
+            .handles
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
+                Some(h.saturating_sub(1))
+            })
+            .unwrap_or(0);
+        self.uncount(u64::from(before.min(1)));
     }
 
     /// Parent handler: binds the loan in slot `i` to the forked child.
@@ -438,6 +493,10 @@ impl PeerTable {
     /// Whether any live process holds a handle; frees the slots of holders proven dead,
     /// and of holders proven not to map this table any more (exec'd).
     pub(crate) fn any_alive(&self) -> bool {
+        if self.foreign() {
+            // We cannot judge the holders: every one counted is taken to be alive.
+            return self.any_handles();
+        }
         let me = current_process();
         let file = file_of(self as *const PeerTable as usize);
         self.scan(me, file)
@@ -459,6 +518,85 @@ pub(crate) fn current_process() -> u64 {
     }
 }
 
+/// This process's pid namespace as the queues record it (`sys::pid_namespace_id`, 0 if
+/// unknown), tagged with bit 63 once computed; 0 = not computed yet. The fork child
+/// handler recomputes it (a child may be in a new pid namespace: `unshare(CLONE_NEWPID)`
+/// in the parent moves its *future children*).
+static NAMESPACE: AtomicU64 = AtomicU64::new(0);
+const NS_KNOWN: u64 = 1 << 63;
+
+/// The pid namespace this process records in the queues it creates and compares with
+/// theirs: the nsfs inode of its pid namespace, 0 if it cannot be learnt.
+///
+/// # Namespaces: who may use a queue
+///
+/// Identities recorded in a queue (peer slots, claim words, record owners, the spsc
+/// owners, the byte queue's `keeper`) are pids and tids, which mean something only in one
+/// pid namespace. So each queue records its creator's namespace in its peer tables, and
+/// a process uses the queue only if its own namespace is the same:
+///
+/// | queue's namespace | this process's | verdict |
+/// |---|---|---|
+/// | N | N | local: uses the queue, records and judges identities |
+/// | N | M ≠ N | foreign |
+/// | N | unknown (no `/proc`, kernel too old for the pidfd fallback) | foreign (cannot tell) |
+/// | unknown | known | foreign (cannot tell) |
+/// | unknown | unknown | local: nobody can tell (a sandbox without `/proc` on an old kernel, or Miri); identities are judged as if in one namespace, which is what every process in such a sandbox is unless it unshares one (see the queue docs) |
+///
+/// A foreign process never records its identity in the queue and never judges one
+/// recorded there: every queue operation refuses at once (the `channel`/`spsc` methods
+/// panic, `ByteQueue`/`Queue` return `QueueError::ForeignPidNamespace`), and its handles
+/// (inherited by `fork`, or cloned) are counted without naming it: in the fork loan's slot
+/// as the parent bound it (the parent names the child by its pid in the queue's
+/// namespace, so its death is provable there) or in `overflow`. Either way the other end
+/// counts it as connected while it may live, and its handles are uncounted when it drops
+/// them; a foreign process that dies without dropping them leaves an `overflow` count
+/// for good (conservative: that end then never reads as disconnected).
+pub(crate) fn my_namespace() -> u64 {
+    match NAMESPACE.load(Ordering::Relaxed) {
+        0 => {
+            // The cache is only as good as the fork child handler that renews it.
+            register_fork_handlers();
+            compute_namespace()
+        }
+        ns => ns & !NS_KNOWN,
+    }
+}
+
+fn register_fork_handlers() {
+    HANDLERS.call_once(|| {
+        sys::register_fork_handlers(prepare_fork, after_fork_parent, after_fork_child)
+    });
+}
+
+/// Computes and caches [`my_namespace`]. No allocation (called by the fork child handler):
+/// `sys::pid_namespace_id` is a `statx` of a short literal path (or pidfd syscalls).
+fn compute_namespace() -> u64 {
+    let ns = sys::pid_namespace_id().unwrap_or(0);
+    NAMESPACE.store(ns | NS_KNOWN, Ordering::Relaxed);
+    ns
+}
+
+/// What a foreign process is told when it uses a queue (see [`my_namespace`]).
+pub(crate) fn foreign_message(what: &str) -> String {
+    format!(
+        "this {what} was created in another pid namespace than this process's (or one of \
+         the two namespaces cannot be learnt here: no /proc and no pidfd namespace ioctl): \
+         procshare queues judge a crashed peer by its pid, which means nothing across pid \
+         namespaces, so only processes of the creator's pid namespace may use a queue. \
+         Create the queue inside this namespace (after the `unshare`/`clone` that made \
+         it), or carry the data across with `procshare::pipe()`"
+    )
+}
+
+/// Refuses a queue operation in a foreign process (see [`my_namespace`]).
+#[cold]
+#[inline(never)]
+#[track_caller]
+pub(crate) fn refuse_foreign(what: &str) -> ! {
+    panic!("{}", foreign_message(what))
+}
+
 /// A table this process holds handles in.
 struct Entry {
     /// The table's address.
@@ -467,6 +605,9 @@ struct Entry {
     handles: u64,
     /// How many of them are counted in the table's `overflow`, not in a slot.
     overflow: u64,
+    /// In a process foreign to the table (see [`my_namespace`]): the slot of the fork loan
+    /// that counts the rest of its handles, which it does not own and only uncounts from.
+    foreign_slot: Option<usize>,
     /// The mapping holding the table, once looked up: its range and file. Valid while
     /// the entry exists (the handles keep the mapping).
     mapping: Option<(usize, usize, MappedFile)>,
@@ -648,12 +789,28 @@ extern "C" fn after_fork_child() {
     let (pid, start) = sys::current_process_noalloc();
     let me = liveness::process_identity(pid, start);
     PROCESS.store(me, Ordering::Relaxed);
+    compute_namespace();
     // SAFETY: the child is single-threaded and inherited the held registry lock.
     let st = unsafe { &mut *REGISTRY.state.get() };
     for e in &mut st.entries {
         // SAFETY: the entry exists (the mappings are inherited) and the lock is held.
         let table = unsafe { table_at(e.table) };
         e.overflow = 0;
+        e.foreign_slot = None;
+        if table.foreign() {
+            // Our identity means nothing in the queue's namespace: never write it. The
+            // loan stays as the parent lent (and binds) it, counting our handles.
+            match e.loan {
+                Loan::Slot(i) => e.foreign_slot = Some(i),
+                Loan::Overflow => e.overflow = e.handles,
+                Loan::None => {
+                    table.add_overflow(e.handles);
+                    e.overflow = e.handles;
+                }
+            }
+            e.loan = Loan::None;
+            continue;
+        }
         match e.loan {
             Loan::Slot(i) if table.take_loan(i, st.lender, me) => {}
             Loan::Overflow => e.overflow = e.handles,
@@ -703,24 +860,31 @@ pub(crate) fn bind_forked_child(pid: u32) {
 /// [`Error::InvalidArgument`] if [`PEER_SLOTS`] other live processes already hold
 /// handles.
 pub(crate) fn attach(table: &PeerTable) -> Result<()> {
-    HANDLERS.call_once(|| {
-        sys::register_fork_handlers(prepare_fork, after_fork_parent, after_fork_child)
-    });
+    register_fork_handlers();
     let me = current_process();
     let key = table as *const PeerTable as usize;
     // Count in the table and in the registry under one lock hold, so a fork in between
     // cannot lend the child a different number than the table shows.
+    let foreign = table.foreign();
     let try_add = || {
         REGISTRY.with(|st| {
-            if !table.add(me, 1) {
+            if foreign {
+                // See `my_namespace`: counted without naming us.
+                table.add_overflow(1);
+            } else if !table.add(me, 1) {
                 return false;
             }
+            let overflow = u64::from(foreign);
             match st.entries.iter_mut().find(|e| e.table == key) {
-                Some(e) => e.handles += 1,
+                Some(e) => {
+                    e.handles += 1;
+                    e.overflow += overflow;
+                }
                 None => st.entries.push(Entry {
                     table: key,
                     handles: 1,
-                    overflow: 0,
+                    overflow,
+                    foreign_slot: None,
                     mapping: None,
                     loan: Loan::None,
                 }),
@@ -756,6 +920,10 @@ pub(crate) fn detach(table: &PeerTable) {
                 st.entries[i].overflow -= 1;
                 table.remove_overflow(1);
             }
+            Some(i) if st.entries[i].foreign_slot.is_some() => {
+                let slot = st.entries[i].foreign_slot.unwrap_or(0);
+                table.uncount_loaned(slot);
+            }
             _ => table.remove(me, 1),
         }
         if let Some(i) = i {
@@ -773,7 +941,41 @@ mod tests {
 
     fn table() -> Box<PeerTable> {
         // SAFETY: all-zero is the empty table (plain atomics).
-        unsafe { Box::<PeerTable>::new_zeroed().assume_init() }
+        let t = unsafe { Box::<PeerTable>::new_zeroed().assume_init() };
+        t.namespace.store(my_namespace(), Ordering::Relaxed);
+        t
+    }
+
+    #[test]
+    fn a_table_of_another_pid_namespace_is_foreign_and_counts_its_loans_in_overflow() {
+        let t = table();
+        assert!(!t.foreign());
+        t.namespace
+            .store(my_namespace() ^ 0x5a5a, Ordering::Relaxed);
+        assert!(t.foreign());
+        // A foreign lender names nobody: its loan goes to `overflow`.
+        assert_eq!(t.lend(fake(1), 2, None), Loan::Overflow);
+        assert_eq!(t.used_slots().len(), 0);
+        // And it judges nobody: every counted handle is taken to be alive.
+        assert!(t.any_alive());
+        t.remove_overflow(2);
+        assert!(!t.any_alive());
+    }
+
+    #[test]
+    fn a_foreign_child_uncounts_its_handles_from_the_loan_it_does_not_own() {
+        let t = table();
+        let parent = fake(1);
+        let Loan::Slot(i) = t.lend(parent, 2, None) else {
+            panic!("no slot lent")
+        };
+        t.bind_loan(i, parent, fake(2));
+        t.uncount_loaned(i);
+        t.uncount_loaned(i);
+        t.uncount_loaned(i); // one too many saturates
+        assert_eq!(t.slots[i].owner.load(Ordering::SeqCst), BOUND | fake(2));
+        assert_eq!(t.total.load(Ordering::SeqCst), 0);
+        assert_eq!(slot_sum(&t), 0);
     }
 
     /// Made-up identities that no liveness check can judge under Miri; natively the scan

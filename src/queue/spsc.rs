@@ -120,7 +120,8 @@ impl Header {
             not_full: CachePadded(EventCount::new()),
             sender_owner: AtomicU64::new(0),
             receiver_owner: AtomicU64::new(0),
-            // SAFETY: a peer table is plain atomics; all-zero is the empty table.
+            // SAFETY: a peer table is plain atomics; all-zero is the empty table (the creator's
+            // pid namespace is stamped once it is in place).
             senders: unsafe { std::mem::zeroed() },
             corrupted: AtomicU64::new(0),
             // SAFETY: as above.
@@ -129,7 +130,10 @@ impl Header {
     }
 }
 
+/// The two handles of a ring this process has just created.
 fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>, Receiver<T>)> {
+    ring.header().senders.stamp_creator();
+    ring.header().receivers.stamp_creator();
     Ok((Sender::attach(Arc::clone(&ring))?, Receiver::attach(ring)?))
 }
 
@@ -151,7 +155,9 @@ pub fn heap_spsc<T: ShmSafe + Copy + Send + 'static>(
 ///
 /// # Panics
 ///
-/// Every sending method panics if another live process owns this end.
+/// Every sending method panics if another live process owns this end, or if this process
+/// is in another pid namespace than the queue's creator (see
+/// [Pid namespaces](crate::queue#pid-namespaces)).
 pub struct Sender<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
     owned: Cell<u64>,
@@ -167,7 +173,9 @@ pub struct Sender<T: ShmSafe + Copy + Send> {
 ///
 /// # Panics
 ///
-/// Every receiving method panics if another live process owns this end.
+/// Every receiving method panics if another live process owns this end, or if this
+/// process is in another pid namespace than the queue's creator (see
+/// [Pid namespaces](crate::queue#pid-namespaces)).
 pub struct Receiver<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
     owned: Cell<u64>,
@@ -226,8 +234,12 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     #[cold]
     fn take_ownership(&self) {
         let h = self.ring.header();
-        self.owned
-            .set(ownership::take(&h.sender_owner, "spsc::Sender", "send"));
+        self.owned.set(ownership::take(
+            &h.sender_owner,
+            &h.senders,
+            "spsc::Sender",
+            "send",
+        ));
         // Another process may have sent since this handle last did: resume where it left.
         self.tail.set(h.tail.load(Ordering::Acquire));
         self.head_seen.set(h.head.load(Ordering::Acquire));
@@ -437,6 +449,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         let h = self.ring.header();
         self.owned.set(ownership::take(
             &h.receiver_owner,
+            &h.senders,
             "spsc::Receiver",
             "receive",
         ));
@@ -558,7 +571,7 @@ mod ownership {
 
     use crate::facade;
     use crate::liveness;
-    use crate::queue::peers;
+    use crate::queue::peers::{self, PeerTable};
     use crate::sys;
 
     /// A generation no handle has checked in.
@@ -640,9 +653,18 @@ mod ownership {
     /// # Panics
     ///
     /// If another live process owns the end.
-    pub(super) fn take(word: &facade::AtomicU64, end: &str, verb: &str) -> u64 {
+    pub(super) fn take(
+        word: &facade::AtomicU64,
+        ns_table: &PeerTable,
+        end: &str,
+        verb: &str,
+    ) -> u64 {
         HANDLERS.call_once(|| sys::register_fork_handlers(prepare_fork, after_fork, after_fork));
         let generation = generation();
+        if ns_table.foreign() {
+            // Never record (or judge) an identity of another pid namespace.
+            peers::refuse_foreign(&format!("{end} (spsc queue)"));
+        }
         let me = peers::current_process();
         loop {
             let owner = word.load(Ordering::Acquire);

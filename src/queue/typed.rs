@@ -162,7 +162,10 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     /// Takes the next value, waiting at most `timeout`. A large value half received when
-    /// time runs out is kept by this process for its next `get` (see
+    /// time runs out is kept by this process for its next `get`; meanwhile the other
+    /// receivers wait behind it as behind a slow reader, and when this process drops its
+    /// last handle the value is finished and put back into the queue (lost only if the
+    /// process is killed or exits without dropping its handles; see
     /// [`ByteQueue::recv_with_timeout`]).
     ///
     /// # Errors
