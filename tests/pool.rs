@@ -312,11 +312,18 @@ fn task_timeout_fails_the_task_and_replaces_only_its_worker() {
         .task_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
+    let before: BTreeSet<u32> = pool.pids().into_iter().collect();
     let t = Instant::now();
     let got: Vec<Result<u64, TaskError>> = pool
         .imap(sleep_ms, [1, 10_000, 1, 1, 50, 1])
         .unwrap()
         .collect();
+    let after: BTreeSet<u32> = pool.pids().into_iter().collect();
+    assert_eq!(
+        before.intersection(&after).count(),
+        1,
+        "only the slow task's worker is replaced: {before:?} -> {after:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert!(
         matches!(got[1], Err(TaskError::Timeout { .. })),
