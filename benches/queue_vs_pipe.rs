@@ -25,6 +25,10 @@
 //!   `procshare::channel::<[u8; N]>` with [`RING_SLOTS`] slots, blocking `send`/`recv`
 //!   (a short spin, then a futex). Pod rings exist for sizes that fit a slot, so these
 //!   ids run for 8B, 64B and 1KiB only. Round trips use two rings, one each way.
+//! * `queue`: `procshare::Queue<Vec<u8>>`, `put(&vec)` / `get()` (a new `Vec` per
+//!   message, as a user of Python's `Queue` would write it); `queue_into` the same
+//!   received with `get_into` into one reused `Vec`; `queue_u64` a `Queue<u64>` (8B only).
+//! * `bytes_loan`: `ByteQueue::send_with` / `recv_with`, in place in the ring.
 //! * `pipe`: `procshare::pipe()` (a socketpair with 8-byte length frames),
 //!   `send_bytes` / `recv_bytes_into` a reused buffer. Duplex for round trips.
 //! * `unix_socket`: a raw `socketpair(AF_UNIX, SOCK_STREAM)`, `write`/`read` loops of
@@ -100,6 +104,8 @@ const TRANSPORTS: &[(&str, TransportFn)] = &[
     ("bare_ring", bench_bare_ring),
     ("crossbeam_inproc", bench_crossbeam_inproc),
     ("queue", bench_queue),
+    ("queue_into", bench_queue_into),
+    ("queue_u64", bench_queue_u64),
     ("bytes_loan", bench_bytes_loan),
 ];
 
@@ -765,6 +771,73 @@ fn bench_queue(group: &mut Group<'_>, case: Case) {
             );
         }
     }
+}
+
+/// `queue_into`: `Queue<Vec<u8>>` as `queue`, but received with `get_into` into one
+/// reused `Vec` (no allocation per message).
+fn bench_queue_into(group: &mut Group<'_>, case: Case) {
+    let Kind::Throughput(size) = case.kind else {
+        return; // the round trip is `queue`'s
+    };
+    let q: procshare::Queue<Vec<u8>> = procshare::Queue::builder()
+        .capacity(QUEUE_RING)
+        .build()
+        .expect("creating a queue");
+    run_forked(
+        group,
+        case,
+        (q.clone(), vec![0u8; size.bytes]),
+        |(q, msg), iters| {
+            for i in 0..iters {
+                stamp(msg, i);
+                q.put(msg).map_err(|_| "queue put failed")?;
+            }
+            Ok(())
+        },
+        move |iters| {
+            let mut sum = 0;
+            let mut msg = Vec::new();
+            for _ in 0..iters {
+                q.get_into(&mut msg).expect("queue get_into");
+                assert_eq!(msg.len(), size.bytes, "queue_into: wrong length");
+                sum += touch(&msg);
+            }
+            sum
+        },
+    );
+}
+
+/// `queue_u64`: `Queue<u64>` (8B only): a serde scalar through the byte queue, against
+/// the Pod rings' `[u8; 8]`.
+fn bench_queue_u64(group: &mut Group<'_>, case: Case) {
+    if !matches!(case.kind, Kind::Throughput(Size { bytes: 8, .. })) {
+        return;
+    }
+    let q: procshare::Queue<u64> = procshare::Queue::builder()
+        .capacity(QUEUE_RING)
+        .build()
+        .expect("creating a queue");
+    run_forked(
+        group,
+        case,
+        q.clone(),
+        |q, iters| {
+            for i in 0..iters {
+                let mut msg = [0u8; 8];
+                stamp(&mut msg, i);
+                q.put(&u64::from_le_bytes(msg))
+                    .map_err(|_| "queue put failed")?;
+            }
+            Ok(())
+        },
+        move |iters| {
+            let mut sum = 0;
+            for _ in 0..iters {
+                sum += touch(&q.get().expect("queue get").to_le_bytes());
+            }
+            sum
+        },
+    );
 }
 
 /// Reads every byte of `bytes`, a word at a time (a byte-at-a-time sum runs at ~1 byte per
