@@ -13,6 +13,9 @@ use crate::sys::Deadline;
 
 mod flat;
 
+/// Values of at most this many bytes in memory are first encoded on the stack.
+const SMALL: usize = 64;
+
 /// A multi-producer multi-consumer queue of any `Serialize + DeserializeOwned` values, of
 /// any size, shared between processes: Python's `multiprocessing.Queue`.
 ///
@@ -111,6 +114,17 @@ impl<T: Serialize + DeserializeOwned + 'static> Queue<T> {
             return self
                 .bytes
                 .send_parts(&[&flat.prefix(), flat.payload()], deadline);
+        }
+        if size_of::<T>() <= SMALL {
+            // Small values (numbers, tuples of them, short enums) encode once, onto the
+            // stack, instead of a sizing pass and a writing pass; a value that turns out
+            // larger (it owns heap data) takes the general path below.
+            let mut small = [0u8; SMALL];
+            match postcard::to_slice(value, &mut small) {
+                Ok(encoded) => return self.bytes.send_parts(&[encoded], deadline),
+                Err(postcard::Error::SerializeBufferFull) => {}
+                Err(e) => return Err(QueueError::Encode(e.to_string())),
+            }
         }
         let size = postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
             .map_err(|e| QueueError::Encode(e.to_string()))?;
