@@ -29,6 +29,9 @@
 //!   message, as a user of Python's `Queue` would write it); `queue_into` the same
 //!   received with `get_into` into one reused `Vec`; `queue_u64` a `Queue<u64>` (8B only).
 //! * `bytes_loan`: `ByteQueue::send_with` / `recv_with`, in place in the ring.
+//! * `spsc_inplace`: the same ring through its in-place batch API (`send_batch_with`,
+//!   `recv_batch_with`, up to [`INPLACE_BATCH`] messages per index update): the producer
+//!   writes each message into its slot, the consumer copies each out of its slot.
 //! * `pipe`: `procshare::pipe()` (a socketpair with 8-byte length frames),
 //!   `send_bytes` / `recv_bytes_into` a reused buffer. Duplex for round trips.
 //! * `unix_socket`: a raw `socketpair(AF_UNIX, SOCK_STREAM)`, `write`/`read` loops of
@@ -97,6 +100,7 @@ type Group<'a> = BenchmarkGroup<'a, WallTime>;
 /// the `consumer` closure.
 const TRANSPORTS: &[(&str, TransportFn)] = &[
     ("spsc", bench_spsc),
+    ("spsc_inplace", bench_spsc_inplace),
     ("channel", bench_channel),
     ("pipe", bench_pipe),
     ("unix_socket", bench_unix_socket),
@@ -565,6 +569,61 @@ fn bench_channel(group: &mut Group<'_>, case: Case) {
         Kind::Throughput(_) => {}
         Kind::Roundtrip => pod_roundtrip(group, case, procshare::channel::<Ping>),
     }
+}
+
+/// Messages per in-place batch (`spsc_inplace`): one index update and one wake check
+/// per batch instead of per message.
+const INPLACE_BATCH: u64 = 64;
+
+fn bench_spsc_inplace(group: &mut Group<'_>, case: Case) {
+    match case.kind {
+        Kind::Throughput(Size { bytes: 8, .. }) => spsc_inplace_throughput::<8>(group, case),
+        Kind::Throughput(Size { bytes: 64, .. }) => spsc_inplace_throughput::<64>(group, case),
+        Kind::Throughput(Size { bytes: 1024, .. }) => {
+            spsc_inplace_throughput::<1024>(group, case);
+        }
+        // In-place round trips are `spsc`'s: one message per batch.
+        _ => {}
+    }
+}
+
+/// `spsc_inplace`: the producer writes each message straight into its slot
+/// (`send_batch_with`), the consumer copies each out of its slot into its own buffer
+/// (`recv_batch_with`): one copy each side, as `bare_ring`.
+fn spsc_inplace_throughput<const N: usize>(group: &mut Group<'_>, case: Case) {
+    let (tx, rx) = procshare::spsc::<[u8; N]>(RING_SLOTS).expect("creating the ring");
+    run_forked(
+        group,
+        case,
+        (tx, [0u8; N]),
+        |(tx, msg), iters| {
+            let mut i = 0;
+            while i < iters {
+                let n = tx
+                    .send_batch_with((iters - i).min(INPLACE_BATCH) as usize, |_, slot| {
+                        stamp(msg, i);
+                        *slot = *msg;
+                        i += 1;
+                    })
+                    .map_err(|_| "ring send failed: the receiver is gone")?;
+                debug_assert!(n > 0);
+            }
+            Ok(())
+        },
+        move |iters| {
+            let (mut sum, mut got) = (0, 0);
+            let mut buf = [0u8; N];
+            while got < iters {
+                got += rx
+                    .recv_batch_with((iters - got) as usize, |m| {
+                        buf = *m;
+                        sum += touch(black_box(&buf));
+                    })
+                    .expect("spsc recv") as u64;
+            }
+            sum
+        },
+    );
 }
 
 fn pod_throughput<const N: usize, Tx, Rx>(group: &mut Group<'_>, case: Case, make: MakeRing<Tx, Rx>)
