@@ -32,6 +32,8 @@
 //! * `spsc_inplace`: the same ring through its in-place batch API (`send_batch_with`,
 //!   `recv_batch_with`, up to [`INPLACE_BATCH`] messages per index update): the producer
 //!   writes each message into its slot, the consumer copies each out of its slot.
+//! * `channel_inplace`: the MPMC ring through `send_with` / `recv_with`, one message per
+//!   call, one copy each side.
 //! * `pipe`: `procshare::pipe()` (a socketpair with 8-byte length frames),
 //!   `send_bytes` / `recv_bytes_into` a reused buffer. Duplex for round trips.
 //! * `unix_socket`: a raw `socketpair(AF_UNIX, SOCK_STREAM)`, `write`/`read` loops of
@@ -102,6 +104,7 @@ const TRANSPORTS: &[(&str, TransportFn)] = &[
     ("spsc", bench_spsc),
     ("spsc_inplace", bench_spsc_inplace),
     ("channel", bench_channel),
+    ("channel_inplace", bench_channel_inplace),
     ("pipe", bench_pipe),
     ("unix_socket", bench_unix_socket),
     ("os_pipe", bench_os_pipe),
@@ -620,6 +623,45 @@ fn spsc_inplace_throughput<const N: usize>(group: &mut Group<'_>, case: Case) {
                         sum += touch(black_box(&buf));
                     })
                     .expect("spsc recv") as u64;
+            }
+            sum
+        },
+    );
+}
+
+fn bench_channel_inplace(group: &mut Group<'_>, case: Case) {
+    match case.kind {
+        Kind::Throughput(Size { bytes: 8, .. }) => channel_inplace_throughput::<8>(group, case),
+        Kind::Throughput(Size { bytes: 64, .. }) => channel_inplace_throughput::<64>(group, case),
+        Kind::Throughput(Size { bytes: 1024, .. }) => {
+            channel_inplace_throughput::<1024>(group, case);
+        }
+        _ => {}
+    }
+}
+
+/// `channel_inplace`: `channel`'s `send_with` / `recv_with`, one message per call: the
+/// producer writes into the claimed slot, the consumer copies out of it into its buffer.
+fn channel_inplace_throughput<const N: usize>(group: &mut Group<'_>, case: Case) {
+    let (tx, rx) = procshare::channel::<[u8; N]>(RING_SLOTS).expect("creating the ring");
+    run_forked(
+        group,
+        case,
+        (tx, [0u8; N]),
+        |(tx, msg), iters| {
+            for i in 0..iters {
+                stamp(msg, i);
+                tx.send_with(|slot| *slot = *msg)
+                    .map_err(|_| "ring send failed: the receiver is gone")?;
+            }
+            Ok(())
+        },
+        move |iters| {
+            let mut sum = 0;
+            let mut buf = [0u8; N];
+            for _ in 0..iters {
+                rx.recv_with(|m| buf = *m).expect("channel recv");
+                sum += touch(black_box(&buf));
             }
             sum
         },

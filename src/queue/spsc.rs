@@ -31,6 +31,12 @@
 //! | sender/receiver owner | the end's first user in a process | the dead process's identity | the next user, once the kernel proves that process dead |
 //! | peer tables | attach/detach, fork handlers | a dead process's handle count | `any_alive`, on every slow path |
 //!
+//! * The in-place API (`send_with`, `send_batch_with`, `recv_with`, `recv_batch_with`)
+//!   lends slots to the caller's closure; drop guards publish `tail` (release `head`) for
+//!   exactly the slots finished when the closure returns or unwinds: a `fill` that
+//!   panics sends the messages it completed and not the one it was writing; a reader that
+//!   panics has received the message it was reading. A SIGKILL inside the closure is the
+//!   first (last) row of the table above.
 //! * After the producer's process is gone, [`Receiver::new_sender`] hands out a new
 //!   producer (or an inherited handle takes over) that resumes at the published `tail`.
 //! * The consumer likewise; a new consumer ([`Sender::new_receiver`]) resumes at `head`.
