@@ -852,6 +852,14 @@ impl<T: ShmSafe + Copy + Send> RawSender<T> for Sender<T> {
         Ok(())
     }
 
+    #[inline]
+    fn try_send_ref(&self, value: &T) -> Result<(), TrySendError<()>> {
+        self.push(InPlace(|slot: &mut T| *slot = *value))
+            .map_err(|e| e.map(|_| ()))?;
+        self.ring.header().not_empty.notify_all();
+        Ok(())
+    }
+
     fn not_full(&self) -> &EventCount {
         &self.ring.header().not_full
     }
@@ -1107,6 +1115,15 @@ impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
         let v = self.pop()?;
         self.ring.header().not_full.notify_all();
         Ok(v)
+    }
+
+    #[inline]
+    fn try_recv_into(&self, out: &mut MaybeUninit<T>) -> Result<(), TryRecvError> {
+        self.pop_with(|m| {
+            out.write(*m);
+        })?;
+        self.ring.header().not_full.notify_all();
+        Ok(())
     }
 
     fn not_empty(&self) -> &EventCount {

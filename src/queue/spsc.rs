@@ -548,6 +548,11 @@ impl<T: ShmSafe + Copy + Send> RawSender<T> for Sender<T> {
         Ok(())
     }
 
+    #[inline]
+    fn try_send_ref(&self, value: &T) -> Result<(), TrySendError<()>> {
+        self.try_write(1, &mut |_, slot| *slot = *value).map(|_| ())
+    }
+
     fn not_full(&self) -> &EventCount {
         &self.ring.header().not_full
     }
@@ -829,6 +834,14 @@ impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
         h.head.store(head.wrapping_add(1), Ordering::Release);
         h.not_full.notify_all();
         Ok(value)
+    }
+
+    #[inline]
+    fn try_recv_into(&self, out: &mut MaybeUninit<T>) -> Result<(), TryRecvError> {
+        self.try_read(1, &mut |m| {
+            out.write(*m);
+        })
+        .map(|_| ())
     }
 
     fn not_empty(&self) -> &EventCount {
