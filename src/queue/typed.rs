@@ -21,7 +21,16 @@ const SMALL: usize = 64;
 ///
 /// Values are encoded with postcard straight into the shared ring (no intermediate buffer
 /// for messages up to a quarter of the ring; larger ones are chunked) and decoded straight
-/// out of it. Clone the handle for more producers and consumers; a forked child shares it.
+/// out of it. `Vec<u8>`, `String`, `Box<[u8]>`, `Box<str>`, `Vec<i8>`, `Vec<f32>` and
+/// `Vec<f64>` take a fast path: their postcard bytes (a length, then the elements' memory)
+/// are copied as whole slices instead of element by element, so `Queue<Vec<u8>>` moves
+/// large messages faster than a socket. (Inside other types, e.g. a struct field, serde
+/// still goes element by element; wrap such a field in `serde_bytes` if it is large.)
+/// [`get_into`](Queue::get_into) reuses the receiver's buffer. A message must be read as
+/// the type it was sent as; a reader of another type gets `Decode` (or, where postcard's
+/// bytes happen to fit both types, that type's reading of them).
+///
+/// Clone the handle for more producers and consumers; a forked child shares it.
 ///
 /// # When a queue is disconnected
 ///

@@ -95,13 +95,13 @@ pub(crate) fn view<T: 'static>(value: &T) -> Option<Flat<'_>> {
             count: v.len(),
             bytes: as_bytes(v),
         })
-    } else if let Some(v) = any.downcast_ref::<Vec<f64>>().filter(|_| LITTLE_ENDIAN) {
-        Some(Flat {
-            count: v.len(),
-            bytes: as_bytes(v),
-        })
     } else {
-        None
+        any.downcast_ref::<Vec<f64>>()
+            .filter(|_| LITTLE_ENDIAN)
+            .map(|v| Flat {
+                count: v.len(),
+                bytes: as_bytes(v),
+            })
     }
 }
 
