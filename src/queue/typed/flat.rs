@@ -270,7 +270,12 @@ mod tests {
 
     #[test]
     fn flat_types_encode_exactly_as_postcard() {
-        for n in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+        let sizes: &[usize] = if cfg!(miri) {
+            &[0, 1, 127, 128, 300]
+        } else {
+            &[0, 1, 127, 128, 300, 16_383, 16_384, 70_000]
+        };
+        for &n in sizes {
             let bytes: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();
             same_as_postcard(bytes.clone());
             same_as_postcard(bytes.clone().into_boxed_slice());
