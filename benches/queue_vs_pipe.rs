@@ -25,6 +25,15 @@
 //!   `procshare::channel::<[u8; N]>` with [`RING_SLOTS`] slots, blocking `send`/`recv`
 //!   (a short spin, then a futex). Pod rings exist for sizes that fit a slot, so these
 //!   ids run for 8B, 64B and 1KiB only. Round trips use two rings, one each way.
+//! * `queue`: `procshare::Queue<Vec<u8>>`, `put(&vec)` / `get()` (a new `Vec` per
+//!   message, as a user of Python's `Queue` would write it); `queue_into` the same
+//!   received with `get_into` into one reused `Vec`; `queue_u64` a `Queue<u64>` (8B only).
+//! * `bytes_loan`: `ByteQueue::send_with` / `recv_with`, in place in the ring.
+//! * `spsc_inplace`: the same ring through its in-place batch API (`send_batch_with`,
+//!   `recv_batch_with`, up to [`INPLACE_BATCH`] messages per index update): the producer
+//!   writes each message into its slot, the consumer copies each out of its slot.
+//! * `channel_inplace`: the MPMC ring through `send_with` / `recv_with`, one message per
+//!   call, one copy each side.
 //! * `pipe`: `procshare::pipe()` (a socketpair with 8-byte length frames),
 //!   `send_bytes` / `recv_bytes_into` a reused buffer. Duplex for round trips.
 //! * `unix_socket`: a raw `socketpair(AF_UNIX, SOCK_STREAM)`, `write`/`read` loops of
@@ -93,13 +102,17 @@ type Group<'a> = BenchmarkGroup<'a, WallTime>;
 /// the `consumer` closure.
 const TRANSPORTS: &[(&str, TransportFn)] = &[
     ("spsc", bench_spsc),
+    ("spsc_inplace", bench_spsc_inplace),
     ("channel", bench_channel),
+    ("channel_inplace", bench_channel_inplace),
     ("pipe", bench_pipe),
     ("unix_socket", bench_unix_socket),
     ("os_pipe", bench_os_pipe),
     ("bare_ring", bench_bare_ring),
     ("crossbeam_inproc", bench_crossbeam_inproc),
     ("queue", bench_queue),
+    ("queue_into", bench_queue_into),
+    ("queue_u64", bench_queue_u64),
     ("bytes_loan", bench_bytes_loan),
 ];
 
@@ -561,6 +574,100 @@ fn bench_channel(group: &mut Group<'_>, case: Case) {
     }
 }
 
+/// Messages per in-place batch (`spsc_inplace`): one index update and one wake check
+/// per batch instead of per message.
+const INPLACE_BATCH: u64 = 64;
+
+fn bench_spsc_inplace(group: &mut Group<'_>, case: Case) {
+    match case.kind {
+        Kind::Throughput(Size { bytes: 8, .. }) => spsc_inplace_throughput::<8>(group, case),
+        Kind::Throughput(Size { bytes: 64, .. }) => spsc_inplace_throughput::<64>(group, case),
+        Kind::Throughput(Size { bytes: 1024, .. }) => {
+            spsc_inplace_throughput::<1024>(group, case);
+        }
+        // In-place round trips are `spsc`'s: one message per batch.
+        _ => {}
+    }
+}
+
+/// `spsc_inplace`: the producer writes each message straight into its slot
+/// (`send_batch_with`), the consumer copies each out of its slot into its own buffer
+/// (`recv_batch_with`): one copy each side, as `bare_ring`.
+fn spsc_inplace_throughput<const N: usize>(group: &mut Group<'_>, case: Case) {
+    let (tx, rx) = procshare::spsc::<[u8; N]>(RING_SLOTS).expect("creating the ring");
+    run_forked(
+        group,
+        case,
+        (tx, [0u8; N]),
+        |(tx, msg), iters| {
+            let mut i = 0;
+            while i < iters {
+                let n = tx
+                    .send_batch_with((iters - i).min(INPLACE_BATCH) as usize, |_, slot| {
+                        stamp(msg, i);
+                        *slot = *msg;
+                        i += 1;
+                    })
+                    .map_err(|_| "ring send failed: the receiver is gone")?;
+                debug_assert!(n > 0);
+            }
+            Ok(())
+        },
+        move |iters| {
+            let (mut sum, mut got) = (0, 0);
+            let mut buf = [0u8; N];
+            while got < iters {
+                got += rx
+                    .recv_batch_with((iters - got) as usize, |m| {
+                        buf = *m;
+                        sum += touch(black_box(&buf));
+                    })
+                    .expect("spsc recv") as u64;
+            }
+            sum
+        },
+    );
+}
+
+fn bench_channel_inplace(group: &mut Group<'_>, case: Case) {
+    match case.kind {
+        Kind::Throughput(Size { bytes: 8, .. }) => channel_inplace_throughput::<8>(group, case),
+        Kind::Throughput(Size { bytes: 64, .. }) => channel_inplace_throughput::<64>(group, case),
+        Kind::Throughput(Size { bytes: 1024, .. }) => {
+            channel_inplace_throughput::<1024>(group, case);
+        }
+        _ => {}
+    }
+}
+
+/// `channel_inplace`: `channel`'s `send_with` / `recv_with`, one message per call: the
+/// producer writes into the claimed slot, the consumer copies out of it into its buffer.
+fn channel_inplace_throughput<const N: usize>(group: &mut Group<'_>, case: Case) {
+    let (tx, rx) = procshare::channel::<[u8; N]>(RING_SLOTS).expect("creating the ring");
+    run_forked(
+        group,
+        case,
+        (tx, [0u8; N]),
+        |(tx, msg), iters| {
+            for i in 0..iters {
+                stamp(msg, i);
+                tx.send_with(|slot| *slot = *msg)
+                    .map_err(|_| "ring send failed: the receiver is gone")?;
+            }
+            Ok(())
+        },
+        move |iters| {
+            let mut sum = 0;
+            let mut buf = [0u8; N];
+            for _ in 0..iters {
+                rx.recv_with(|m| buf = *m).expect("channel recv");
+                sum += touch(black_box(&buf));
+            }
+            sum
+        },
+    );
+}
+
 fn pod_throughput<const N: usize, Tx, Rx>(group: &mut Group<'_>, case: Case, make: MakeRing<Tx, Rx>)
 where
     Tx: PodSender<[u8; N]>,
@@ -765,6 +872,73 @@ fn bench_queue(group: &mut Group<'_>, case: Case) {
             );
         }
     }
+}
+
+/// `queue_into`: `Queue<Vec<u8>>` as `queue`, but received with `get_into` into one
+/// reused `Vec` (no allocation per message).
+fn bench_queue_into(group: &mut Group<'_>, case: Case) {
+    let Kind::Throughput(size) = case.kind else {
+        return; // the round trip is `queue`'s
+    };
+    let q: procshare::Queue<Vec<u8>> = procshare::Queue::builder()
+        .capacity(QUEUE_RING)
+        .build()
+        .expect("creating a queue");
+    run_forked(
+        group,
+        case,
+        (q.clone(), vec![0u8; size.bytes]),
+        |(q, msg), iters| {
+            for i in 0..iters {
+                stamp(msg, i);
+                q.put(msg).map_err(|_| "queue put failed")?;
+            }
+            Ok(())
+        },
+        move |iters| {
+            let mut sum = 0;
+            let mut msg = Vec::new();
+            for _ in 0..iters {
+                q.get_into(&mut msg).expect("queue get_into");
+                assert_eq!(msg.len(), size.bytes, "queue_into: wrong length");
+                sum += touch(&msg);
+            }
+            sum
+        },
+    );
+}
+
+/// `queue_u64`: `Queue<u64>` (8B only): a serde scalar through the byte queue, against
+/// the Pod rings' `[u8; 8]`.
+fn bench_queue_u64(group: &mut Group<'_>, case: Case) {
+    if !matches!(case.kind, Kind::Throughput(Size { bytes: 8, .. })) {
+        return;
+    }
+    let q: procshare::Queue<u64> = procshare::Queue::builder()
+        .capacity(QUEUE_RING)
+        .build()
+        .expect("creating a queue");
+    run_forked(
+        group,
+        case,
+        q.clone(),
+        |q, iters| {
+            for i in 0..iters {
+                let mut msg = [0u8; 8];
+                stamp(&mut msg, i);
+                q.put(&u64::from_le_bytes(msg))
+                    .map_err(|_| "queue put failed")?;
+            }
+            Ok(())
+        },
+        move |iters| {
+            let mut sum = 0;
+            for _ in 0..iters {
+                sum += touch(&q.get().expect("queue get").to_le_bytes());
+            }
+            sum
+        },
+    );
 }
 
 /// Reads every byte of `bytes`, a word at a time (a byte-at-a-time sum runs at ~1 byte per

@@ -702,10 +702,12 @@ fn panicking_reader_consumes_the_message_and_does_not_wedge() {
 }
 
 /// A value whose `Serialize` panics on its second call (the first only measures it), as
-/// a buggy impl would while being written into the ring.
+/// a buggy impl would while being written into the ring. Larger in memory than the
+/// values `Queue` encodes on the stack first, so it takes the measure-then-write path.
 struct Flaky {
     calls: std::cell::Cell<u32>,
     value: u32,
+    _large: [u64; 16],
 }
 
 impl serde::Serialize for Flaky {
@@ -723,6 +725,7 @@ impl<'de> serde::Deserialize<'de> for Flaky {
         Ok(Flaky {
             calls: Default::default(),
             value: u32::deserialize(d)?,
+            _large: [0; 16],
         })
     }
 }
@@ -735,11 +738,13 @@ fn panicking_serialize_does_not_wedge_a_typed_queue() {
         let bad = Flaky {
             calls: Default::default(),
             value: 1,
+            _large: [0; 16],
         };
         assert!(catch_unwind(AssertUnwindSafe(|| q.put(&bad))).is_err());
         let good = Flaky {
             calls: std::cell::Cell::new(5),
             value: 2,
+            _large: [0; 16],
         };
         q.put(&good).unwrap();
         done.set();

@@ -603,8 +603,52 @@ impl Core {
         deadline: Deadline,
     ) -> Result<(), QueueError> {
         if len as u64 > self.single_limit() {
-            return self.send_chunked(role, len, fill, deadline);
+            let mut whole = vec![0u8; len];
+            fill(&mut whole)?; // a panic here leaves nothing behind in shared memory
+            return self.send_chunked(role, &[&whole], deadline);
         }
+        self.send_single(role, len, fill, deadline)
+    }
+
+    /// Sends one message made of `parts` back to back, copying each part straight into
+    /// the ring (no intermediate buffer even when the message is chunked).
+    pub(crate) fn send_parts(
+        &self,
+        role: Role,
+        parts: &[&[u8]],
+        deadline: Deadline,
+    ) -> Result<(), QueueError> {
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
+        if len > self.max_message {
+            return Err(QueueError::MessageTooLarge {
+                size: len,
+                max: self.max_message,
+            });
+        }
+        if self.h().closed.load(Ordering::Acquire) != 0 {
+            return Err(QueueError::Closed);
+        }
+        if len as u64 > self.single_limit() {
+            return self.send_chunked(role, parts, deadline);
+        }
+        self.send_single(
+            role,
+            len,
+            |buf| {
+                copy_parts(parts, 0, buf);
+                Ok(())
+            },
+            deadline,
+        )
+    }
+
+    fn send_single(
+        &self,
+        role: Role,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
+        deadline: Deadline,
+    ) -> Result<(), QueueError> {
         let rec = self.wait_for_room(role, deadline, || {
             let Some(_g) = self.lock_producer(deadline) else {
                 return Ok(None); // another producer holds it past our deadline
@@ -677,13 +721,11 @@ impl Core {
     fn send_chunked(
         &self,
         role: Role,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
+        parts: &[&[u8]],
         deadline: Deadline,
     ) -> Result<(), QueueError> {
         let h = self.h();
-        let mut whole = vec![0u8; len];
-        fill(&mut whole)?; // a panic here leaves nothing behind in shared memory
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
         let Some(_g) = self.lock_producer(deadline) else {
             return Err(QueueError::Timeout);
         };
@@ -730,7 +772,7 @@ impl Core {
             if first {
                 buf[..8].copy_from_slice(&(len as u64).to_le_bytes());
             }
-            buf[prefix..].copy_from_slice(&whole[sent..sent + n]);
+            copy_parts(parts, sent, &mut buf[prefix..]);
             self.publish(rec, false);
             if first {
                 fail_point(FP_FIRST_PUBLISHED);
@@ -1530,7 +1572,7 @@ impl QueueBuilder {
     /// # Errors
     ///
     /// As for [`ByteQueue::new`].
-    pub fn build<T: serde::Serialize + serde::de::DeserializeOwned>(
+    pub fn build<T: serde::Serialize + serde::de::DeserializeOwned + 'static>(
         self,
     ) -> Result<crate::Queue<T>> {
         Ok(crate::Queue::from_bytes(self.bytes()?))
@@ -1607,8 +1649,7 @@ impl ByteQueue {
     ///
     /// `MessageTooLarge`, `Closed`, `Disconnected` or `Corrupted`.
     pub fn send(&self, bytes: &[u8]) -> Result<(), QueueError> {
-        self.core
-            .send(self.role, bytes.len(), copy_in(bytes), Deadline::NEVER)
+        self.core.send_parts(self.role, &[bytes], Deadline::NEVER)
     }
 
     /// Sends a copy of `bytes` if there is room now. Returns at once.
@@ -1619,12 +1660,7 @@ impl ByteQueue {
     /// in the middle of a large (chunked) message. Nothing was sent.
     pub fn try_send(&self, bytes: &[u8]) -> Result<(), QueueError> {
         self.core
-            .send(
-                self.role,
-                bytes.len(),
-                copy_in(bytes),
-                Deadline::after(Duration::ZERO),
-            )
+            .send_parts(self.role, &[bytes], Deadline::after(Duration::ZERO))
             .map_err(full_not_timeout)
     }
 
@@ -1636,12 +1672,8 @@ impl ByteQueue {
     /// message whose first chunks were already out is abandoned: no receiver gets any of
     /// it.)
     pub fn send_timeout(&self, bytes: &[u8], timeout: Duration) -> Result<(), QueueError> {
-        self.core.send(
-            self.role,
-            bytes.len(),
-            copy_in(bytes),
-            Deadline::after(timeout),
-        )
+        self.core
+            .send_parts(self.role, &[bytes], Deadline::after(timeout))
     }
 
     /// Sends a message of `len` bytes written in place by `fill` (zero-copy: `fill` writes
@@ -1662,6 +1694,11 @@ impl ByteQueue {
             },
             Deadline::NEVER,
         )
+    }
+
+    /// Sends the concatenation of `parts` as one message (see `Core::send_parts`).
+    pub(crate) fn send_parts(&self, parts: &[&[u8]], deadline: Deadline) -> Result<(), QueueError> {
+        self.core.send_parts(self.role, parts, deadline)
     }
 
     pub(crate) fn send_encoded(
@@ -1825,11 +1862,25 @@ impl ByteQueue {
     }
 }
 
-fn copy_in(bytes: &[u8]) -> impl FnOnce(&mut [u8]) -> Result<(), QueueError> + '_ {
-    move |buf| {
-        buf.copy_from_slice(bytes);
-        Ok(())
+/// Copies bytes `offset..offset + dst.len()` of the concatenation of `parts` into `dst`.
+fn copy_parts(parts: &[&[u8]], mut offset: usize, mut dst: &mut [u8]) {
+    for part in parts {
+        if dst.is_empty() {
+            return;
+        }
+        if offset >= part.len() {
+            offset -= part.len();
+            continue;
+        }
+        let n = (part.len() - offset).min(dst.len());
+        dst[..n].copy_from_slice(&part[offset..offset + n]);
+        dst = &mut dst[n..];
+        offset = 0;
     }
+    assert!(
+        dst.is_empty(),
+        "copy_parts: the parts are shorter than the message"
+    );
 }
 
 pub(crate) fn full_not_timeout(e: QueueError) -> QueueError {

@@ -52,8 +52,6 @@ pub use error::{
     RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError, TrySendError,
 };
 
-use std::cell::Cell;
-
 pub use typed::{Queue, QueueReceiver, QueueSender};
 
 use eventcount::{Attempt, EventCount, block_on};
@@ -63,6 +61,9 @@ use crate::sys::Deadline;
 /// The non-blocking core each ring flavour provides; the blocking API is built on it once.
 pub(crate) trait RawSender<T> {
     fn try_send(&self, value: T) -> Result<(), TrySendError<T>>;
+    /// [`try_send`](RawSender::try_send) of a copy of `*value`, written straight into its
+    /// slot: a large message is not moved through the stack and back on every attempt.
+    fn try_send_ref(&self, value: &T) -> Result<(), TrySendError<()>>;
     fn not_full(&self) -> &EventCount;
     /// Slow check after a sleep timed out: are the receivers alive (reclaiming dead ones),
     /// and can a slot held by a dead peer be freed?
@@ -71,55 +72,48 @@ pub(crate) trait RawSender<T> {
 
 pub(crate) trait RawReceiver<T> {
     fn try_recv(&self) -> Result<T, TryRecvError>;
+    /// [`try_recv`](RawReceiver::try_recv) into `out`, copied straight from the slot.
+    fn try_recv_into(&self, out: &mut std::mem::MaybeUninit<T>) -> Result<(), TryRecvError>;
     fn not_empty(&self) -> &EventCount;
     /// See [`RawSender::receivers_alive`].
     fn senders_alive(&self) -> bool;
 }
 
-pub(crate) fn send_until<T, S: RawSender<T>>(
+pub(crate) fn send_until<T: Copy, S: RawSender<T>>(
     s: &S,
     value: T,
     deadline: Deadline,
 ) -> Result<(), SendTimeoutError<T>> {
-    let value = Cell::new(Some(value));
     let outcome = block_on(
         s.not_full(),
         deadline,
-        || match s.try_send(value.take().expect("message present until sent")) {
+        || match s.try_send_ref(&value) {
             Ok(()) => Attempt::Ready(Ok(())),
-            Err(TrySendError::Full(v)) => {
-                value.set(Some(v));
-                Attempt::Blocked
+            Err(TrySendError::Full(())) => Attempt::Blocked,
+            Err(TrySendError::Disconnected(())) => {
+                Attempt::Ready(Err(SendTimeoutError::Disconnected(value)))
             }
-            Err(TrySendError::Disconnected(v)) => {
-                Attempt::Ready(Err(SendTimeoutError::Disconnected(v)))
+            Err(TrySendError::Corrupted(())) => {
+                Attempt::Ready(Err(SendTimeoutError::Corrupted(value)))
             }
-            Err(TrySendError::Corrupted(v)) => Attempt::Ready(Err(SendTimeoutError::Corrupted(v))),
         },
-        || {
-            (!s.receivers_alive()).then(|| {
-                Err(SendTimeoutError::Disconnected(
-                    value.take().expect("message present until sent"),
-                ))
-            })
-        },
+        || (!s.receivers_alive()).then_some(Err(SendTimeoutError::Disconnected(value))),
     );
-    outcome.unwrap_or_else(|| {
-        Err(SendTimeoutError::Timeout(
-            value.take().expect("message present until sent"),
-        ))
-    })
+    outcome.unwrap_or(Err(SendTimeoutError::Timeout(value)))
 }
 
 pub(crate) fn recv_until<T, R: RawReceiver<T>>(
     r: &R,
     deadline: Deadline,
 ) -> Result<T, RecvTimeoutError> {
+    // The message is copied once, from its slot into `out`, and moved out at the end: a
+    // large `T` is not carried through every layer of results by value.
+    let out = std::cell::RefCell::new(std::mem::MaybeUninit::uninit());
     let outcome = block_on(
         r.not_empty(),
         deadline,
-        || match r.try_recv() {
-            Ok(v) => Attempt::Ready(Ok(v)),
+        || match r.try_recv_into(&mut out.borrow_mut()) {
+            Ok(()) => Attempt::Ready(Ok(())),
             Err(TryRecvError::Empty) => Attempt::Blocked,
             Err(TryRecvError::Disconnected) => Attempt::Ready(Err(RecvTimeoutError::Disconnected)),
             Err(TryRecvError::Corrupted(w)) => Attempt::Ready(Err(RecvTimeoutError::Corrupted(w))),
@@ -129,14 +123,16 @@ pub(crate) fn recv_until<T, R: RawReceiver<T>>(
                 return None;
             }
             // Every sender is gone, but one may have sent just before going.
-            Some(match r.try_recv() {
-                Ok(v) => Ok(v),
+            Some(match r.try_recv_into(&mut out.borrow_mut()) {
+                Ok(()) => Ok(()),
                 Err(TryRecvError::Corrupted(w)) => Err(RecvTimeoutError::Corrupted(w)),
                 Err(_) => Err(RecvTimeoutError::Disconnected),
             })
         },
     );
-    outcome.unwrap_or(Err(RecvTimeoutError::Timeout))
+    outcome.unwrap_or(Err(RecvTimeoutError::Timeout))?;
+    // SAFETY: `Ok(())` above means a `try_recv_into` succeeded, and it wrote `out`.
+    Ok(unsafe { out.into_inner().assume_init() })
 }
 
 /// The blocking and batch API shared by every flavour's `Sender`.

@@ -76,6 +76,12 @@
 //! refused before it claims anything (see [Pid namespaces](crate::queue#pid-namespaces)),
 //! so a live claimant is never "repaired" because its tid means another thread there.
 //!
+//! The in-place API (`send_with`, `recv_with`) runs the caller's closure between the
+//! claim and the finishing store, so an unwinding closure is one more way to stop there;
+//! drop guards finish the position as `repair` would, at once: a producer's `fill` that
+//! panics leaves `p + c` (skipped, never delivered; `head` helped past it), a consumer's
+//! reader that panics leaves `p + c` (received). No claim outlives its closure.
+//!
 //! A `try_*` call returns at once and a `*_timeout` call on time; when either gives up,
 //! nothing was claimed, so the message stays whole in the queue (receive) or with the
 //! caller (send).
@@ -98,7 +104,7 @@ use std::fmt;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use super::eventcount::EventCount;
+use super::eventcount::{Attempt, EventCount, block_on};
 use super::peers::{self, PeerTable};
 use super::ring::{CachePadded, RingMem};
 use super::{
@@ -109,6 +115,7 @@ use crate::error::Result;
 use crate::facade::{AtomicU64, Ordering, UnsafeCell};
 use crate::shm::ShmSafe;
 use crate::sys;
+use crate::sys::Deadline;
 
 const CLAIMED: u64 = 1 << 63;
 const READING: u64 = 1 << 62;
@@ -202,7 +209,8 @@ fn new_slot<T>(i: u64) -> Slot<T> {
     Slot {
         stamp: AtomicU64::new(i),
         claimant: AtomicU64::new(0),
-        value: UnsafeCell::new(MaybeUninit::uninit()),
+        // Zero is a valid `T` (ShmSafe), so a free slot can be lent as `&mut T` in place.
+        value: UnsafeCell::new(MaybeUninit::zeroed()),
     }
 }
 
@@ -381,6 +389,87 @@ impl LoomSlot {
     }
 }
 
+/// What a producer puts into the slot it claimed: a value, or an in-place write.
+trait Fill<T> {
+    fn fill(self, slot: &mut MaybeUninit<T>);
+}
+
+/// A message sent by value.
+struct ByValue<T>(T);
+
+impl<T> Fill<T> for ByValue<T> {
+    #[inline]
+    fn fill(self, slot: &mut MaybeUninit<T>) {
+        slot.write(self.0);
+    }
+}
+
+/// A message written in place by a closure.
+struct InPlace<F>(F);
+
+impl<T: ShmSafe, F: FnOnce(&mut T)> Fill<T> for InPlace<F> {
+    #[inline]
+    fn fill(self, slot: &mut MaybeUninit<T>) {
+        // SAFETY: a slot always holds a valid T: zero at creation (valid for ShmSafe),
+        // then whatever message was last written there.
+        (self.0)(unsafe { slot.assume_init_mut() });
+    }
+}
+
+impl<P> TrySendError<P> {
+    fn map<Q>(self, f: impl FnOnce(P) -> Q) -> TrySendError<Q> {
+        match self {
+            TrySendError::Full(v) => TrySendError::Full(f(v)),
+            TrySendError::Disconnected(v) => TrySendError::Disconnected(f(v)),
+            TrySendError::Corrupted(v) => TrySendError::Corrupted(f(v)),
+        }
+    }
+}
+
+/// Armed while a producer's in-place `fill` runs: if it unwinds, the claimed position is
+/// finished as a skipped message, exactly as `repair` finishes a dead producer's (free
+/// for the next lap, `head` helped past it), and sleepers are woken.
+struct Abandon<'a, T> {
+    ring: &'a Ring<T>,
+    pos: u64,
+}
+
+impl<T> Drop for Abandon<'_, T> {
+    #[cold]
+    fn drop(&mut self) {
+        let (ring, pos) = (self.ring, self.pos);
+        let h = ring.header();
+        ring.slot(pos).finish(pos.wrapping_add(ring.capacity()));
+        // `tail` is already past `pos` (advanced by us or a helper after our claim).
+        let _ = h.head.compare_exchange(
+            pos,
+            pos.wrapping_add(1),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        h.not_full.notify_all();
+        h.not_empty.notify_all();
+    }
+}
+
+/// Frees a consumer's claimed slot for the next lap when its reader returns or unwinds.
+struct Free<'a, T> {
+    ring: &'a Ring<T>,
+    pos: u64,
+}
+
+impl<T> Drop for Free<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        let (ring, pos) = (self.ring, self.pos);
+        ring.slot(pos).finish(pos.wrapping_add(ring.capacity()));
+        if std::thread::panicking() {
+            // The caller's notify will not run: wake producers waiting for this slot.
+            ring.header().not_full.notify_all();
+        }
+    }
+}
+
 /// How many times in a row a thread may find a stamp that fits no state before it calls
 /// the ring corrupted. One confirmed odd stamp is already proof (see `push`), so this is
 /// only a margin against a reasoning error; it costs nothing on a sound ring.
@@ -533,7 +622,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     pub fn try_send_batch(&self, values: &[T]) -> Result<usize, TrySendError<()>> {
         let mut sent = 0;
         for v in values {
-            match self.push(*v) {
+            match self.push(ByValue(*v)) {
                 Ok(()) => sent += 1,
                 Err(TrySendError::Full(_)) => break,
                 Err(TrySendError::Disconnected(_)) if sent == 0 => {
@@ -567,7 +656,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     /// Claims the next free position and writes `value`, without notifying consumers.
     /// When the queue is full, runs [`check_when_full`](Self::check_when_full) and looks
     /// once more.
-    fn push(&self, value: T) -> Result<(), TrySendError<T>> {
+    fn push<P: Fill<T>>(&self, value: P) -> Result<(), TrySendError<P>> {
         let ring = &*self.ring;
         let h = ring.header();
         if h.senders.foreign() {
@@ -595,8 +684,11 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                         Ordering::AcqRel,
                         Ordering::Relaxed,
                     );
+                    // A `fill` that unwinds must not leave the slot claimed: skip it.
+                    let abandon = Abandon { ring, pos };
                     // SAFETY: our claim gives us this slot exclusively until we publish it.
-                    slot.value.with_mut(|p| unsafe { (*p).write(value) });
+                    slot.value.with_mut(|p| value.fill(unsafe { &mut *p }));
+                    std::mem::forget(abandon);
                     slot.finish(pos.wrapping_add(1));
                     return Ok(());
                 }
@@ -711,13 +803,87 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         self.ring.header().not_empty.waiters()
     }
 
+    /// Sends a message written in place: `fill` gets the claimed slot (holding an old
+    /// message or zeros) as `&mut T`, and the message is published when it returns. No
+    /// copy through the stack, however large `T` is. Waits while the queue is full.
+    ///
+    /// If `fill` panics, the position is skipped (consumers never see it, exactly as
+    /// for a producer killed mid-write) and the panic goes on.
+    ///
+    /// ```
+    /// let (tx, rx) = procshare::channel::<[u64; 32]>(64)?;
+    /// tx.send_with(|slot| {
+    ///     slot.fill(1);
+    ///     slot[31] = 7;
+    /// })?;
+    /// assert_eq!(rx.recv_with(|msg| msg.iter().sum::<u64>())?, 38);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// `Disconnected(())` if every receiver is gone, `Corrupted(())` if the queue is
+    /// corrupted; `fill` was not called.
+    pub fn send_with(&self, fill: impl FnOnce(&mut T)) -> Result<(), SendError<()>> {
+        let mut fill = Some(InPlace(fill));
+        let h = self.ring.header();
+        block_on(
+            &h.not_full,
+            Deadline::NEVER,
+            || match self.try_fill(&mut fill) {
+                Err(TrySendError::Full(())) => Attempt::Blocked,
+                r => Attempt::Ready(r),
+            },
+            || (!RawSender::receivers_alive(self)).then_some(Err(TrySendError::Disconnected(()))),
+        )
+        .unwrap_or(Err(TrySendError::Full(())))
+        .map_err(|e| match e {
+            TrySendError::Corrupted(()) => SendError::Corrupted(()),
+            _ => SendError::Disconnected(()),
+        })
+    }
+
+    /// [`send_with`](Sender::send_with) if there is room now; otherwise `fill` is not
+    /// called.
+    ///
+    /// # Errors
+    ///
+    /// `Full(())`, `Disconnected(())` or `Corrupted(())`.
+    pub fn try_send_with(&self, fill: impl FnOnce(&mut T)) -> Result<(), TrySendError<()>> {
+        self.try_fill(&mut Some(InPlace(fill)))
+    }
+
+    /// One attempt to send `*fill` (taken only if a slot was claimed).
+    fn try_fill<F: FnOnce(&mut T)>(
+        &self,
+        fill: &mut Option<InPlace<F>>,
+    ) -> Result<(), TrySendError<()>> {
+        let f = fill.take().expect("not sent yet");
+        match self.push(f) {
+            Ok(()) => {
+                self.ring.header().not_empty.notify_all();
+                Ok(())
+            }
+            Err(e) => Err(e.map(|f| *fill = Some(f))),
+        }
+    }
+
     sender_api!();
 }
 
 impl<T: ShmSafe + Copy + Send> RawSender<T> for Sender<T> {
     #[inline]
     fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
-        self.push(value)?;
+        self.push(ByValue(value))
+            .map_err(|e| e.map(|ByValue(v)| v))?;
+        self.ring.header().not_empty.notify_all();
+        Ok(())
+    }
+
+    #[inline]
+    fn try_send_ref(&self, value: &T) -> Result<(), TrySendError<()>> {
+        self.push(InPlace(|slot: &mut T| *slot = *value))
+            .map_err(|e| e.map(|_| ()))?;
         self.ring.header().not_empty.notify_all();
         Ok(())
     }
@@ -793,7 +959,15 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     /// Claims the next published position and copies its message out, without notifying.
     /// When the queue is empty, runs [`check_when_empty`](Self::check_when_empty) and
     /// looks once more.
+    #[inline]
     fn pop(&self) -> Result<T, TryRecvError> {
+        self.pop_with(|v| *v)
+    }
+
+    /// [`pop`](Self::pop), lending the message in place to `read` (which runs once, on
+    /// success only).
+    #[inline]
+    fn pop_with<R>(&self, read: impl FnOnce(&T) -> R) -> Result<R, TryRecvError> {
         let ring = &*self.ring;
         let h = ring.header();
         if h.senders.foreign() {
@@ -818,12 +992,13 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                         Ordering::AcqRel,
                         Ordering::Relaxed,
                     );
+                    // Frees the slot when `read` returns or unwinds (the message then
+                    // counts as received).
+                    let _free = Free { ring, pos };
                     // SAFETY: the stamp said a producer published a T here (its release
                     // store is what our acquire CAS read), and our claim keeps producers
                     // away until we free the slot.
-                    let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
-                    slot.finish(pos.wrapping_add(cap));
-                    return Ok(value);
+                    return Ok(slot.value.with(|p| read(unsafe { (*p).assume_init_ref() })));
                 }
                 continue;
             }
@@ -911,6 +1086,60 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         }
     }
 
+    /// Receives the next message in place: `f` reads it where it lies in the ring (no
+    /// copy through the stack), and its slot is freed when `f` returns. Waits while the
+    /// queue is empty.
+    ///
+    /// If `f` panics, the message counts as received and the panic goes on.
+    ///
+    /// # Errors
+    ///
+    /// `Disconnected` once the queue is empty and every sender is gone, `Corrupted`.
+    pub fn recv_with<R, F: FnOnce(&T) -> R>(&self, f: F) -> Result<R, RecvError> {
+        let mut f = Some(f);
+        let h = self.ring.header();
+        let attempt = |f: &mut Option<F>| {
+            let r = self.pop_with(|v| (f.take().expect("called once"))(v));
+            if r.is_ok() {
+                h.not_full.notify_all();
+            }
+            r
+        };
+        let f = std::cell::RefCell::new(&mut f);
+        block_on(
+            &h.not_empty,
+            Deadline::NEVER,
+            || match attempt(&mut f.borrow_mut()) {
+                Err(TryRecvError::Empty) => Attempt::Blocked,
+                r => Attempt::Ready(r),
+            },
+            || {
+                if RawReceiver::senders_alive(self) {
+                    return None;
+                }
+                // Every sender is gone, but one may have sent just before going.
+                Some(attempt(&mut f.borrow_mut()))
+            },
+        )
+        .unwrap_or(Err(TryRecvError::Empty))
+        .map_err(|e| match e {
+            TryRecvError::Corrupted(w) => RecvError::Corrupted(w),
+            _ => RecvError::Disconnected,
+        })
+    }
+
+    /// [`recv_with`](Receiver::recv_with) if a message is ready now; otherwise `f` is not
+    /// called.
+    ///
+    /// # Errors
+    ///
+    /// `Empty`, `Disconnected` or `Corrupted`.
+    pub fn try_recv_with<R>(&self, f: impl FnOnce(&T) -> R) -> Result<R, TryRecvError> {
+        let r = self.pop_with(f)?;
+        self.ring.header().not_full.notify_all();
+        Ok(r)
+    }
+
     receiver_api!();
 }
 
@@ -920,6 +1149,15 @@ impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
         let v = self.pop()?;
         self.ring.header().not_full.notify_all();
         Ok(v)
+    }
+
+    #[inline]
+    fn try_recv_into(&self, out: &mut MaybeUninit<T>) -> Result<(), TryRecvError> {
+        self.pop_with(|m| {
+            out.write(*m);
+        })?;
+        self.ring.header().not_full.notify_all();
+        Ok(())
     }
 
     fn not_empty(&self) -> &EventCount {
@@ -1068,6 +1306,63 @@ mod tests {
             }
         }
         assert_eq!(all.len(), 2 * per as usize);
+    }
+
+    #[test]
+    fn in_place_send_and_receive() {
+        let (tx, rx) = heap_channel::<[u32; 4]>(2).unwrap();
+        tx.send_with(|slot| {
+            assert_eq!(*slot, [0; 4], "a fresh slot holds zeros");
+            slot[1] = 5;
+        })
+        .unwrap();
+        tx.try_send_with(|slot| *slot = [6; 4]).unwrap();
+        assert!(matches!(
+            tx.try_send_with(|_| unreachable!("full: not called")),
+            Err(TrySendError::Full(()))
+        ));
+        assert_eq!(rx.recv_with(|m| m[1]), Ok(5));
+        assert_eq!(rx.try_recv_with(|m| m[3]), Ok(6));
+        assert!(matches!(
+            rx.try_recv_with(|m| m[0]),
+            Err(TryRecvError::Empty)
+        ));
+    }
+
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "unwinding through the ring's closures is slow under Miri"
+    )]
+    fn a_panicking_fill_is_skipped_and_a_panicking_reader_consumes() {
+        use std::panic::{AssertUnwindSafe, catch_unwind};
+        let (tx, rx) = heap_channel::<u64>(4).unwrap();
+        tx.send(1).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            tx.send_with(|slot| {
+                *slot = 99;
+                panic!("fill fails");
+            })
+        }));
+        assert!(r.is_err());
+        tx.send(2).unwrap();
+        // The abandoned position is skipped: consumers see 1 then 2, never 99.
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 2]);
+        // Every slot is usable again, over several laps.
+        for lap in 0..3 {
+            for i in 0..4 {
+                tx.try_send(lap * 10 + i).unwrap();
+            }
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                rx.recv_with(|_| panic!("reader fails"))
+            }));
+            assert!(r.is_err());
+            assert_eq!(
+                rx.try_iter().collect::<Vec<_>>(),
+                [lap * 10 + 1, lap * 10 + 2, lap * 10 + 3],
+                "the message whose reader panicked counts as received"
+            );
+        }
     }
 
     #[test]

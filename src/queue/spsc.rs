@@ -31,6 +31,12 @@
 //! | sender/receiver owner | the end's first user in a process | the dead process's identity | the next user, once the kernel proves that process dead |
 //! | peer tables | attach/detach, fork handlers | a dead process's handle count | `any_alive`, on every slow path |
 //!
+//! * The in-place API (`send_with`, `send_batch_with`, `recv_with`, `recv_batch_with`)
+//!   lends slots to the caller's closure; drop guards publish `tail` (release `head`) for
+//!   exactly the slots finished when the closure returns or unwinds: a `fill` that
+//!   panics sends the messages it completed and not the one it was writing; a reader that
+//!   panics has received the message it was reading. A SIGKILL inside the closure is the
+//!   first (last) row of the table above.
 //! * After the producer's process is gone, [`Receiver::new_sender`] hands out a new
 //!   producer (or an inherited handle takes over) that resumes at the published `tail`.
 //! * The consumer likewise; a new consumer ([`Sender::new_receiver`]) resumes at `head`.
@@ -47,7 +53,7 @@ use std::fmt;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use super::eventcount::{CheckClock, EventCount};
+use super::eventcount::{Attempt, CheckClock, EventCount, block_on};
 use super::peers::{self, PeerTable};
 use super::ring::{CachePadded, RingMem};
 use super::{
@@ -57,6 +63,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::facade::{AtomicU64, Ordering, UnsafeCell};
 use crate::shm::ShmSafe;
+use crate::sys::Deadline;
 
 #[repr(C)]
 pub(crate) struct Header {
@@ -75,6 +82,9 @@ pub(crate) struct Header {
     receivers: PeerTable,
 }
 
+/// A slot always holds a valid `T`: zero at creation (valid for every `ShmSafe` type),
+/// then the last message written there. So the in-place API may lend `&mut T` to a free
+/// slot and `&T` to a published one.
 type Slot<T> = UnsafeCell<MaybeUninit<T>>;
 type Ring<T> = RingMem<Header, Slot<T>>;
 
@@ -106,7 +116,7 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 /// memory cannot be created.
 pub fn spsc<T: ShmSafe + Copy + Send>(capacity: usize) -> Result<(Sender<T>, Receiver<T>)> {
     let ring = RingMem::create("spsc", capacity, Header::new, |_| {
-        UnsafeCell::new(MaybeUninit::uninit())
+        UnsafeCell::new(MaybeUninit::zeroed())
     })?;
     endpoints(Arc::new(ring))
 }
@@ -144,7 +154,7 @@ pub fn heap_spsc<T: ShmSafe + Copy + Send + 'static>(
     capacity: usize,
 ) -> Result<(Sender<T>, Receiver<T>)> {
     let ring = RingMem::heap(capacity, Header::new, |_| {
-        UnsafeCell::new(MaybeUninit::uninit())
+        UnsafeCell::new(MaybeUninit::zeroed())
     });
     endpoints(Arc::new(ring))
 }
@@ -298,6 +308,154 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         Ok(n as usize)
     }
 
+    /// Writes the next message in place: `fill` gets the free slot (holding an old
+    /// message or zeros) as `&mut T` and the message is published when it returns. No
+    /// copy through the stack, however large `T` is. Waits while the queue is full.
+    ///
+    /// If `fill` panics, nothing is sent (the slot stays free) and the panic goes on.
+    ///
+    /// ```
+    /// let (tx, rx) = procshare::spsc::<[u64; 16]>(64)?;
+    /// tx.send_with(|slot| {
+    ///     slot.fill(0);
+    ///     slot[0] = 42;
+    /// })?;
+    /// assert_eq!(rx.recv_with(|msg| msg[0])?, 42);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// `Disconnected(())` if every receiver is gone, `Corrupted(())` if the queue is
+    /// corrupted; `fill` was not called.
+    pub fn send_with(&self, fill: impl FnOnce(&mut T)) -> Result<(), SendError<()>> {
+        let mut fill = Some(fill);
+        self.write_until(
+            1,
+            &mut |_, slot| (fill.take().expect("called once"))(slot),
+            Deadline::NEVER,
+        )
+        .map(|_| ())
+        .map_err(send_error)
+    }
+
+    /// [`send_with`](Sender::send_with) if there is room now; otherwise `fill` is not
+    /// called.
+    ///
+    /// # Errors
+    ///
+    /// `Full(())`, `Disconnected(())` or `Corrupted(())`.
+    pub fn try_send_with(&self, fill: impl FnOnce(&mut T)) -> Result<(), TrySendError<()>> {
+        let mut fill = Some(fill);
+        self.try_write(1, &mut |_, slot| (fill.take().expect("called once"))(slot))
+            .map(|_| ())
+    }
+
+    /// Writes up to `max` messages in place with one index update: waits for room for
+    /// one, then calls `fill(i, slot)` for `i` in `0..n`, where `n` is how many slots are
+    /// free now (at most `max`), and publishes them together. Returns `n`.
+    ///
+    /// If `fill` panics, the messages it finished before are sent, the one it was writing
+    /// is not, and the panic goes on.
+    ///
+    /// ```
+    /// let (tx, rx) = procshare::spsc::<[u8; 64]>(1024)?;
+    /// let mut next = 0u8;
+    /// while next < 100 {
+    ///     let n = tx.send_batch_with(usize::from(100 - next), |_, slot| {
+    ///         slot.fill(next);
+    ///         next += 1;
+    ///     })?;
+    ///     assert!(n > 0);
+    /// }
+    /// let mut firsts = Vec::new();
+    /// while firsts.len() < 100 {
+    ///     rx.recv_batch_with(100, |msg| firsts.push(msg[0]))?;
+    /// }
+    /// assert_eq!(firsts, (0..100).collect::<Vec<u8>>());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As for [`send_with`](Sender::send_with); nothing was written.
+    pub fn send_batch_with(
+        &self,
+        max: usize,
+        mut fill: impl FnMut(usize, &mut T),
+    ) -> Result<usize, SendError<()>> {
+        if max == 0 {
+            return Ok(0);
+        }
+        self.write_until(max, &mut fill, Deadline::NEVER)
+            .map_err(send_error)
+    }
+
+    fn write_until(
+        &self,
+        max: usize,
+        fill: &mut impl FnMut(usize, &mut T),
+        deadline: Deadline,
+    ) -> Result<usize, SendTimeoutError<()>> {
+        let h = self.ring.header();
+        block_on(
+            &h.not_full,
+            deadline,
+            || match self.try_write(max, fill) {
+                Ok(n) => Attempt::Ready(Ok(n)),
+                Err(TrySendError::Full(())) => Attempt::Blocked,
+                Err(TrySendError::Disconnected(())) => {
+                    Attempt::Ready(Err(SendTimeoutError::Disconnected(())))
+                }
+                Err(TrySendError::Corrupted(())) => {
+                    Attempt::Ready(Err(SendTimeoutError::Corrupted(())))
+                }
+            },
+            || {
+                (!RawSender::receivers_alive(self))
+                    .then_some(Err(SendTimeoutError::Disconnected(())))
+            },
+        )
+        .unwrap_or(Err(SendTimeoutError::Timeout(())))
+    }
+
+    /// Fills and publishes up to `max` free slots; `Full` if there are none.
+    #[inline]
+    fn try_write(
+        &self,
+        max: usize,
+        fill: &mut impl FnMut(usize, &mut T),
+    ) -> Result<usize, TrySendError<()>> {
+        self.enter()?;
+        let mut room = self.room(max as u64)?;
+        if room == 0 && self.check.due() {
+            if !RawSender::receivers_alive(self) {
+                return Err(TrySendError::Disconnected(()));
+            }
+            room = self.room(1)?;
+        }
+        if room == 0 {
+            return Err(TrySendError::Full(()));
+        }
+        let n = room.min(max as u64);
+        let mut publish = Publish {
+            sender: self,
+            start: self.tail.get(),
+            done: 0,
+        };
+        while publish.done < n {
+            let pos = publish.start.wrapping_add(publish.done);
+            // SAFETY: the slot at `pos` is free (pos - head < capacity) and only this
+            // producer touches it until `tail` is published; it holds a valid T (see
+            // `Slot`), so lending it as `&mut T` is sound.
+            self.ring
+                .slot(pos)
+                .with_mut(|p| fill(publish.done as usize, unsafe { (*p).assume_init_mut() }));
+            publish.done += 1;
+        }
+        Ok(n as usize)
+    }
+
     /// Test hook: how many waiters the receiver's eventcount has announced.
     #[doc(hidden)]
     pub fn __not_empty_waiters(&self) -> u32 {
@@ -305,6 +463,64 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     }
 
     sender_api!();
+}
+
+/// Publishes the slots an in-place write finished, when it ends or unwinds: a `fill`
+/// that panics leaves the slot it was writing unpublished (free), never half-sent.
+struct Publish<'a, T: ShmSafe + Copy + Send> {
+    sender: &'a Sender<T>,
+    start: u64,
+    done: u64,
+}
+
+impl<T: ShmSafe + Copy + Send> Drop for Publish<'_, T> {
+    fn drop(&mut self) {
+        if self.done == 0 {
+            return;
+        }
+        let tail = self.start.wrapping_add(self.done);
+        let h = self.sender.ring.header();
+        self.sender.tail.set(tail);
+        // SYNC POINT: releases the slots written above to the consumer's acquire of `tail`.
+        h.tail.store(tail, Ordering::Release);
+        h.not_empty.notify_all();
+    }
+}
+
+/// Releases the slots an in-place read lent out, when it ends or unwinds: a message
+/// whose reader panicked counts as received.
+struct Release<'a, T: ShmSafe + Copy + Send> {
+    receiver: &'a Receiver<T>,
+    start: u64,
+    done: u64,
+}
+
+impl<T: ShmSafe + Copy + Send> Drop for Release<'_, T> {
+    fn drop(&mut self) {
+        if self.done == 0 {
+            return;
+        }
+        let head = self.start.wrapping_add(self.done);
+        let h = self.receiver.ring.header();
+        self.receiver.head.set(head);
+        // SYNC POINT: the reads above happen before the producer reuses these slots.
+        h.head.store(head, Ordering::Release);
+        h.not_full.notify_all();
+    }
+}
+
+fn send_error(e: SendTimeoutError<()>) -> SendError<()> {
+    match e {
+        SendTimeoutError::Corrupted(()) => SendError::Corrupted(()),
+        _ => SendError::Disconnected(()),
+    }
+}
+
+fn recv_error(e: RecvTimeoutError) -> RecvError {
+    match e {
+        RecvTimeoutError::Corrupted(w) => RecvError::Corrupted(w),
+        _ => RecvError::Disconnected,
+    }
 }
 
 fn with_value<T>(e: TrySendError<()>, value: T) -> TrySendError<T> {
@@ -342,6 +558,11 @@ impl<T: ShmSafe + Copy + Send> RawSender<T> for Sender<T> {
         h.tail.store(tail.wrapping_add(1), Ordering::Release);
         h.not_empty.notify_all();
         Ok(())
+    }
+
+    #[inline]
+    fn try_send_ref(&self, value: &T) -> Result<(), TrySendError<()>> {
+        self.try_write(1, &mut |_, slot| *slot = *value).map(|_| ())
     }
 
     fn not_full(&self) -> &EventCount {
@@ -489,6 +710,125 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         Ok(n as usize)
     }
 
+    /// Receives the next message in place: `f` reads it where it lies in the ring (no
+    /// copy through the stack), and its slot is released when `f` returns. Waits while
+    /// the queue is empty.
+    ///
+    /// If `f` panics, the message counts as received and the panic goes on.
+    ///
+    /// ```
+    /// let (tx, rx) = procshare::spsc::<[f64; 128]>(16)?;
+    /// tx.send_with(|slot| slot.fill(0.5))?;
+    /// let sum: f64 = rx.recv_with(|msg| msg.iter().sum())?;
+    /// assert_eq!(sum, 64.0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// `Disconnected` once the queue is empty and every sender is gone, `Corrupted`.
+    pub fn recv_with<R>(&self, f: impl FnOnce(&T) -> R) -> Result<R, RecvError> {
+        let (mut f, mut out) = (Some(f), None);
+        self.read_until(
+            1,
+            &mut |msg| out = Some((f.take().expect("called once"))(msg)),
+            Deadline::NEVER,
+        )
+        .map_err(recv_error)?;
+        Ok(out.expect("one message was read"))
+    }
+
+    /// [`recv_with`](Receiver::recv_with) if a message is ready now; otherwise `f` is
+    /// not called.
+    ///
+    /// # Errors
+    ///
+    /// `Empty`, `Disconnected` or `Corrupted`.
+    pub fn try_recv_with<R>(&self, f: impl FnOnce(&T) -> R) -> Result<R, TryRecvError> {
+        let (mut f, mut out) = (Some(f), None);
+        self.try_read(1, &mut |msg| {
+            out = Some((f.take().expect("called once"))(msg))
+        })?;
+        Ok(out.expect("one message was read"))
+    }
+
+    /// Reads up to `max` messages in place with one index update: waits for one, then
+    /// calls `f` on each message ready now (at most `max`), in order, and releases their
+    /// slots together. Returns how many. See [`Sender::send_batch_with`] for an example.
+    ///
+    /// If `f` panics, the messages before and the one it was reading count as received.
+    ///
+    /// # Errors
+    ///
+    /// As for [`recv_with`](Receiver::recv_with).
+    pub fn recv_batch_with(&self, max: usize, mut f: impl FnMut(&T)) -> Result<usize, RecvError> {
+        if max == 0 {
+            return Ok(0);
+        }
+        self.read_until(max, &mut f, Deadline::NEVER)
+            .map_err(recv_error)
+    }
+
+    fn read_until(
+        &self,
+        max: usize,
+        f: &mut impl FnMut(&T),
+        deadline: Deadline,
+    ) -> Result<usize, RecvTimeoutError> {
+        let h = self.ring.header();
+        // Both the attempt and the final look after the senders left may read.
+        let f = std::cell::RefCell::new(f);
+        block_on(
+            &h.not_empty,
+            deadline,
+            || match self.try_read(max, *f.borrow_mut()) {
+                Ok(n) => Attempt::Ready(Ok(n)),
+                Err(TryRecvError::Empty) => Attempt::Blocked,
+                Err(TryRecvError::Disconnected) => {
+                    Attempt::Ready(Err(RecvTimeoutError::Disconnected))
+                }
+                Err(TryRecvError::Corrupted(w)) => {
+                    Attempt::Ready(Err(RecvTimeoutError::Corrupted(w)))
+                }
+            },
+            || {
+                if RawReceiver::senders_alive(self) {
+                    return None;
+                }
+                // Every sender is gone, but one may have sent just before going.
+                Some(match self.try_read(max, *f.borrow_mut()) {
+                    Ok(n) => Ok(n),
+                    Err(TryRecvError::Corrupted(w)) => Err(RecvTimeoutError::Corrupted(w)),
+                    Err(_) => Err(RecvTimeoutError::Disconnected),
+                })
+            },
+        )
+        .unwrap_or(Err(RecvTimeoutError::Timeout))
+    }
+
+    /// Lends up to `max` ready messages to `f` and releases them; `Empty` if none.
+    #[inline]
+    fn try_read(&self, max: usize, f: &mut impl FnMut(&T)) -> Result<usize, TryRecvError> {
+        let n = self.available(max as u64)?.min(max as u64);
+        let mut release = Release {
+            receiver: self,
+            start: self.head.get(),
+            done: 0,
+        };
+        while release.done < n {
+            let pos = release.start.wrapping_add(release.done);
+            // Counted before `f` runs: a message whose reader panics is received.
+            release.done += 1;
+            // SAFETY: positions below the published tail hold messages the producer wrote
+            // (the acquire load of `tail` made them visible) and will not touch until we
+            // publish `head`.
+            self.ring
+                .slot(pos)
+                .with(|p| f(unsafe { (*p).assume_init_ref() }));
+        }
+        Ok(n as usize)
+    }
+
     receiver_api!();
 }
 
@@ -507,6 +847,14 @@ impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
         h.head.store(head.wrapping_add(1), Ordering::Release);
         h.not_full.notify_all();
         Ok(value)
+    }
+
+    #[inline]
+    fn try_recv_into(&self, out: &mut MaybeUninit<T>) -> Result<(), TryRecvError> {
+        self.try_read(1, &mut |m| {
+            out.write(*m);
+        })
+        .map(|_| ())
     }
 
     fn not_empty(&self) -> &EventCount {
@@ -735,6 +1083,62 @@ mod tests {
             tx.send(i).unwrap();
             assert_eq!(rx.recv().unwrap(), i);
         }
+    }
+
+    #[test]
+    fn in_place_writes_and_reads_in_order() {
+        let (tx, rx) = heap_spsc::<[u32; 4]>(4).unwrap();
+        // A fresh slot holds zeros (a valid T), so `fill` may read it.
+        tx.send_with(|slot| {
+            assert_eq!(*slot, [0; 4]);
+            slot[0] = 1;
+        })
+        .unwrap();
+        assert_eq!(rx.try_recv_with(|m| m[0]), Ok(1));
+        assert!(matches!(
+            rx.try_recv_with(|m| m[0]),
+            Err(TryRecvError::Empty)
+        ));
+        // A batch takes only the free slots (4), with one index update.
+        let n = tx
+            .send_batch_with(10, |i, slot| *slot = [i as u32; 4])
+            .unwrap();
+        assert_eq!(n, 4);
+        assert!(matches!(
+            tx.try_send_with(|_| unreachable!("no room: not called")),
+            Err(TrySendError::Full(()))
+        ));
+        let mut got = Vec::new();
+        assert_eq!(rx.recv_batch_with(3, |m| got.push(m[0])).unwrap(), 3);
+        assert_eq!(rx.recv_batch_with(3, |m| got.push(m[3])).unwrap(), 1);
+        assert_eq!(got, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "unwinding through the ring's closures is slow under Miri"
+    )]
+    fn a_panicking_fill_sends_nothing_and_a_panicking_reader_consumes() {
+        use std::panic::{AssertUnwindSafe, catch_unwind};
+        let (tx, rx) = heap_spsc::<u64>(8).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            tx.send_batch_with(5, |i, slot| {
+                assert!(i < 2, "fill fails on the third message");
+                *slot = 10 + i as u64;
+            })
+        }));
+        assert!(r.is_err());
+        // The two finished messages went out; the third did not.
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [10, 11]);
+        tx.send(12).unwrap();
+        tx.send(13).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            rx.recv_with(|_| panic!("the reader fails"))
+        }));
+        assert!(r.is_err());
+        assert_eq!(rx.try_recv(), Ok(13), "12 counts as received");
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
     }
 
     #[test]

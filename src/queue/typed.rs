@@ -11,12 +11,26 @@ use super::bytes::{ByteQueue, QueueBuilder, QueueError, Role, full_not_timeout};
 use crate::error::Result;
 use crate::sys::Deadline;
 
+mod flat;
+
+/// Values of at most this many bytes in memory are first encoded on the stack.
+const SMALL: usize = 64;
+
 /// A multi-producer multi-consumer queue of any `Serialize + DeserializeOwned` values, of
 /// any size, shared between processes: Python's `multiprocessing.Queue`.
 ///
 /// Values are encoded with postcard straight into the shared ring (no intermediate buffer
 /// for messages up to a quarter of the ring; larger ones are chunked) and decoded straight
-/// out of it. Clone the handle for more producers and consumers; a forked child shares it.
+/// out of it. `Vec<u8>`, `String`, `Box<[u8]>`, `Box<str>`, `Vec<i8>`, `Vec<f32>` and
+/// `Vec<f64>` take a fast path: their postcard bytes (a length, then the elements' memory)
+/// are copied as whole slices instead of element by element, so `Queue<Vec<u8>>` moves
+/// large messages faster than a socket. (Inside other types, e.g. a struct field, serde
+/// still goes element by element; wrap such a field in `serde_bytes` if it is large.)
+/// [`get_into`](Queue::get_into) reuses the receiver's buffer. A message must be read as
+/// the type it was sent as; a reader of another type gets `Decode` (or, where postcard's
+/// bytes happen to fit both types, that type's reading of them).
+///
+/// Clone the handle for more producers and consumers; a forked child shares it.
 ///
 /// # When a queue is disconnected
 ///
@@ -86,7 +100,7 @@ impl Queue<()> {
     }
 }
 
-impl<T: Serialize + DeserializeOwned> Queue<T> {
+impl<T: Serialize + DeserializeOwned + 'static> Queue<T> {
     /// A queue with a 1 MiB ring and a 64 MiB message limit.
     ///
     /// # Errors
@@ -104,6 +118,23 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     fn put_until(&self, value: &T, deadline: Deadline) -> Result<(), QueueError> {
+        if let Some(flat) = flat::view(value) {
+            // Byte vectors, strings, float vectors: postcard's bytes, copied as slices.
+            return self
+                .bytes
+                .send_parts(&[&flat.prefix(), flat.payload()], deadline);
+        }
+        if size_of::<T>() <= SMALL {
+            // Small values (numbers, tuples of them, short enums) encode once, onto the
+            // stack, instead of a sizing pass and a writing pass; a value that turns out
+            // larger (it owns heap data) takes the general path below.
+            let mut small = [0u8; SMALL];
+            match postcard::to_slice(value, &mut small) {
+                Ok(encoded) => return self.bytes.send_parts(&[encoded], deadline),
+                Err(postcard::Error::SerializeBufferFull) => {}
+                Err(e) => return Err(QueueError::Encode(e.to_string())),
+            }
+        }
         let size = postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
             .map_err(|e| QueueError::Encode(e.to_string()))?;
         self.bytes.send_encoded(
@@ -149,7 +180,30 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     fn decode(bytes: &[u8]) -> Result<T, QueueError> {
-        postcard::from_bytes(bytes).map_err(|e| QueueError::Decode(e.to_string()))
+        if flat::is_flat::<T>() {
+            return flat::decode(bytes).map_err(decode_error);
+        }
+        match postcard::take_from_bytes(bytes) {
+            Ok((value, [])) => Ok(value),
+            Ok((_, rest)) => Err(leftover(rest.len())),
+            Err(e) => Err(decode_error(e)),
+        }
+    }
+
+    /// Decodes into `place`, reusing what it owns (a `Vec`'s or `String`'s buffer).
+    fn decode_into(bytes: &[u8], place: &mut T) -> Result<(), QueueError> {
+        if flat::is_flat::<T>() {
+            return flat::decode_into(bytes, place).map_err(decode_error);
+        }
+        let mut de = postcard::Deserializer::from_bytes(bytes);
+        // `deserialize_in_place` is serde's (hidden, stable) hook for exactly this: a
+        // `Vec` or `String` field refills its buffer instead of allocating a new one.
+        T::deserialize_in_place(&mut de, place).map_err(decode_error)?;
+        match de.finalize() {
+            Ok([]) => Ok(()),
+            Ok(rest) => Err(leftover(rest.len())),
+            Err(e) => Err(decode_error(e)),
+        }
     }
 
     /// Takes the next value, waiting for one.
@@ -159,6 +213,53 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// `Closed` (closed and drained), `Disconnected`, `Decode` or `Corrupted`.
     pub fn get(&self) -> Result<T, QueueError> {
         self.bytes.recv_with(Self::decode)?
+    }
+
+    /// Takes the next value into `place`, reusing the memory it owns: a `Vec<u8>`,
+    /// `String`, `Vec<f64>` (any `Vec`, through serde's in-place deserialization) is
+    /// refilled in its own buffer, so a loop of `get_into` allocates nothing once the
+    /// buffer is large enough. (A `#[derive(Deserialize)]` struct reuses its fields'
+    /// buffers only when serde's `deserialize_in_place` feature is enabled; otherwise it
+    /// is decoded as by `get` and assigned.)
+    ///
+    /// ```
+    /// let q = procshare::Queue::<Vec<u8>>::new()?;
+    /// let _peer = q.clone();
+    /// q.put(&vec![1; 1000])?;
+    /// q.put(&vec![2; 10])?;
+    /// let mut buf = Vec::new();
+    /// q.get_into(&mut buf)?;
+    /// assert_eq!(buf, vec![1; 1000]);
+    /// q.get_into(&mut buf)?; // the same allocation, refilled
+    /// assert_eq!(buf, vec![2; 10]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As for [`get`](Queue::get). After a `Decode` error the message is consumed and
+    /// `place` holds some valid value of `T` (its old value, or partly overwritten).
+    pub fn get_into(&self, place: &mut T) -> Result<(), QueueError> {
+        self.bytes.recv_with(|b| Self::decode_into(b, place))?
+    }
+
+    /// [`get_into`](Queue::get_into), waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`get_timeout`](Queue::get_timeout).
+    pub fn get_into_timeout(&self, place: &mut T, timeout: Duration) -> Result<(), QueueError> {
+        self.bytes
+            .recv_with_timeout(timeout, |b| Self::decode_into(b, place))?
+    }
+
+    /// [`get_into`](Queue::get_into) if a value is ready now. Returns at once.
+    ///
+    /// # Errors
+    ///
+    /// As for [`try_get`](Queue::try_get).
+    pub fn try_get_into(&self, place: &mut T) -> Result<(), QueueError> {
+        self.bytes.try_recv_with(|b| Self::decode_into(b, place))?
     }
 
     /// Takes the next value, waiting at most `timeout`. A large value half received when
@@ -263,7 +364,7 @@ pub struct QueueSender<T> {
     queue: Queue<T>,
 }
 
-impl<T: Serialize + DeserializeOwned> QueueSender<T> {
+impl<T: Serialize + DeserializeOwned + 'static> QueueSender<T> {
     /// As [`Queue::put`].
     ///
     /// # Errors
@@ -318,7 +419,7 @@ pub struct QueueReceiver<T> {
     queue: Queue<T>,
 }
 
-impl<T: Serialize + DeserializeOwned> QueueReceiver<T> {
+impl<T: Serialize + DeserializeOwned + 'static> QueueReceiver<T> {
     /// As [`Queue::get`].
     ///
     /// # Errors
@@ -336,6 +437,33 @@ impl<T: Serialize + DeserializeOwned> QueueReceiver<T> {
     /// As for [`Queue::get_timeout`].
     pub fn get_timeout(&self, timeout: Duration) -> Result<T, QueueError> {
         self.queue.get_timeout(timeout)
+    }
+
+    /// As [`Queue::get_into`]: refills `place`, reusing its buffers.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Queue::get_into`].
+    pub fn get_into(&self, place: &mut T) -> Result<(), QueueError> {
+        self.queue.get_into(place)
+    }
+
+    /// As [`Queue::get_into_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Queue::get_into_timeout`].
+    pub fn get_into_timeout(&self, place: &mut T, timeout: Duration) -> Result<(), QueueError> {
+        self.queue.get_into_timeout(place, timeout)
+    }
+
+    /// As [`Queue::try_get_into`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Queue::try_get_into`].
+    pub fn try_get_into(&self, place: &mut T) -> Result<(), QueueError> {
+        self.queue.try_get_into(place)
     }
 
     /// As [`Queue::try_get`].
@@ -383,6 +511,16 @@ macro_rules! role_handle_impls {
 
 role_handle_impls!(QueueSender, QueueReceiver);
 
+fn decode_error(e: postcard::Error) -> QueueError {
+    QueueError::Decode(e.to_string())
+}
+
+fn leftover(n: usize) -> QueueError {
+    QueueError::Decode(format!(
+        "{n} bytes were left over after the value: the message was sent as another type"
+    ))
+}
+
 impl<T> Clone for Queue<T> {
     fn clone(&self) -> Self {
         Queue {
@@ -423,6 +561,45 @@ mod tests {
         }
         consumer.join().unwrap();
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_reader_of_another_type_gets_a_decode_error() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug, Default)]
+        struct Job {
+            name: String,
+            data: Vec<f64>,
+        }
+        let q: Queue<(Vec<u8>, u32)> = Queue::new().unwrap();
+        let as_bytes: Queue<Vec<u8>> = Queue::from_bytes(q.as_bytes().clone());
+        q.put(&(vec![1, 2, 3], 7)).unwrap();
+        // postcard alone would return `[1, 2, 3]` and ignore the `u32`.
+        assert!(matches!(as_bytes.get(), Err(QueueError::Decode(_))));
+        // And the other way: the fast path's bytes read by a generic reader.
+        as_bytes.put(&vec![9; 5]).unwrap();
+        assert!(matches!(q.get(), Err(QueueError::Decode(_))));
+        // get_into on a struct checks leftovers the same way.
+        let jobs: Queue<Job> = Queue::from_bytes(q.as_bytes().clone());
+        let mut job = Job::default();
+        jobs.put(&Job {
+            name: "a".into(),
+            data: vec![1.5; 64],
+        })
+        .unwrap();
+        jobs.get_into(&mut job).unwrap();
+        jobs.put(&Job {
+            name: "b".into(),
+            data: vec![2.5; 8],
+        })
+        .unwrap();
+        jobs.get_into(&mut job).unwrap();
+        assert_eq!(job.data, vec![2.5; 8]);
+        assert_eq!(job.name, "b");
+        q.put(&(vec![], 1)).unwrap();
+        assert!(matches!(
+            jobs.get_into(&mut job),
+            Err(QueueError::Decode(_))
+        ));
     }
 
     #[test]
