@@ -174,18 +174,17 @@ pub use super::eventcount::LoomEventCount;
 /// let producers: Vec<_> = (0..2u32)
 ///     .map(|p| {
 ///         let tx = tx.clone();
-///         procshare::fork::fork(move || {
+///         procshare::Process::fork(move || {
 ///             for i in 0..1000 {
 ///                 tx.send([p, i, 0, 0]).unwrap();
 ///             }
-///             0
 ///         })
 ///     })
-///     .collect::<Result<_, _>>()?;
+///     .collect::<Result<Vec<_>, _>>()?;
 /// drop(tx); // only the children send now
 /// assert_eq!(rx.iter().count(), 2000); // ends when both children are done
-/// for mut p in producers {
-///     p.wait().unwrap();
+/// for p in producers {
+///     p.join().expect("a producer ran to the end");
 /// }
 /// # Ok::<(), procshare::Error>(())
 /// ```

@@ -98,15 +98,14 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 ///
 /// ```
 /// let (tx, rx) = procshare::spsc::<u64>(1024)?;
-/// let mut child = procshare::fork::fork(move || {
+/// let child = procshare::Process::fork(move || {
 ///     for i in 0..10_000 {
 ///         tx.send(i).unwrap();
 ///     }
-///     0
 /// })?;
 /// let sum: u64 = rx.iter().take(10_000).sum();
 /// assert_eq!(sum, 10_000 * 9_999 / 2);
-/// child.wait().unwrap();
+/// child.join().expect("the producer ran to the end");
 /// # Ok::<(), procshare::Error>(())
 /// ```
 ///

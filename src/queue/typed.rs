@@ -51,12 +51,12 @@ const SMALL: usize = 64;
 /// use procshare::{Queue, QueueError};
 ///
 /// let (tx, rx) = Queue::<String>::new()?.split()?;
-/// let mut producer = procshare::fork::fork(move || {
+/// let producer = procshare::Process::fork(move || {
 ///     tx.put(&"hello".to_string()).unwrap();
-///     0 // exits: its sender is gone
+///     // returns, and exits: its sender is gone
 /// })?;
 /// assert_eq!(rx.get()?, "hello");
-/// producer.wait()?;
+/// producer.join()?;
 /// // This process holds only a receiver (the `tx` moved into the child's closure was
 /// // dropped here when `fork` returned), so no sender is left anywhere:
 /// assert_eq!(rx.get(), Err(QueueError::Disconnected));
@@ -67,19 +67,18 @@ const SMALL: usize = 64;
 /// use procshare::Queue;
 ///
 /// let q: Queue<(String, Vec<u32>)> = Queue::new()?;
-/// let mut child = procshare::fork::fork({
+/// let child = procshare::Process::fork({
 ///     let q = q.clone();
 ///     move || {
 ///         for i in 0..3 {
 ///             q.put(&(format!("job {i}"), vec![i; 3])).unwrap();
 ///         }
-///         0
 ///     }
 /// })?;
 /// for i in 0..3 {
 ///     assert_eq!(q.get()?, (format!("job {i}"), vec![i; 3]));
 /// }
-/// child.wait().unwrap();
+/// child.join()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Queue<T> {
