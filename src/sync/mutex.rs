@@ -750,7 +750,7 @@ mod tests {
 
     #[test]
     fn threads_exclude_each_other() {
-        let each = if cfg!(miri) { 300 } else { 20_000 };
+        let each = if cfg!(miri) { 60 } else { 20_000 };
         let m = Arc::new(Mutex::new(0u64));
         let handles: Vec<_> = (0..4)
             .map(|_| {
