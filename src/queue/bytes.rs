@@ -618,6 +618,9 @@ impl Core {
         parts: &[&[u8]],
         deadline: Deadline,
     ) -> Result<(), QueueError> {
+        if self.foreign() {
+            return Err(QueueError::ForeignPidNamespace);
+        }
         let len = parts.iter().map(|p| p.len()).sum::<usize>();
         if len > self.max_message {
             return Err(QueueError::MessageTooLarge {
