@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::ns::*;
+
 use std::time::{Duration, Instant};
 
 use procshare::fork::signal;
@@ -43,56 +45,6 @@ fn main() {
     )
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn skip(test: &str, why: &str) {
-    println!("    skipped {test}: {why}");
-}
-
-fn check(rc: libc::c_int, what: &str) {
-    assert!(rc == 0, "{what}: {}", std::io::Error::last_os_error());
-}
-
-fn in_new_pid_namespace_with_proc(fstype: &'static std::ffi::CStr, f: impl FnOnce()) -> bool {
-    // SAFETY: plain syscalls; this child owns the namespaces it creates.
-    unsafe {
-        check(
-            libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS),
-            "unshare(CLONE_NEWPID | CLONE_NEWNS)",
-        );
-    }
-    let mut child = spawn(|| {
-        // SAFETY: as above; pid 1 of the new namespace mounts its own /proc.
-        unsafe {
-            check(
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ),
-                "make / private",
-            );
-            check(
-                libc::mount(
-                    fstype.as_ptr(),
-                    c"/proc".as_ptr(),
-                    fstype.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                ),
-                "mount /proc",
-            );
-        }
-        f();
-    });
-    child.wait().unwrap().success()
-}
-
 // ---- F01/F02: processes in a child pid namespace ------------------------------------------
 //
 // `liveness` promises "owner recorded in another pid namespace → alive (cannot tell)", and
@@ -102,34 +54,6 @@ fn in_new_pid_namespace_with_proc(fstype: &'static std::ffi::CStr, f: impl FnOnc
 // (a container started from the process that holds the queue: `unshare -pf`, `bwrap`,
 // runc's init) is judged by whatever has *its* id in *our* namespace (pid 1 = init here),
 // whose start time differs: "dead".
-
-/// Mounts `fstype` on `/proc` in the calling process's mount namespace (made private
-/// first, so nothing propagates out).
-fn mount_on_proc(fstype: &std::ffi::CStr) {
-    // SAFETY: plain syscalls on NUL-terminated strings; the caller owns its mount namespace.
-    unsafe {
-        check(
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-            "make / private",
-        );
-        check(
-            libc::mount(
-                fstype.as_ptr(),
-                c"/proc".as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            ),
-            "mount on /proc",
-        );
-    }
-}
 
 // ---- F04: `place` over a memmap2::MmapMut ---------------------------------------------------
 //
@@ -484,9 +408,9 @@ fn holder_without_proc_in_a_child_pid_namespace_is_not_robbed() {
         );
         let init = spawn(|| {
             // Pid 1 of the namespace: pick the holder's pid there, then hide /proc.
-            mount_on_proc(c"proc");
+            mount_on_proc(c"proc", c"");
             std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", target - 1)).unwrap();
-            mount_on_proc(c"tmpfs");
+            mount_on_proc(c"tmpfs", c"");
             // SAFETY: single-threaded; `procshare::fork` needs /proc to count threads.
             let mut holder = unsafe {
                 procshare::fork::fork_unchecked(|| {

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::ns::*;
+
 use std::time::{Duration, Instant};
 
 use procshare::fork::signal;
@@ -29,59 +31,6 @@ fn main() {
         ],
         &[],
     )
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn skip(test: &str, why: &str) {
-    println!("    skipped {test}: {why}");
-}
-
-fn check(rc: libc::c_int, what: &str) {
-    assert!(rc == 0, "{what}: {}", std::io::Error::last_os_error());
-}
-
-/// In the calling (forked) child: a private mount namespace with `/proc` replaced by
-/// `source`/`fstype` mounted with `options`.
-fn remount_proc(fstype: &str, options: &str) {
-    let fstype = std::ffi::CString::new(fstype).unwrap();
-    let options = std::ffi::CString::new(options).unwrap();
-    // SAFETY: plain syscalls on NUL-terminated strings that outlive them; this child owns
-    // its new mount namespace.
-    unsafe {
-        check(libc::unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)");
-        check(
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-            "make / private",
-        );
-        check(
-            libc::mount(
-                fstype.as_ptr(),
-                c"/proc".as_ptr(),
-                fstype.as_ptr(),
-                0,
-                options.as_ptr().cast(),
-            ),
-            "mount over /proc",
-        );
-    }
-}
-
-fn become_nobody() {
-    // SAFETY: plain syscalls; the forked child gives up root for good.
-    unsafe {
-        check(libc::setgid(65534), "setgid");
-        check(libc::setuid(65534), "setuid");
-    }
 }
 
 /// A lock held by this process until the returned child (a waiter set up by `setup`) has
@@ -113,7 +62,7 @@ fn holder_hidden_by_hidepid_is_not_robbed() {
         return skip("hidepid", "needs root to mount /proc and change uid");
     }
     waiter_must_not_take_a_live_lock(|| {
-        remount_proc("proc", "hidepid=2");
+        remount_proc(c"proc", c"hidepid=2");
         become_nobody();
     });
 }
@@ -138,7 +87,7 @@ fn non_dumpable_holder_hidden_from_its_own_user_is_not_robbed() {
     });
     assert!(ready.wait_timeout(Duration::from_secs(5)));
     let waiter = common::spawn(|| {
-        remount_proc("proc", "hidepid=2");
+        remount_proc(c"proc", c"hidepid=2");
         become_nobody();
         assert!(matches!(
             lock.lock_timeout(Duration::from_millis(300)),
@@ -155,7 +104,7 @@ fn holder_is_not_robbed_where_there_is_no_proc() {
     if !is_root() {
         return skip("no /proc", "needs root to mount over /proc");
     }
-    waiter_must_not_take_a_live_lock(|| remount_proc("tmpfs", "size=4k"));
+    waiter_must_not_take_a_live_lock(|| remount_proc(c"tmpfs", c"size=4k"));
 }
 
 fn dead_holder_is_recovered_where_there_is_no_proc() {
@@ -173,7 +122,7 @@ fn dead_holder_is_recovered_where_there_is_no_proc() {
     holder.signal(signal::KILL).unwrap();
     holder.wait().unwrap();
     let waiter = common::spawn(|| {
-        remount_proc("tmpfs", "size=4k");
+        remount_proc(c"tmpfs", c"size=4k");
         // kill(tid, 0) answers ESRCH: proof enough without /proc.
         let g = lock.lock_timeout(Duration::from_secs(5));
         let g = g.expect_err("the dead holder's lock comes back poisoned");
@@ -183,46 +132,6 @@ fn dead_holder_is_recovered_where_there_is_no_proc() {
         }
     });
     common::join(waiter, Duration::from_secs(10));
-}
-
-/// In the calling (forked) child: moves its future children into a new pid namespace
-/// with its own `/proc` (what `unshare -pf --mount-proc` does), then runs `f` in such a
-/// child and returns its exit status.
-fn in_new_pid_namespace(f: impl FnOnce()) -> bool {
-    // SAFETY: plain syscalls; this child owns the namespaces it creates.
-    unsafe {
-        check(
-            libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS),
-            "unshare(CLONE_NEWPID | CLONE_NEWNS)",
-        );
-    }
-    let mut child = common::spawn(|| {
-        // SAFETY: as above; pid 1 of the new namespace mounts its own /proc.
-        unsafe {
-            check(
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ),
-                "make / private",
-            );
-            check(
-                libc::mount(
-                    c"proc".as_ptr(),
-                    c"/proc".as_ptr(),
-                    c"proc".as_ptr(),
-                    0,
-                    std::ptr::null(),
-                ),
-                "mount /proc",
-            );
-        }
-        f();
-    });
-    child.wait().unwrap().success()
 }
 
 fn holder_in_parent_pid_namespace_is_not_robbed() {
@@ -437,7 +346,7 @@ fn sender_hidden_by_hidepid_keeps_the_queue_connected() {
         assert!(waiting.wait_timeout(Duration::from_secs(20)));
     });
     let receiver = common::spawn(|| {
-        remount_proc("proc", "hidepid=2");
+        remount_proc(c"proc", c"hidepid=2");
         become_nobody();
         assert_eq!(
             rx.recv_timeout(Duration::from_millis(300)),

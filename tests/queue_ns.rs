@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::ns::*;
+
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
@@ -30,63 +32,6 @@ fn main() {
         ],
         &[],
     )
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn skip(test: &str, why: &str) {
-    println!("    skipped {test}: {why}");
-}
-
-fn check(rc: libc::c_int, what: &str) {
-    assert!(rc == 0, "{what}: {}", std::io::Error::last_os_error());
-}
-
-/// Mounts `fstype` on `/proc` in the calling process's mount namespace (made private
-/// first, so nothing propagates out).
-fn mount_on_proc(fstype: &std::ffi::CStr) {
-    // SAFETY: plain syscalls on NUL-terminated strings; the caller owns its mount namespace.
-    unsafe {
-        check(
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-            "make / private",
-        );
-        check(
-            libc::mount(
-                fstype.as_ptr(),
-                c"/proc".as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            ),
-            "mount on /proc",
-        );
-    }
-}
-
-/// In the calling (forked) child: moves its future children into a new pid namespace with
-/// its own `/proc` (what `unshare -pf --mount-proc` does), then runs `f` in such a child
-/// and returns whether it succeeded.
-fn in_new_pid_namespace(f: impl FnOnce()) -> bool {
-    // SAFETY: plain syscall; this child owns the namespaces it creates.
-    check(
-        unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS) },
-        "unshare(CLONE_NEWPID | CLONE_NEWNS)",
-    );
-    let mut child = spawn(|| {
-        mount_on_proc(c"proc");
-        f();
-    });
-    child.wait().unwrap().success()
 }
 
 /// The panic message of `f`, which must panic.
@@ -121,11 +66,11 @@ fn a_channel_sender_in_a_child_pid_namespace_is_refused_and_never_judged_dead() 
             "unshare",
         );
         // No /proc while it forks (so the fork handlers cannot read the child's outer pid).
-        mount_on_proc(c"tmpfs");
+        mount_on_proc(c"tmpfs", c"");
         // SAFETY: this process is single-threaded (a forked test child).
         let mut init = unsafe {
             procshare::fork::fork_unchecked(move || {
-                mount_on_proc(c"proc");
+                mount_on_proc(c"proc", c"");
                 let worker = spawn(move || {
                     // Pid 2 in here: a live sender, quiet for a while, then refused.
                     std::thread::sleep(Duration::from_millis(1500));
