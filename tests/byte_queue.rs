@@ -20,6 +20,7 @@ fn main() {
     common::run(
         tests![
             python_queue_seed_program,
+            a_record_word_with_stray_bits_is_corruption_not_a_spin,
             a_two_way_handle_in_the_parent_keeps_the_queue_connected,
             receivers_learn_every_sender_died_while_the_parent_keeps_a_receiver,
             senders_learn_every_receiver_died_while_the_parent_keeps_a_sender,
@@ -1053,6 +1054,27 @@ fn senders_learn_every_receiver_died_while_the_parent_keeps_a_sender() {
     assert_eq!(outcome, Err(QueueError::Disconnected));
     assert!(
         start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// Found by the `ring_records` fuzz target: a READING record at `head` whose word had a
+/// bit set between the length and the kind made the consumer's repair (a compare-and-swap
+/// against the decoded value) fail and retry for ever.
+fn a_record_word_with_stray_bits_is_corruption_not_a_spin() {
+    let q = ByteQueue::builder().capacity(4096).bytes().unwrap();
+    let _other = q.clone();
+    // state 3 (READING), kind 0, length 256, and a stray bit 39.
+    let w: u64 = (3 << 56) | (1 << 39) | 256;
+    q.__scribble(0, 0, 3840, &w.to_le_bytes());
+    let start = Instant::now();
+    match q.try_recv_with(|b| b.len()) {
+        Err(QueueError::Corrupted(what)) => assert!(what.contains("record at 0"), "{what}"),
+        other => panic!("expected Corrupted, got {other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
         "{:?}",
         start.elapsed()
     );

@@ -468,7 +468,11 @@ impl Core {
         let (state, kind, len) = (w >> 56, (w >> 48) & 0xff, w & 0xffff_ffff);
         let off = pos & (self.cap() - 1);
         let span = record_len(len);
-        if state == 0
+        // A word must be exactly what `word` encodes: stray bits (between the length and
+        // the kind) would make every compare-and-swap against the decoded value fail, and
+        // a consumer repairing a READING record at `head` would retry for ever.
+        if w != word(state, kind, len)
+            || state == 0
             || state > ST_DONE
             || kind > K_PAD
             || off + span > self.cap()
