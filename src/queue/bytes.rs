@@ -582,6 +582,13 @@ impl Core {
         fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
         deadline: Deadline,
     ) -> Result<(), QueueError> {
+        self.may_send(len)?;
+        self.send_open(role, len, fill, deadline)
+    }
+
+    /// The checks every send makes before it touches the ring, in one place so that no
+    /// send path can skip one: this process's pid namespace, the size, `close`.
+    fn may_send(&self, len: usize) -> Result<(), QueueError> {
         if self.foreign() {
             return Err(QueueError::ForeignPidNamespace);
         }
@@ -594,7 +601,7 @@ impl Core {
         if self.h().closed.load(Ordering::Acquire) != 0 {
             return Err(QueueError::Closed);
         }
-        self.send_open(role, len, fill, deadline)
+        Ok(())
     }
 
     /// [`send`](Self::send) after its checks (also used to hand a kept message back
@@ -622,19 +629,8 @@ impl Core {
         parts: &[&[u8]],
         deadline: Deadline,
     ) -> Result<(), QueueError> {
-        if self.foreign() {
-            return Err(QueueError::ForeignPidNamespace);
-        }
         let len = parts.iter().map(|p| p.len()).sum::<usize>();
-        if len > self.max_message {
-            return Err(QueueError::MessageTooLarge {
-                size: len,
-                max: self.max_message,
-            });
-        }
-        if self.h().closed.load(Ordering::Acquire) != 0 {
-            return Err(QueueError::Closed);
-        }
+        self.may_send(len)?;
         if len as u64 > self.single_limit() {
             return self.send_chunked(role, parts, deadline);
         }

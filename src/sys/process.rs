@@ -352,21 +352,7 @@ pub(crate) fn send_all(fd: BorrowedFd<'_>, mut bytes: &[u8]) -> io::Result<()> {
 /// A connected pair of `SOCK_SEQPACKET` Unix sockets (message boundaries kept),
 /// close-on-exec: the fork server's control channel.
 pub(crate) fn socketpair_seqpacket() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds: [libc::c_int; 2] = [-1, -1];
-    // SAFETY: `fds` is a valid, writable array of two ints, which socketpair fills in.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors are fresh and owned by nothing else; each is wrapped once.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    super::socketpair(libc::SOCK_SEQPACKET)
 }
 
 /// At most this many descriptors travel in one message (the kernel's limit is 253).

@@ -12,16 +12,17 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr;
 use std::time::Duration;
 
-/// A connected pair of Unix stream sockets, both close-on-exec (so an exec'd program does
-/// not inherit them by accident) but inherited by `fork`.
-pub(crate) fn socketpair_stream() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A connected pair of Unix sockets of `kind` (`SOCK_STREAM`, `SOCK_SEQPACKET`), both
+/// close-on-exec (so an exec'd program does not inherit them by accident) but inherited by
+/// `fork`.
+pub(crate) fn socketpair(kind: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds: [libc::c_int; 2] = [-1, -1];
     // SAFETY: `fds` is a valid, writable array of two ints, which is what socketpair fills
     // in; the other arguments are plain integers.
     let rc = unsafe {
         libc::socketpair(
             libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            kind | libc::SOCK_CLOEXEC,
             0,
             fds.as_mut_ptr(),
         )
@@ -32,6 +33,11 @@ pub(crate) fn socketpair_stream() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: socketpair succeeded, so both descriptors are open, fresh, and owned by
     // nothing else; each is wrapped exactly once.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A connected pair of Unix stream sockets; see [`socketpair`].
+pub(crate) fn socketpair_stream() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(libc::SOCK_STREAM)
 }
 
 /// Sends as much of `bufs` (in order) as the socket accepts with one `sendmsg`, and
