@@ -112,7 +112,7 @@ use super::{
     TrySendError, receiver_api, sender_api,
 };
 use crate::error::Result;
-use crate::facade::{AtomicU64, Ordering, UnsafeCell};
+use crate::loom_switch::{AtomicU64, Ordering, UnsafeCell};
 use crate::shm::ShmSafe;
 use crate::sys;
 use crate::sys::Deadline;
@@ -738,7 +738,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                     ring.mark_corrupted(BAD_STAMP);
                     return Err(TrySendError::Corrupted(value));
                 }
-                crate::facade::spin_hint();
+                crate::loom_switch::spin_hint();
             }
         }
     }
@@ -1050,7 +1050,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                         "slot stamp {stamp:#x} fits no state of position {pos}"
                     )));
                 }
-                crate::facade::spin_hint();
+                crate::loom_switch::spin_hint();
             }
         }
     }
