@@ -30,6 +30,7 @@ mod error;
 pub mod fork;
 mod liveness;
 mod loom_switch;
+mod owner;
 mod pipe;
 pub mod queue;
 pub mod shm;

@@ -71,7 +71,7 @@ pub(crate) struct Header {
     head: CachePadded<AtomicU64>,
     not_empty: CachePadded<EventCount>,
     not_full: CachePadded<EventCount>,
-    /// [`process_identity`](crate::liveness::process_identity) of the process using the
+    /// [`process_identity`](crate::owner::process_identity) of the process using the
     /// sender (receiver), 0 if none.
     sender_owner: AtomicU64,
     receiver_owner: AtomicU64,

@@ -65,43 +65,24 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::{Duration, Instant};
 
+use crate::owner;
 use crate::shm::ShmSafe;
 use crate::sys::{self, Deadline, FutexWait, ThreadIdentity};
 
 const WAITERS: u32 = 1 << 31;
-const TID_BITS: u32 = 22;
-const TID_MASK: u32 = (1 << TID_BITS) - 1;
-const HASH_MASK: u32 = 0x1ff;
+/// Bits of start time in the owner tag below [`WAITERS`] (see `crate::owner`).
+const HASH_BITS: u32 = 9;
 /// The poison word: 0 = clean, `POISON_PANIC` = a holder panicked, `tid << 1 | 1` = thread
 /// `tid` died holding the lock.
 const POISON_PANIC: u32 = 1;
-/// The owner-record word packs the tid above a 40-bit start time (348 years at 100 Hz).
-const RECORD_START_MASK: u64 = (1 << 40) - 1;
 
 const FIRST_CHECK: Duration = Duration::from_millis(2);
 const MAX_CHECK: Duration = Duration::from_millis(64);
 
+/// The lock word's owner tag for thread `id` (without the waiters bit).
 #[inline]
 fn owner_tag(id: ThreadIdentity) -> u32 {
-    // Linux caps thread ids at PID_MAX_LIMIT = 2^22, so this holds on every kernel.
-    debug_assert!(
-        id.tid <= TID_MASK,
-        "thread id {} exceeds PID_MAX_LIMIT",
-        id.tid
-    );
-    id.tid | ((id.start as u32 & HASH_MASK) << TID_BITS)
-}
-
-/// The owner record published by a lock holder is trusted only when it names the thread
-/// the lock word names: same tid and same start-time hash.
-#[inline]
-fn record_matches(record: u64, owner: u32) -> bool {
-    record >> 40 == u64::from(owner & TID_MASK) && (record as u32 & HASH_MASK) == owner >> TID_BITS
-}
-
-#[inline]
-fn owner_record(id: ThreadIdentity) -> u64 {
-    (u64::from(id.tid) << 40) | (id.start & RECORD_START_MASK)
+    owner::tag_of(id, HASH_BITS)
 }
 
 /// The process-shared robust lock under [`Mutex<T>`], usable on its own through
@@ -266,7 +247,7 @@ impl RawMutex {
     fn publish_owner(&self, me: ThreadIdentity) {
         self.owner_ns.store(me.ns, Ordering::Relaxed);
         // SYNC POINT: a checker that reads this record with Acquire sees the namespace.
-        self.owner.store(owner_record(me), Ordering::Release);
+        self.owner.store(owner::record_of(me), Ordering::Release);
     }
 
     /// Releases the lock.
@@ -377,7 +358,7 @@ impl RawMutex {
                     .compare_exchange(held, tag | WAITERS, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
-                    self.poison_by_death(held & TID_MASK);
+                    self.poison_by_death(owner::tag_tid(held));
                     return true;
                 }
                 continue;
@@ -396,26 +377,24 @@ impl RawMutex {
     /// With `deep`, an owner that still runs but no longer maps the lock (its process
     /// `exec`'d another program, which keeps the thread's id and start time) counts as gone
     /// too: nothing in that program can unlock it.
-    fn dead_owner_record(&self, owner: u32, deep: bool) -> Option<u64> {
-        let tid = owner & TID_MASK;
-        let hash = u64::from(owner >> TID_BITS);
+    fn dead_owner_record(&self, tag: u32, deep: bool) -> Option<u64> {
         // The word was loaded with Acquire, so this sees at least the record as it was
         // when the word was written: cleared by the previous unlock or taker, or ours.
         let record = self.owner.load(Ordering::Acquire);
-        let dead = if record_matches(record, owner) {
+        // The record is trusted only when it names the thread the word names.
+        let trusted = owner::record_matches_tag(record, tag, HASH_BITS);
+        let dead = if trusted {
             let ns = self.owner_ns.load(Ordering::Relaxed);
-            crate::liveness::thread_in_namespace_is_dead(tid, record, 40, ns)
-                || (deep && ns == sys::current_thread().ns && self.owner_left_mapping(tid))
+            owner::record_in_namespace_is_dead(record, ns)
+                || (deep
+                    && ns == sys::current_thread().ns
+                    && self.owner_left_mapping(owner::tag_tid(tag)))
         } else {
             // The owner has not published its record yet (or died before it could):
             // only the hash in the word itself can be compared.
-            crate::liveness::thread_is_dead(tid, hash, HASH_MASK.count_ones())
+            owner::tag_is_dead(tag, HASH_BITS)
         };
-        dead.then_some(if record_matches(record, owner) {
-            record
-        } else {
-            0
-        })
+        dead.then_some(if trusted { record } else { 0 })
     }
 }
 
@@ -443,7 +422,7 @@ impl fmt::Debug for RawMutex {
         let s = self.state.load(Ordering::Relaxed);
         f.debug_struct("RawMutex")
             .field("locked", &(s != 0))
-            .field("owner_tid", &(s & TID_MASK))
+            .field("owner_tid", &owner::tag_tid(s))
             .field("poisoned", &self.is_poisoned())
             .finish()
     }
