@@ -11,7 +11,8 @@
 //! [WAITERS][start-time hash (9)][owner tid (22)]      0 = unlocked
 //! ```
 //!
-//! (the owner tag and record are packed by `crate::owner`, which draws both layouts).
+//! The owner tag and the owner record (below) are packed by `crate::owner`, which draws
+//! both layouts.
 //!
 //! Linux thread ids are below `PID_MAX_LIMIT` = 2^22, so a tid always fits. The 9 bits
 //! are the owner thread's start time (clock ticks after boot) modulo 512. Right after
@@ -34,6 +35,19 @@
 //! the lock or if it is stopped (`SIGSTOP`): there is no timeout-based stealing. Checks
 //! back off from 2 ms to 64 ms, so a lock whose owner died is recovered within about
 //! 70 ms of the death being observable.
+//!
+//! # Transitions of the lock word
+//!
+//! | from | to | by |
+//! |---|---|---|
+//! | 0 | `tag` | `try_acquire`: `lock`/`try_lock`/`lock_timeout` fast path |
+//! | 0 | `tag \| WAITERS` | `try_acquire` in the contended path (sleepers may remain) |
+//! | `t` | `t \| WAITERS` | a waiter, before it sleeps |
+//! | `t \| WAITERS`, `t` proven dead | `tag \| WAITERS` | `try_acquire` take-over: then poison, then record |
+//! | `tag`, `tag \| WAITERS` | 0 | `unlock` (record cleared first; futex wake if `WAITERS`) |
+//!
+//! Every transition that gives the word an owner goes through `try_acquire`, which then
+//! publishes the owner record; no other code writes an owner into the word.
 //!
 //! # What a kill can leave
 //!
@@ -85,12 +99,12 @@ fn owner_tag(id: ThreadIdentity) -> u32 {
     owner::tag_of(id, HASH_BITS)
 }
 
-/// The process-shared robust lock under [`Mutex<T>`](crate::Mutex), usable on its own through
-/// [`lock_api`] (`lock_api::Mutex<procshare::RawMutex, T>`).
+/// The process-shared robust lock under [`Mutex<T>`](crate::Mutex), usable on its own
+/// through [`lock_api`] (`lock_api::Mutex<procshare::RawMutex, T>`).
 ///
-/// Twenty-four bytes, 8-byte aligned, `#[repr(C)]`, valid when all-zero: it can be placed in any shared mapping
-/// (a procshare [`Segment`](crate::Segment), a `memmap2` file mapping, a `shared_memory`
-/// segment) at an 8-byte aligned offset, without an init call.
+/// Twenty-four bytes, 8-byte aligned, `#[repr(C)]`, valid when all-zero: it can be placed
+/// in any shared mapping (a procshare [`Segment`](crate::Segment), a `memmap2` file
+/// mapping, a `shared_memory` segment) at an 8-byte aligned offset, without an init call.
 ///
 /// If a thread dies while holding it, the next locker takes it over and
 /// [`is_poisoned`](RawMutex::is_poisoned) turns true. (A waiter that has slept past a short,
