@@ -26,10 +26,11 @@
 #![warn(missing_docs)]
 
 mod error;
-mod facade;
 #[doc(hidden)]
 pub mod fork;
 mod liveness;
+mod loom_switch;
+mod owner;
 mod pipe;
 pub mod queue;
 pub mod shm;

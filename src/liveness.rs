@@ -1,7 +1,7 @@
 //! Is the thread or process that a word in shared memory names still running?
 //!
 //! Owners are recorded as `(id, start time)` pairs, possibly with the start time cut down
-//! to a few bits. Anything that takes over from an owner (a lock, a claimed slot, a peer
+//! to a few bits (how they are packed into words is `crate::owner`'s business). Anything that takes over from an owner (a lock, a claimed slot, a peer
 //! table entry, a named segment) acts only on *proof* that the owner is gone, and every
 //! answer here errs towards "alive":
 //!
@@ -24,6 +24,7 @@
 //! namespace (the mutex does) pass it in; named segments refuse to open from a foreign
 //! namespace, so the owners recorded inside them are always in the caller's.
 
+use crate::owner;
 use crate::sys;
 
 /// What the kernel can prove about one task id.
@@ -92,16 +93,11 @@ pub(crate) fn thread_in_namespace_is_dead(tid: u32, start_bits: u64, bits: u32, 
     thread_is_dead(tid, start_bits, bits)
 }
 
-/// Process identity packed in 64 bits: pid above a 40-bit start time. Never 0.
-pub(crate) fn process_identity(pid: u32, start: u64) -> u64 {
-    (u64::from(pid) << 40) | (start & ((1 << 40) - 1))
-}
-
-/// Whether the process named by [`process_identity`] is provably gone: every thread of
-/// its group has exited, or its pid now names another task.
+/// Whether the process named by `identity` (an [`owner::process_identity`]) is provably
+/// gone: every thread of its group has exited, or its pid now names another task.
 pub(crate) fn process_is_dead(identity: u64) -> bool {
-    let pid = (identity >> 40) as u32;
-    match inspect(pid, identity, 40) {
+    let (pid, start) = owner::identity_parts(identity);
+    match inspect(pid, start, owner::START_BITS) {
         Evidence::Dead => true,
         Evidence::Alive => false,
         Evidence::ZombieLeader => !group_has_live_thread(pid),
@@ -133,7 +129,7 @@ mod tests {
         assert!(!thread_is_dead(me.tid, me.start, 40));
         assert!(!thread_in_namespace_is_dead(me.tid, me.start, 40, me.ns));
         let (pid, start) = sys::current_process_noalloc();
-        assert!(!process_is_dead(process_identity(pid, start)));
+        assert!(!process_is_dead(owner::process_identity(pid, start)));
     }
 
     #[test]

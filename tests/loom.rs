@@ -11,9 +11,10 @@
 //! threads).
 //!
 //! Spawned producers hand their sender back through `join` instead of dropping it: the
-//! peer table that counts handles uses std atomics (it is not on the loom facade), so loom
-//! does not see the happens-before edge that a sender's drop gives a receiver that then
-//! reads "no senders left", and would report a `Disconnected` that hides a message.
+//! peer table that counts handles uses std atomics (it is not on the loom switch,
+//! `src/loom_switch.rs`), so loom does not see the happens-before edge that a sender's
+//! drop gives a receiver that then reads "no senders left", and would report a
+//! `Disconnected` that hides a message.
 #![cfg(loom)]
 
 use loom::sync::Arc;

@@ -43,7 +43,7 @@
 //! The last row is the only way a wake-up can be delayed, and only by a notifier's death
 //! between two adjacent stores; every sleep is bounded, so nothing hangs.
 
-use crate::facade::{AtomicU32, Deadline, FutexWait, Ordering, fence, spin_hint, wait, wake};
+use crate::loom_switch::{AtomicU32, Deadline, FutexWait, Ordering, fence, spin_hint, wait, wake};
 
 const COUNT_MASK: u32 = 0xffff;
 const EPOCH_ONE: u32 = 1 << 16;

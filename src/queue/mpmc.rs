@@ -112,7 +112,8 @@ use super::{
     TrySendError, receiver_api, sender_api,
 };
 use crate::error::Result;
-use crate::facade::{AtomicU64, Ordering, UnsafeCell};
+use crate::loom_switch::{AtomicU64, Ordering, UnsafeCell};
+use crate::owner;
 use crate::shm::ShmSafe;
 use crate::sys;
 use crate::sys::Deadline;
@@ -121,11 +122,9 @@ const CLAIMED: u64 = 1 << 63;
 const READING: u64 = 1 << 62;
 const TAG_SHIFT: u32 = 32;
 const TAG_MASK: u64 = (1 << 30) - 1;
-const TID_BITS: u32 = 22;
+/// Bits of start time in the claim tag (see `crate::owner`); the claimant word is a full
+/// thread record.
 const HASH_BITS: u32 = 8;
-/// The claimant word packs the thread id above a 40-bit start time.
-const START_BITS: u32 = 40;
-const START_MASK: u64 = (1 << START_BITS) - 1;
 
 /// Why a channel was marked corrupted (the header's `corrupted` word; 0 = sound).
 const BAD_STAMP: u64 = 1;
@@ -263,10 +262,9 @@ struct Claimant {
 
 impl Claimant {
     fn of(tid: u32, start: u64) -> Claimant {
-        let tid = u64::from(tid) & ((1 << TID_BITS) - 1);
         Claimant {
-            tag: (tid | ((start & ((1 << HASH_BITS) - 1)) << TID_BITS)) & TAG_MASK,
-            record: (tid << START_BITS) | (start & START_MASK),
+            tag: u64::from(owner::thread_tag(tid, start, HASH_BITS)),
+            record: owner::thread_record(tid, start),
         }
     }
 
@@ -319,19 +317,16 @@ impl<T> Slot<T> {
     /// Whether the thread holding `stamp` (a claim read from this slot) is provably gone;
     /// `Some(record)` with the claimant word to clear if so.
     fn claimant_is_dead(&self, stamp: u64) -> Option<u64> {
-        let tag = (stamp >> TAG_SHIFT) & TAG_MASK;
-        let tid = (tag & ((1 << TID_BITS) - 1)) as u32;
-        let hash = tag >> TID_BITS;
+        let tag = ((stamp >> TAG_SHIFT) & TAG_MASK) as u32;
         // Read after the claim (acquire above): zero, or written by this very claim.
         let record = self.claimant.load(Ordering::Acquire);
-        let dead =
-            if record >> START_BITS == u64::from(tid) && record & ((1 << HASH_BITS) - 1) == hash {
-                crate::liveness::thread_is_dead(tid, record & START_MASK, START_BITS)
-            } else {
-                // Not written yet (or, if the words disagree, not ours to trust): the
-                // claim's own 8 bits can only err towards "alive".
-                crate::liveness::thread_is_dead(tid, hash, HASH_BITS)
-            };
+        let dead = if owner::record_matches_tag(record, tag, HASH_BITS) {
+            owner::record_is_dead(record)
+        } else {
+            // Not written yet (or, if the words disagree, not ours to trust): the
+            // claim's own 8 bits can only err towards "alive".
+            owner::tag_is_dead(tag, HASH_BITS)
+        };
         dead.then_some(record)
     }
 }
@@ -738,7 +733,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                     ring.mark_corrupted(BAD_STAMP);
                     return Err(TrySendError::Corrupted(value));
                 }
-                crate::facade::spin_hint();
+                crate::loom_switch::spin_hint();
             }
         }
     }
@@ -1050,7 +1045,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                         "slot stamp {stamp:#x} fits no state of position {pos}"
                     )));
                 }
-                crate::facade::spin_hint();
+                crate::loom_switch::spin_hint();
             }
         }
     }
@@ -1403,9 +1398,12 @@ mod tests {
         let c = Claimant::of(0x3f_ffff, (0xab_cdef_1234 << 8) | 0x5a);
         let stamp = claim(7, c.tag, true);
         assert!(claims(stamp, 7) && stamp & READING != 0);
-        assert_eq!((stamp >> TAG_SHIFT) & ((1 << TID_BITS) - 1), 0x3f_ffff);
-        assert_eq!((stamp >> TAG_SHIFT) >> TID_BITS & 0xff, 0x5a);
-        assert_eq!(c.record >> START_BITS, 0x3f_ffff);
+        assert_eq!(
+            (stamp >> TAG_SHIFT) & ((1 << owner::TID_BITS) - 1),
+            0x3f_ffff
+        );
+        assert_eq!((stamp >> TAG_SHIFT) >> owner::TID_BITS & 0xff, 0x5a);
+        assert_eq!(c.record >> owner::START_BITS, 0x3f_ffff);
         assert_eq!(c.record & 0xff, 0x5a);
     }
 

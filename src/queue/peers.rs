@@ -133,8 +133,9 @@ const LENT: u64 = 1 << 63;
 const BOUND: u64 = 1 << 62;
 /// Owner tag: the slot is being reclaimed by the process in the low bits.
 const RECLAIMING: u64 = LENT | BOUND;
-/// The identity bits of an owner word ([`liveness::process_identity`] fits in 62 bits:
-/// pids are below 2^22).
+/// The identity bits of an owner word
+/// ([`process_identity`](crate::owner::process_identity) fits in 62 bits: pids are below
+/// 2^22).
 const IDENTITY: u64 = BOUND - 1;
 /// How long a proof that a holder still maps the table spares it the next look.
 const MAPS_PROOF_MS: u32 = 250;
@@ -510,7 +511,7 @@ pub(crate) fn current_process() -> u64 {
     match PROCESS.load(Ordering::Relaxed) {
         0 => {
             let (pid, start) = sys::current_process_noalloc();
-            let id = liveness::process_identity(pid, start);
+            let id = crate::owner::process_identity(pid, start);
             PROCESS.store(id, Ordering::Relaxed);
             id
         }
@@ -787,7 +788,7 @@ extern "C" fn after_fork_parent() {
 
 extern "C" fn after_fork_child() {
     let (pid, start) = sys::current_process_noalloc();
-    let me = liveness::process_identity(pid, start);
+    let me = crate::owner::process_identity(pid, start);
     PROCESS.store(me, Ordering::Relaxed);
     compute_namespace();
     // SAFETY: the child is single-threaded and inherited the held registry lock.
@@ -831,7 +832,7 @@ extern "C" fn after_fork_child() {
 /// The identity of our child `pid` (not reaped yet, so the pid is still its own).
 fn child_identity(pid: u32) -> Option<u64> {
     match sys::thread_stat(pid) {
-        Ok(Some(stat)) => Some(liveness::process_identity(pid, stat.start)),
+        Ok(Some(stat)) => Some(crate::owner::process_identity(pid, stat.start)),
         _ => None,
     }
 }
@@ -981,7 +982,7 @@ mod tests {
     /// Made-up identities that no liveness check can judge under Miri; natively the scan
     /// may find them dead, so tests that rely on them staying use loans instead.
     fn fake(i: u64) -> u64 {
-        liveness::process_identity(1000 + i as u32, 77)
+        crate::owner::process_identity(1000 + i as u32, 77)
     }
 
     fn slot_sum(t: &PeerTable) -> u64 {
@@ -1123,7 +1124,7 @@ mod tests {
     /// An identity of this very process with the wrong start time: "recycled", so dead.
     fn dead(i: u64) -> u64 {
         let (pid, start) = sys::current_process_noalloc();
-        liveness::process_identity(pid, start.wrapping_add(1 + i) & ((1 << 40) - 1))
+        crate::owner::process_identity(pid, start.wrapping_add(1 + i) & ((1 << 40) - 1))
     }
 
     #[test]

@@ -61,7 +61,7 @@ use super::{
     TrySendError, receiver_api, sender_api,
 };
 use crate::error::{Error, Result};
-use crate::facade::{AtomicU64, Ordering, UnsafeCell};
+use crate::loom_switch::{AtomicU64, Ordering, UnsafeCell};
 use crate::shm::ShmSafe;
 use crate::sys::Deadline;
 
@@ -71,7 +71,7 @@ pub(crate) struct Header {
     head: CachePadded<AtomicU64>,
     not_empty: CachePadded<EventCount>,
     not_full: CachePadded<EventCount>,
-    /// [`process_identity`](crate::liveness::process_identity) of the process using the
+    /// [`process_identity`](crate::owner::process_identity) of the process using the
     /// sender (receiver), 0 if none.
     sender_owner: AtomicU64,
     receiver_owner: AtomicU64,
@@ -916,8 +916,8 @@ mod ownership {
     use std::sync::Once;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-    use crate::facade;
     use crate::liveness;
+    use crate::loom_switch;
     use crate::queue::peers::{self, PeerTable};
     use crate::sys;
 
@@ -983,7 +983,7 @@ mod ownership {
         for &word in words.iter() {
             // SAFETY: a word is listed only while a handle of this process owns it, which
             // keeps its mapping alive, and the list cannot change while we hold the lock.
-            let word = unsafe { &*(word as *const facade::AtomicU64) };
+            let word = unsafe { &*(word as *const loom_switch::AtomicU64) };
             let _ = word.compare_exchange(me, 0, Ordering::SeqCst, Ordering::Relaxed);
         }
         words.clear(); // no allocation: clear keeps the buffer
@@ -1001,7 +1001,7 @@ mod ownership {
     ///
     /// If another live process owns the end.
     pub(super) fn take(
-        word: &facade::AtomicU64,
+        word: &loom_switch::AtomicU64,
         ns_table: &PeerTable,
         end: &str,
         verb: &str,
@@ -1035,7 +1035,7 @@ mod ownership {
                 break;
             }
         }
-        let addr = word as *const facade::AtomicU64 as usize;
+        let addr = word as *const loom_switch::AtomicU64 as usize;
         OWNED.with(|words| {
             if !words.contains(&addr) {
                 words.push(addr);
@@ -1045,11 +1045,11 @@ mod ownership {
     }
 
     /// Gives up ownership held since `generation`, when the handle is dropped.
-    pub(super) fn release(word: &facade::AtomicU64, generation: u64) {
+    pub(super) fn release(word: &loom_switch::AtomicU64, generation: u64) {
         if generation != self::generation() {
             return; // not ours in this process (or not since the last fork)
         }
-        let addr = word as *const facade::AtomicU64 as usize;
+        let addr = word as *const loom_switch::AtomicU64 as usize;
         OWNED.with(|words| words.retain(|&w| w != addr));
         let _ = word.compare_exchange(
             peers::current_process(),

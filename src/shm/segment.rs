@@ -710,7 +710,7 @@ impl Probe {
         info.creator_alive =
             (info.same_pid_namespace == Some(true) && id.creator_pid != 0 && id.creator_start != 0)
                 .then(|| {
-                    let who = liveness::process_identity(id.creator_pid, id.creator_start);
+                    let who = crate::owner::process_identity(id.creator_pid, id.creator_start);
                     !liveness::process_is_dead(who)
                 });
         if info.same_pid_namespace == Some(false) {

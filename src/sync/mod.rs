@@ -21,13 +21,15 @@ mod barrier;
 mod condvar;
 mod event;
 pub(crate) mod mutex;
+mod raw_mutex;
 mod semaphore;
 mod value;
 
 pub use barrier::{Barrier, BarrierWaitResult};
 pub use condvar::{Condvar, WaitTimeoutResult};
 pub use event::Event;
-pub use mutex::{Mutex, MutexGuard, RawMutex};
+pub use mutex::{Mutex, MutexGuard};
+pub use raw_mutex::RawMutex;
 pub use semaphore::Semaphore;
 pub use value::{Array, ArrayGuard, Value};
 

@@ -17,7 +17,8 @@ use std::ptr::NonNull;
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::Duration;
 
-use super::mutex::{Mutex, MutexGuard, RawGuard, RawMutex};
+use super::mutex::{Mutex, MutexGuard, RawGuard};
+use super::raw_mutex::RawMutex;
 use crate::error::{Error, Result};
 use crate::shm::header::{TypeTag, short_type_name};
 
