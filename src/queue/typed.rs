@@ -490,6 +490,47 @@ impl<T: Serialize + DeserializeOwned + 'static> QueueReceiver<T> {
     }
 }
 
+// ---- Handing a handle to a spawned child (`process::handles`) ------------------------
+
+impl<T> Queue<T> {
+    /// The byte queue underneath (any `T`).
+    pub(crate) fn bytes(&self) -> &ByteQueue {
+        &self.bytes
+    }
+
+    /// A typed handle on `bytes` (any `T`).
+    pub(crate) fn wrap(bytes: ByteQueue) -> Queue<T> {
+        Queue {
+            bytes,
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> QueueSender<T> {
+    pub(crate) fn bytes(&self) -> &ByteQueue {
+        &self.queue.bytes
+    }
+
+    pub(crate) fn wrap(bytes: ByteQueue) -> QueueSender<T> {
+        QueueSender {
+            queue: Queue::wrap(bytes),
+        }
+    }
+}
+
+impl<T> QueueReceiver<T> {
+    pub(crate) fn bytes(&self) -> &ByteQueue {
+        &self.queue.bytes
+    }
+
+    pub(crate) fn wrap(bytes: ByteQueue) -> QueueReceiver<T> {
+        QueueReceiver {
+            queue: Queue::wrap(bytes),
+        }
+    }
+}
+
 macro_rules! role_handle_impls {
     ($($ty:ident),*) => {$(
         impl<T> Clone for $ty<T> {
