@@ -1,18 +1,63 @@
 //! Handles inside a `Process` argument: their descriptors travel beside the bytes.
 //!
-//! A [`Segment`], [`Shared<T>`], [`Value<T>`], [`Array<T>`] or [`Connection`] owns a
-//! file descriptor; its bytes in a postcard message are only an index. While
-//! `Process::spawn` encodes an argument for a Spawn or ForkServer child, each such handle
-//! puts a duplicate of its descriptor into the *outgoing* set and writes the index; the
-//! set is carried out of band (inherited across exec for Spawn, `SCM_RIGHTS` to the fork
-//! server for ForkServer), and the child decodes its argument with the received
-//! descriptors as the *incoming* set: each handle takes its descriptor by index and maps
-//! it again (a segment's header is checked as by `Segment::from_fd`, and the size must fit
-//! the type). Under `Fork` the argument is moved, not encoded: handles work as they are.
+//! A [`Segment`], [`Shared<T>`] (a value or a slice `Shared<[T]>`), [`Value<T>`],
+//! [`Array<T>`], [`Connection`], and every queue handle ([`Queue<T>`], [`QueueSender<T>`],
+//! [`QueueReceiver<T>`], [`ByteQueue`], [`channel`](crate::channel) and
+//! [`spsc`](crate::spsc) ends) owns a file descriptor; its bytes in a postcard message
+//! are only an index (and, for a queue, its loan and settings). While `Process::spawn`
+//! encodes an argument for a Spawn or ForkServer child, each such handle puts a duplicate
+//! of its descriptor into the *outgoing* set and writes the index; the set is carried out
+//! of band (inherited across exec for Spawn, `SCM_RIGHTS` to the fork server for
+//! ForkServer), and the child decodes its argument with the received descriptors as the
+//! *incoming* set: each handle takes its descriptor by index and maps it again (a
+//! segment's header is checked as by `Segment::from_fd`; a queue's or a slice's header
+//! must also name the same type, as a typed open by name checks, and the size must fit
+//! it). Under `Fork` the argument is moved, not encoded: handles work as they are.
 //!
 //! Serializing a handle anywhere else (into a file, over a `Queue`) is an error, never a
-//! dangling descriptor number. Queue, channel and ByteQueue handles do not cross Spawn or
-//! ForkServer yet (they need peer registration in the child); under Fork they work.
+//! dangling descriptor number.
+//!
+//! # Queue handles and peer counting
+//!
+//! A queue end tells "every sender is gone" from the peer tables (`queue::peers`), which
+//! count the handles each process holds. A handle in a spawn argument must be counted
+//! from the moment the parent may drop its own (right after `spawn` returns) until the
+//! child has registered, and must stop counting if the child dies first. So:
+//!
+//! 1. *Encode* (parent P): each queue handle lends one handle on its end's table to the
+//!    child: a slot `[lent by P]` (one per table and argument, counting every handle of
+//!    that end in it) is claimed and counted before the bytes are written. The message
+//!    carries the slot and P's identity.
+//! 2. *Start*: the fork inside `Command::spawn` (Spawn) or the one that starts the fork
+//!    server only execs, so it is lent nothing (`peers::forking_to_exec`): the exec'd
+//!    image holds no handle until it decodes its argument.
+//! 3. *Bind* (P, once the child's pid is known): the loan becomes `[bound to C]`, C named
+//!    by pid and start time, so a scan reclaims it once C is proven dead (killed during
+//!    bootstrap, a failed handshake, a decode error). A fork-server child is the
+//!    server's, which may already have reaped it: its pidfd (opened by the server before
+//!    it could) says so, and then the loans it did not take are cancelled instead.
+//! 4. *Import* (C, decoding): maps the segment, then takes the loan over (owner `C`) and
+//!    registers the handle in its process-local registry, as `attach` would have.
+//! 5. A spawn that fails after encoding (exec refused, the fork server gone twice, an
+//!    unencodable field, a panicking `Serialize`) cancels its loans.
+//!
+//! | killed / failed | state left | repaired by |
+//! |---|---|---|
+//! | P, between claiming the slot and counting | `[lent by P]`, 0 handles | scan: lender dead, nothing lent → free |
+//! | P, after lending, before binding | `[lent by P]`, n handles | **kept forever** (a child may live and cannot be named): conservative |
+//! | C, before importing (bootstrap, handshake, decode) | `[bound to C]`, n | scan: C dead → reclaim |
+//! | fork-server C, dead before P binds | `[lent by P]`, n | P: C's pidfd says it ended → cancel |
+//! | C, after importing | `C`, n | scan: C dead → reclaim |
+//! | the fork server dies after forking C, P retries with a new server | C took the loan, or the new child finds it gone | the new child counts itself afresh (an instant without the count: mitigated, not closed) |
+//! | no pidfd and the fork-server child reaped before P reads its start time | bound to whatever process has the pid now, or left `[lent by P]` | over-count while that process lives, or for good: conservative |
+//!
+//! **An spsc end has one user**, so encoding it into a spawn argument hands it over:
+//! `Serialize` takes `&self`, so the parent's handle stays, but it gives up its ownership
+//! of the end and panics on any later use, saying the end belongs to the spawned child
+//! (dropping it is fine, and `spawn` drops the argument anyway). The child owns the end
+//! from its first use. A failed encoding (outside a spawn argument) hands nothing over.
+//! If the spawn fails after the end was encoded, that handle is gone with the argument:
+//! get a new one from the other end (`Receiver::new_sender`, `Sender::new_receiver`).
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -510,7 +555,7 @@ mod tests {
             why.contains("only be serialized as (part of) the argument"),
             "{why}"
         );
-        let (bytes, fds) = collecting(|| postcard::to_allocvec(&(1u8, &v, &v)).unwrap());
+        let (bytes, fds, _loans) = collecting(|| postcard::to_allocvec(&(1u8, &v, &v)).unwrap());
         assert_eq!(fds.len(), 2);
         let (one, a, b): (u8, Value<u32>, Value<u32>) =
             providing(fds, || postcard::from_bytes(&bytes).unwrap());
@@ -525,5 +570,100 @@ mod tests {
         ])
         .is_err()));
         assert!(take_last_error().unwrap().contains("missing or used twice"));
+    }
+
+    #[test]
+    fn queue_handles_travel_only_inside_a_process_argument() {
+        let q: Queue<u32> = Queue::new().unwrap();
+        let (tx, rx) = crate::channel::<u8>(4).unwrap();
+        assert!(postcard::to_allocvec(&q).is_err());
+        let why = take_last_error().unwrap();
+        assert!(
+            why.contains("a Queue<T> can only be serialized as"),
+            "{why}"
+        );
+        assert!(postcard::to_allocvec(&rx).is_err());
+        assert!(take_last_error().unwrap().contains("channel::Receiver<T>"));
+        // Nothing was lent by the failed attempts: the last sender's drop disconnects.
+        drop(tx);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(crate::RecvTimeoutError::Disconnected)
+        );
+    }
+
+    #[test]
+    fn an_encoded_queue_end_counts_until_its_loan_is_taken_or_cancelled() {
+        use crate::RecvTimeoutError::{Disconnected, Timeout};
+        let (tx, rx) = crate::channel::<u8>(4).unwrap();
+        let (bytes, fds, loans) = collecting(|| postcard::to_allocvec(&tx).unwrap());
+        drop(tx);
+        // Only the loan counts the sender now: the receiver waits, it is not disconnected.
+        assert_eq!(rx.recv_timeout(Duration::from_millis(60)), Err(Timeout));
+        drop(loans); // as a failed spawn does
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Err(Disconnected));
+        drop((bytes, fds));
+
+        // Decoded (here, in this same process, as a child would), the loan is taken over.
+        let (tx, rx) = crate::channel::<u8>(4).unwrap();
+        let (bytes, fds, loans) = collecting(|| postcard::to_allocvec(&(&tx, &tx)).unwrap());
+        drop(tx);
+        let (a, b): (mpmc::Sender<u8>, mpmc::Sender<u8>) =
+            providing(fds, || postcard::from_bytes(&bytes).unwrap());
+        drop(loans); // taken over: cancelling changes nothing
+        a.send(1).unwrap();
+        drop(a);
+        b.send(2).unwrap();
+        assert_eq!((rx.recv(), rx.recv()), (Ok(1), Ok(2)));
+        assert_eq!(rx.recv_timeout(Duration::from_millis(60)), Err(Timeout));
+        drop(b);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Err(Disconnected));
+    }
+
+    #[test]
+    fn a_panicking_serialize_cancels_the_loans_made_before_it() {
+        struct Boom;
+        impl Serialize for Boom {
+            fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                panic!("a user's Serialize impl fails")
+            }
+        }
+        let (tx, rx) = crate::channel::<u8>(4).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            collecting(|| postcard::to_allocvec(&(&tx, Boom)))
+        }));
+        assert!(r.is_err());
+        drop(tx);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(crate::RecvTimeoutError::Disconnected)
+        );
+        // And the thread's encoder state is back to "not in a spawn argument".
+        assert!(postcard::to_allocvec(&rx).is_err());
+    }
+
+    #[test]
+    fn an_spsc_end_encoded_for_a_child_is_handed_over() {
+        let (tx, rx) = crate::spsc::<u8>(4).unwrap();
+        tx.send(1).unwrap();
+        // A failed encoding hands nothing over.
+        assert!(postcard::to_allocvec(&tx).is_err());
+        tx.send(2).unwrap();
+        let (bytes, fds, loans) = collecting(|| postcard::to_allocvec(&tx).unwrap());
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tx.send(3)));
+        let why = r.unwrap_err();
+        let why = why.downcast_ref::<String>().unwrap();
+        assert!(why.contains("was handed to a spawned child"), "{why}");
+        drop(tx); // dropping the handed-over handle is fine
+        // The "child" (this process again) owns the end from its first use.
+        let child: spsc::Sender<u8> = providing(fds, || postcard::from_bytes(&bytes).unwrap());
+        drop(loans);
+        child.send(4).unwrap();
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 2, 4]);
+        drop(child);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(crate::RecvTimeoutError::Disconnected)
+        );
     }
 }

@@ -95,6 +95,21 @@
 //!    `[lent by P]` to `[bound to C]`. If the fork failed (no new child and `errno` set),
 //!    cancel the loans.
 //!
+//! # Following `Process::spawn` (Spawn and ForkServer)
+//!
+//! A spawned child gets no copy of the parent's memory, only the handles encoded in its
+//! argument, and each of those is lent the same way, but explicitly:
+//! [`lend_to_spawn`] claims a slot `[lent by P]` and counts the handle while the argument
+//! is encoded; the parent binds it to the child (`[bound to C]`, [`bind_spawn_loan`]) once
+//! it knows the child's pid, or cancels it if the spawn failed or the child is proven to
+//! have ended first ([`cancel_spawn_loan`]); the child takes it over while decoding
+//! ([`take_spawn_loan`]). The states and their repairs are those of a fork loan (the
+//! table below); `process/handles.rs` has the spawn-specific rows. The forks that only
+//! `exec` (the one inside `std::process::Command::spawn`, which starts a Spawn child or
+//! the fork server) run inside [`forking_to_exec`] and are lent nothing: the exec'd image
+//! holds no handle, and a spawned child that maps the queue again would otherwise be
+//! counted as holding its pre-exec copies until it died.
+//!
 //! # What a SIGKILL at each point leaves, and how it is repaired
 //!
 //! | killed                                   | state left                                  | repair |
@@ -939,8 +954,7 @@ pub(crate) fn lend_one_more(table: &PeerTable, loan: SpawnLoan) {
 
 /// Binds a spawn loan to the child that got it (its pid, read while it cannot have been
 /// reaped and recycled), so it is reclaimed once that child is proven dead. A loan the
-/// child already took over is left alone. False if the child's identity cannot be read
-/// (the loan then stays unbound: counted for as long as it exists).
+/// child already took over is left alone.
 pub(crate) fn bind_spawn_loan(table: &PeerTable, loan: SpawnLoan, child: u64) {
     if loan.slot < PEER_SLOTS {
         table.bind_loan(loan.slot, loan.lender, child);

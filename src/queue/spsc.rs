@@ -21,6 +21,11 @@
 //! shared position. Forking from a thread while another thread is inside an operation
 //! on the same end is not covered (procshare's `fork` refuses multi-threaded processes).
 //!
+//! An end given to a child in a `Process::spawn` argument (Spawn, ForkServer) *moves*
+//! there: encoding it releases this process's ownership and marks the handle handed
+//! over, so any later use of it here panics (its drop only uncounts it); the child owns
+//! the end from its first use.
+//!
 //! # Crash semantics (the shared words)
 //!
 //! | word | written by | a SIGKILL between stores leaves | repaired by |
@@ -164,8 +169,9 @@ pub fn heap_spsc<T: ShmSafe + Copy + Send + 'static>(
 ///
 /// # Panics
 ///
-/// Every sending method panics if another live process owns this end, or if this process
-/// is in another pid namespace than the queue's creator (see
+/// Every sending method panics if another live process owns this end, if this handle was
+/// handed to a spawned child (see the [module docs](self)), or if this process is in
+/// another pid namespace than the queue's creator (see
 /// [Pid namespaces](crate::queue#pid-namespaces)).
 pub struct Sender<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
@@ -182,8 +188,9 @@ pub struct Sender<T: ShmSafe + Copy + Send> {
 ///
 /// # Panics
 ///
-/// Every receiving method panics if another live process owns this end, or if this
-/// process is in another pid namespace than the queue's creator (see
+/// Every receiving method panics if another live process owns this end, if this handle
+/// was handed to a spawned child (see the [module docs](self)), or if this process is in
+/// another pid namespace than the queue's creator (see
 /// [Pid namespaces](crate::queue#pid-namespaces)).
 pub struct Receiver<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,

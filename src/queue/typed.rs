@@ -30,7 +30,8 @@ const SMALL: usize = 64;
 /// the type it was sent as; a reader of another type gets `Decode` (or, where postcard's
 /// bytes happen to fit both types, that type's reading of them).
 ///
-/// Clone the handle for more producers and consumers; a forked child shares it.
+/// Clone the handle for more producers and consumers; a forked child shares it, and a
+/// child started by [`Process::spawn`](crate::Process::spawn) gets it in its argument.
 ///
 /// # When a queue is disconnected
 ///
