@@ -1190,6 +1190,9 @@ fn no_zombies_and_no_descriptor_growth() {
             drop(with(m, square, 3)); // dropped unjoined: waited for
             let v = Value::new(0u64).unwrap();
             assert_eq!(with(m, add_under_lock, (v, 1)).join(), Ok(1)); // handle descriptors
+            let (tx, rx) = procshare::channel::<u64>(4).unwrap(); // queue descriptors
+            assert_eq!(with(m, send_numbers, (tx, 3)).join(), Ok(3));
+            assert_eq!(drain(&rx), [0, 1, 2]);
         }
         tamper_next_spawn(Tamper::Executable);
         assert!(with(StartMethod::Spawn, square, 1).join().is_err());

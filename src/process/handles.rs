@@ -35,7 +35,14 @@
 //!    by pid and start time, so a scan reclaims it once C is proven dead (killed during
 //!    bootstrap, a failed handshake, a decode error). A fork-server child is the
 //!    server's, which may already have reaped it: its pidfd (opened by the server before
-//!    it could) says so, and then the loans it did not take are cancelled instead.
+//!    it could) says so, and then the loans it did not take are cancelled instead. Since
+//!    `[lent by P]` does not tell two loans of P apart, P binds or cancels a loan only if
+//!    its slot was not claimed again for a newer spawn loan meanwhile (a process-local
+//!    list, `peers::SPAWN_LOANS`): a child that imports and dies at once, its slot
+//!    reclaimed and reused by another thread's spawn, cannot get that loan bound to it.
+//!    (A fork loan of `Process::fork_unchecked` in another thread reusing the slot is not
+//!    covered: it would be bound to the dead child and reclaimed, and that fork child
+//!    counted afresh when it runs its fork handler; an instant without the count.)
 //! 4. *Import* (C, decoding): maps the segment, then takes the loan over (owner `C`) and
 //!    registers the handle in its process-local registry, as `attach` would have.
 //! 5. A spawn that fails after encoding (exec refused, the fork server gone twice, an
@@ -139,7 +146,7 @@ impl Loans {
                 Some(child) => peers::bind_spawn_loan(l.table(), l.loan, child),
                 // Cannot name the child (no /proc?): the loan stays counted for as long
                 // as it exists (conservative).
-                None => {}
+                None => peers::abandon_spawn_loan(l.table(), l.loan),
             }
         }
     }
@@ -392,6 +399,7 @@ fn import_queue<'de, D: Deserializer<'de>, X: Deserialize<'de>>(
     let loan = SpawnLoan {
         slot: wire.slot as usize,
         lender: wire.lender,
+        ticket: 0,
     };
     Ok((fd, loan, extra))
 }

@@ -907,6 +907,32 @@ pub(crate) fn forking_to_exec<T>(f: impl FnOnce() -> T) -> T {
 pub(crate) struct SpawnLoan {
     pub(crate) slot: usize,
     pub(crate) lender: u64,
+    /// Which of the lender's loans this is, process-locally (0 in the child).
+    pub(crate) ticket: u64,
+}
+
+/// The spawn loans this process made and has not bound or cancelled yet: table address,
+/// slot, ticket. The owner word `[lent by P]` does not tell two loans of one process
+/// apart, so before binding or cancelling, the parent checks here that the slot still
+/// holds *its* loan: if the child took it over and was reclaimed, and another spawn of
+/// this process (another thread) claimed the same slot meanwhile, the old loan's entry
+/// is gone and its bind (which would tie the new loan to the dead child) is skipped.
+static SPAWN_LOANS: std::sync::Mutex<Vec<(usize, usize, u64)>> = std::sync::Mutex::new(Vec::new());
+static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
+
+fn spawn_loans() -> std::sync::MutexGuard<'static, Vec<(usize, usize, u64)>> {
+    SPAWN_LOANS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `settle` (a bind or a cancel) if `loan` on `table` is still this process's
+/// pending loan, and forgets it.
+fn settle_spawn_loan(table: &PeerTable, loan: SpawnLoan, settle: impl FnOnce()) {
+    let key = (table as *const PeerTable as usize, loan.slot, loan.ticket);
+    let mut pending = spawn_loans();
+    if let Some(i) = pending.iter().position(|&e| e == key) {
+        pending.swap_remove(i);
+        settle();
+    }
 }
 
 /// Reserves a loan of one handle on `table` for a child that `Process::spawn` is about to
@@ -926,7 +952,10 @@ pub(crate) fn lend_to_spawn(table: &PeerTable) -> Result<SpawnLoan> {
     }
     let me = current_process();
     let tag = LENT | me;
-    let file = file_of(table as *const PeerTable as usize);
+    let key = table as *const PeerTable as usize;
+    let file = file_of(key);
+    // Claimed and recorded under one lock hold: see `SPAWN_LOANS`.
+    let mut pending = spawn_loans();
     let slot = table
         .claim_free(tag)
         .or_else(|| {
@@ -941,7 +970,16 @@ pub(crate) fn lend_to_spawn(table: &PeerTable) -> Result<SpawnLoan> {
             ),
         })?;
     table.count(&table.slots[slot], 1);
-    Ok(SpawnLoan { slot, lender: me })
+    // An older loan recorded in this slot was taken over and its slot freed (only then
+    // could we claim it): it must not be settled any more.
+    pending.retain(|&(t, s, _)| (t, s) != (key, slot));
+    let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+    pending.push((key, slot, ticket));
+    Ok(SpawnLoan {
+        slot,
+        lender: me,
+        ticket,
+    })
 }
 
 /// Counts one more handle in a loan made by [`lend_to_spawn`] (another handle of the
@@ -956,9 +994,9 @@ pub(crate) fn lend_one_more(table: &PeerTable, loan: SpawnLoan) {
 /// reaped and recycled), so it is reclaimed once that child is proven dead. A loan the
 /// child already took over is left alone.
 pub(crate) fn bind_spawn_loan(table: &PeerTable, loan: SpawnLoan, child: u64) {
-    if loan.slot < PEER_SLOTS {
+    settle_spawn_loan(table, loan, || {
         table.bind_loan(loan.slot, loan.lender, child);
-    }
+    });
 }
 
 /// The identity of process `pid` as the peer tables record it, `None` if it cannot be
@@ -970,9 +1008,13 @@ pub(crate) fn identity_of(pid: u32) -> Option<u64> {
 /// Cancels a spawn loan nobody took over: the spawn failed, or the child is proven to
 /// have ended. A loan the child took over (its slot now names it) is left alone.
 pub(crate) fn cancel_spawn_loan(table: &PeerTable, loan: SpawnLoan) {
-    if loan.slot < PEER_SLOTS {
-        table.cancel_loan(loan.slot, loan.lender);
-    }
+    settle_spawn_loan(table, loan, || table.cancel_loan(loan.slot, loan.lender));
+}
+
+/// Forgets a spawn loan without binding it (the child cannot be named): it stays
+/// counted for as long as it exists.
+pub(crate) fn abandon_spawn_loan(table: &PeerTable, loan: SpawnLoan) {
+    settle_spawn_loan(table, loan, || {});
 }
 
 /// In a spawned child, decoding its argument: takes over the loan its parent made for a
@@ -1287,6 +1329,38 @@ mod tests {
         t.remove_overflow(5);
         assert!(!t.scan(fake(3), None));
         assert!(!t.any_handles());
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "looks up the table's mapping in /proc/self/maps")]
+    fn a_spawn_loan_whose_slot_was_reused_is_not_bound_any_more() {
+        let t = table();
+        let me = current_process();
+        let old = lend_to_spawn(&t).unwrap();
+        assert_eq!(t.slots[old.slot].owner.load(Ordering::SeqCst), LENT | me);
+        assert!(t.any_alive(), "a pending loan counts");
+        // Its child took it over, then dropped the handle: the slot is free again...
+        assert!(t.take_loan(old.slot, old.lender, fake(2)));
+        t.remove(fake(2), 1);
+        // ... and another spawn of this process claims it.
+        let new = lend_to_spawn(&t).unwrap();
+        assert_eq!(new.slot, old.slot);
+        bind_spawn_loan(&t, old, fake(3)); // stale: must not touch the new loan
+        cancel_spawn_loan(&t, old);
+        assert_eq!(t.slots[new.slot].owner.load(Ordering::SeqCst), LENT | me);
+        assert_eq!(t.total.load(Ordering::SeqCst), 1);
+        bind_spawn_loan(&t, new, fake(4));
+        assert_eq!(
+            t.slots[new.slot].owner.load(Ordering::SeqCst),
+            BOUND | fake(4)
+        );
+        // Settled once: a later cancel changes nothing.
+        cancel_spawn_loan(&t, new);
+        assert_eq!(
+            t.slots[new.slot].owner.load(Ordering::SeqCst),
+            BOUND | fake(4)
+        );
+        assert_eq!(slot_sum(&t), 1);
     }
 
     #[test]
