@@ -15,8 +15,9 @@ use procshare::process::{Tamper, disable_pidfds, tamper_next_spawn};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use procshare::{
-    Array, Child, Connection, Error, Process, ProcessError, Queue, Segment, Shared, StartMethod,
-    Value, active_children, current_process, parent_process,
+    Array, ByteQueue, Child, Connection, Error, Process, ProcessError, Queue, QueueError,
+    QueueReceiver, QueueSender, RecvTimeoutError, Segment, Shared, StartMethod, Value,
+    active_children, current_process, parent_process,
 };
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,14 @@ fn main() {
             handles_cross_every_start_method,
             a_late_join_does_not_mistake_a_started_child_for_a_stuck_one,
             a_handle_outside_a_process_argument_is_an_error,
+            a_queue_round_trip_with_spawned_children,
+            a_channel_whose_only_sender_is_a_spawned_child_disconnects,
+            a_channel_sender_killed_mid_stream_disconnects,
+            a_child_killed_in_bootstrap_does_not_keep_the_channel_connected,
+            spsc_ends_move_to_a_spawned_child,
+            a_byte_queue_crosses_spawn,
+            a_shared_slice_crosses_spawn,
+            a_queue_handle_outside_a_process_argument_is_an_error,
             no_zombies_and_no_descriptor_growth,
         ],
         &[],
@@ -888,6 +897,274 @@ fn a_handle_outside_a_process_argument_is_an_error() {
     assert_eq!(c.join(), Ok(2));
 }
 
+/// Answers every message of `inbox` until "stop", through `outbox`; returns how many.
+fn echo((inbox, outbox): (Queue<String>, QueueSender<(u32, String)>)) -> u32 {
+    let mut n = 0;
+    loop {
+        let msg = inbox.get_timeout(Duration::from_secs(10)).unwrap();
+        if msg == "stop" {
+            return n;
+        }
+        n += 1;
+        outbox.put(&(n, msg.to_uppercase())).unwrap();
+    }
+}
+
+/// Counts the messages until every sender is gone.
+fn count_until_disconnected(rx: QueueReceiver<String>) -> usize {
+    let mut n = 0;
+    loop {
+        match rx.get_timeout(Duration::from_secs(10)) {
+            Ok(_) => n += 1,
+            Err(QueueError::Disconnected) => return n,
+            Err(e) => panic!("after {n} messages: {e:?}"),
+        }
+    }
+}
+
+fn a_queue_round_trip_with_spawned_children() {
+    for m in METHODS {
+        let inbox: Queue<String> = Queue::new().unwrap();
+        let (tx, rx) = Queue::<(u32, String)>::new().unwrap().split().unwrap();
+        let c = with(m, echo, (inbox.clone(), tx));
+        for word in ["alpha", "beta", "gamma"] {
+            inbox.put(&word.to_string()).unwrap();
+        }
+        inbox.put(&"stop".to_string()).unwrap();
+        let got: Vec<(u32, String)> = (0..3)
+            .map(|_| rx.get_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            [(1, "ALPHA".into()), (2, "BETA".into()), (3, "GAMMA".into())],
+            "{m:?}"
+        );
+        assert_eq!(c.join(), Ok(3), "{m:?}");
+        // The child's sender was the only one: gone with it.
+        assert_eq!(
+            rx.get_timeout(Duration::from_secs(10)),
+            Err(QueueError::Disconnected),
+            "{m:?}"
+        );
+        if m == StartMethod::Fork {
+            // A forked child also inherits the parent's `tx` below (it never drops it),
+            // so it would wait for itself: only a spawned child starts with just its
+            // argument.
+            continue;
+        }
+        // A receive-only handle in the child learns that the parent's sender went.
+        let (tx, rx) = Queue::<String>::new().unwrap().split().unwrap();
+        let c = with(m, count_until_disconnected, rx);
+        for i in 0..5 {
+            tx.put(&format!("message {i}")).unwrap();
+        }
+        drop(tx);
+        assert_eq!(c.join(), Ok(5), "{m:?}");
+    }
+}
+
+fn send_numbers((tx, n): (procshare::channel::Sender<u64>, u64)) -> u64 {
+    for i in 0..n {
+        tx.send(i).unwrap();
+    }
+    n
+}
+
+/// Receives until the channel says `Disconnected`; every wait bounded.
+fn drain(rx: &procshare::channel::Receiver<u64>) -> Vec<u64> {
+    let mut got = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(v) => got.push(v),
+            Err(RecvTimeoutError::Disconnected) => return got,
+            Err(e) => panic!("after {} values: {e:?}", got.len()),
+        }
+    }
+}
+
+fn a_channel_whose_only_sender_is_a_spawned_child_disconnects() {
+    for m in METHODS {
+        for _ in 0..3 {
+            // A small ring: the child blocks on it, so the stream outlives the spawn.
+            let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+            let c = with(m, send_numbers, (tx, 100));
+            // `tx` went into the argument, which `spawn` dropped as it returned: this
+            // process holds no sender, and the child may not have registered its own yet.
+            assert_eq!(drain(&rx), (0..100).collect::<Vec<_>>(), "{m:?}");
+            assert_eq!(c.join(), Ok(100), "{m:?}");
+        }
+    }
+}
+
+fn send_forever(tx: procshare::channel::Sender<u64>) -> u64 {
+    for i in 0.. {
+        tx.send(i).unwrap();
+    }
+    unreachable!()
+}
+
+fn a_channel_sender_killed_mid_stream_disconnects() {
+    for m in METHODS {
+        let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+        let c = with(m, send_forever, tx);
+        for i in 0..20 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(i), "{m:?}");
+        }
+        c.kill().unwrap();
+        assert!(matches!(c.join(), Err(ProcessError::Signaled(_))));
+        let rest = drain(&rx);
+        assert!(rest.len() <= 5, "{m:?}: {rest:?}");
+    }
+}
+
+fn a_child_killed_in_bootstrap_does_not_keep_the_channel_connected() {
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        // The child fails its handshake before it decodes (imports) its argument.
+        tamper_next_spawn(Tamper::FunctionType);
+        let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+        let c = with(m, send_numbers, (tx, 10));
+        assert!(matches!(c.join(), Err(ProcessError::Bootstrap(_))), "{m:?}");
+        assert_eq!(drain(&rx), Vec::<u64>::new(), "{m:?}");
+        // SIGKILLed as soon as it exists: before, during or after the import.
+        for _ in 0..3 {
+            let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+            let c = with(m, send_forever, tx);
+            c.kill().unwrap();
+            let _ = c.join();
+            let got = drain(&rx);
+            assert!(got.len() <= 4, "{m:?}: {got:?}");
+        }
+        // Never started at all (a child killed before it ran `init`): the same.
+        let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+        let c = with(m, sleep_then_send, (tx, 60_000));
+        c.kill().unwrap();
+        let _ = c.join();
+        assert_eq!(drain(&rx), Vec::<u64>::new(), "{m:?}");
+    }
+}
+
+fn sleep_then_send((tx, ms): (procshare::channel::Sender<u64>, u64)) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    tx.send(1).unwrap();
+    1
+}
+
+/// Doubles what arrives on `rx` into `tx` until `rx` is disconnected.
+fn double((rx, tx): (procshare::spsc::Receiver<u64>, procshare::spsc::Sender<u64>)) -> u64 {
+    let mut n = 0;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(v) => tx.send(v * 2).unwrap(),
+            Err(RecvTimeoutError::Disconnected) => return n,
+            Err(e) => panic!("after {n} values: {e:?}"),
+        }
+        n += 1;
+    }
+}
+
+fn spsc_ends_move_to_a_spawned_child() {
+    // (Not Fork: a forked child would inherit `to_child` too, and wait for itself.)
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        let (to_child, from_parent) = procshare::spsc::<u64>(8).unwrap();
+        let (to_parent, from_child) = procshare::spsc::<u64>(8).unwrap();
+        // The parent used both ends it hands over: ownership must move with them.
+        to_parent.send(1000).unwrap();
+        assert_eq!(from_parent.try_recv(), Err(procshare::TryRecvError::Empty));
+        let c = with(m, double, (from_parent, to_parent));
+        assert_eq!(from_child.recv_timeout(Duration::from_secs(10)), Ok(1000));
+        for i in 0..50 {
+            to_child.send(i).unwrap();
+            assert_eq!(from_child.recv_timeout(Duration::from_secs(10)), Ok(2 * i));
+        }
+        drop(to_child); // the child's receiver sees Disconnected and the child returns
+        assert_eq!(c.join(), Ok(50), "{m:?}");
+        assert_eq!(
+            from_child.recv_timeout(Duration::from_secs(10)),
+            Err(RecvTimeoutError::Disconnected),
+            "{m:?}"
+        );
+    }
+}
+
+fn reverse_bytes((inbox, outbox): (ByteQueue, ByteQueue)) -> usize {
+    let msg = inbox.recv().unwrap();
+    outbox
+        .send(&msg.iter().rev().copied().collect::<Vec<u8>>())
+        .unwrap();
+    msg.len()
+}
+
+fn a_byte_queue_crosses_spawn() {
+    for m in METHODS {
+        let inbox = ByteQueue::builder()
+            .capacity(1 << 16)
+            .max_message(1 << 20)
+            .bytes()
+            .unwrap();
+        let outbox = ByteQueue::new().unwrap();
+        let c = with(m, reverse_bytes, (inbox.clone(), outbox.clone()));
+        // Larger than the ring: chunked, and the child must know the message limit.
+        let msg: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        inbox.send(&msg).unwrap();
+        let back = outbox.recv().unwrap();
+        assert_eq!(back, msg.iter().rev().copied().collect::<Vec<u8>>());
+        assert_eq!(c.join(), Ok(200_000), "{m:?}");
+    }
+}
+
+fn sum_slice(table: Shared<[u64]>) -> u64 {
+    table.iter().sum()
+}
+
+fn mark_slice(table: Shared<[AtomicU64]>) -> usize {
+    table[1].store(99, Ordering::SeqCst);
+    table.len()
+}
+
+fn a_shared_slice_crosses_spawn() {
+    for m in METHODS {
+        let values = Shared::from_slice(&[1u64, 2, 3, 4]).unwrap();
+        assert_eq!(with(m, sum_slice, values.clone()).join(), Ok(10), "{m:?}");
+        let flags: Shared<[AtomicU64]> = Shared::zeroed(3).unwrap();
+        assert_eq!(with(m, mark_slice, flags.clone()).join(), Ok(3), "{m:?}");
+        assert_eq!(flags[1].load(Ordering::SeqCst), 99, "{m:?}");
+    }
+}
+
+fn a_queue_handle_outside_a_process_argument_is_an_error() {
+    let q: Queue<u32> = Queue::new().unwrap();
+    let (tx, rx) = procshare::channel::<u8>(4).unwrap();
+    let (stx, srx) = procshare::spsc::<u8>(4).unwrap();
+    let b = ByteQueue::new().unwrap();
+    assert!(postcard::to_allocvec(&q).is_err());
+    assert!(postcard::to_allocvec(&q.sender().unwrap()).is_err());
+    assert!(postcard::to_allocvec(&q.receiver().unwrap()).is_err());
+    assert!(postcard::to_allocvec(&(&tx, &rx)).is_err());
+    assert!(postcard::to_allocvec(&b).is_err());
+    assert!(postcard::to_allocvec(&stx).is_err());
+    assert!(postcard::to_allocvec(&srx).is_err());
+    // A failed encoding hands nothing over: the ends still work here.
+    stx.send(3).unwrap();
+    assert_eq!(srx.recv(), Ok(3));
+    tx.send(4).unwrap();
+    assert_eq!(rx.recv(), Ok(4));
+    // Nor may a queue travel over a queue.
+    let qq: Queue<Queue<u32>> = Queue::new().unwrap();
+    assert!(qq.put(&q).is_err());
+    // And nothing was lent on the way: the receivers see the last sender go.
+    drop(tx);
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)),
+        Err(RecvTimeoutError::Disconnected)
+    );
+    let (tx, rx) = q.split().unwrap();
+    drop(tx);
+    assert_eq!(
+        rx.get_timeout(Duration::from_secs(5)),
+        Err(QueueError::Disconnected)
+    );
+}
+
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -913,6 +1190,9 @@ fn no_zombies_and_no_descriptor_growth() {
             drop(with(m, square, 3)); // dropped unjoined: waited for
             let v = Value::new(0u64).unwrap();
             assert_eq!(with(m, add_under_lock, (v, 1)).join(), Ok(1)); // handle descriptors
+            let (tx, rx) = procshare::channel::<u64>(4).unwrap(); // queue descriptors
+            assert_eq!(with(m, send_numbers, (tx, 3)).join(), Ok(3));
+            assert_eq!(drain(&rx), [0, 1, 2]);
         }
         tamper_next_spawn(Tamper::Executable);
         assert!(with(StartMethod::Spawn, square, 1).join().is_err());

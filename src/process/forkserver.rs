@@ -52,6 +52,7 @@ use serde::de::DeserializeOwned;
 use super::child::{Child, ChildParts, ServerLink};
 use super::{StartMethod, spawn};
 use crate::error::{Error, Result};
+use crate::queue::peers;
 use crate::sys::{self, ChildStatus, WaitTarget};
 
 pub(crate) const ENV: &str = "PROCSHARE_FORKSERVER";
@@ -86,7 +87,8 @@ fn start() -> Result<Server> {
     let (ours, theirs) = sys::socketpair_seqpacket()
         .map_err(|e| Error::io("creating the fork server's control socket", e))?;
     let value = format!("v1:{}", theirs.as_raw_fd());
-    let pid = sys::spawn_helper((ENV, &value), &[theirs.as_raw_fd()])
+    // The fork inside only execs: it must not be lent this process's queue handles.
+    let pid = peers::forking_to_exec(|| sys::spawn_helper((ENV, &value), &[theirs.as_raw_fd()]))
         .map_err(|e| Error::io("starting the fork server (re-executing /proc/self/exe)", e))?;
     Ok(Server {
         owner: sys::getpid(),
@@ -169,7 +171,7 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
-    let (bytes, handle_fds) = spawn::message::<F, A, R>(arg, &name, daemon)?;
+    let (bytes, handle_fds, loans) = spawn::message::<F, A, R>(arg, &name, daemon)?;
     if handle_fds.len() + 3 > sys::MAX_FDS {
         return Err(Error::InvalidArgument {
             what: format!(
@@ -201,6 +203,8 @@ where
         match request(server, &fds, bootstrap_timeout) {
             Ok((pid, pidfd)) => {
                 drop(guard);
+                // Not our child: the server may reap it at any time, which its pidfd tells.
+                loans.bind(pid, pidfd.as_ref().map(|p| p.as_fd()));
                 return Ok(Child::new(ChildParts {
                     pid,
                     name,

@@ -35,7 +35,7 @@
 //! | Functions | any closure ([`Process::fork`]) or a capture-free `Fn(A) -> R` | a capture-free `Fn(A) -> R` (a `fn` item or closure) | as Spawn |
 //! | Needs `procshare::init()` | no | yes, first line of `main`; code before it runs again in every child | yes, first line of `main`; code before it runs once more, in the server |
 //! | Extra process | none | none | the server, alive while this process is (it exits when this process does) |
-//! | Handles in `arg` | all work (memory is inherited) | `Value`, `Array`, `Shared<T>`, `Segment`, `Connection`: descriptors carried beside the bytes; `Queue`/`ByteQueue`/channel ends not yet | as Spawn |
+//! | Handles in `arg` | all work (memory is inherited) | `Value`, `Array`, `Shared<T>` and `Shared<[T]>`, `Segment`, `Connection`, `Queue`/`QueueSender`/`QueueReceiver`, `ByteQueue`, `channel` and `spsc` ends: descriptors carried beside the bytes, queue ends counted as the child's from the moment `spawn` encodes them (an spsc end moves to the child) | as Spawn |
 //!
 //! **The default** (no `start_method` on the builder) never deadlocks: `Fork` while the
 //! process is single-threaded; otherwise `ForkServer` if this process already runs a fork
@@ -45,6 +45,32 @@
 //!
 //! A handle serialized anywhere but in a `Process::spawn` argument (into a file, over a
 //! `Queue`) fails to encode: descriptor numbers never travel without their descriptors.
+//!
+//! A queue end handed to a spawned child counts as a holder from the moment `spawn`
+//! encodes it, so the parent may drop its own handle as soon as `spawn` returns: a
+//! receiver whose only sender went to the child sees `Disconnected` only once that child
+//! has dropped it or died, including a child killed before it ever ran (see
+//! `process/handles.rs` for the protocol and its crash table). An `spsc` end moves to
+//! the child: the parent's handle panics if used again.
+//!
+//! ```
+//! use procshare::{Process, StartMethod};
+//!
+//! fn produce(tx: procshare::channel::Sender<u64>) {
+//!     for i in 0..100 {
+//!         tx.send(i).unwrap();
+//!     }
+//! }
+//!
+//! # procshare::init();
+//! let (tx, rx) = procshare::channel::<u64>(16)?;
+//! let child = Process::builder()
+//!     .start_method(StartMethod::ForkServer)
+//!     .spawn(produce, tx)?; // `tx` is the child's now
+//! assert_eq!(rx.iter().sum::<u64>(), 4950); // ends when the child's sender is gone
+//! child.join().unwrap();
+//! # Ok::<(), procshare::Error>(())
+//! ```
 //!
 //! # Guarantees
 //!

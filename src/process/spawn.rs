@@ -41,6 +41,7 @@ use super::child::{Child, ChildParts};
 use super::registry::{self, ProcessInfo};
 use super::{StartMethod, handles, wire};
 use crate::error::{Error, Result};
+use crate::queue::peers;
 use crate::sys;
 
 pub(crate) const ENV: &str = "PROCSHARE_SPAWN";
@@ -190,9 +191,14 @@ pub fn tamper_next_spawn(t: Tamper) {
 /// The bootstrap message for running `F(arg)` in a child that re-finds `F` (Spawn and
 /// ForkServer children).
 ///
-/// Returns the message and the descriptors of the handles inside `arg`, which must reach
-/// the child beside it (see `handles`).
-pub(crate) fn message<F, A, R>(arg: &A, name: &str, daemon: bool) -> Result<(Vec<u8>, Vec<OwnedFd>)>
+/// Returns the message, the descriptors of the handles inside `arg`, which must reach
+/// the child beside it, and the peer-table loans its queue handles made, to bind to the
+/// child once its pid is known (see `handles`).
+pub(crate) fn message<F, A, R>(
+    arg: &A,
+    name: &str,
+    daemon: bool,
+) -> Result<(Vec<u8>, Vec<OwnedFd>, handles::Loans)>
 where
     F: Fn(A) -> R + Copy + 'static,
     A: Serialize + DeserializeOwned,
@@ -208,7 +214,7 @@ where
         2 => type_hash ^= 1,
         _ => {}
     }
-    let (arg, fds) = handles::collecting(|| postcard::to_allocvec(arg));
+    let (arg, fds, loans) = handles::collecting(|| postcard::to_allocvec(arg));
     let arg = arg.map_err(|e| Error::InvalidArgument {
         what: format!(
             "the argument of type {} could not be encoded with postcard for a spawned child \
@@ -233,7 +239,7 @@ where
     let bytes = postcard::to_allocvec(&message).map_err(|e| Error::InvalidArgument {
         what: format!("could not encode the bootstrap message ({e})"),
     })?;
-    Ok((bytes, fds))
+    Ok((bytes, fds, loans))
 }
 
 /// Whether a bootstrap message asks for a daemon (`None`: not a bootstrap message).
@@ -255,7 +261,7 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
-    let (bytes, handle_fds) = message::<F, A, R>(arg, &name, daemon)?;
+    let (bytes, handle_fds, loans) = message::<F, A, R>(arg, &name, daemon)?;
     let me = sys::getpid();
     let memfd =
         sys::memfd_with(&bytes).map_err(|e| Error::io("writing the bootstrap message", e))?;
@@ -273,8 +279,11 @@ where
     );
     let mut keep = vec![memfd.as_raw_fd(), theirs.as_raw_fd()];
     keep.extend(handle_fds.iter().map(|f| f.as_raw_fd()));
-    let pid = sys::spawn_self((ENV, &value), &keep, daemon, me)
+    // The fork inside only execs: it must not be lent this process's queue handles.
+    let pid = peers::forking_to_exec(|| sys::spawn_self((ENV, &value), &keep, daemon, me))
         .map_err(|e| Error::io("re-executing /proc/self/exe for a spawned child", e))?;
+    // Our child, not reaped: its pid names it until we wait for it.
+    loans.bind(pid, None);
     drop(theirs);
     drop(memfd);
     drop(handle_fds);

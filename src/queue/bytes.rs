@@ -1894,6 +1894,40 @@ pub(crate) fn full_not_timeout(e: QueueError) -> QueueError {
     }
 }
 
+// ---- Handing a handle to a spawned child (`process::handles`) ------------------------
+
+impl ByteQueue {
+    /// See [`RingMem::exported`]; also the handle's role and the queue's message limit
+    /// (process-local settings the child needs).
+    pub(crate) fn exported(&self) -> Option<(super::ring::Exported<'_>, Role, usize)> {
+        let e = self.core.ring.exported(self.core.table(self.role))?;
+        Some((e, self.role, self.core.max_message))
+    }
+
+    /// A handle of `role` on the queue whose segment arrived as `fd`, counted by `count`
+    /// (which takes over the loan the parent made) instead of [`peers::attach`].
+    pub(crate) fn adopt(
+        fd: std::os::fd::OwnedFd,
+        role: Role,
+        max_message: usize,
+        count: impl FnOnce(&PeerTable) -> Result<()>,
+    ) -> Result<ByteQueue> {
+        let ring = RingMem::adopt("bytequeue", 4096, fd)?;
+        let core = Core {
+            ring,
+            max_message,
+            partial: std::sync::Mutex::new(None),
+            has_partial: AtomicBool::new(false),
+            check: CheckClock::new(),
+        };
+        count(core.table(role))?;
+        Ok(ByteQueue {
+            core: Arc::new(core),
+            role,
+        })
+    }
+}
+
 impl Clone for ByteQueue {
     /// Another handle to the same queue.
     ///

@@ -1164,6 +1164,43 @@ impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
     }
 }
 
+// ---- Handing an end to a spawned child (`process::handles`) ---------------------------
+
+impl<T: ShmSafe + Copy + Send> Sender<T> {
+    /// See [`RingMem::exported`].
+    pub(crate) fn exported(&self) -> Option<super::ring::Exported<'_>> {
+        self.ring.exported(&self.ring.header().senders)
+    }
+
+    /// A sender on the channel whose segment arrived as `fd`, counted by `count` (which
+    /// takes over the loan the parent made) instead of [`peers::attach`].
+    pub(crate) fn adopt(
+        fd: std::os::fd::OwnedFd,
+        count: impl FnOnce(&PeerTable) -> Result<()>,
+    ) -> Result<Sender<T>> {
+        let ring = Arc::new(Ring::<T>::adopt("channel", 2, fd)?);
+        count(&ring.header().senders)?;
+        Ok(Sender::new(ring))
+    }
+}
+
+impl<T: ShmSafe + Copy + Send> Receiver<T> {
+    /// See [`RingMem::exported`].
+    pub(crate) fn exported(&self) -> Option<super::ring::Exported<'_>> {
+        self.ring.exported(&self.ring.header().receivers)
+    }
+
+    /// As [`Sender::adopt`].
+    pub(crate) fn adopt(
+        fd: std::os::fd::OwnedFd,
+        count: impl FnOnce(&PeerTable) -> Result<()>,
+    ) -> Result<Receiver<T>> {
+        let ring = Arc::new(Ring::<T>::adopt("channel", 2, fd)?);
+        count(&ring.header().receivers)?;
+        Ok(Receiver::new(ring))
+    }
+}
+
 impl<T: ShmSafe + Copy + Send> Clone for Sender<T> {
     /// Another producer handle.
     ///

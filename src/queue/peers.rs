@@ -95,6 +95,21 @@
 //!    `[lent by P]` to `[bound to C]`. If the fork failed (no new child and `errno` set),
 //!    cancel the loans.
 //!
+//! # Following `Process::spawn` (Spawn and ForkServer)
+//!
+//! A spawned child gets no copy of the parent's memory, only the handles encoded in its
+//! argument, and each of those is lent the same way, but explicitly:
+//! [`lend_to_spawn`] claims a slot `[lent by P]` and counts the handle while the argument
+//! is encoded; the parent binds it to the child (`[bound to C]`, [`bind_spawn_loan`]) once
+//! it knows the child's pid, or cancels it if the spawn failed or the child is proven to
+//! have ended first ([`cancel_spawn_loan`]); the child takes it over while decoding
+//! ([`take_spawn_loan`]). The states and their repairs are those of a fork loan (the
+//! table below); `process/handles.rs` has the spawn-specific rows. The forks that only
+//! `exec` (the one inside `std::process::Command::spawn`, which starts a Spawn child or
+//! the fork server) run inside [`forking_to_exec`] and are lent nothing: the exec'd image
+//! holds no handle, and a spawned child that maps the queue again would otherwise be
+//! counted as holding its pre-exec copies until it died.
+//!
 //! # What a SIGKILL at each point leaves, and how it is repaired
 //!
 //! | killed                                   | state left                                  | repair |
@@ -709,8 +724,10 @@ extern "C" fn prepare_fork() {
     REGISTRY.lock();
     // SAFETY: the registry lock is held until `after_fork_*` releases it.
     let st = unsafe { &mut *REGISTRY.state.get() };
-    if st.entries.is_empty() {
-        return; // nothing to lend: keep forks of handle-less processes cheap
+    if st.entries.is_empty() || FORK_TO_EXEC.get() {
+        // Nothing to lend: keep forks of handle-less processes cheap. A fork that only
+        // execs (see `forking_to_exec`) lends nothing either.
+        return;
     }
     let me = current_process();
     st.lender = me;
@@ -740,7 +757,7 @@ extern "C" fn after_fork_parent() {
     let fork_failed = sys::errno_is_set();
     // SAFETY: the lock taken in `prepare_fork` is still held.
     let st = unsafe { &mut *REGISTRY.state.get() };
-    if st.entries.is_empty() {
+    if st.entries.is_empty() || FORK_TO_EXEC.get() {
         REGISTRY.unlock();
         return;
     }
@@ -787,6 +804,11 @@ extern "C" fn after_fork_parent() {
 }
 
 extern "C" fn after_fork_child() {
+    if FORK_TO_EXEC.get() {
+        // This image only execs (or `_exit`s): it never uses, drops nor counts a handle.
+        REGISTRY.unlock();
+        return;
+    }
     let (pid, start) = sys::current_process_noalloc();
     let me = crate::owner::process_identity(pid, start);
     PROCESS.store(me, Ordering::Relaxed);
@@ -852,6 +874,204 @@ pub(crate) fn bind_forked_child(pid: u32) {
             }
         }
     });
+}
+
+thread_local! {
+    /// Set while this thread forks a child that will only `exec` (see [`forking_to_exec`]).
+    /// A `const` `Cell`: no lazy initialisation and no destructor, so the fork handlers may
+    /// read it.
+    static FORK_TO_EXEC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, which forks a child that does nothing but `exec` (or `_exit` if that fails),
+/// such as `std::process::Command::spawn`: the fork handlers lend that child nothing.
+/// Its image never uses nor drops the handles it was copied, and the image it execs
+/// holds none (a Spawn child gets its handles through its argument, each with its own
+/// loan: see [`lend_to_spawn`]). Without this, the copied counts would stay with the
+/// child's identity, and a spawned child that maps the queue again would be counted as
+/// holding them until it died.
+pub(crate) fn forking_to_exec<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            FORK_TO_EXEC.set(false);
+        }
+    }
+    FORK_TO_EXEC.set(true);
+    let _reset = Reset;
+    f()
+}
+
+/// Where handles lent to a spawned child are counted: a slot of `table`, owned
+/// `[lent by lender]` until the parent binds it to the child or the child takes it over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SpawnLoan {
+    pub(crate) slot: usize,
+    pub(crate) lender: u64,
+    /// Which of the lender's loans this is, process-locally (0 in the child).
+    pub(crate) ticket: u64,
+}
+
+/// The spawn loans this process made and has not bound or cancelled yet: table address,
+/// slot, ticket. The owner word `[lent by P]` does not tell two loans of one process
+/// apart, so before binding or cancelling, the parent checks here that the slot still
+/// holds *its* loan: if the child took it over and was reclaimed, and another spawn of
+/// this process (another thread) claimed the same slot meanwhile, the old loan's entry
+/// is gone and its bind (which would tie the new loan to the dead child) is skipped.
+static SPAWN_LOANS: std::sync::Mutex<Vec<(usize, usize, u64)>> = std::sync::Mutex::new(Vec::new());
+static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
+
+fn spawn_loans() -> std::sync::MutexGuard<'static, Vec<(usize, usize, u64)>> {
+    SPAWN_LOANS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `settle` (a bind or a cancel) if `loan` on `table` is still this process's
+/// pending loan, and forgets it.
+fn settle_spawn_loan(table: &PeerTable, loan: SpawnLoan, settle: impl FnOnce()) {
+    let key = (table as *const PeerTable as usize, loan.slot, loan.ticket);
+    let mut pending = spawn_loans();
+    if let Some(i) = pending.iter().position(|&e| e == key) {
+        pending.swap_remove(i);
+        settle();
+    }
+}
+
+/// Reserves a loan of one handle on `table` for a child that `Process::spawn` is about to
+/// start with Spawn or ForkServer (the handle travels in its argument), so the handle is
+/// counted from now until the child takes the loan over ([`take_spawn_loan`]) or is
+/// proven dead: the parent may drop its own handle the moment `spawn` returns.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] if the table has no free slot even after reclaiming dead
+/// holders', or if this process is foreign to the queue (see [`my_namespace`]).
+pub(crate) fn lend_to_spawn(table: &PeerTable) -> Result<SpawnLoan> {
+    if table.foreign() {
+        return Err(Error::InvalidArgument {
+            what: foreign_message("queue handle"),
+        });
+    }
+    let me = current_process();
+    let tag = LENT | me;
+    let key = table as *const PeerTable as usize;
+    let file = file_of(key);
+    // Claimed and recorded under one lock hold: see `SPAWN_LOANS`.
+    let mut pending = spawn_loans();
+    let slot = table
+        .claim_free(tag)
+        .or_else(|| {
+            table.scan(me, file);
+            table.claim_free(tag)
+        })
+        .ok_or_else(|| Error::InvalidArgument {
+            what: format!(
+                "more than {PEER_SLOTS} live processes hold handles to one end of this \
+                 queue, so none can be lent to a spawned child: share fewer handles, or use \
+                 more queues"
+            ),
+        })?;
+    table.count(&table.slots[slot], 1);
+    // An older loan recorded in this slot was taken over and its slot freed (only then
+    // could we claim it): it must not be settled any more.
+    pending.retain(|&(t, s, _)| (t, s) != (key, slot));
+    let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+    pending.push((key, slot, ticket));
+    Ok(SpawnLoan {
+        slot,
+        lender: me,
+        ticket,
+    })
+}
+
+/// Counts one more handle in a loan made by [`lend_to_spawn`] (another handle of the
+/// same end in the same argument).
+pub(crate) fn lend_one_more(table: &PeerTable, loan: SpawnLoan) {
+    if let Some(slot) = table.slots.get(loan.slot) {
+        table.count(slot, 1);
+    }
+}
+
+/// Binds a spawn loan to the child that got it (its pid, read while it cannot have been
+/// reaped and recycled), so it is reclaimed once that child is proven dead. A loan the
+/// child already took over is left alone.
+pub(crate) fn bind_spawn_loan(table: &PeerTable, loan: SpawnLoan, child: u64) {
+    settle_spawn_loan(table, loan, || {
+        table.bind_loan(loan.slot, loan.lender, child);
+    });
+}
+
+/// The identity of process `pid` as the peer tables record it, `None` if it cannot be
+/// read (no such process).
+pub(crate) fn identity_of(pid: u32) -> Option<u64> {
+    child_identity(pid)
+}
+
+/// Cancels a spawn loan nobody took over: the spawn failed, or the child is proven to
+/// have ended. A loan the child took over (its slot now names it) is left alone.
+pub(crate) fn cancel_spawn_loan(table: &PeerTable, loan: SpawnLoan) {
+    settle_spawn_loan(table, loan, || table.cancel_loan(loan.slot, loan.lender));
+}
+
+/// Forgets a spawn loan without binding it (the child cannot be named): it stays
+/// counted for as long as it exists.
+pub(crate) fn abandon_spawn_loan(table: &PeerTable, loan: SpawnLoan) {
+    settle_spawn_loan(table, loan, || {});
+}
+
+/// In a spawned child, decoding its argument: takes over the loan its parent made for a
+/// handle on `table` ([`lend_to_spawn`]) and counts that handle as this process's, as
+/// [`attach`] would have. A loan already gone (a corrupted table, or a failed spawn the
+/// parent cancelled and retried) is replaced by counting afresh.
+///
+/// # Errors
+///
+/// [`Error::Corrupted`] for a slot index past the table; [`Error::InvalidArgument`] if
+/// the loan is gone and the table is full.
+pub(crate) fn take_spawn_loan(table: &PeerTable, loan: SpawnLoan) -> Result<()> {
+    if loan.slot >= PEER_SLOTS {
+        return Err(Error::Corrupted {
+            what: format!(
+                "a queue handle's loan names peer slot {}, past the table's {PEER_SLOTS}",
+                loan.slot
+            ),
+        });
+    }
+    register_fork_handlers();
+    let me = current_process();
+    let key = table as *const PeerTable as usize;
+    let foreign = table.foreign();
+    let counted = REGISTRY.with(|st| {
+        let (overflow, foreign_slot) = if foreign {
+            // Never write our identity: the loan keeps counting the handle, under the
+            // name the parent gave it (see `my_namespace`).
+            (0, Some(loan.slot))
+        } else if table.take_loan(loan.slot, loan.lender, me) || table.add(me, 1) {
+            (0, None)
+        } else {
+            return false;
+        };
+        match st.entries.iter_mut().find(|e| e.table == key) {
+            Some(e) => {
+                e.handles += 1;
+                e.overflow += overflow;
+                e.foreign_slot = e.foreign_slot.or(foreign_slot);
+            }
+            None => st.entries.push(Entry {
+                table: key,
+                handles: 1,
+                overflow,
+                foreign_slot,
+                mapping: None,
+                loan: Loan::None,
+            }),
+        }
+        true
+    });
+    if counted {
+        return Ok(());
+    }
+    // The loan is gone and the table full: count as `attach` does.
+    attach(table)
 }
 
 /// Counts one more handle of this process on `table`.
@@ -1110,6 +1330,38 @@ mod tests {
         t.remove_overflow(5);
         assert!(!t.scan(fake(3), None));
         assert!(!t.any_handles());
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "looks up the table's mapping in /proc/self/maps")]
+    fn a_spawn_loan_whose_slot_was_reused_is_not_bound_any_more() {
+        let t = table();
+        let me = current_process();
+        let old = lend_to_spawn(&t).unwrap();
+        assert_eq!(t.slots[old.slot].owner.load(Ordering::SeqCst), LENT | me);
+        assert!(t.any_alive(), "a pending loan counts");
+        // Its child took it over, then dropped the handle: the slot is free again...
+        assert!(t.take_loan(old.slot, old.lender, fake(2)));
+        t.remove(fake(2), 1);
+        // ... and another spawn of this process claims it.
+        let new = lend_to_spawn(&t).unwrap();
+        assert_eq!(new.slot, old.slot);
+        bind_spawn_loan(&t, old, fake(3)); // stale: must not touch the new loan
+        cancel_spawn_loan(&t, old);
+        assert_eq!(t.slots[new.slot].owner.load(Ordering::SeqCst), LENT | me);
+        assert_eq!(t.total.load(Ordering::SeqCst), 1);
+        bind_spawn_loan(&t, new, fake(4));
+        assert_eq!(
+            t.slots[new.slot].owner.load(Ordering::SeqCst),
+            BOUND | fake(4)
+        );
+        // Settled once: a later cancel changes nothing.
+        cancel_spawn_loan(&t, new);
+        assert_eq!(
+            t.slots[new.slot].owner.load(Ordering::SeqCst),
+            BOUND | fake(4)
+        );
+        assert_eq!(slot_sum(&t), 1);
     }
 
     #[test]

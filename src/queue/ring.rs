@@ -4,6 +4,7 @@ use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use super::peers::PeerTable;
 use crate::error::{Error, Result};
 use crate::shm::header::TypeTag;
 use crate::shm::{Backing, Segment};
@@ -20,6 +21,15 @@ impl<T> std::ops::Deref for CachePadded<T> {
     fn deref(&self) -> &T {
         &self.0
     }
+}
+
+/// A queue handle as `process::handles` hands it to a spawned child: the segment whose
+/// descriptor travels, a reference keeping the mapping (and so `table`) alive until the
+/// child's loan is bound, and the peer table the handle is counted in.
+pub(crate) struct Exported<'a> {
+    pub(crate) segment: &'a Segment,
+    pub(crate) keep: Arc<dyn Any + Send + Sync>,
+    pub(crate) table: &'a PeerTable,
 }
 
 /// A header `H` followed by `capacity` slots `S`, kept alive by `_owner`.
@@ -78,6 +88,59 @@ impl<H, S> RingMem<H, S> {
             slots: unsafe { data.add(slots_offset::<H, S>()) }.cast(),
             mask: capacity as u64 - 1,
             _owner: Arc::new(segment),
+        })
+    }
+
+    /// A ring received as a segment descriptor (a queue handle in a `Process::spawn`
+    /// argument): the header must name the same ring type (`kind`, `H`, `S`) as
+    /// [`create`](RingMem::create) wrote, and the recorded capacity must be a power of two
+    /// of at least `min_capacity` whose slots fit in the segment. The ring's contents are
+    /// as untrusted as ever; only the layout is fixed here, process-locally.
+    pub(crate) fn adopt(
+        kind: &str,
+        min_capacity: u64,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<RingMem<H, S>> {
+        let tag = TypeTag::of::<(H, S)>(kind);
+        let segment = Segment::from_fd_tagged(fd, &tag)?;
+        let capacity = segment.elements();
+        let needed = usize::try_from(capacity)
+            .ok()
+            .and_then(|c| c.checked_mul(size_of::<S>()))
+            .and_then(|n| n.checked_add(slots_offset::<H, S>()));
+        if !capacity.is_power_of_two()
+            || capacity < min_capacity
+            || capacity > 1 << 40
+            || needed != Some(segment.len())
+        {
+            return Err(Error::Corrupted {
+                what: format!(
+                    "a {kind} segment received as a descriptor records {capacity} slots in \
+                     {} bytes, a layout this build never makes",
+                    segment.len()
+                ),
+            });
+        }
+        let data = segment.data_ptr();
+        Ok(RingMem {
+            header: data.cast(),
+            // SAFETY: `slots_offset + capacity * size_of::<S>()` is the data length
+            // (checked above), so the slots lie inside the mapping, aligned as `create`
+            // placed them (the header's alignment was checked by the tag).
+            slots: unsafe { data.add(slots_offset::<H, S>()) }.cast(),
+            mask: capacity - 1,
+            _owner: Arc::new(segment),
+        })
+    }
+
+    /// What handing a handle on this ring to a spawned child needs (`None` for a heap
+    /// ring): the segment, a reference that keeps it mapped, and the handle's peer table.
+    pub(crate) fn exported<'a>(&'a self, table: &'a PeerTable) -> Option<Exported<'a>> {
+        let segment = self._owner.downcast_ref::<Segment>()?;
+        Some(Exported {
+            segment,
+            keep: Arc::clone(&self._owner),
+            table,
         })
     }
 

@@ -21,6 +21,11 @@
 //! shared position. Forking from a thread while another thread is inside an operation
 //! on the same end is not covered (procshare's `fork` refuses multi-threaded processes).
 //!
+//! An end given to a child in a `Process::spawn` argument (Spawn, ForkServer) *moves*
+//! there: encoding it releases this process's ownership and marks the handle handed
+//! over, so any later use of it here panics (its drop only uncounts it); the child owns
+//! the end from its first use.
+//!
 //! # Crash semantics (the shared words)
 //!
 //! | word | written by | a SIGKILL between stores leaves | repaired by |
@@ -164,8 +169,9 @@ pub fn heap_spsc<T: ShmSafe + Copy + Send + 'static>(
 ///
 /// # Panics
 ///
-/// Every sending method panics if another live process owns this end, or if this process
-/// is in another pid namespace than the queue's creator (see
+/// Every sending method panics if another live process owns this end, if this handle was
+/// handed to a spawned child (see the [module docs](self)), or if this process is in
+/// another pid namespace than the queue's creator (see
 /// [Pid namespaces](crate::queue#pid-namespaces)).
 pub struct Sender<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
@@ -182,8 +188,9 @@ pub struct Sender<T: ShmSafe + Copy + Send> {
 ///
 /// # Panics
 ///
-/// Every receiving method panics if another live process owns this end, or if this
-/// process is in another pid namespace than the queue's creator (see
+/// Every receiving method panics if another live process owns this end, if this handle
+/// was handed to a spawned child (see the [module docs](self)), or if this process is in
+/// another pid namespace than the queue's creator (see
 /// [Pid namespaces](crate::queue#pid-namespaces)).
 pub struct Receiver<T: ShmSafe + Copy + Send> {
     ring: Arc<Ring<T>>,
@@ -242,6 +249,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
 
     #[cold]
     fn take_ownership(&self) {
+        ownership::refuse_moved(self.owned.get(), "spsc::Sender");
         let h = self.ring.header();
         self.owned.set(ownership::take(
             &h.sender_owner,
@@ -666,6 +674,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
 
     #[cold]
     fn take_ownership(&self) {
+        ownership::refuse_moved(self.owned.get(), "spsc::Receiver");
         let h = self.ring.header();
         self.owned.set(ownership::take(
             &h.receiver_owner,
@@ -865,6 +874,76 @@ impl<T: ShmSafe + Copy + Send> RawReceiver<T> for Receiver<T> {
     }
 }
 
+// ---- Handing an end to a spawned child (`process::handles`) ---------------------------
+
+impl<T: ShmSafe + Copy + Send> Sender<T> {
+    /// See [`RingMem::exported`].
+    pub(crate) fn exported(&self) -> Option<super::ring::Exported<'_>> {
+        self.ring.exported(&self.ring.header().senders)
+    }
+
+    /// This end now belongs to the child it was encoded for: gives up this process's
+    /// ownership, and makes every later use of this handle panic (see
+    /// [`ownership::MOVED`]). Dropping it still only uncounts it.
+    pub(crate) fn hand_over(&self) {
+        ownership::release(&self.ring.header().sender_owner, self.owned.get());
+        self.owned.set(ownership::MOVED);
+    }
+
+    /// A sender on the ring whose segment arrived as `fd`, counted by `count` (which
+    /// takes over the loan the parent made) instead of [`peers::attach`]. It owns the
+    /// end from its first use, as after a fork.
+    pub(crate) fn adopt(
+        fd: std::os::fd::OwnedFd,
+        count: impl FnOnce(&PeerTable) -> Result<()>,
+    ) -> Result<Sender<T>> {
+        let ring = Arc::new(Ring::<T>::adopt("spsc", 1, fd)?);
+        count(&ring.header().senders)?;
+        let h = ring.header();
+        let (tail, head) = (
+            h.tail.load(Ordering::Acquire),
+            h.head.load(Ordering::Acquire),
+        );
+        Ok(Sender {
+            owned: Cell::new(ownership::NEVER),
+            check: CheckClock::new(),
+            tail: Cell::new(tail),
+            head_seen: Cell::new(head),
+            ring,
+        })
+    }
+}
+
+impl<T: ShmSafe + Copy + Send> Receiver<T> {
+    /// See [`RingMem::exported`].
+    pub(crate) fn exported(&self) -> Option<super::ring::Exported<'_>> {
+        self.ring.exported(&self.ring.header().receivers)
+    }
+
+    /// As [`Sender::hand_over`].
+    pub(crate) fn hand_over(&self) {
+        ownership::release(&self.ring.header().receiver_owner, self.owned.get());
+        self.owned.set(ownership::MOVED);
+    }
+
+    /// As [`Sender::adopt`].
+    pub(crate) fn adopt(
+        fd: std::os::fd::OwnedFd,
+        count: impl FnOnce(&PeerTable) -> Result<()>,
+    ) -> Result<Receiver<T>> {
+        let ring = Arc::new(Ring::<T>::adopt("spsc", 1, fd)?);
+        count(&ring.header().receivers)?;
+        let head = ring.header().head.load(Ordering::Acquire);
+        Ok(Receiver {
+            owned: Cell::new(ownership::NEVER),
+            check: CheckClock::new(),
+            head: Cell::new(head),
+            tail_seen: Cell::new(head),
+            ring,
+        })
+    }
+}
+
 impl<T: ShmSafe + Copy + Send> Drop for Sender<T> {
     fn drop(&mut self) {
         let h = self.ring.header();
@@ -923,6 +1002,25 @@ mod ownership {
 
     /// A generation no handle has checked in.
     pub(super) const NEVER: u64 = 0;
+
+    /// Not a generation: the handle was encoded into a `Process::spawn` argument, and
+    /// the end belongs to that child now. Never equal to [`generation`], so every use
+    /// goes to the cold path, which panics ([`refuse_moved`]), and the drop releases
+    /// nothing (the child may own the end by then).
+    pub(super) const MOVED: u64 = u64::MAX;
+
+    /// Panics if the handle was handed to a spawned child (see [`MOVED`]).
+    #[track_caller]
+    pub(super) fn refuse_moved(owned: u64, end: &str) {
+        if owned == MOVED {
+            panic!(
+                "this {end} was handed to a spawned child (it was encoded into a \
+                 Process::spawn argument), which owns the end now: an spsc end has one user. \
+                 Drop this handle here, or hand the child a `procshare::channel` end to \
+                 share one"
+            );
+        }
+    }
 
     /// Moves on at every fork (in the parent's prepare handler, so parent and child both
     /// see the new value): a handle that checked ownership in an older generation checks

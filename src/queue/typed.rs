@@ -30,7 +30,8 @@ const SMALL: usize = 64;
 /// the type it was sent as; a reader of another type gets `Decode` (or, where postcard's
 /// bytes happen to fit both types, that type's reading of them).
 ///
-/// Clone the handle for more producers and consumers; a forked child shares it.
+/// Clone the handle for more producers and consumers; a forked child shares it, and a
+/// child started by [`Process::spawn`](crate::Process::spawn) gets it in its argument.
 ///
 /// # When a queue is disconnected
 ///
@@ -487,6 +488,47 @@ impl<T: Serialize + DeserializeOwned + 'static> QueueReceiver<T> {
     /// Whether no value is waiting (a snapshot).
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+}
+
+// ---- Handing a handle to a spawned child (`process::handles`) ------------------------
+
+impl<T> Queue<T> {
+    /// The byte queue underneath (any `T`).
+    pub(crate) fn bytes(&self) -> &ByteQueue {
+        &self.bytes
+    }
+
+    /// A typed handle on `bytes` (any `T`).
+    pub(crate) fn wrap(bytes: ByteQueue) -> Queue<T> {
+        Queue {
+            bytes,
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> QueueSender<T> {
+    pub(crate) fn bytes(&self) -> &ByteQueue {
+        &self.queue.bytes
+    }
+
+    pub(crate) fn wrap(bytes: ByteQueue) -> QueueSender<T> {
+        QueueSender {
+            queue: Queue::wrap(bytes),
+        }
+    }
+}
+
+impl<T> QueueReceiver<T> {
+    pub(crate) fn bytes(&self) -> &ByteQueue {
+        &self.queue.bytes
+    }
+
+    pub(crate) fn wrap(bytes: ByteQueue) -> QueueReceiver<T> {
+        QueueReceiver {
+            queue: Queue::wrap(bytes),
+        }
     }
 }
 

@@ -274,6 +274,13 @@ impl Segment {
         Self::attach(File::from(fd), label, None, None, DEFAULT_OPEN_TIMEOUT)
     }
 
+    /// [`from_fd`](Segment::from_fd) that also checks the header names `tag` (the type a
+    /// crate wrapper keeps in the segment), as a typed open by name does.
+    pub(crate) fn from_fd_tagged(fd: OwnedFd, tag: &TypeTag) -> Result<Segment> {
+        let label = "<descriptor>".to_owned();
+        Self::attach(File::from(fd), label, None, Some(tag), DEFAULT_OPEN_TIMEOUT)
+    }
+
     pub(crate) fn create_with(
         backing: Backing<'_>,
         tag: &TypeTag,

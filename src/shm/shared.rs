@@ -210,6 +210,24 @@ impl<T: ShmSafe> Shared<[T]> {
         Ok(Self::slice_from_segment(Arc::new(segment), len))
     }
 
+    /// Adopts a segment received as a descriptor (a handle in a `Process` argument),
+    /// checking the element type and that the length matches the element count, as
+    /// [`open_slice`](Shared::open_slice) does.
+    pub(crate) fn adopt_slice(fd: std::os::fd::OwnedFd) -> Result<Shared<[T]>> {
+        let tag = TypeTag::of_shm::<T>("slice");
+        let segment = Segment::from_fd_tagged(fd, &tag)?;
+        let expected = segment.elements().checked_mul(size_of::<T>() as u64);
+        if expected != Some(segment.len() as u64) {
+            return Err(Error::SizeMismatch {
+                name: "<descriptor>".to_owned(),
+                expected: expected.unwrap_or(u64::MAX),
+                found: segment.len() as u64,
+            });
+        }
+        let len = segment.elements() as usize;
+        Ok(Self::slice_from_segment(Arc::new(segment), len))
+    }
+
     fn slice_from_segment(segment: Arc<Segment>, len: usize) -> Shared<[T]> {
         let ptr = NonNull::slice_from_raw_parts(segment.data_ptr().cast::<T>(), len);
         Shared { segment, ptr }
