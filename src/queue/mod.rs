@@ -47,9 +47,10 @@ pub(crate) mod ring;
 pub mod spsc;
 mod typed;
 
-pub use bytes::{ByteQueue, QueueBuilder, QueueError};
+pub use bytes::{ByteQueue, QueueBuilder};
 pub use error::{
-    RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError, TrySendError,
+    QueueError, RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError,
+    TrySendError,
 };
 
 pub use typed::{Queue, QueueReceiver, QueueSender};
