@@ -70,6 +70,7 @@ impl EventCount {
     }
 
     /// How many waiters are announced in the current epoch (for tests).
+    #[cfg(any(test, loom, feature = "test-hooks"))]
     pub(crate) fn waiters(&self) -> u32 {
         self.waiters.load(Ordering::SeqCst) & COUNT_MASK
     }

@@ -247,6 +247,7 @@ impl RawMutex {
     /// until it is free) but runs `stall` between the compare-and-swap and the owner
     /// record store, where a kill or `SIGSTOP` leaves the word naming an owner whose
     /// record is not yet written.
+    #[cfg(any(test, feature = "test-hooks"))]
     #[doc(hidden)]
     pub fn __lock_stalled_before_record(&self, stall: impl FnOnce()) {
         let me = sys::current_thread();
