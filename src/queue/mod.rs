@@ -40,7 +40,6 @@
 
 pub mod bytes;
 mod error;
-pub(crate) mod eventcount;
 pub mod mpmc;
 pub(crate) mod peers;
 pub(crate) mod ring;
@@ -55,7 +54,7 @@ pub use error::{
 
 pub use typed::{Queue, QueueReceiver, QueueSender};
 
-use eventcount::{Attempt, EventCount, block_on};
+use crate::sync::eventcount::{Attempt, EventCount, block_on};
 
 use crate::sys::Deadline;
 

@@ -103,7 +103,6 @@
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use super::eventcount::{Attempt, EventCount, block_on};
 use super::peers;
 use super::ring::{self, RingHeader, RingMem, help_past, ring_handles};
 use super::{
@@ -113,6 +112,7 @@ use super::{
 use crate::error::Result;
 use crate::facade::{AtomicU64, Ordering, UnsafeCell};
 use crate::shm::ShmSafe;
+use crate::sync::eventcount::{Attempt, EventCount, block_on};
 use crate::sys;
 use crate::sys::Deadline;
 
@@ -147,7 +147,7 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 
 #[cfg(loom)]
 #[doc(hidden)]
-pub use super::eventcount::LoomEventCount;
+pub use crate::sync::eventcount::LoomEventCount;
 
 /// Creates a bounded multi-producer multi-consumer queue of at least `capacity` messages
 /// (rounded up to a power of two, and at least 2) in a new anonymous shared segment. Both ends can be
@@ -515,8 +515,8 @@ fn describe_corruption(why: u64) -> String {
 }
 
 /// A per-handle clock for the checks a non-blocking call runs when it finds the queue
-/// empty (full): at most one every [`CHECK_EVERY`](super::eventcount::CHECK_EVERY).
-type CheckClock = super::eventcount::CheckClock;
+/// empty (full): at most one every [`CHECK_EVERY`](crate::sync::eventcount::CHECK_EVERY).
+type CheckClock = crate::sync::eventcount::CheckClock;
 
 /// The sending end of a [`channel`](fn@crate::channel). Clone it for more producers.
 ///

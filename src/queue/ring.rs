@@ -8,12 +8,12 @@ use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use super::eventcount::EventCount;
 use super::peers::{self, PeerTable};
 use crate::error::{Error, Result};
 use crate::facade::{AtomicU64, Ordering};
 use crate::shm::header::TypeTag;
 use crate::shm::{Backing, Segment};
+use crate::sync::eventcount::EventCount;
 
 /// Pads and aligns a value to 128 bytes: two cache lines, because Intel's adjacent-line
 /// prefetcher pulls lines in pairs, and a producer's and a consumer's hot words must never

@@ -52,7 +52,6 @@ use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use super::eventcount::{Attempt, CheckClock, EventCount, block_on};
 use super::ring::{self, RingHeader, RingMem, ring_handles};
 use super::{
     RawReceiver, RawSender, RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError,
@@ -61,6 +60,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::facade::{AtomicU64, Ordering, UnsafeCell};
 use crate::shm::ShmSafe;
+use crate::sync::eventcount::{Attempt, CheckClock, EventCount, block_on};
 use crate::sys::Deadline;
 
 /// The spsc flavour's own header words: which process uses each end.

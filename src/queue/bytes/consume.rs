@@ -8,8 +8,8 @@ use super::hooks::{FailPoint, fail_point};
 use super::partial::Assembly;
 use super::record::{Kind, Rec, State};
 use super::shared::{Core, Role};
-use crate::queue::eventcount::{Attempt, block_on};
 use crate::queue::peers;
+use crate::sync::eventcount::{Attempt, block_on};
 use crate::sys::Deadline;
 
 /// How a receive attempt ended, before the payload is handed to the caller.

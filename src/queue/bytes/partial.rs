@@ -8,8 +8,8 @@ use super::QueueError;
 use super::hooks::{FailPoint, fail_point};
 use super::record::{Kind, Rec};
 use super::shared::{Core, Role};
-use crate::queue::eventcount::{Attempt, block_on};
 use crate::queue::peers;
+use crate::sync::eventcount::{Attempt, block_on};
 use crate::sys::Deadline;
 
 /// How long a handle's drop waits for room to put back a message its process kept (see

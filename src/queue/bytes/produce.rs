@@ -6,7 +6,7 @@ use super::QueueError;
 use super::hooks::{FailPoint, fail_point};
 use super::record::{ALIGN, Kind, REC_HEADER, Rec, State, Word, record_len};
 use super::shared::{Core, Role};
-use crate::queue::eventcount::{Attempt, block_on};
+use crate::sync::eventcount::{Attempt, block_on};
 use crate::sys::Deadline;
 
 /// A reserved record not yet published: if the caller's `fill` unwinds, the record is

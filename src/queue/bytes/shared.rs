@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use super::partial::Partial;
 use crate::error::Result;
-use crate::queue::eventcount::{CheckClock, EventCount};
 use crate::queue::peers::PeerTable;
 use crate::queue::ring::{CachePadded, RingMem};
 use crate::sync::RawMutex;
+use crate::sync::eventcount::{CheckClock, EventCount};
 use crate::sys::Deadline;
 
 /// How often a sender waiting for the producer lock drains a partial message its process
