@@ -57,6 +57,7 @@ pub fn cpu_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+#[cfg(any(test, feature = "test-hooks"))]
 #[doc(hidden)]
 pub mod __fuzz {
     pub use crate::shm::header::fuzz_parse as segment_header;

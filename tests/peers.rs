@@ -273,7 +273,10 @@ fn a_quiet_forked_sender_keeps_the_queue_connected() {
 /// beyond that in `overflow`; the `Clone` docs must not promise a panic above 64.
 fn clone_docs_promise_no_64_process_limit() {
     for (file, text) in [
-        ("src/queue/bytes.rs", include_str!("../src/queue/bytes.rs")),
+        (
+            "src/queue/bytes/mod.rs",
+            include_str!("../src/queue/bytes/mod.rs"),
+        ),
         ("src/queue/mpmc.rs", include_str!("../src/queue/mpmc.rs")),
         ("src/queue/typed.rs", include_str!("../src/queue/typed.rs")),
         ("src/queue/spsc.rs", include_str!("../src/queue/spsc.rs")),

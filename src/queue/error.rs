@@ -1,4 +1,5 @@
-//! Errors of the queue operations. Send errors give the message back.
+//! Errors of the queue operations: the rings' (send errors give the message back), and
+//! [`QueueError`] of [`ByteQueue`](crate::ByteQueue) and [`Queue`](crate::Queue).
 
 use std::fmt;
 
@@ -226,6 +227,88 @@ impl<T> std::error::Error for SendTimeoutError<T> {}
 impl std::error::Error for RecvError {}
 impl std::error::Error for TryRecvError {}
 impl std::error::Error for RecvTimeoutError {}
+
+/// What went wrong in a [`Queue`](crate::Queue) or [`ByteQueue`](crate::ByteQueue) operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// `try_put`/`try_send`: no room right now, or another producer is in the middle of
+    /// a large (chunked) message. Nothing was sent.
+    Full,
+    /// `try_get`: nothing to receive right now.
+    Empty,
+    /// The timeout passed. A send that gets it sent nothing; a receive that gets it in
+    /// the middle of a large message keeps the part received for this process's next
+    /// receive.
+    Timeout,
+    /// [`close`](crate::ByteQueue::close) was called: no more puts; gets drain what is left.
+    Closed,
+    /// No other live handle to the queue exists in any process, so the wait could never
+    /// end.
+    Disconnected,
+    /// The message is larger than the queue's maximum; nothing was sent.
+    MessageTooLarge {
+        /// Encoded size of the message.
+        size: usize,
+        /// The queue's `max_message`.
+        max: usize,
+    },
+    /// The value could not be encoded; nothing was sent.
+    Encode(String),
+    /// A received message could not be decoded as the queue's type.
+    Decode(String),
+    /// The queue's shared memory holds impossible values.
+    Corrupted(String),
+    /// This process is in another pid namespace than the process that created the queue
+    /// (or one of the two namespaces cannot be learnt), so it may not use the queue:
+    /// crash recovery judges peers by their pids, which mean nothing across pid
+    /// namespaces. Nothing was sent or received. See the module docs of
+    /// [`bytes`](crate::queue::bytes), "Pid namespaces".
+    ForeignPidNamespace,
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueueError::Full => f.write_str("the queue is full: retry, or use a blocking put"),
+            QueueError::Empty => f.write_str("the queue is empty: retry, or use a blocking get"),
+            QueueError::Timeout => {
+                f.write_str("the queue operation timed out: retry or wait longer")
+            }
+            QueueError::Closed => {
+                f.write_str("the queue was closed: no more messages can be put, and none are left")
+            }
+            QueueError::Disconnected => f.write_str(
+                "no other process or thread holds this queue any more, so this wait could never \
+                 end",
+            ),
+            QueueError::MessageTooLarge { size, max } => write!(
+                f,
+                "message of {size} bytes is larger than this queue's maximum of {max}: raise it \
+                 with `Queue::builder().max_message(..)`, or send smaller pieces; nothing was sent"
+            ),
+            QueueError::Encode(e) => {
+                write!(f, "could not encode the message ({e}); nothing was sent")
+            }
+            QueueError::Decode(e) => write!(
+                f,
+                "could not decode a received message ({e}): every process must use the same \
+                 message type and build"
+            ),
+            QueueError::Corrupted(what) => write!(
+                f,
+                "the queue's shared memory is corrupted ({what}): a peer wrote an impossible \
+                 value; recreate the queue"
+            ),
+            QueueError::ForeignPidNamespace => {
+                f.write_str(&super::peers::foreign_message("queue"))?;
+                f.write_str("; nothing was sent or received")
+            }
+        }
+    }
+}
+
+impl std::error::Error for QueueError {}
 
 impl From<RecvError> for TryRecvError {
     fn from(e: RecvError) -> Self {

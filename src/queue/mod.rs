@@ -40,21 +40,21 @@
 
 pub mod bytes;
 mod error;
-pub(crate) mod eventcount;
 pub mod mpmc;
 pub(crate) mod peers;
 pub(crate) mod ring;
 pub mod spsc;
 mod typed;
 
-pub use bytes::{ByteQueue, QueueBuilder, QueueError};
+pub use bytes::{ByteQueue, QueueBuilder};
 pub use error::{
-    RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError, TrySendError,
+    QueueError, RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError,
+    TrySendError,
 };
 
 pub use typed::{Queue, QueueReceiver, QueueSender};
 
-use eventcount::{Attempt, EventCount, block_on};
+use crate::sync::eventcount::{Attempt, EventCount, block_on};
 
 use crate::sys::Deadline;
 

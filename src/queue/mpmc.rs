@@ -100,13 +100,11 @@
 //! message given back to senders). A scribbled index is never used beyond `& (capacity -
 //! 1)`, so it can lose messages but never reach outside the ring.
 
-use std::fmt;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use super::eventcount::{Attempt, EventCount, block_on};
-use super::peers::{self, PeerTable};
-use super::ring::{CachePadded, RingMem};
+use super::peers;
+use super::ring::{self, RingHeader, RingMem, help_past, ring_handles};
 use super::{
     RawReceiver, RawSender, RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError,
     TrySendError, receiver_api, sender_api,
@@ -115,6 +113,7 @@ use crate::error::Result;
 use crate::loom_switch::{AtomicU64, Ordering, UnsafeCell};
 use crate::owner;
 use crate::shm::ShmSafe;
+use crate::sync::eventcount::{Attempt, EventCount, block_on};
 use crate::sys;
 use crate::sys::Deadline;
 
@@ -131,18 +130,9 @@ const BAD_STAMP: u64 = 1;
 const BAD_TAIL: u64 = 2;
 const BAD_HEAD: u64 = 3;
 
-#[repr(C)]
-pub(crate) struct Header {
-    tail: CachePadded<AtomicU64>,
-    head: CachePadded<AtomicU64>,
-    not_empty: CachePadded<EventCount>,
-    not_full: CachePadded<EventCount>,
-    senders: PeerTable,
-    /// 0, or why the queue was found corrupted (`BAD_*`); never cleared. Next to
-    /// `receivers.total`, which every send reads anyway.
-    corrupted: AtomicU64,
-    receivers: PeerTable,
-}
+/// The channel's header has no words of its own beyond the common ones; its `corrupted`
+/// word holds a `BAD_*` reason.
+pub(crate) type Header = RingHeader<()>;
 
 #[repr(C)]
 pub(crate) struct Slot<T> {
@@ -156,7 +146,7 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 
 #[cfg(loom)]
 #[doc(hidden)]
-pub use super::eventcount::LoomEventCount;
+pub use crate::sync::eventcount::LoomEventCount;
 
 /// Creates a bounded multi-producer multi-consumer queue of at least `capacity` messages
 /// (rounded up to a power of two, and at least 2) in a new anonymous shared segment. Both ends can be
@@ -193,8 +183,8 @@ pub use super::eventcount::LoomEventCount;
 /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a zero or absurd
 /// capacity; [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
 pub fn channel<T: ShmSafe + Copy + Send>(capacity: usize) -> Result<(Sender<T>, Receiver<T>)> {
-    let ring = RingMem::create("channel", min_capacity(capacity), Header::new, new_slot)?;
-    endpoints(Arc::new(ring))
+    let ring = RingMem::create("channel", min_capacity(capacity), new_header, new_slot)?;
+    ring::endpoints(ring, Sender::new, Receiver::new)
 }
 
 /// With one slot, "full at `p`" (`p + 1`) and "free for `p + 1`" (`p + capacity`) would be
@@ -212,31 +202,8 @@ fn new_slot<T>(i: u64) -> Slot<T> {
     }
 }
 
-impl Header {
-    fn new() -> Header {
-        Header {
-            tail: CachePadded(AtomicU64::new(0)),
-            head: CachePadded(AtomicU64::new(0)),
-            not_empty: CachePadded(EventCount::new()),
-            not_full: CachePadded(EventCount::new()),
-            // SAFETY: a peer table is plain atomics; all-zero is the empty table (the creator's
-            // pid namespace is stamped once it is in place).
-            senders: unsafe { std::mem::zeroed() },
-            corrupted: AtomicU64::new(0),
-            // SAFETY: as above.
-            receivers: unsafe { std::mem::zeroed() },
-        }
-    }
-}
-
-/// The first two handles of a ring this process has just created.
-fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>, Receiver<T>)> {
-    ring.header().senders.stamp_creator();
-    ring.header().receivers.stamp_creator();
-    peers::attach(&ring.header().senders)?;
-    let tx = Sender::new(Arc::clone(&ring));
-    peers::attach(&ring.header().receivers)?;
-    Ok((tx, Receiver::new(ring)))
+fn new_header() -> Header {
+    RingHeader::new(())
 }
 
 /// A heap-backed pair, for loom and Miri.
@@ -245,11 +212,8 @@ fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>,
 pub fn heap_channel<T: ShmSafe + Copy + Send + 'static>(
     capacity: usize,
 ) -> Result<(Sender<T>, Receiver<T>)> {
-    endpoints(Arc::new(RingMem::heap(
-        min_capacity(capacity),
-        Header::new,
-        new_slot,
-    )))
+    let ring = RingMem::heap(min_capacity(capacity), new_header, new_slot);
+    ring::endpoints(ring, Sender::new, Receiver::new)
 }
 
 /// A thread's identity as the ring records it: the claim tag (22 bits of thread id, 8 of
@@ -435,12 +399,7 @@ impl<T> Drop for Abandon<'_, T> {
         let h = ring.header();
         ring.slot(pos).finish(pos.wrapping_add(ring.capacity()));
         // `tail` is already past `pos` (advanced by us or a helper after our claim).
-        let _ = h.head.compare_exchange(
-            pos,
-            pos.wrapping_add(1),
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
+        help_past(&h.head, pos);
         h.not_full.notify_all();
         h.not_empty.notify_all();
     }
@@ -518,18 +477,8 @@ impl<T> RingMem<Header, Slot<T>> {
                 )
                 .is_ok()
             {
-                let _ = h.tail.compare_exchange(
-                    pos,
-                    pos.wrapping_add(1),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
-                let _ = h.head.compare_exchange(
-                    pos,
-                    pos.wrapping_add(1),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
+                help_past(&h.tail, pos);
+                help_past(&h.head, pos);
                 freed = true;
             }
         }
@@ -538,17 +487,6 @@ impl<T> RingMem<Header, Slot<T>> {
             h.not_empty.notify_all();
         }
         freed
-    }
-
-    /// Marks the queue corrupted (first reason wins) and wakes every sleeper to see it.
-    #[cold]
-    fn mark_corrupted(&self, why: u64) {
-        let h = self.header();
-        let _ = h
-            .corrupted
-            .compare_exchange(0, why, Ordering::SeqCst, Ordering::SeqCst);
-        h.not_full.notify_all();
-        h.not_empty.notify_all();
     }
 
     /// The corruption report, if the queue was marked corrupted.
@@ -572,8 +510,8 @@ fn describe_corruption(why: u64) -> String {
 }
 
 /// A per-handle clock for the checks a non-blocking call runs when it finds the queue
-/// empty (full): at most one every [`CHECK_EVERY`](super::eventcount::CHECK_EVERY).
-type CheckClock = super::eventcount::CheckClock;
+/// empty (full): at most one every [`CHECK_EVERY`](crate::sync::eventcount::CHECK_EVERY).
+type CheckClock = crate::sync::eventcount::CheckClock;
 
 /// The sending end of a [`channel`](fn@crate::channel). Clone it for more producers.
 ///
@@ -648,19 +586,39 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     }
 
     /// Claims the next free position and writes `value`, without notifying consumers.
+    #[inline]
+    fn push<P: Fill<T>>(&self, value: P) -> Result<(), TrySendError<P>> {
+        let pos = match self.claim_for_send() {
+            Ok(pos) => pos,
+            Err(e) => return Err(e.map(|()| value)),
+        };
+        let ring = &*self.ring;
+        let slot = ring.slot(pos);
+        // A `fill` that unwinds must not leave the slot claimed: skip it.
+        let abandon = Abandon { ring, pos };
+        // SAFETY: our claim gives us this slot exclusively until we publish it.
+        slot.value.with_mut(|p| value.fill(unsafe { &mut *p }));
+        std::mem::forget(abandon);
+        slot.finish(pos.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Claims the next free position for the calling thread and moves `tail` past it;
+    /// returns the position, whose slot the caller must fill and publish (or abandon).
     /// When the queue is full, runs [`check_when_full`](Self::check_when_full) and looks
     /// once more.
-    fn push<P: Fill<T>>(&self, value: P) -> Result<(), TrySendError<P>> {
+    #[inline]
+    fn claim_for_send(&self) -> Result<u64, TrySendError<()>> {
         let ring = &*self.ring;
         let h = ring.header();
         if h.senders.foreign() {
             peers::refuse_foreign("channel");
         }
         if h.corrupted.load(Ordering::Relaxed) != 0 {
-            return Err(TrySendError::Corrupted(value));
+            return Err(TrySendError::Corrupted(()));
         }
         if !h.receivers.any_handles() {
-            return Err(TrySendError::Disconnected(value));
+            return Err(TrySendError::Disconnected(()));
         }
         let cap = ring.capacity();
         let me = Claimant::me();
@@ -672,19 +630,8 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
             let stamp = slot.stamp.load(Ordering::Acquire);
             if stamp == pos {
                 if slot.try_claim(pos, pos, me, false) {
-                    let _ = h.tail.compare_exchange(
-                        pos,
-                        pos.wrapping_add(1),
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    );
-                    // A `fill` that unwinds must not leave the slot claimed: skip it.
-                    let abandon = Abandon { ring, pos };
-                    // SAFETY: our claim gives us this slot exclusively until we publish it.
-                    slot.value.with_mut(|p| value.fill(unsafe { &mut *p }));
-                    std::mem::forget(abandon);
-                    slot.finish(pos.wrapping_add(1));
-                    return Ok(());
+                    help_past(&h.tail, pos);
+                    return Ok(pos);
                 }
                 continue;
             }
@@ -692,12 +639,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
             {
                 // Someone claimed (and maybe filled, or even consumed, or a repair freed)
                 // `pos` but `tail` was not advanced yet: help.
-                let _ = h.tail.compare_exchange(
-                    pos,
-                    pos.wrapping_add(1),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
+                help_past(&h.tail, pos);
                 continue;
             }
             let prev = pos.wrapping_sub(cap);
@@ -712,17 +654,17 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                 {
                     // `head` passed `prev` only after a consumer claimed it, yet its
                     // message is still waiting: `head` was scribbled over.
-                    ring.mark_corrupted(BAD_HEAD);
-                    return Err(TrySendError::Corrupted(value));
+                    h.mark_corrupted(BAD_HEAD);
+                    return Err(TrySendError::Corrupted(()));
                 }
                 if !checked && self.check_when_full() {
                     checked = true;
                     if !h.receivers.any_handles() {
-                        return Err(TrySendError::Disconnected(value));
+                        return Err(TrySendError::Disconnected(()));
                     }
                     continue;
                 }
-                return Err(TrySendError::Full(value));
+                return Err(TrySendError::Full(()));
             }
             // With `tail` at `pos` before and after (it only grows), the stamp we read lies
             // between the two, and every state a sound ring can show there is handled
@@ -730,47 +672,43 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
             if h.tail.load(Ordering::Acquire) == pos {
                 confused += 1;
                 if confused > CONFUSION_LIMIT {
-                    ring.mark_corrupted(BAD_STAMP);
-                    return Err(TrySendError::Corrupted(value));
+                    h.mark_corrupted(BAD_STAMP);
+                    return Err(TrySendError::Corrupted(()));
                 }
                 crate::loom_switch::spin_hint();
             }
         }
     }
 
-    /// Crash-test hook: claims the next position, then calls `stall` before writing and
-    /// publishing `value`, so a test can kill (or stop) a producer at exactly that point.
+    /// Crash-test hook: claims the next position (waiting while the queue is full), then
+    /// calls `stall` before writing and publishing `value`, so a test can kill (or stop)
+    /// a producer at exactly that point. The claim is `push`'s own.
+    ///
+    /// # Panics
+    ///
+    /// If the queue is disconnected or corrupted.
+    #[cfg(any(test, feature = "test-hooks"))]
     #[doc(hidden)]
     pub fn __send_stalled_after_claim(&self, value: T, stall: impl FnOnce()) {
-        let h = self.ring.header();
-        if h.senders.foreign() {
-            peers::refuse_foreign("channel");
-        }
-        let me = Claimant::me();
-        loop {
-            let pos = h.tail.load(Ordering::Acquire);
-            let slot = self.ring.slot(pos);
-            if slot.try_claim(pos, pos, me, false) {
-                let _ = h.tail.compare_exchange(
-                    pos,
-                    pos.wrapping_add(1),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
-                stall();
-                // SAFETY: claimed above, as in `push`.
-                slot.value.with_mut(|p| unsafe { (*p).write(value) });
-                slot.finish(pos.wrapping_add(1));
-                h.not_empty.notify_all();
-                return;
+        let pos = loop {
+            match self.claim_for_send() {
+                Ok(pos) => break pos,
+                Err(TrySendError::Full(())) => std::thread::yield_now(),
+                Err(e) => panic!("__send_stalled_after_claim: {e}"),
             }
-            std::thread::yield_now();
-        }
+        };
+        stall();
+        let slot = self.ring.slot(pos);
+        // SAFETY: claimed above, as in `push`.
+        slot.value.with_mut(|p| unsafe { (*p).write(value) });
+        slot.finish(pos.wrapping_add(1));
+        self.ring.header().not_empty.notify_all();
     }
 
     /// Test hook: claims the next position for thread `tid` with start time `start`,
     /// exactly as that thread's own claim would look (both words), and moves `tail` past
     /// it, as if that thread had claimed the slot and stalled.
+    #[cfg(any(test, feature = "test-hooks"))]
     #[doc(hidden)]
     pub fn __plant_claim(&self, tid: u32, start: u64) {
         let h = self.ring.header();
@@ -785,6 +723,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     }
 
     /// Test hook: overwrites the shared `tail` with `f(tail)`, as a scribbling peer would.
+    #[cfg(any(test, feature = "test-hooks"))]
     #[doc(hidden)]
     pub fn __scribble_tail(&self, f: impl FnOnce(u64) -> u64) {
         let tail = &self.ring.header().tail;
@@ -792,6 +731,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     }
 
     /// Test hook: how many waiters the receivers' eventcount has announced.
+    #[cfg(any(test, feature = "test-hooks"))]
     #[doc(hidden)]
     pub fn __not_empty_waiters(&self) -> u32 {
         self.ring.header().not_empty.waiters()
@@ -962,6 +902,25 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     /// success only).
     #[inline]
     fn pop_with<R>(&self, read: impl FnOnce(&T) -> R) -> Result<R, TryRecvError> {
+        let pos = self.claim_for_recv()?;
+        let ring = &*self.ring;
+        // Frees the slot when `read` returns or unwinds (the message then counts as
+        // received).
+        let _free = Free { ring, pos };
+        // SAFETY: the stamp said a producer published a T here (its release store is what
+        // our acquire CAS read), and our claim keeps producers away until we free the slot.
+        Ok(ring
+            .slot(pos)
+            .value
+            .with(|p| read(unsafe { (*p).assume_init_ref() })))
+    }
+
+    /// Claims the next published position for the calling thread and moves `head` past
+    /// it; returns the position, whose message the caller must read and free. When the
+    /// queue is empty, runs [`check_when_empty`](Self::check_when_empty) and looks once
+    /// more.
+    #[inline]
+    fn claim_for_recv(&self) -> Result<u64, TryRecvError> {
         let ring = &*self.ring;
         let h = ring.header();
         if h.senders.foreign() {
@@ -980,30 +939,14 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
             let stamp = slot.stamp.load(Ordering::Acquire);
             if stamp == pos.wrapping_add(1) {
                 if slot.try_claim(stamp, pos, me, true) {
-                    let _ = h.head.compare_exchange(
-                        pos,
-                        pos.wrapping_add(1),
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    );
-                    // Frees the slot when `read` returns or unwinds (the message then
-                    // counts as received).
-                    let _free = Free { ring, pos };
-                    // SAFETY: the stamp said a producer published a T here (its release
-                    // store is what our acquire CAS read), and our claim keeps producers
-                    // away until we free the slot.
-                    return Ok(slot.value.with(|p| read(unsafe { (*p).assume_init_ref() })));
+                    help_past(&h.head, pos);
+                    return Ok(pos);
                 }
                 continue;
             }
             if stamp == pos.wrapping_add(cap) || (claims(stamp, pos) && stamp & READING != 0) {
                 // Someone consumed or is consuming `pos` but has not advanced `head`: help.
-                let _ = h.head.compare_exchange(
-                    pos,
-                    pos.wrapping_add(1),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
+                help_past(&h.head, pos);
                 continue;
             }
             if claims(stamp, pos) {
@@ -1028,7 +971,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                 {
                     // `tail` passed `pos` only after someone claimed it, and a claimed
                     // stamp never returns to these states: `tail` was scribbled over.
-                    ring.mark_corrupted(BAD_TAIL);
+                    h.mark_corrupted(BAD_TAIL);
                     return Err(TryRecvError::Corrupted(describe_corruption(BAD_TAIL)));
                 }
                 if !checked && self.check_when_empty() {
@@ -1040,7 +983,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
             if h.head.load(Ordering::Acquire) == pos {
                 confused += 1;
                 if confused > CONFUSION_LIMIT {
-                    ring.mark_corrupted(BAD_STAMP);
+                    h.mark_corrupted(BAD_STAMP);
                     return Err(TryRecvError::Corrupted(format!(
                         "slot stamp {stamp:#x} fits no state of position {pos}"
                     )));
@@ -1050,34 +993,30 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         }
     }
 
-    /// Crash-test hook: claims the next published message and advances `head`, then calls
-    /// `stall` before copying it out and freeing the slot.
+    /// Crash-test hook: claims the next published message (waiting while the queue is
+    /// empty) and advances `head`, then calls `stall` before copying it out and freeing
+    /// the slot. The claim is `pop`'s own.
+    ///
+    /// # Panics
+    ///
+    /// If the queue is disconnected or corrupted.
+    #[cfg(any(test, feature = "test-hooks"))]
     #[doc(hidden)]
     pub fn __recv_stalled_after_claim(&self, stall: impl FnOnce()) -> T {
-        let h = self.ring.header();
-        if h.senders.foreign() {
-            peers::refuse_foreign("channel");
-        }
-        let me = Claimant::me();
-        loop {
-            let pos = h.head.load(Ordering::Acquire);
-            let slot = self.ring.slot(pos);
-            if slot.try_claim(pos.wrapping_add(1), pos, me, true) {
-                let _ = h.head.compare_exchange(
-                    pos,
-                    pos.wrapping_add(1),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
-                stall();
-                // SAFETY: claimed a published slot above, as in `pop`.
-                let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
-                slot.finish(pos.wrapping_add(self.ring.capacity()));
-                h.not_full.notify_all();
-                return value;
+        let pos = loop {
+            match self.claim_for_recv() {
+                Ok(pos) => break pos,
+                Err(TryRecvError::Empty) => std::thread::yield_now(),
+                Err(e) => panic!("__recv_stalled_after_claim: {e}"),
             }
-            std::thread::yield_now();
-        }
+        };
+        stall();
+        let slot = self.ring.slot(pos);
+        // SAFETY: claimed a published slot above, as in `pop_with`.
+        let value = slot.value.with(|p| unsafe { (*p).assume_init_read() });
+        slot.finish(pos.wrapping_add(self.ring.capacity()));
+        self.ring.header().not_full.notify_all();
+        value
     }
 
     /// Receives the next message in place: `f` reads it where it lies in the ring (no
@@ -1176,7 +1115,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     /// takes over the loan the parent made) instead of [`peers::attach`].
     pub(crate) fn adopt(
         fd: std::os::fd::OwnedFd,
-        count: impl FnOnce(&PeerTable) -> Result<()>,
+        count: impl FnOnce(&super::peers::PeerTable) -> Result<()>,
     ) -> Result<Sender<T>> {
         let ring = Arc::new(Ring::<T>::adopt("channel", 2, fd)?);
         count(&ring.header().senders)?;
@@ -1193,7 +1132,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     /// As [`Sender::adopt`].
     pub(crate) fn adopt(
         fd: std::os::fd::OwnedFd,
-        count: impl FnOnce(&PeerTable) -> Result<()>,
+        count: impl FnOnce(&super::peers::PeerTable) -> Result<()>,
     ) -> Result<Receiver<T>> {
         let ring = Arc::new(Ring::<T>::adopt("channel", 2, fd)?);
         count(&ring.header().receivers)?;
@@ -1201,63 +1140,17 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     }
 }
 
-impl<T: ShmSafe + Copy + Send> Clone for Sender<T> {
-    /// Another producer handle.
-    ///
-    /// # Panics
-    ///
-    /// If 1024 other live processes already hold handles to this end (handles a process
-    /// inherits by `fork` never fail: beyond 1024 processes they are counted without a
-    /// slot, and this end then counts as connected for good: use timeouts).
-    fn clone(&self) -> Self {
-        peers::attach(&self.ring.header().senders).expect("attach a sender");
-        Sender::new(Arc::clone(&self.ring))
-    }
-}
-
-impl<T: ShmSafe + Copy + Send> Clone for Receiver<T> {
-    /// Another consumer handle.
-    ///
-    /// # Panics
-    ///
-    /// If 1024 other live processes already hold handles to this end (handles a process
-    /// inherits by `fork` never fail: beyond 1024 processes they are counted without a
-    /// slot, and this end then counts as connected for good: use timeouts).
-    fn clone(&self) -> Self {
-        peers::attach(&self.ring.header().receivers).expect("attach a receiver");
-        Receiver::new(Arc::clone(&self.ring))
-    }
-}
+ring_handles!("channel", clone);
 
 impl<T: ShmSafe + Copy + Send> Drop for Sender<T> {
     fn drop(&mut self) {
-        let h = self.ring.header();
-        peers::detach(&h.senders);
-        h.not_empty.notify_all();
+        self.ring.header().sender_dropped();
     }
 }
 
 impl<T: ShmSafe + Copy + Send> Drop for Receiver<T> {
     fn drop(&mut self) {
-        let h = self.ring.header();
-        peers::detach(&h.receivers);
-        h.not_full.notify_all();
-    }
-}
-
-impl<T: ShmSafe + Copy + Send> fmt::Debug for Sender<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("channel::Sender")
-            .field("capacity", &self.ring.capacity())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T: ShmSafe + Copy + Send> fmt::Debug for Receiver<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("channel::Receiver")
-            .field("capacity", &self.ring.capacity())
-            .finish_non_exhaustive()
+        self.ring.header().receiver_dropped();
     }
 }
 

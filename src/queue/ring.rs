@@ -1,13 +1,19 @@
-//! Where a ring's header and slots live: a shared segment, or (under loom) the heap.
+//! What the Pod rings ([`spsc`](super::spsc) and [`channel`](super::mpmc)) share: where a
+//! ring's header and slots live (a shared segment, or under loom and Miri the heap), the
+//! header words both flavours have ([`RingHeader`]), how a ring's first two handles are
+//! made, what dropping a handle does, the `Debug` and `Clone` impls of the handles, and
+//! the helping compare-and-swap of the channel's positions.
 
 use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use super::peers::PeerTable;
+use super::peers::{self, PeerTable};
 use crate::error::{Error, Result};
+use crate::loom_switch::{AtomicU64, Ordering};
 use crate::shm::header::TypeTag;
 use crate::shm::{Backing, Segment};
+use crate::sync::eventcount::EventCount;
 
 /// Pads and aligns a value to 128 bytes: two cache lines, because Intel's adjacent-line
 /// prefetcher pulls lines in pairs, and a producer's and a consumer's hot words must never
@@ -31,6 +37,183 @@ pub(crate) struct Exported<'a> {
     pub(crate) keep: Arc<dyn Any + Send + Sync>,
     pub(crate) table: &'a PeerTable,
 }
+
+/// The header of a Pod ring: the positions and eventcounts on cache lines of their own,
+/// the flavour's own words `X`, and the peer tables of both ends with the corruption mark
+/// between them.
+///
+/// | word | a SIGKILL can leave | repaired by |
+/// |---|---|---|
+/// | `tail` / `head` | see the flavour's table | see the flavour's table |
+/// | eventcounts | a dead waiter's announcement | the next notify erases it (see `eventcount`) |
+/// | peer tables | a dead process's handle count | `any_alive`, on every slow path |
+/// | `corrupted` | — (set once, by a single compare-and-swap) | never: recreate the queue |
+#[repr(C)]
+pub(crate) struct RingHeader<X> {
+    pub(crate) tail: CachePadded<AtomicU64>,
+    pub(crate) head: CachePadded<AtomicU64>,
+    pub(crate) not_empty: CachePadded<EventCount>,
+    pub(crate) not_full: CachePadded<EventCount>,
+    /// The flavour's own words.
+    pub(crate) extra: X,
+    pub(crate) senders: PeerTable,
+    /// 0, or why the queue was found corrupted (a flavour's reason code); never cleared.
+    /// Next to `receivers.total`, which every send reads anyway.
+    pub(crate) corrupted: AtomicU64,
+    pub(crate) receivers: PeerTable,
+}
+
+impl<X> RingHeader<X> {
+    pub(crate) fn new(extra: X) -> RingHeader<X> {
+        RingHeader {
+            tail: CachePadded(AtomicU64::new(0)),
+            head: CachePadded(AtomicU64::new(0)),
+            not_empty: CachePadded(EventCount::new()),
+            not_full: CachePadded(EventCount::new()),
+            extra,
+            // SAFETY: a peer table is plain atomics; all-zero is the empty table (the
+            // creator's pid namespace is stamped once it is in place, by `endpoints`).
+            senders: unsafe { std::mem::zeroed() },
+            corrupted: AtomicU64::new(0),
+            // SAFETY: as above.
+            receivers: unsafe { std::mem::zeroed() },
+        }
+    }
+
+    /// Marks the queue corrupted for `why` (non-zero; the first reason wins) and wakes
+    /// every sleeper to see it.
+    #[cold]
+    pub(crate) fn mark_corrupted(&self, why: u64) {
+        let _ = self
+            .corrupted
+            .compare_exchange(0, why, Ordering::SeqCst, Ordering::SeqCst);
+        self.not_full.notify_all();
+        self.not_empty.notify_all();
+    }
+
+    /// Counts one more sending handle of this process.
+    ///
+    /// # Errors
+    ///
+    /// As for `peers::attach`: the peer table is full.
+    pub(crate) fn attach_sender(&self) -> Result<()> {
+        peers::attach(&self.senders)
+    }
+
+    /// Counts one more receiving handle of this process.
+    ///
+    /// # Errors
+    ///
+    /// As for `peers::attach`.
+    pub(crate) fn attach_receiver(&self) -> Result<()> {
+        peers::attach(&self.receivers)
+    }
+
+    /// A sending handle is dropped: uncounted, and receivers asleep on an empty queue
+    /// wake to see whether it is disconnected now.
+    pub(crate) fn sender_dropped(&self) {
+        peers::detach(&self.senders);
+        self.not_empty.notify_all();
+    }
+
+    /// A receiving handle is dropped: uncounted, and senders asleep on a full queue wake.
+    pub(crate) fn receiver_dropped(&self) {
+        peers::detach(&self.receivers);
+        self.not_full.notify_all();
+    }
+}
+
+/// Moves `position` (a ring's `tail` or `head`) from `pos` to `pos + 1` unless someone
+/// already did: the "helping" step any thread may take for a claim it sees finished or
+/// under way at `pos`.
+#[inline]
+pub(crate) fn help_past(position: &AtomicU64, pos: u64) {
+    let _ = position.compare_exchange(
+        pos,
+        pos.wrapping_add(1),
+        Ordering::AcqRel,
+        Ordering::Relaxed,
+    );
+}
+
+/// The first two handles of a ring this process has just created: stamps its pid
+/// namespace into both peer tables, counts one sender and one receiver, and builds them.
+pub(crate) fn endpoints<X, S, Tx, Rx>(
+    ring: RingMem<RingHeader<X>, S>,
+    sender: impl FnOnce(Arc<RingMem<RingHeader<X>, S>>) -> Tx,
+    receiver: impl FnOnce(Arc<RingMem<RingHeader<X>, S>>) -> Rx,
+) -> Result<(Tx, Rx)> {
+    let ring = Arc::new(ring);
+    let h = ring.header();
+    h.senders.stamp_creator();
+    h.receivers.stamp_creator();
+    h.attach_sender()?;
+    let tx = sender(Arc::clone(&ring));
+    // On an error here `tx` is dropped, which uncounts it again.
+    ring.header().attach_receiver()?;
+    Ok((tx, receiver(ring)))
+}
+
+/// The `Debug` impls of a flavour's `Sender` and `Receiver` (and, with `clone`, their
+/// `Clone` impls, each counting the new handle in its peer table). Expects `ring:
+/// Arc<Ring<T>>` fields and, for `clone`, `Sender::new`/`Receiver::new` taking the ring.
+macro_rules! ring_handles {
+    ($flavour:literal) => {
+        impl<T: ShmSafe + Copy + Send> std::fmt::Debug for Sender<T> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(concat!($flavour, "::Sender"))
+                    .field("capacity", &self.ring.capacity())
+                    .finish_non_exhaustive()
+            }
+        }
+
+        impl<T: ShmSafe + Copy + Send> std::fmt::Debug for Receiver<T> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(concat!($flavour, "::Receiver"))
+                    .field("capacity", &self.ring.capacity())
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+    ($flavour:literal, clone) => {
+        $crate::queue::ring::ring_handles!($flavour);
+
+        impl<T: ShmSafe + Copy + Send> Clone for Sender<T> {
+            /// Another producer handle.
+            ///
+            /// # Panics
+            ///
+            /// If 1024 other live processes already hold handles to this end (handles a
+            /// process inherits by `fork` never fail: beyond 1024 processes they are
+            /// counted without a slot, and this end then counts as connected for good:
+            /// use timeouts).
+            fn clone(&self) -> Self {
+                self.ring.header().attach_sender().expect("attach a sender");
+                Sender::new(std::sync::Arc::clone(&self.ring))
+            }
+        }
+
+        impl<T: ShmSafe + Copy + Send> Clone for Receiver<T> {
+            /// Another consumer handle.
+            ///
+            /// # Panics
+            ///
+            /// If 1024 other live processes already hold handles to this end (handles a
+            /// process inherits by `fork` never fail: beyond 1024 processes they are
+            /// counted without a slot, and this end then counts as connected for good:
+            /// use timeouts).
+            fn clone(&self) -> Self {
+                self.ring
+                    .header()
+                    .attach_receiver()
+                    .expect("attach a receiver");
+                Receiver::new(std::sync::Arc::clone(&self.ring))
+            }
+        }
+    };
+}
+
+pub(crate) use ring_handles;
 
 /// A header `H` followed by `capacity` slots `S`, kept alive by `_owner`.
 pub(crate) struct RingMem<H, S> {

@@ -54,13 +54,10 @@
 //!   used beyond `& (capacity - 1)`.
 
 use std::cell::Cell;
-use std::fmt;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use super::eventcount::{Attempt, CheckClock, EventCount, block_on};
-use super::peers::{self, PeerTable};
-use super::ring::{CachePadded, RingMem};
+use super::ring::{self, RingHeader, RingMem, ring_handles};
 use super::{
     RawReceiver, RawSender, RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError,
     TrySendError, receiver_api, sender_api,
@@ -68,23 +65,29 @@ use super::{
 use crate::error::{Error, Result};
 use crate::loom_switch::{AtomicU64, Ordering, UnsafeCell};
 use crate::shm::ShmSafe;
+use crate::sync::eventcount::{Attempt, CheckClock, EventCount, block_on};
 use crate::sys::Deadline;
 
+/// The spsc flavour's own header words: which process uses each end.
 #[repr(C)]
-pub(crate) struct Header {
-    tail: CachePadded<AtomicU64>,
-    head: CachePadded<AtomicU64>,
-    not_empty: CachePadded<EventCount>,
-    not_full: CachePadded<EventCount>,
+pub(crate) struct Owners {
     /// [`process_identity`](crate::owner::process_identity) of the process using the
     /// sender (receiver), 0 if none.
-    sender_owner: AtomicU64,
-    receiver_owner: AtomicU64,
-    senders: PeerTable,
-    /// 0, or 1 once the queue was found corrupted; never cleared. Next to
-    /// `receivers.total`, which every send reads anyway.
-    corrupted: AtomicU64,
-    receivers: PeerTable,
+    sender: AtomicU64,
+    receiver: AtomicU64,
+}
+
+/// The spsc header; its `corrupted` word is 0 or [`CORRUPTED`].
+pub(crate) type Header = RingHeader<Owners>;
+
+/// The spsc ring's one reason to be marked corrupted: a position out of range.
+const CORRUPTED: u64 = 1;
+
+fn new_header() -> Header {
+    RingHeader::new(Owners {
+        sender: AtomicU64::new(0),
+        receiver: AtomicU64::new(0),
+    })
 }
 
 /// A slot always holds a valid `T`: zero at creation (valid for every `ShmSafe` type),
@@ -119,36 +122,10 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 /// [`Error::InvalidArgument`] for a zero or absurd capacity; [`Error::Io`] if the shared
 /// memory cannot be created.
 pub fn spsc<T: ShmSafe + Copy + Send>(capacity: usize) -> Result<(Sender<T>, Receiver<T>)> {
-    let ring = RingMem::create("spsc", capacity, Header::new, |_| {
+    let ring = RingMem::create("spsc", capacity, new_header, |_| {
         UnsafeCell::new(MaybeUninit::zeroed())
     })?;
-    endpoints(Arc::new(ring))
-}
-
-impl Header {
-    fn new() -> Header {
-        Header {
-            tail: CachePadded(AtomicU64::new(0)),
-            head: CachePadded(AtomicU64::new(0)),
-            not_empty: CachePadded(EventCount::new()),
-            not_full: CachePadded(EventCount::new()),
-            sender_owner: AtomicU64::new(0),
-            receiver_owner: AtomicU64::new(0),
-            // SAFETY: a peer table is plain atomics; all-zero is the empty table (the creator's
-            // pid namespace is stamped once it is in place).
-            senders: unsafe { std::mem::zeroed() },
-            corrupted: AtomicU64::new(0),
-            // SAFETY: as above.
-            receivers: unsafe { std::mem::zeroed() },
-        }
-    }
-}
-
-/// The two handles of a ring this process has just created.
-fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>, Receiver<T>)> {
-    ring.header().senders.stamp_creator();
-    ring.header().receivers.stamp_creator();
-    Ok((Sender::attach(Arc::clone(&ring))?, Receiver::attach(ring)?))
+    ring::endpoints(ring, Sender::new, Receiver::new)
 }
 
 /// A heap-backed pair, for loom and Miri.
@@ -157,10 +134,10 @@ fn endpoints<T: ShmSafe + Copy + Send>(ring: Arc<Ring<T>>) -> Result<(Sender<T>,
 pub fn heap_spsc<T: ShmSafe + Copy + Send + 'static>(
     capacity: usize,
 ) -> Result<(Sender<T>, Receiver<T>)> {
-    let ring = RingMem::heap(capacity, Header::new, |_| {
+    let ring = RingMem::heap(capacity, new_header, |_| {
         UnsafeCell::new(MaybeUninit::zeroed())
     });
-    endpoints(Arc::new(ring))
+    ring::endpoints(ring, Sender::new, Receiver::new)
 }
 
 /// The producing end of an [`spsc`](fn@crate::spsc) queue. Not `Clone`: there is exactly one
@@ -201,18 +178,18 @@ pub struct Receiver<T: ShmSafe + Copy + Send> {
 }
 
 impl<T: ShmSafe + Copy + Send> Sender<T> {
-    fn attach(ring: Arc<Ring<T>>) -> Result<Sender<T>> {
+    /// A handle on `ring`, already counted in its senders' table.
+    fn new(ring: Arc<Ring<T>>) -> Sender<T> {
         let h = ring.header();
-        peers::attach(&h.senders)?;
         let tail = h.tail.load(Ordering::Acquire);
         let head = h.head.load(Ordering::Acquire);
-        Ok(Sender {
+        Sender {
             owned: Cell::new(ownership::NEVER),
             check: CheckClock::new(),
             tail: Cell::new(tail),
             head_seen: Cell::new(head),
             ring,
-        })
+        }
     }
 
     /// A new consumer for this queue, after the previous one is gone (its handle dropped
@@ -227,7 +204,8 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
                 what: "this spsc queue still has a live receiver: there can only be one".into(),
             });
         }
-        Receiver::attach(Arc::clone(&self.ring))
+        self.ring.header().attach_receiver()?;
+        Ok(Receiver::new(Arc::clone(&self.ring)))
     }
 
     /// Makes sure this process owns the sender (one comparison unless a fork happened or
@@ -252,7 +230,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         ownership::refuse_moved(self.owned.get(), "spsc::Sender");
         let h = self.ring.header();
         self.owned.set(ownership::take(
-            &h.sender_owner,
+            &h.extra.sender,
             &h.senders,
             "spsc::Sender",
             "send",
@@ -275,7 +253,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         let head = self.ring.header().head.load(Ordering::Acquire);
         let used = tail.wrapping_sub(head);
         if used > cap {
-            self.ring.header().corrupt();
+            self.ring.header().mark_corrupted(CORRUPTED);
             return Err(TrySendError::Corrupted(()));
         }
         self.head_seen.set(head);
@@ -464,6 +442,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     }
 
     /// Test hook: how many waiters the receiver's eventcount has announced.
+    #[cfg(any(test, feature = "test-hooks"))]
     #[doc(hidden)]
     pub fn __not_empty_waiters(&self) -> u32 {
         self.ring.header().not_empty.waiters()
@@ -582,17 +561,17 @@ impl<T: ShmSafe + Copy + Send> RawSender<T> for Sender<T> {
 }
 
 impl<T: ShmSafe + Copy + Send> Receiver<T> {
-    fn attach(ring: Arc<Ring<T>>) -> Result<Receiver<T>> {
+    /// A handle on `ring`, already counted in its receivers' table.
+    fn new(ring: Arc<Ring<T>>) -> Receiver<T> {
         let h = ring.header();
-        peers::attach(&h.receivers)?;
         let head = h.head.load(Ordering::Acquire);
-        Ok(Receiver {
+        Receiver {
             owned: Cell::new(ownership::NEVER),
             check: CheckClock::new(),
             head: Cell::new(head),
             tail_seen: Cell::new(head),
             ring,
-        })
+        }
     }
 
     /// A new producer for this queue, after the previous one is gone (its handle dropped
@@ -607,7 +586,8 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
                 what: "this spsc queue still has a live sender: there can only be one".into(),
             });
         }
-        Sender::attach(Arc::clone(&self.ring))
+        self.ring.header().attach_sender()?;
+        Ok(Sender::new(Arc::clone(&self.ring)))
     }
 
     /// Checks and returns how many messages are ready, refreshing the cached tail.
@@ -617,7 +597,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         let tail = h.tail.load(Ordering::Acquire);
         let ready = tail.wrapping_sub(head);
         if ready > self.ring.capacity() {
-            h.corrupt();
+            h.mark_corrupted(CORRUPTED);
             return Err(TryRecvError::Corrupted(format!(
                 "spsc tail {tail} is not within capacity {} of head {head}",
                 self.ring.capacity()
@@ -677,7 +657,7 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         ownership::refuse_moved(self.owned.get(), "spsc::Receiver");
         let h = self.ring.header();
         self.owned.set(ownership::take(
-            &h.receiver_owner,
+            &h.extra.receiver,
             &h.senders,
             "spsc::Receiver",
             "receive",
@@ -886,7 +866,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     /// ownership, and makes every later use of this handle panic (see
     /// [`ownership::MOVED`]). Dropping it still only uncounts it.
     pub(crate) fn hand_over(&self) {
-        ownership::release(&self.ring.header().sender_owner, self.owned.get());
+        ownership::release(&self.ring.header().extra.sender, self.owned.get());
         self.owned.set(ownership::MOVED);
     }
 
@@ -895,7 +875,7 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
     /// end from its first use, as after a fork.
     pub(crate) fn adopt(
         fd: std::os::fd::OwnedFd,
-        count: impl FnOnce(&PeerTable) -> Result<()>,
+        count: impl FnOnce(&super::peers::PeerTable) -> Result<()>,
     ) -> Result<Sender<T>> {
         let ring = Arc::new(Ring::<T>::adopt("spsc", 1, fd)?);
         count(&ring.header().senders)?;
@@ -922,14 +902,14 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
 
     /// As [`Sender::hand_over`].
     pub(crate) fn hand_over(&self) {
-        ownership::release(&self.ring.header().receiver_owner, self.owned.get());
+        ownership::release(&self.ring.header().extra.receiver, self.owned.get());
         self.owned.set(ownership::MOVED);
     }
 
     /// As [`Sender::adopt`].
     pub(crate) fn adopt(
         fd: std::os::fd::OwnedFd,
-        count: impl FnOnce(&PeerTable) -> Result<()>,
+        count: impl FnOnce(&super::peers::PeerTable) -> Result<()>,
     ) -> Result<Receiver<T>> {
         let ring = Arc::new(Ring::<T>::adopt("spsc", 1, fd)?);
         count(&ring.header().receivers)?;
@@ -947,47 +927,20 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
 impl<T: ShmSafe + Copy + Send> Drop for Sender<T> {
     fn drop(&mut self) {
         let h = self.ring.header();
-        ownership::release(&h.sender_owner, self.owned.get());
-        peers::detach(&h.senders);
-        // A receiver asleep on an empty queue must wake to see it is disconnected.
-        h.not_empty.notify_all();
+        ownership::release(&h.extra.sender, self.owned.get());
+        h.sender_dropped();
     }
 }
 
 impl<T: ShmSafe + Copy + Send> Drop for Receiver<T> {
     fn drop(&mut self) {
         let h = self.ring.header();
-        ownership::release(&h.receiver_owner, self.owned.get());
-        peers::detach(&h.receivers);
-        h.not_full.notify_all();
+        ownership::release(&h.extra.receiver, self.owned.get());
+        h.receiver_dropped();
     }
 }
 
-impl<T: ShmSafe + Copy + Send> fmt::Debug for Sender<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("spsc::Sender")
-            .field("capacity", &self.ring.capacity())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<T: ShmSafe + Copy + Send> fmt::Debug for Receiver<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("spsc::Receiver")
-            .field("capacity", &self.ring.capacity())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Header {
-    /// Marks the queue corrupted for good and wakes every sleeper to see it.
-    #[cold]
-    fn corrupt(&self) {
-        self.corrupted.store(1, Ordering::SeqCst);
-        self.not_empty.notify_all();
-        self.not_full.notify_all();
-    }
-}
+ring_handles!("spsc");
 
 /// Which process uses each spsc end (see "One process per end" in the module docs).
 mod ownership {

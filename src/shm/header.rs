@@ -425,6 +425,7 @@ pub(crate) fn identify(bytes: &[u8]) -> Option<Identity> {
 
 /// Entry point for the `segment_header` fuzz target: parses arbitrary bytes as a header
 /// of a file of `file_len` bytes and checks the parser's promises.
+#[cfg(any(test, feature = "test-hooks"))]
 #[doc(hidden)]
 pub fn fuzz_parse(bytes: &[u8], file_len: u64, expect_bytes_tag: bool) {
     let tag = TypeTag::bytes();

@@ -20,6 +20,7 @@
 mod barrier;
 mod condvar;
 mod event;
+pub(crate) mod eventcount;
 pub(crate) mod mutex;
 mod raw_mutex;
 mod semaphore;

@@ -42,6 +42,33 @@
 //!
 //! The last row is the only way a wake-up can be delayed, and only by a notifier's death
 //! between two adjacent stores; every sleep is bounded, so nothing hangs.
+//!
+//! # Who waits on it
+//!
+//! The queues (`not_empty`/`not_full` of every ring and of the byte queue) through
+//! [`block_on`]. [`Condvar`](crate::Condvar), [`Event`](crate::Event) and
+//! [`Semaphore`](crate::Semaphore) keep their own waiter counts, for three reasons that
+//! rebuilding them on this type would break a guarantee of theirs:
+//!
+//! * Erasing every announcement fits a notification that wakes *everyone*. A
+//!   `Semaphore::release` or `Condvar::notify_one` wakes one sleeper: erasing the others'
+//!   announcements would leave them uncounted, so the next release would skip its wake and
+//!   they would sleep out their `RECHECK` slice (up to 50 ms per release under
+//!   contention); decrementing by one instead lets the woken waiter's own `cancel_wait`
+//!   take a second count off, with the same effect. Their own counts can only be too high
+//!   (a dead waiter costs a spare wake syscall), never too low.
+//! * `Event` and `Semaphore` sleep on their state word itself (flag and generation; the
+//!   permit count), so changing the state *is* the notification; an eventcount sleeps on
+//!   its own sequence word, which would make an `Event` 12 bytes and a `Semaphore` 16
+//!   instead of the documented 8 and 12 (`sync::tests::layouts_are_as_documented`).
+//! * This type's atomics go through the loom switch, while those three have `const fn`
+//!   constructors (for statics and in-place initialisation), which loom's atomics have
+//!   not.
+//!
+//! A shared primitive for all of them would be a waiter word with epochs over a futex
+//! word the caller owns, erasing on wake-all and counting down on wake-one only for
+//! waiters that prove they were the one woken; that is a new protocol, to be designed
+//! with its loom model, not a refactor.
 
 use crate::loom_switch::{AtomicU32, Deadline, FutexWait, Ordering, fence, spin_hint, wait, wake};
 
@@ -70,6 +97,7 @@ impl EventCount {
     }
 
     /// How many waiters are announced in the current epoch (for tests).
+    #[cfg(any(test, loom, feature = "test-hooks"))]
     pub(crate) fn waiters(&self) -> u32 {
         self.waiters.load(Ordering::SeqCst) & COUNT_MASK
     }
