@@ -27,8 +27,6 @@
 
 mod error;
 mod facade;
-#[doc(hidden)]
-pub mod fork;
 mod liveness;
 mod pipe;
 pub mod queue;

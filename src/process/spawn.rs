@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::child::{Child, ChildParts};
 use super::registry::{self, ProcessInfo};
-use super::{StartMethod, handles, wire};
+use super::{ChildFlags, StartMethod, handles, wire};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -57,6 +57,7 @@ struct Bootstrap {
     parent_pid: u32,
     parent_name: String,
     daemon: bool,
+    process_group: bool,
     arg: Vec<u8>,
 }
 
@@ -192,7 +193,11 @@ pub fn tamper_next_spawn(t: Tamper) {
 ///
 /// Returns the message and the descriptors of the handles inside `arg`, which must reach
 /// the child beside it (see `handles`).
-pub(crate) fn message<F, A, R>(arg: &A, name: &str, daemon: bool) -> Result<(Vec<u8>, Vec<OwnedFd>)>
+pub(crate) fn message<F, A, R>(
+    arg: &A,
+    name: &str,
+    flags: ChildFlags,
+) -> Result<(Vec<u8>, Vec<OwnedFd>)>
 where
     F: Fn(A) -> R + Copy + 'static,
     A: Serialize + DeserializeOwned,
@@ -227,7 +232,8 @@ where
         name: name.to_owned(),
         parent_pid: me.pid(),
         parent_name: me.name().to_owned(),
-        daemon,
+        daemon: flags.daemon,
+        process_group: flags.process_group,
         arg,
     };
     let bytes = postcard::to_allocvec(&message).map_err(|e| Error::InvalidArgument {
@@ -236,18 +242,22 @@ where
     Ok((bytes, fds))
 }
 
-/// Whether a bootstrap message asks for a daemon (`None`: not a bootstrap message).
-pub(crate) fn message_is_daemon(bytes: &[u8]) -> Option<bool> {
+/// What a bootstrap message asks of the child's process (`None`: not a bootstrap
+/// message).
+pub(crate) fn message_flags(bytes: &[u8]) -> Option<ChildFlags> {
     postcard::from_bytes::<Bootstrap>(bytes)
         .ok()
         .filter(|m| m.magic == MAGIC)
-        .map(|m| m.daemon)
+        .map(|m| ChildFlags {
+            daemon: m.daemon,
+            process_group: m.process_group,
+        })
 }
 
 pub(crate) fn spawn<F, A, R>(
     arg: &A,
     name: String,
-    daemon: bool,
+    flags: ChildFlags,
     bootstrap_timeout: Duration,
 ) -> Result<Child<R>>
 where
@@ -255,7 +265,7 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
-    let (bytes, handle_fds) = message::<F, A, R>(arg, &name, daemon)?;
+    let (bytes, handle_fds) = message::<F, A, R>(arg, &name, flags)?;
     let me = sys::getpid();
     let memfd =
         sys::memfd_with(&bytes).map_err(|e| Error::io("writing the bootstrap message", e))?;
@@ -273,7 +283,7 @@ where
     );
     let mut keep = vec![memfd.as_raw_fd(), theirs.as_raw_fd()];
     keep.extend(handle_fds.iter().map(|f| f.as_raw_fd()));
-    let pid = sys::spawn_self((ENV, &value), &keep, daemon, me)
+    let pid = sys::spawn_self((ENV, &value), &keep, flags.daemon, flags.process_group, me)
         .map_err(|e| Error::io("re-executing /proc/self/exe for a spawned child", e))?;
     drop(theirs);
     drop(memfd);
@@ -281,7 +291,7 @@ where
     Ok(Child::new(ChildParts {
         pid,
         name,
-        daemon,
+        daemon: flags.daemon,
         method: StartMethod::Spawn,
         sock: ours,
         bootstrap_timeout: Some(bootstrap_timeout),

@@ -15,6 +15,10 @@ pub(crate) use linux::*;
 mod process;
 #[cfg(target_os = "linux")]
 pub(crate) use process::*;
+#[cfg(target_os = "linux")]
+mod process_group;
+#[cfg(target_os = "linux")]
+pub(crate) use process_group::*;
 
 // Sockets are POSIX, not Linux-specific: shared by every Unix back end.
 mod socket;

@@ -77,11 +77,14 @@ pub fn in_new_pid_namespace_with_proc(fstype: &'static CStr, f: impl FnOnce()) -
         unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS) },
         "unshare(CLONE_NEWPID | CLONE_NEWNS)",
     );
-    let mut child = super::spawn(|| {
+    // Not a daemon: in the new namespace the child is pid 1 and its parent lies outside,
+    // so `getppid()` is 0 there and a daemon's parent check would stop it at once.
+    let child = procshare::Process::fork(|| {
         mount_on_proc(fstype, c"");
         f();
-    });
-    child.wait().unwrap().success()
+    })
+    .expect("fork");
+    child.join().is_ok()
 }
 
 /// [`in_new_pid_namespace_with_proc`] with a real `/proc`.
