@@ -21,8 +21,9 @@
 //! method; `f` must be a `fn` item or a closure that captures nothing (checked at compile
 //! time), `arg` and the return value travel with postcard. [`Process::fork`] runs a closure
 //! that may capture anything, in a forked child. [`Process::builder`] sets a name, the start
-//! method, daemon mode and the bootstrap timeout. Each returns a [`Child<R>`] whose
-//! [`join`](Child::join) gives the value or a [`ProcessError`] saying why there is none.
+//! method, daemon mode, a process group of the child's own and the bootstrap timeout. Each
+//! returns a [`Child<R>`] whose [`join`](Child::join) gives the value or a
+//! [`ProcessError`] saying why there is none.
 //!
 //! # Start methods
 //!
@@ -210,8 +211,8 @@ impl<F> ZeroSized<F> {
 }
 
 impl Process {
-    /// A builder for a child with a name, a start method, daemon mode or a bootstrap
-    /// timeout.
+    /// A builder for a child with a name, a start method, daemon mode, its own process
+    /// group or a bootstrap timeout.
     pub fn builder() -> Builder {
         Builder {
             name: None,
@@ -343,8 +344,8 @@ impl Builder {
     /// # Errors
     ///
     /// As [`Process::spawn`]; also [`Error::MultiThreaded`] for an explicit `Fork` in a
-    /// multi-threaded process, and [`Error::InvalidArgument`] for `Spawn` before `init()`
-    /// ran, or for `ForkServer` (not available yet).
+    /// multi-threaded process, and [`Error::InvalidArgument`] for `Spawn` or `ForkServer`
+    /// before `init()` ran.
     pub fn spawn<F, A, R>(mut self, f: F, arg: A) -> Result<Child<R>>
     where
         F: Fn(A) -> R + Copy + 'static,
