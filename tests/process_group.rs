@@ -89,12 +89,9 @@ fn killing_the_group_reaches_the_grandchildren() {
             .unwrap();
         common::wait_for("the grandchild's pid", LIMIT, || grandchild.get() != 0);
         let g = grandchild.get();
-        // SAFETY: plain syscall; the group is the child's own (checked above).
-        assert_eq!(
-            unsafe { libc::killpg(child.pid() as libc::pid_t, libc::SIGKILL) },
-            0,
-            "{method:?}"
-        );
+        // SAFETY: plain syscall; the group is the child's own.
+        let rc = unsafe { libc::killpg(child.pid() as libc::pid_t, libc::SIGKILL) };
+        assert_eq!(rc, 0, "{method:?}");
         assert_eq!(
             child.join(),
             Err(ProcessError::Signaled(libc::SIGKILL)),
