@@ -41,6 +41,7 @@ fn main() {
             barrier_killed_participant_abort_and_reset_across_processes,
             channel_stopped_reader_claim_blocks_only_within_timeouts,
             try_and_timeout_calls_are_on_time_while_stopped_peers_hold_both_locks,
+            daemon_child_forked_into_a_new_pid_namespace_runs,
         ],
         &[],
     )
@@ -804,4 +805,38 @@ fn channel_stopped_reader_claim_blocks_only_within_timeouts() {
     for i in 4..8 {
         assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(i));
     }
+}
+
+// ---- A daemon child forked into a new pid namespace --------------------------------------
+//
+// A daemon child arms PDEATHSIG and then checks that its parent is still the one that
+// forked it (the parent may have died before the signal was armed). After
+// `unshare(CLONE_NEWPID)` the child is pid 1 of the new namespace and its parent lies
+// outside it, so `getppid()` is 0 there, never the parent's pid: the check must not take
+// that for a dead parent.
+
+fn daemon_child_forked_into_a_new_pid_namespace_runs() {
+    if !is_root() {
+        return skip(
+            "daemon in a new pid namespace",
+            "needs root to unshare a pid namespace",
+        );
+    }
+    let outer = spawn(|| {
+        // SAFETY: plain syscall; this child owns the namespace it creates.
+        check(
+            unsafe { libc::unshare(libc::CLONE_NEWPID) },
+            "unshare(CLONE_NEWPID)",
+        );
+        let child = Process::builder()
+            .daemon(true)
+            .fork(std::process::id)
+            .unwrap();
+        assert_eq!(
+            child.join(),
+            Ok(1),
+            "a daemon child forked into a new pid namespace must run (as its pid 1)"
+        );
+    });
+    join(outer, LIMIT);
 }

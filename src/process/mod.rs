@@ -66,6 +66,10 @@
 //!   are caught, printed, and sent back as [`ProcessError::Panicked`] with the location.
 //! * Daemon children get `SIGKILL` when their parent dies (`PR_SET_PDEATHSIG`, re-checked
 //!   with `getppid()` after it is set, so a parent that died in between is not missed).
+//!   A child that is pid 1 of a new pid namespace (its parent called
+//!   `unshare(CLONE_NEWPID)`) cannot see its parent (`getppid()` is 0 there), so it relies
+//!   on the death signal alone: a parent that dies in the microseconds before the signal
+//!   is armed leaves that one child running, as a non-daemon.
 //!   The signal follows the *thread* that started the child: start daemons from a thread
 //!   that lives as long as the process (e.g. the main thread).
 //! * Dropping a [`Child`] never leaves a zombie; see its docs for wait-versus-kill.
@@ -435,6 +439,14 @@ impl Builder {
     }
 }
 
+/// For a daemon child that has just armed its death signal: whether its parent, `parent`,
+/// already died (it was reparented). A parent outside the child's pid namespace shows as
+/// 0 and cannot be checked: `false` (the death signal still holds from now on).
+pub(crate) fn parent_is_gone(parent: u32) -> bool {
+    let ppid = sys::getppid();
+    ppid != 0 && ppid != parent
+}
+
 /// What the builder asks of the child's process, whatever the start method.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ChildFlags {
@@ -475,7 +487,7 @@ where
             if flags.daemon {
                 let ok = sys::set_parent_death_signal(sys::signal::KILL).is_ok();
                 // The parent may have died before the signal was armed.
-                if !ok || sys::getppid() != parent.pid() {
+                if !ok || parent_is_gone(parent.pid()) {
                     sys::exit_immediately(1);
                 }
             }

@@ -401,7 +401,7 @@ pub(crate) fn run_message(
             &format!("the child could not identify its executable ({e})"),
         ),
     }
-    if msg.daemon && sys::getppid() != parent.unwrap_or(msg.parent_pid) {
+    if msg.daemon && super::parent_is_gone(parent.unwrap_or(msg.parent_pid)) {
         sys::exit_immediately(1); // the parent died before we got here: follow it
     }
     registry::enter_child(msg.name, ProcessInfo::new(msg.parent_pid, msg.parent_name));

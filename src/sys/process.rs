@@ -334,7 +334,10 @@ pub(crate) fn spawn_self(
                 {
                     return Err(io::Error::last_os_error());
                 }
-                if libc::getppid() as u32 != parent_pid {
+                // 0: the parent is outside a new pid namespace and cannot be checked (see
+                // `process::parent_is_gone`).
+                let ppid = libc::getppid() as u32;
+                if ppid != 0 && ppid != parent_pid {
                     libc::_exit(1);
                 }
             }

@@ -106,7 +106,8 @@ fn run_one(test: &Test) -> Result<(), String> {
     // group, so its pid names the group until the last member is gone, even once reaped.
     kill_group(child.pid());
     match outcome {
-        Ok(()) => Ok(()),
+        // See `succeeded`.
+        Ok(()) | Err(ProcessError::Exited(0)) => Ok(()),
         Err(ProcessError::Timeout) => {
             drop(child); // killed with its group above; the drop reaps it
             Err(format!(
@@ -130,10 +131,17 @@ pub fn spawn(f: impl FnOnce()) -> Child<()> {
     Process::builder().daemon(true).fork(f).expect("fork")
 }
 
-/// Waits for `child` to return within `limit`, panicking if it failed or overran.
+/// Whether a test child succeeded: it returned, or it ended the process itself with exit
+/// code 0 (some tests leave with `_exit(0)` on purpose, e.g. without unlocking).
+pub fn succeeded(outcome: &Result<(), ProcessError>) -> bool {
+    matches!(outcome, Ok(()) | Err(ProcessError::Exited(0)))
+}
+
+/// Waits for `child` to succeed (see [`succeeded`]) within `limit`, panicking if it failed
+/// or overran.
 pub fn join(mut child: Child<()>, limit: Duration) {
     match child.join_timeout(limit) {
-        Ok(()) => {}
+        Ok(()) | Err(ProcessError::Exited(0)) => {}
         Err(ProcessError::Timeout) => panic!("child {} still running after {limit:?}", child.pid()),
         Err(e) => panic!("child {} failed: {e}", child.pid()),
     }

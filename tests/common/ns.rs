@@ -77,14 +77,11 @@ pub fn in_new_pid_namespace_with_proc(fstype: &'static CStr, f: impl FnOnce()) -
         unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS) },
         "unshare(CLONE_NEWPID | CLONE_NEWNS)",
     );
-    // Not a daemon: in the new namespace the child is pid 1 and its parent lies outside,
-    // so `getppid()` is 0 there and a daemon's parent check would stop it at once.
-    let child = procshare::Process::fork(|| {
+    let child = super::spawn(|| {
         mount_on_proc(fstype, c"");
         f();
-    })
-    .expect("fork");
-    child.join().is_ok()
+    });
+    super::succeeded(&child.join())
 }
 
 /// [`in_new_pid_namespace_with_proc`] with a real `/proc`.
