@@ -7,11 +7,11 @@
 //! * `lock_uncontended/*`: one process, one thread, lock+increment+unlock in a loop. This
 //!   is the fast path every user pays on every call. One element per iteration.
 //! * `lock_contended_2proc/*`: two real processes (this one and a peer forked once per
-//!   benchmark id) both hammer the same lock and counter. Each measured batch of `iters`
-//!   is `2 * iters` increments (`iters` in each process), timed from the moment the peer
-//!   is told to start until both have finished, then checked: the counter must have
-//!   advanced by exactly `2 * iters`, or mutual exclusion is broken and the bench panics.
-//!   Two elements per iteration.
+//!   benchmark id, see `benches/common`) both hammer the same lock and counter. Each
+//!   measured batch of `iters` is `2 * iters` increments (`iters` in each process), timed
+//!   from the moment the (already awake) peer is told to start until both have finished,
+//!   then checked: the counter must have advanced by exactly `2 * iters`, or mutual
+//!   exclusion is broken and the bench panics. Two elements per iteration.
 //!
 //! The ids, in both groups:
 //!
@@ -40,15 +40,16 @@
 //! The contended numbers need two free CPUs to mean anything; on a busy or 2-vCPU machine
 //! run it twice and compare.
 
-use std::hint::spin_loop;
+mod common;
+
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use common::{Peer, Rounds, die};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
-use procshare::fork::{ForkedChild, fork_unchecked};
 use procshare::{Mutex, Segment, Shared};
 use raw_sync::locks::{LockImpl, LockInit, Mutex as RawSyncMutex};
 
@@ -63,8 +64,8 @@ const IDS: [&str; 5] = [
 
 /// Bytes in each benchmark's shared segment.
 const SEGMENT_LEN: usize = 4096;
-/// The control block sits at offset 0; the lock and its counter start here, two cache
-/// lines away so that polling the control block never touches the lock's line.
+/// Where the lock and its counter start in the segment (the peer's control block lives
+/// in a segment of its own, `common::Rounds`).
 const LOCK_OFFSET: usize = 128;
 /// Where a pthread (or raw_sync) lock's counter lives, relative to the lock: right after
 /// the 40-byte `pthread_mutex_t`, in the same cache line, as a `Mutex<u64>` would lay out.
@@ -74,22 +75,12 @@ const _: () = {
     assert!(size_of::<libc::pthread_mutex_t>() <= PTHREAD_COUNTER_OFFSET);
     assert!(PTHREAD_COUNTER_OFFSET + size_of::<u64>() <= 64);
     assert!(size_of::<Mutex<u64>>() <= 64);
-    assert!(size_of::<Control>() <= LOCK_OFFSET);
 };
-
-/// Reports a failure without allocating and aborts. Safe to call in the forked peer.
-#[cold]
-fn die(msg: &'static str) -> ! {
-    // SAFETY: write(2) on stderr with a valid buffer and its exact length; it is
-    // async-signal-safe and a short or failed write is harmless before an abort.
-    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
-    std::process::abort()
-}
 
 /// A lock under test, together with the `u64` counter in shared memory it guards.
 trait CounterLock {
-    /// Lock, increment the counter by one, unlock. Must be async-signal-safe after the
-    /// first call in a process: the forked peer calls it.
+    /// Lock, increment the counter by one, unlock. The forked peer calls it in its loop,
+    /// which should not allocate.
     fn increment(&self);
     /// The counter, read under the lock.
     fn get(&self) -> u64;
@@ -262,20 +253,7 @@ impl CounterLock for AtomicCounter<'_> {
     }
 }
 
-/// How the parent drives the peer process. Lives at offset 0 of the segment.
-#[repr(C)]
-struct Control {
-    /// Bumped by the parent to start a round.
-    go: AtomicU64,
-    /// Increments each process makes in the round; written before `go` is bumped.
-    iters: AtomicU64,
-    /// Set by the peer to the round's `go` value when it has made its increments.
-    done: AtomicU64,
-    /// Non-zero: the peer exits.
-    quit: AtomicU32,
-}
-
-/// One shared segment: the control block at 0, the lock under test at `LOCK_OFFSET`.
+/// One shared segment: the lock under test at `LOCK_OFFSET`.
 struct Arena {
     segment: Segment,
 }
@@ -285,13 +263,6 @@ impl Arena {
         Arena {
             segment: Segment::anonymous(SEGMENT_LEN).expect("creating a shared segment"),
         }
-    }
-
-    fn control(&self) -> &Control {
-        // SAFETY: offset 0 of the data area is 64-byte aligned, the segment is larger than
-        // a Control, the bytes start zeroed (valid for atomics) and are only accessed
-        // through atomics by either process; the reference lives no longer than `self`.
-        unsafe { &*self.segment.as_ptr().cast::<Control>() }
     }
 
     fn lock_area(&self) -> *mut u8 {
@@ -363,107 +334,33 @@ fn lock_uncontended(c: &mut Criterion) {
     group.finish();
 }
 
-/// Backs off while polling shared memory: spin briefly (fast response), then yield (the
-/// other process may need this CPU), then sleep in short naps (idle between rounds, e.g.
-/// while criterion analyses, without burning a core). All of it is async-signal-safe:
-/// `spin_loop` is an instruction, `yield_now` is sched_yield, `sleep` is nanosleep.
-struct Backoff {
-    step: u32,
-}
-
-impl Backoff {
-    const SPINS: u32 = 200;
-    const YIELDS: u32 = 20_000;
-
-    fn new() -> Backoff {
-        Backoff { step: 0 }
+/// The peer's half of a round: its `iters` increments.
+fn peer_round<L: CounterLock>(lock: &mut &L, iters: u64) -> Result<(), &'static str> {
+    for _ in 0..iters {
+        lock.increment();
     }
-
-    /// Waits a little, longer each time; never sleeps unless `may_sleep`.
-    fn snooze(&mut self, may_sleep: bool) {
-        if self.step < Self::SPINS {
-            for _ in 0..8 {
-                spin_loop();
-            }
-        } else if !may_sleep || self.step < Self::SPINS + Self::YIELDS {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        self.step = self.step.saturating_add(1);
-    }
-}
-
-/// The peer process: waits for each round, makes its increments, reports, until `quit`.
-/// Runs in a forked child: atomics, the lock under test and `Backoff` only.
-fn peer_main<L: CounterLock>(control: &Control, lock: &L, mut seen: u64) -> i32 {
-    loop {
-        let mut backoff = Backoff::new();
-        let round = loop {
-            if control.quit.load(Ordering::Acquire) != 0 {
-                return 0;
-            }
-            let go = control.go.load(Ordering::Acquire);
-            if go != seen {
-                break go;
-            }
-            backoff.snooze(true);
-        };
-        seen = round;
-        let iters = control.iters.load(Ordering::Relaxed);
-        for _ in 0..iters {
-            lock.increment();
-        }
-        control.done.store(round, Ordering::Release);
-    }
-}
-
-fn spawn_peer<L: CounterLock>(control: &Control, lock: &L) -> ForkedChild {
-    let seen = control.go.load(Ordering::Relaxed);
-    // SAFETY: the child runs only `peer_main`, which touches atomics in the shared
-    // segment, the lock under test and sched_yield/nanosleep, never returns into the
-    // parent's code (fork_unchecked `_exit`s) and allocates nothing on its success paths.
-    // The one exception is procshare's mutex, which on its first lock in a new process
-    // reads /proc/<tid>/stat to learn the thread's start time; that is sound here because
-    // this benchmark process is single-threaded (criterion without its rayon feature).
-    unsafe { fork_unchecked(|| peer_main(control, lock, seen)) }.expect("forking the peer")
+    Ok(())
 }
 
 /// One measured round: the parent and the peer each make `iters` increments.
 fn contended_round<L: CounterLock>(
     id: &str,
-    control: &Control,
+    rounds: &Rounds,
     lock: &L,
-    peer: &mut ForkedChild,
+    peer: &mut Peer,
     iters: u64,
 ) -> Duration {
     let before = lock.get();
-    control.iters.store(iters, Ordering::Relaxed);
-    let round = control.go.load(Ordering::Relaxed) + 1;
-
-    let start = Instant::now();
-    control.go.store(round, Ordering::Release);
-    for _ in 0..iters {
-        lock.increment();
-    }
-    let mut backoff = Backoff::new();
-    let mut polls = 0u64;
-    while control.done.load(Ordering::Acquire) != round {
-        polls += 1;
-        if polls & 4095 == 0 {
-            if let Some(status) = peer.try_wait().expect("waitpid on the peer") {
-                panic!("{id}: the peer process exited mid-round: {status}");
+    let (elapsed, ()) = common::timed_round(
+        rounds.control(),
+        iters,
+        |iters| {
+            for _ in 0..iters {
+                lock.increment();
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "{id}: the peer did not finish a round of {iters} in 120 s"
-            );
-        }
-        // Never sleep here: the peer is working and the round is being timed.
-        backoff.snooze(false);
-    }
-    let elapsed = start.elapsed();
-
+        },
+        &mut || peer.check(id),
+    );
     let after = lock.get();
     assert_eq!(
         after.wrapping_sub(before),
@@ -478,20 +375,21 @@ struct Contended<'g, 'c> {
 }
 
 impl LockVisitor for Contended<'_, '_> {
-    fn visit<L: CounterLock>(&mut self, id: &str, arena: &Arena, lock: &L) {
-        let control = arena.control();
+    fn visit<L: CounterLock>(&mut self, id: &str, _arena: &Arena, lock: &L) {
+        let rounds = Rounds::new();
         // Forked on first use, so an id filtered out on the command line forks nothing.
-        let mut peer: Option<ForkedChild> = None;
+        // The first lock in a new process reads /proc once (procshare's mutex learns the
+        // thread's start time): fine, the peer is a plain forked process.
+        let mut peer: Option<Peer> = None;
         self.group.bench_function(id, |b| {
             b.iter_custom(|iters| {
-                let peer = peer.get_or_insert_with(|| spawn_peer(control, lock));
-                contended_round(id, control, lock, peer, iters)
+                let peer =
+                    peer.get_or_insert_with(|| Peer::fork(rounds.control(), lock, peer_round::<L>));
+                contended_round(id, &rounds, lock, peer, iters)
             });
         });
-        if let Some(mut peer) = peer {
-            control.quit.store(1, Ordering::Release);
-            let status = peer.wait().expect("waiting for the peer");
-            assert!(status.success(), "{id}: the peer exited with {status}");
+        if let Some(peer) = peer {
+            peer.finish(rounds.control(), id);
         }
     }
 }

@@ -3,8 +3,9 @@
 //! floor) and crossbeam between threads (the in-process reference).
 //!
 //! Every id forks one peer process (on its first measured batch) and keeps it alive
-//! across all the batches of that id; the peer waits in shared memory for each round.
-//! The bench process is single-threaded, which is what makes the fork sound.
+//! across all the batches of that id; the peer waits in shared memory for each round
+//! (the harness in `benches/common`, shared with `locks.rs`). The bench process is
+//! single-threaded, which is what makes the fork sound.
 //!
 //! * `queue_throughput/<transport>/<size>`: the peer sends `iters` messages of `size`
 //!   bytes, the bench process receives them. Timed from the go signal to the last message
@@ -77,18 +78,20 @@
 //! A full run takes about 3 minutes. The numbers need two free CPUs to mean anything;
 //! check that the machine is otherwise idle.
 
+mod common;
+
 use std::hint::{black_box, spin_loop};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{Control, Peer, PeerFn, QuitOnDrop, Rounds, die};
 use criterion::measurement::WallTime;
 use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
 };
-use procshare::fork::{ForkedChild, fork_unchecked};
 use procshare::{Connection, Segment, ShmSafe};
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
@@ -101,9 +104,9 @@ type Group<'a> = BenchmarkGroup<'a, WallTime>;
 /// peer's end and its half of a round to [`run_forked`], and this process's half to it as
 /// the `consumer` closure.
 const TRANSPORTS: &[(&str, TransportFn)] = &[
-    ("spsc", bench_spsc),
+    ("spsc", bench_pod_ring::<Spsc>),
     ("spsc_inplace", bench_spsc_inplace),
-    ("channel", bench_channel),
+    ("channel", bench_pod_ring::<Channel>),
     ("channel_inplace", bench_channel_inplace),
     ("pipe", bench_pipe),
     ("unix_socket", bench_unix_socket),
@@ -198,183 +201,23 @@ fn touch_sum(iters: u64) -> u64 {
     2 * (laps * (255 * 256 / 2) + rest * rest.saturating_sub(1) / 2)
 }
 
-/// Reports a failure without allocating and aborts. Safe to call in the forked peer.
-#[cold]
-fn die(msg: &'static str) -> ! {
-    // SAFETY: write(2) on stderr with a valid buffer and its exact length; it is
-    // async-signal-safe and a short or failed write is harmless before an abort.
-    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
-    std::process::abort()
-}
-
 // ─── The peer and the rounds ──────────────────────────────────────────────────────────
 
-/// How the bench process drives the peer. Lives at offset 0 of its own segment.
-///
-/// A round `r`: the bench process stores `iters` and `arm = r`; the peer (which may be
-/// asleep between rounds) wakes, stores `armed = r` and spins until `go = r`, so that
-/// its wake-up latency is not measured; the bench process starts the clock, stores
-/// `go = r` and does its half; the peer does its half and stores `done = r`.
-#[repr(C)]
-struct Control {
-    arm: AtomicU64,
-    iters: AtomicU64,
-    armed: AtomicU64,
-    go: AtomicU64,
-    done: AtomicU64,
-    /// Non-zero: the peer exits.
-    quit: AtomicU32,
-}
-
-/// The segment holding a [`Control`].
-struct ControlArena {
-    segment: Segment,
-}
-
-impl ControlArena {
-    fn new() -> ControlArena {
-        ControlArena {
-            segment: Segment::anonymous(4096).expect("creating the control segment"),
-        }
-    }
-
-    fn control(&self) -> &Control {
-        // SAFETY: the data area is 64-byte aligned and 4096 bytes, larger than a Control;
-        // its bytes start zeroed (valid for atomics) and both processes only access them
-        // through atomics; the reference lives no longer than `self`.
-        unsafe { &*self.segment.as_ptr().cast::<Control>() }
-    }
-}
-
-/// Tells the peer to exit when dropped, so a panicking bench process never leaves a peer
-/// thread waiting for a round (a forked peer is killed by `ForkedChild`'s drop anyway).
-struct QuitOnDrop<'a>(&'a Control);
-
-impl Drop for QuitOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.quit.store(1, Ordering::Release);
-    }
-}
-
-/// The peer's half of one round of `iters`, over its state `S` (its end of the transport
-/// and its preallocated buffers). Must not allocate: it runs in the forked peer.
-type PeerFn<S> = fn(&mut S, u64) -> Result<(), &'static str>;
-
-/// Backs off while polling shared memory: spin briefly, then yield (the other side may
-/// need this CPU), then, only if allowed, sleep in short naps (idle between rounds while
-/// criterion analyses, without burning a CPU). Async-signal-safe throughout.
-struct Backoff {
-    step: u32,
-}
-
-impl Backoff {
-    const SPINS: u32 = 200;
-    const YIELDS: u32 = 20_000;
-
-    fn new() -> Backoff {
-        Backoff { step: 0 }
-    }
-
-    fn snooze(&mut self, may_sleep: bool) {
-        if self.step < Self::SPINS {
-            for _ in 0..8 {
-                spin_loop();
-            }
-        } else if !may_sleep || self.step < Self::SPINS + Self::YIELDS {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        self.step = self.step.saturating_add(1);
-    }
-}
-
-/// The peer: runs its half of each round until told to quit. Returns its exit code.
-/// Touches only atomics in the control segment, `Backoff`, and `round`.
-fn peer_main<S>(control: &Control, state: &mut S, round: PeerFn<S>, mut seen: u64) -> i32 {
-    loop {
-        let mut backoff = Backoff::new();
-        let current = loop {
-            if control.quit.load(Ordering::Acquire) != 0 {
-                return 0;
-            }
-            let arm = control.arm.load(Ordering::Acquire);
-            if arm != seen {
-                break arm;
-            }
-            backoff.snooze(true);
-        };
-        seen = current;
-        let iters = control.iters.load(Ordering::Relaxed);
-        control.armed.store(current, Ordering::Release);
-        let mut backoff = Backoff::new();
-        while control.go.load(Ordering::Acquire) != current {
-            if control.quit.load(Ordering::Acquire) != 0 {
-                return 0;
-            }
-            backoff.snooze(false);
-        }
-        if let Err(what) = round(state, iters) {
-            // Only the bench process going away mid-round gets here.
-            // SAFETY: write(2) on stderr with valid buffers; a failed write is harmless.
-            unsafe {
-                libc::write(2, what.as_ptr().cast(), what.len());
-                libc::write(2, b"\n".as_ptr().cast(), 1);
-            }
-            return 1;
-        }
-        control.done.store(current, Ordering::Release);
-    }
-}
-
-/// Waits (spinning, then yielding; never sleeping: a round is being set up or timed)
-/// until `word` holds `round`, calling `check_peer` now and then.
-fn wait_for(word: &AtomicU64, round: u64, what: &str, check_peer: &mut impl FnMut()) {
-    let start = Instant::now();
-    let mut backoff = Backoff::new();
-    let mut polls = 0u64;
-    while word.load(Ordering::Acquire) != round {
-        polls += 1;
-        if polls & 4095 == 0 {
-            check_peer();
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "the peer did not {what} within 120 s"
-            );
-        }
-        backoff.snooze(false);
-    }
-}
-
-/// One measured round: arms the peer, then times `consumer(iters)` from the go signal,
-/// and checks the sum it returns against [`touch_sum`].
+/// One measured round: times `consumer(iters)` against the peer's half (see
+/// `common::timed_round`) and checks the sum it returns against [`touch_sum`].
 fn timed_round(
     control: &Control,
     iters: u64,
     consumer: &mut impl FnMut(u64) -> u64,
     check_peer: &mut impl FnMut(),
 ) -> Duration {
-    let round = control.arm.load(Ordering::Relaxed) + 1;
-    control.iters.store(iters, Ordering::Relaxed);
-    control.arm.store(round, Ordering::Release);
-    wait_for(&control.armed, round, "wake up", check_peer);
-
-    let start = Instant::now();
-    control.go.store(round, Ordering::Release);
-    let sum = black_box(consumer(iters));
-    let elapsed = start.elapsed();
-
-    wait_for(&control.done, round, "finish its round", check_peer);
+    let (elapsed, sum) = common::timed_round(control, iters, consumer, check_peer);
     assert_eq!(
         sum,
         touch_sum(iters),
         "the messages received are not the {iters} sent"
     );
     elapsed
-}
-
-fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count())
 }
 
 /// Registers `case`, whose peer runs in a forked process (forked on the first measured
@@ -388,69 +231,25 @@ fn run_forked<S>(
     mut consumer: impl FnMut(u64) -> u64,
 ) {
     let id = case.start(group);
-    let arena = ControlArena::new();
-    let control = arena.control();
-    let _quit = QuitOnDrop(control);
+    let rounds = Rounds::new();
     let mut peer_state = Some(peer_state);
-    let mut peer: Option<ForkedChild> = None;
+    let mut peer: Option<Peer> = None;
     group.bench_function(id, |b| {
         b.iter_custom(|iters| {
             let peer = peer.get_or_insert_with(|| {
                 let state = peer_state.take().expect("the peer is forked once");
-                spawn_peer(control, state, peer_round)
+                // The peer allocates nothing in its loops: its buffers are preallocated in
+                // `state`, and the procshare rings allocate nothing on their success paths.
+                Peer::fork(rounds.control(), state, peer_round)
             });
-            let mut check_peer = || {
-                if let Some(status) = peer.try_wait().expect("waitpid on the peer") {
-                    panic!(
-                        "{}: the peer process exited mid-round: {status}",
-                        case.transport
-                    );
-                }
-            };
-            timed_round(control, iters, &mut consumer, &mut check_peer)
+            timed_round(rounds.control(), iters, &mut consumer, &mut || {
+                peer.check(case.transport)
+            })
         });
     });
-    if let Some(mut peer) = peer {
-        control.quit.store(1, Ordering::Release);
-        let status = peer.wait().expect("waiting for the peer");
-        assert!(
-            status.success(),
-            "{}: the peer exited with {status}",
-            case.transport
-        );
+    if let Some(peer) = peer {
+        peer.finish(rounds.control(), case.transport);
     }
-}
-
-fn spawn_peer<S>(control: &Control, mut state: S, round: PeerFn<S>) -> ForkedChild {
-    let threads = thread_count();
-    assert_eq!(
-        threads, 1,
-        "the bench process must be single-threaded to fork its peer; it has {threads} threads"
-    );
-    let seen = control.arm.load(Ordering::Relaxed);
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    let peer = move || {
-        // Die with the bench process, even if it is killed: never spin orphaned.
-        // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid only set or read this process's own
-        // attributes.
-        let orphaned = unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent
-        };
-        if orphaned {
-            return 2;
-        }
-        peer_main(control, &mut state, round, seen)
-    };
-    // SAFETY: this process has a single thread (just checked: criterion runs without its
-    // rayon feature, and `run_threaded` joins its peer thread before returning), so the
-    // child inherits no lock held by another thread and may run any code. It runs only
-    // `peer`, never returns into criterion (fork_unchecked `_exit`s), and allocates
-    // nothing in its loops: its buffers are preallocated in `state`, and the procshare
-    // rings it uses allocate nothing on their success paths (the first channel operation
-    // in a process reads /proc once, which is fine in a single-threaded process).
-    let child = unsafe { fork_unchecked(peer) };
-    child.expect("forking the peer")
 }
 
 /// Like [`run_forked`], but the peer is a thread of this process (for the in-process
@@ -464,8 +263,8 @@ fn run_threaded<S: Send>(
     mut consumer: impl FnMut(u64) -> u64,
 ) {
     let id = case.start(group);
-    let arena = ControlArena::new();
-    let control = arena.control();
+    let rounds = Rounds::new();
+    let control = rounds.control();
     let mut peer_state = Some(peer_state);
     // `move`: on a panic, the consumer (one end of the transport) and the quit guard drop
     // while unwinding out of this closure, which releases the peer thread before `scope`
@@ -477,8 +276,8 @@ fn run_threaded<S: Send>(
             b.iter_custom(|iters| {
                 let peer = peer.get_or_insert_with(|| {
                     let mut state = peer_state.take().expect("the peer is spawned once");
-                    let seen = control.arm.load(Ordering::Relaxed);
-                    scope.spawn(move || peer_main(control, &mut state, peer_round, seen))
+                    let seen = common::peer_start(control);
+                    scope.spawn(move || common::peer_main(control, &mut state, peer_round, seen))
                 });
                 let mut check_peer = || {
                     assert!(
@@ -491,87 +290,143 @@ fn run_threaded<S: Send>(
             });
         });
         if let Some(peer) = peer {
-            control.quit.store(1, Ordering::Release);
-            let code = peer.join().expect("the peer thread panicked");
-            assert_eq!(code, 0, "{}: the peer thread failed", case.transport);
+            drop(_quit);
+            let outcome = peer.join().expect("the peer thread panicked");
+            assert_eq!(
+                outcome,
+                Ok(()),
+                "{}: the peer thread failed",
+                case.transport
+            );
         }
     });
 }
 
 // ─── spsc and channel: procshare's Pod rings ──────────────────────────────────────────
 
-/// The blocking send of procshare's Pod rings, to write their benches once.
-trait PodSender<T> {
-    fn put(&self, msg: T) -> bool;
+/// One of procshare's Pod rings (`spsc`, `channel`): how to make one for any message
+/// type, and its blocking send and receive, so that both are benchmarked by the same
+/// code ([`bench_pod_ring`]).
+trait PodRing {
+    type Tx<T: ShmSafe + Copy + Send>;
+    type Rx<T: ShmSafe + Copy + Send>;
+    fn make<T: ShmSafe + Copy + Send>(slots: usize) -> (Self::Tx<T>, Self::Rx<T>);
+    /// Blocking send; `false` when the receiver is gone.
+    fn put<T: ShmSafe + Copy + Send>(tx: &Self::Tx<T>, msg: T) -> bool;
+    /// Blocking receive.
+    fn take<T: ShmSafe + Copy + Send>(rx: &Self::Rx<T>) -> T;
 }
 
-/// The blocking receive of procshare's Pod rings.
-trait PodReceiver<T> {
-    fn take(&self) -> T;
-}
+/// `procshare::spsc`.
+struct Spsc;
 
-impl<T: ShmSafe + Copy + Send> PodSender<T> for procshare::spsc::Sender<T> {
+impl PodRing for Spsc {
+    type Tx<T: ShmSafe + Copy + Send> = procshare::spsc::Sender<T>;
+    type Rx<T: ShmSafe + Copy + Send> = procshare::spsc::Receiver<T>;
+
+    fn make<T: ShmSafe + Copy + Send>(slots: usize) -> (Self::Tx<T>, Self::Rx<T>) {
+        procshare::spsc::<T>(slots).expect("creating the ring")
+    }
+
     #[inline]
-    fn put(&self, msg: T) -> bool {
-        self.send(msg).is_ok()
+    fn put<T: ShmSafe + Copy + Send>(tx: &Self::Tx<T>, msg: T) -> bool {
+        tx.send(msg).is_ok()
+    }
+
+    #[inline]
+    fn take<T: ShmSafe + Copy + Send>(rx: &Self::Rx<T>) -> T {
+        rx.recv().expect("spsc recv")
     }
 }
 
-impl<T: ShmSafe + Copy + Send> PodReceiver<T> for procshare::spsc::Receiver<T> {
+/// `procshare::channel` (the MPMC ring).
+struct Channel;
+
+impl PodRing for Channel {
+    type Tx<T: ShmSafe + Copy + Send> = procshare::channel::Sender<T>;
+    type Rx<T: ShmSafe + Copy + Send> = procshare::channel::Receiver<T>;
+
+    fn make<T: ShmSafe + Copy + Send>(slots: usize) -> (Self::Tx<T>, Self::Rx<T>) {
+        procshare::channel::<T>(slots).expect("creating the ring")
+    }
+
     #[inline]
-    fn take(&self) -> T {
-        self.recv().expect("spsc recv")
+    fn put<T: ShmSafe + Copy + Send>(tx: &Self::Tx<T>, msg: T) -> bool {
+        tx.send(msg).is_ok()
+    }
+
+    #[inline]
+    fn take<T: ShmSafe + Copy + Send>(rx: &Self::Rx<T>) -> T {
+        rx.recv().expect("channel recv")
     }
 }
 
-impl<T: ShmSafe + Copy + Send> PodSender<T> for procshare::channel::Sender<T> {
-    #[inline]
-    fn put(&self, msg: T) -> bool {
-        self.send(msg).is_ok()
-    }
-}
-
-impl<T: ShmSafe + Copy + Send> PodReceiver<T> for procshare::channel::Receiver<T> {
-    #[inline]
-    fn take(&self) -> T {
-        self.recv().expect("channel recv")
-    }
-}
-
-type MakeRing<Tx, Rx> = fn(usize) -> procshare::Result<(Tx, Rx)>;
-
-fn bench_spsc(group: &mut Group<'_>, case: Case) {
+/// `spsc` and `channel`: blocking `send`/`recv` of `[u8; N]` messages (and two rings of
+/// [`Ping`]s for round trips).
+fn bench_pod_ring<R: PodRing>(group: &mut Group<'_>, case: Case) {
     match case.kind {
-        Kind::Throughput(Size { bytes: 8, .. }) => {
-            pod_throughput::<8, _, _>(group, case, procshare::spsc::<[u8; 8]>);
-        }
-        Kind::Throughput(Size { bytes: 64, .. }) => {
-            pod_throughput::<64, _, _>(group, case, procshare::spsc::<[u8; 64]>);
-        }
-        Kind::Throughput(Size { bytes: 1024, .. }) => {
-            pod_throughput::<1024, _, _>(group, case, procshare::spsc::<[u8; 1024]>);
-        }
+        Kind::Throughput(Size { bytes: 8, .. }) => pod_throughput::<R, 8>(group, case),
+        Kind::Throughput(Size { bytes: 64, .. }) => pod_throughput::<R, 64>(group, case),
+        Kind::Throughput(Size { bytes: 1024, .. }) => pod_throughput::<R, 1024>(group, case),
         // Pod rings for the sizes that fit a slot: no 64KiB or 1MiB ids.
         Kind::Throughput(_) => {}
-        Kind::Roundtrip => pod_roundtrip(group, case, procshare::spsc::<Ping>),
+        Kind::Roundtrip => pod_roundtrip::<R>(group, case),
     }
 }
 
-fn bench_channel(group: &mut Group<'_>, case: Case) {
-    match case.kind {
-        Kind::Throughput(Size { bytes: 8, .. }) => {
-            pod_throughput::<8, _, _>(group, case, procshare::channel::<[u8; 8]>);
-        }
-        Kind::Throughput(Size { bytes: 64, .. }) => {
-            pod_throughput::<64, _, _>(group, case, procshare::channel::<[u8; 64]>);
-        }
-        Kind::Throughput(Size { bytes: 1024, .. }) => {
-            pod_throughput::<1024, _, _>(group, case, procshare::channel::<[u8; 1024]>);
-        }
-        // Pod rings for the sizes that fit a slot: no 64KiB or 1MiB ids.
-        Kind::Throughput(_) => {}
-        Kind::Roundtrip => pod_roundtrip(group, case, procshare::channel::<Ping>),
-    }
+fn pod_throughput<R: PodRing, const N: usize>(group: &mut Group<'_>, case: Case) {
+    let (tx, rx) = R::make::<[u8; N]>(RING_SLOTS);
+    run_forked(
+        group,
+        case,
+        (tx, [0u8; N]),
+        |(tx, msg), iters| {
+            for i in 0..iters {
+                stamp(msg, i);
+                if !R::put(tx, *msg) {
+                    return Err("ring send failed: the receiver is gone");
+                }
+            }
+            Ok(())
+        },
+        move |iters| {
+            let mut sum = 0;
+            for _ in 0..iters {
+                // black_box: the whole message is copied out, not just the bytes touched.
+                let msg = black_box(R::take(&rx));
+                sum += touch(&msg);
+            }
+            sum
+        },
+    );
+}
+
+fn pod_roundtrip<R: PodRing>(group: &mut Group<'_>, case: Case) {
+    let (ping_tx, ping_rx) = R::make::<Ping>(RING_SLOTS);
+    let (pong_tx, pong_rx) = R::make::<Ping>(RING_SLOTS);
+    run_forked(
+        group,
+        case,
+        (ping_rx, pong_tx),
+        |(ping_rx, pong_tx), iters| {
+            for _ in 0..iters {
+                if !R::put(pong_tx, R::take(ping_rx)) {
+                    return Err("ring send failed: the receiver is gone");
+                }
+            }
+            Ok(())
+        },
+        move |iters| {
+            let mut sum = 0;
+            let mut ping = Ping::default();
+            for i in 0..iters {
+                stamp(&mut ping, i);
+                assert!(R::put(&ping_tx, ping), "ring send failed");
+                sum += touch(&R::take(&pong_rx));
+            }
+            sum
+        },
+    );
 }
 
 /// Messages per in-place batch (`spsc_inplace`): one index update and one wake check
@@ -662,69 +517,6 @@ fn channel_inplace_throughput<const N: usize>(group: &mut Group<'_>, case: Case)
             for _ in 0..iters {
                 rx.recv_with(|m| buf = *m).expect("channel recv");
                 sum += touch(black_box(&buf));
-            }
-            sum
-        },
-    );
-}
-
-fn pod_throughput<const N: usize, Tx, Rx>(group: &mut Group<'_>, case: Case, make: MakeRing<Tx, Rx>)
-where
-    Tx: PodSender<[u8; N]>,
-    Rx: PodReceiver<[u8; N]>,
-{
-    let (tx, rx) = make(RING_SLOTS).expect("creating the ring");
-    run_forked(group, case, tx, pod_produce::<N, Tx>, move |iters| {
-        let mut sum = 0;
-        for _ in 0..iters {
-            // black_box: the whole message is copied out, not just the bytes touched.
-            let msg = black_box(rx.take());
-            sum += touch(&msg);
-        }
-        sum
-    });
-}
-
-fn pod_produce<const N: usize, Tx: PodSender<[u8; N]>>(
-    tx: &mut Tx,
-    iters: u64,
-) -> Result<(), &'static str> {
-    let mut msg = [0u8; N];
-    for i in 0..iters {
-        stamp(&mut msg, i);
-        if !tx.put(msg) {
-            return Err("ring send failed: the receiver is gone");
-        }
-    }
-    Ok(())
-}
-
-fn pod_roundtrip<Tx, Rx>(group: &mut Group<'_>, case: Case, make: MakeRing<Tx, Rx>)
-where
-    Tx: PodSender<Ping>,
-    Rx: PodReceiver<Ping>,
-{
-    let (ping_tx, ping_rx) = make(RING_SLOTS).expect("creating the ping ring");
-    let (pong_tx, pong_rx) = make(RING_SLOTS).expect("creating the pong ring");
-    run_forked(
-        group,
-        case,
-        (ping_rx, pong_tx),
-        |(ping_rx, pong_tx), iters| {
-            for _ in 0..iters {
-                if !pong_tx.put(ping_rx.take()) {
-                    return Err("ring send failed: the receiver is gone");
-                }
-            }
-            Ok(())
-        },
-        move |iters| {
-            let mut sum = 0;
-            let mut ping = Ping::default();
-            for i in 0..iters {
-                stamp(&mut ping, i);
-                assert!(ping_tx.put(ping), "ring send failed");
-                sum += touch(&pong_rx.take());
             }
             sum
         },

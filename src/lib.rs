@@ -1,33 +1,45 @@
 //! # procshare
 //!
-//! Python's `multiprocessing`, for Rust on Linux: process-shared robust locks, semaphores
-//! and typed cells living in shared memory, built on shared futexes.
+//! Python's `multiprocessing`, for Rust on Linux: child processes that hand back their
+//! return value or their panic, a process pool, process-shared robust locks, semaphores
+//! and typed cells living in shared memory (built on shared futexes), and lock-free
+//! shared-memory queues. A process that dies never hangs the others.
 //!
-//! * [`Segment`] and [`Shared<T>`]: memory mapped into several processes (memfd by
-//!   default, named POSIX objects on request), with a checked header.
-//! * [`Mutex<T>`] (robust: a holder's death poisons it, never hangs it), [`Semaphore`],
-//!   [`Condvar`], [`Event`], [`Barrier`]: `#[repr(C)]`, usable in place in any mapping.
-//! * [`Value<T>`] and [`Array<T>`]: Python's cells, each with its own lock.
 //! * [`Process`]: child processes by fork, spawn or fork server, whose return value,
-//!   panic, exit code or signal comes back to [`Child::join`] (see [`process`]).
+//!   panic, exit code or signal comes back to [`Child::join`] (see [`process`] for the
+//!   start methods and their trade-offs). Call [`init`] first in `main` to enable Spawn
+//!   and ForkServer.
+//! * [`Pool`]: Python's `Pool` / `ProcessPoolExecutor` (`map`, `imap`, `starmap`,
+//!   `apply_async`, `submit`, [`as_completed`]); a worker that dies fails or retries only
+//!   its own task and is replaced (see [`pool`]).
+//! * [`Queue<T>`] (any serde type), [`ByteQueue`] (byte messages, zero-copy loans),
+//!   [`spsc()`] and [`channel()`] (plain-old-data rings, no encoding): shared-memory
+//!   queues that report [`Disconnected`](RecvError::Disconnected) once no live sender is left and
+//!   repair what a killed peer left half done (see [`queue`]). [`pipe()`] gives Python's
+//!   `Pipe` over a socketpair.
+//! * [`Mutex<T>`] (robust: a holder's death poisons it, never hangs it), [`Semaphore`],
+//!   [`Condvar`], [`Event`], [`Barrier`]: `#[repr(C)]`, usable in place in any mapping
+//!   (see [`sync`]).
+//! * [`Value<T>`] and [`Array<T>`]: Python's cells, each with its own lock.
+//! * [`Segment`] and [`Shared<T>`]: memory mapped into several processes (memfd by
+//!   default, named POSIX objects on request), with a checked header (see [`shm`]).
 //!
 //! Anything placed in shared memory must be [`ShmSafe`].
 //!
 //! ```
-//! use procshare::{Mutex, Shared};
+//! use procshare::{Mutex, Process, Shared};
 //!
 //! let counter = Shared::new(Mutex::new(0u64))?;
-//! // A forked child sees the same counter; here we stay in one process.
-//! *counter.lock().unwrap() += 1;
+//! // A forked child sees the same counter.
+//! let child = Process::fork(|| *counter.lock().unwrap() += 1)?;
+//! child.join()?;
 //! assert_eq!(*counter.lock().unwrap(), 1);
-//! # Ok::<(), procshare::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 mod error;
-#[doc(hidden)]
-pub mod fork;
 mod liveness;
 mod loom_switch;
 mod owner;

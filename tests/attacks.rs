@@ -11,8 +11,9 @@ use common::ns::*;
 
 use std::time::{Duration, Instant};
 
-use procshare::fork::signal;
-use procshare::{ByteQueue, Event, Queue, QueueError, RecvTimeoutError, Shared, TryRecvError};
+use procshare::{
+    ByteQueue, Event, Process, Queue, QueueError, RecvTimeoutError, Shared, TryRecvError,
+};
 
 use common::{join, spawn};
 
@@ -40,6 +41,7 @@ fn main() {
             barrier_killed_participant_abort_and_reset_across_processes,
             channel_stopped_reader_claim_blocks_only_within_timeouts,
             try_and_timeout_calls_are_on_time_while_stopped_peers_hold_both_locks,
+            daemon_child_forked_into_a_new_pid_namespace_runs,
         ],
         &[],
     )
@@ -191,13 +193,13 @@ fn receive_only_handle_polling_learns_the_killed_sender() {
     let q: Queue<u64> = Queue::new().unwrap();
     let (tx, rx) = q.split().unwrap();
     let keep = rx.clone(); // a second receive-only handle here: must not count
-    let mut sender = spawn(move || {
+    let sender = spawn(move || {
         tx.put(&1).unwrap();
         std::thread::sleep(Duration::from_secs(60));
     });
     assert_eq!(rx.get_timeout(Duration::from_secs(3)), Ok(1));
-    sender.signal(signal::KILL).unwrap();
-    sender.wait().unwrap();
+    sender.kill().unwrap();
+    let _ = sender.join();
     let start = Instant::now();
     loop {
         match rx.try_get() {
@@ -318,7 +320,7 @@ fn channel_scribbled_tail_behind_head_is_corrupted_for_both_sides() {
 
 fn lock_by_a_thread_whose_process_execd_is_recovered() {
     let lock = Shared::new(procshare::Mutex::new(5u32)).unwrap();
-    let mut holder = spawn(|| {
+    let holder = spawn(|| {
         std::mem::forget(lock.lock().unwrap());
         use std::os::unix::process::CommandExt;
         let e = std::process::Command::new("sleep").arg("30").exec();
@@ -331,9 +333,9 @@ fn lock_by_a_thread_whose_process_execd_is_recovered() {
     let start = Instant::now();
     let r = lock.lock_timeout(Duration::from_secs(2));
     let waited = start.elapsed();
-    let still_running = holder.try_wait().unwrap().is_none();
-    holder.signal(signal::KILL).unwrap();
-    holder.wait().unwrap();
+    let still_running = holder.is_alive();
+    holder.kill().unwrap();
+    let _ = holder.join();
     assert!(
         still_running,
         "the exec'd program should still run during the test"
@@ -411,18 +413,17 @@ fn holder_without_proc_in_a_child_pid_namespace_is_not_robbed() {
             mount_on_proc(c"proc", c"");
             std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", target - 1)).unwrap();
             mount_on_proc(c"tmpfs", c"");
-            // SAFETY: single-threaded; `procshare::fork` needs /proc to count threads.
-            let mut holder = unsafe {
-                procshare::fork::fork_unchecked(|| {
+            // SAFETY: single-threaded; `Process::fork` needs /proc to count threads.
+            let holder = unsafe {
+                Process::fork_unchecked(|| {
                     assert_eq!(std::process::id() as i32, target);
                     let _g = lock.lock().unwrap();
                     ready.set();
                     assert!(done.wait_timeout(Duration::from_secs(10)));
-                    0
                 })
             }
             .unwrap();
-            assert!(holder.wait().unwrap().success(), "the holder failed");
+            assert!(holder.join().is_ok(), "the holder failed");
         });
         join(init, LIMIT);
     });
@@ -446,7 +447,7 @@ fn holder_without_proc_in_a_child_pid_namespace_is_not_robbed() {
 // ---- F10: a guard that crossed a fork -----------------------------------------------------
 //
 // `MutexGuard` is `!Send` ("the owner's identity is the locking thread's"), but
-// `procshare::fork` takes any `FnOnce` (it must, to let children capture), so a guard can
+// `Process::fork` takes any `FnOnce` (it must, to let children capture), so a guard can
 // be moved into a child. The parent's copy is released when `fork` returns (the closure is
 // dropped there), and the child's copy later: `RawMutex::unlock` swaps the word to 0
 // without checking who holds it, so the child frees whoever holds the lock by then.
@@ -456,10 +457,9 @@ fn guard_moved_into_a_fork_child_does_not_release_another_holders_lock() {
     let lock = Shared::new(procshare::Mutex::new(0u32)).unwrap();
     let inside = Shared::new(Event::new()).unwrap();
     let guard = lock.lock().unwrap();
-    let child = procshare::fork::fork(move || {
+    let child = Process::fork(move || {
         std::thread::sleep(Duration::from_millis(300));
         drop(guard); // the child's copy of the parent's guard
-        0
     })
     .unwrap();
     // The parent's copy went with the closure: the lock is free; a third process takes it
@@ -512,7 +512,7 @@ fn event_pulse_releases_every_waiting_process() {
 fn semaphore_permit_woken_for_a_killed_waiter_reaches_another() {
     for _ in 0..5 {
         let sem = Shared::new(procshare::Semaphore::new(0)).unwrap();
-        let mut first = spawn({
+        let first = spawn({
             let sem = sem.clone();
             move || {
                 sem.acquire();
@@ -521,15 +521,15 @@ fn semaphore_permit_woken_for_a_killed_waiter_reaches_another() {
         });
         std::thread::sleep(Duration::from_millis(50));
         // Stop the first waiter so it cannot take the permit it is woken for, then kill it.
-        first.signal(signal::STOP).unwrap();
+        first.signal(libc::SIGSTOP).unwrap();
         let second = spawn({
             let sem = sem.clone();
             move || assert!(sem.acquire_timeout(Duration::from_secs(2)), "permit lost")
         });
         std::thread::sleep(Duration::from_millis(50));
         sem.release().unwrap();
-        first.signal(signal::KILL).unwrap();
-        first.wait().unwrap();
+        first.kill().unwrap();
+        let _ = first.join();
         join(second, LIMIT);
     }
 }
@@ -631,13 +631,13 @@ fn try_and_timeout_calls_are_on_time_while_stopped_peers_hold_both_locks() {
     // there. Then a consumer drains the ring under the consumer lock and waits for the
     // rest: stop it there too.
     std::thread::sleep(Duration::from_millis(100));
-    producer.signal(signal::STOP).unwrap();
+    producer.signal(libc::SIGSTOP).unwrap();
     let consumer = spawn({
         let q = q.clone();
         move || assert_eq!(q.get().unwrap().len(), 50_000)
     });
     std::thread::sleep(Duration::from_millis(100));
-    consumer.signal(signal::STOP).unwrap();
+    consumer.signal(libc::SIGSTOP).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     let timed = |what: &str, limit: Duration, f: &dyn Fn() -> Result<(), QueueError>| {
         let start = Instant::now();
@@ -658,8 +658,8 @@ fn try_and_timeout_calls_are_on_time_while_stopped_peers_hold_both_locks() {
     timed("get_timeout(100 ms)", Duration::from_millis(300), &|| {
         q.get_timeout(Duration::from_millis(100)).map(drop)
     });
-    producer.signal(signal::CONT).unwrap();
-    consumer.signal(signal::CONT).unwrap();
+    producer.signal(libc::SIGCONT).unwrap();
+    consumer.signal(libc::SIGCONT).unwrap();
     join(producer, LIMIT);
     join(consumer, LIMIT);
 }
@@ -720,7 +720,7 @@ fn absurd_sizes_are_errors_not_panics() {
 fn barrier_killed_participant_abort_and_reset_across_processes() {
     let b = Shared::new(procshare::Barrier::new(3)).unwrap();
     // One participant arrives and is killed while waiting; another never arrives.
-    let mut doomed = spawn({
+    let doomed = spawn({
         let b = b.clone();
         move || {
             let _ = b.wait();
@@ -729,8 +729,8 @@ fn barrier_killed_participant_abort_and_reset_across_processes() {
     common::wait_for("the doomed arrival", Duration::from_secs(5), || {
         b.n_waiting() == 1
     });
-    doomed.signal(signal::KILL).unwrap();
-    doomed.wait().unwrap();
+    doomed.kill().unwrap();
+    let _ = doomed.join();
     // A survivor waits with a timeout, learns nothing came, and aborts for everyone.
     let survivor = spawn({
         let b = b.clone();
@@ -769,7 +769,7 @@ fn channel_stopped_reader_claim_blocks_only_within_timeouts() {
     for i in 0..4 {
         tx.send(i).unwrap();
     }
-    let mut reader = spawn({
+    let reader = spawn({
         let rx = rx.clone();
         move || {
             let v = rx.__recv_stalled_after_claim(|| {
@@ -797,12 +797,46 @@ fn channel_stopped_reader_claim_blocks_only_within_timeouts() {
     ));
     assert!(start.elapsed() < Duration::from_millis(400));
     // Once the reader is killed (its message lost with it), the slot comes back.
-    reader.signal(signal::KILL).unwrap();
-    reader.wait().unwrap();
+    reader.kill().unwrap();
+    let _ = reader.join();
     for i in 4..8 {
         tx.send_timeout(i, Duration::from_secs(2)).unwrap();
     }
     for i in 4..8 {
         assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Ok(i));
     }
+}
+
+// ---- A daemon child forked into a new pid namespace --------------------------------------
+//
+// A daemon child arms PDEATHSIG and then checks that its parent is still the one that
+// forked it (the parent may have died before the signal was armed). After
+// `unshare(CLONE_NEWPID)` the child is pid 1 of the new namespace and its parent lies
+// outside it, so `getppid()` is 0 there, never the parent's pid: the check must not take
+// that for a dead parent.
+
+fn daemon_child_forked_into_a_new_pid_namespace_runs() {
+    if !is_root() {
+        return skip(
+            "daemon in a new pid namespace",
+            "needs root to unshare a pid namespace",
+        );
+    }
+    let outer = spawn(|| {
+        // SAFETY: plain syscall; this child owns the namespace it creates.
+        check(
+            unsafe { libc::unshare(libc::CLONE_NEWPID) },
+            "unshare(CLONE_NEWPID)",
+        );
+        let child = Process::builder()
+            .daemon(true)
+            .fork(std::process::id)
+            .unwrap();
+        assert_eq!(
+            child.join(),
+            Ok(1),
+            "a daemon child forked into a new pid namespace must run (as its pid 1)"
+        );
+    });
+    join(outer, LIMIT);
 }

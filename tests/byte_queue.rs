@@ -8,9 +8,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use procshare::fork::signal;
 use procshare::queue::bytes::__FAIL_POINTS;
-use procshare::{ByteQueue, Event, Queue, QueueError, Shared};
+use procshare::{ByteQueue, Event, Process, Queue, QueueError, Shared};
 
 use common::{join, spawn};
 
@@ -108,15 +107,12 @@ fn producer_killed_mid_chunked_message_delivers_nothing_partial() {
     // A 4 MiB message into a 64 KiB ring nobody reads yet: the producer blocks after a few
     // chunks, holding the producer lock. Kill it there.
     let q = ByteQueue::builder().capacity(64 * 1024).bytes().unwrap();
-    let mut big = spawn(|| q.send(&pattern(4 << 20, 1)).unwrap());
+    let big = spawn(|| q.send(&pattern(4 << 20, 1)).unwrap());
     // 4 MiB cannot fit in 64 KiB: within a moment the producer is stuck mid-message.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        big.try_wait().unwrap().is_none(),
-        "the producer is blocked mid-message"
-    );
-    big.signal(signal::KILL).unwrap();
-    big.wait().unwrap();
+    assert!(big.is_alive(), "the producer is blocked mid-message");
+    big.kill().unwrap();
+    let _ = big.join();
     // Another producer sends a small message after it (recovering the dead lock).
     let after = spawn(|| q.send(b"after").unwrap());
     // The consumer must get exactly "after": the partial message is dropped whole.
@@ -135,7 +131,7 @@ fn producer_killed_mid_chunked_message_delivers_nothing_partial() {
 fn producer_killed_mid_write_is_skipped() {
     let q = ByteQueue::new().unwrap();
     let writing = Shared::new(Event::new()).unwrap();
-    let mut stuck = spawn(|| {
+    let stuck = spawn(|| {
         q.send_with(100, |buf| {
             buf.fill(9);
             writing.set();
@@ -154,8 +150,8 @@ fn producer_killed_mid_write_is_skipped() {
         "a slow (live) writer must not be skipped"
     );
     // ...until the writer dies; then it is skipped.
-    stuck.signal(signal::KILL).unwrap();
-    stuck.wait().unwrap();
+    stuck.kill().unwrap();
+    let _ = stuck.join();
     let t0 = Instant::now();
     assert_eq!(
         q.recv_with_timeout(LIMIT, <[u8]>::to_vec).unwrap(),
@@ -172,7 +168,7 @@ fn consumer_killed_mid_read_does_not_block_producers() {
     let q = ByteQueue::builder().capacity(4096).bytes().unwrap();
     q.send(&[1; 512]).unwrap();
     let reading = Shared::new(Event::new()).unwrap();
-    let mut reader = spawn(|| {
+    let reader = spawn(|| {
         q.recv_with(|_| {
             reading.set();
             loop {
@@ -182,8 +178,8 @@ fn consumer_killed_mid_read_does_not_block_producers() {
         .unwrap();
     });
     assert!(reading.wait_timeout(LIMIT));
-    reader.signal(signal::KILL).unwrap();
-    reader.wait().unwrap();
+    reader.kill().unwrap();
+    let _ = reader.join();
     // Fill the ring several times over: the dead reader's record must be freed.
     let consumer = spawn(|| {
         for _ in 0..64 {
@@ -218,7 +214,7 @@ fn oversize_message_is_refused_and_nothing_is_lost() {
 
 fn getter_sees_disconnect_when_the_last_peer_dies() {
     let q: Queue<u32> = Queue::new().unwrap();
-    let mut peer = spawn({
+    let peer = spawn({
         let q = q.clone();
         move || {
             let _keep = q;
@@ -231,8 +227,8 @@ fn getter_sees_disconnect_when_the_last_peer_dies() {
         q.get_timeout(Duration::from_millis(100)),
         Err(QueueError::Timeout)
     );
-    peer.signal(signal::KILL).unwrap();
-    peer.wait().unwrap();
+    peer.kill().unwrap();
+    let _ = peer.join();
     let t0 = Instant::now();
     assert_eq!(q.get_timeout(LIMIT), Err(QueueError::Disconnected));
     assert!(
@@ -341,7 +337,7 @@ fn receiver_killed_holding_a_partial_message_blocks_nobody() {
         q.send(&pattern(100_000, 6)).unwrap();
         q.send(b"after").unwrap();
     });
-    let mut keeper = spawn(|| {
+    let keeper = spawn(|| {
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
         kept.set();
@@ -350,8 +346,8 @@ fn receiver_killed_holding_a_partial_message_blocks_nobody() {
         }
     });
     assert!(kept.wait_timeout(LIMIT));
-    keeper.signal(signal::KILL).unwrap();
-    keeper.wait().unwrap();
+    keeper.kill().unwrap();
+    let _ = keeper.join();
     // The message is lost with the receiver that held its start; the rest is skipped.
     let got = within(
         "receiving after the keeper died",
@@ -375,7 +371,7 @@ fn message_kept_by_a_receiver_that_timed_out_is_put_back_when_its_process_lets_g
     });
     // The producer fills the ring and waits for room; stop it there.
     std::thread::sleep(Duration::from_millis(200));
-    producer.signal(signal::STOP).unwrap();
+    producer.signal(libc::SIGSTOP).unwrap();
     let timed_out = Shared::new(Event::new()).unwrap();
     let poller = spawn({
         // Its own handle, dropped when it goes home (a borrowed one would not be).
@@ -392,7 +388,7 @@ fn message_kept_by_a_receiver_that_timed_out_is_put_back_when_its_process_lets_g
     });
     assert!(timed_out.wait_timeout(LIMIT));
     std::thread::sleep(Duration::from_millis(100));
-    producer.signal(signal::CONT).unwrap();
+    producer.signal(libc::SIGCONT).unwrap();
     // Put back as a new message, so "after" may come first.
     let mut got = Vec::new();
     for _ in 0..2 {
@@ -425,7 +421,7 @@ fn message_completed_by_a_keepers_send_is_put_back_when_its_process_lets_go() {
     let producer = spawn(|| q.send(&big).unwrap());
     // Stopped with the ring full of the first chunks, so the keeper's try keeps a part.
     std::thread::sleep(Duration::from_millis(200));
-    producer.signal(signal::STOP).unwrap();
+    producer.signal(libc::SIGSTOP).unwrap();
     let (kept, drained) = (
         Shared::new(Event::new()).unwrap(),
         Shared::new(Event::new()).unwrap(),
@@ -441,7 +437,7 @@ fn message_completed_by_a_keepers_send_is_put_back_when_its_process_lets_go() {
         }
     });
     assert!(kept.wait_timeout(LIMIT));
-    producer.signal(signal::CONT).unwrap();
+    producer.signal(libc::SIGCONT).unwrap();
     assert!(drained.wait_timeout(LIMIT));
     // Received while the keeper goes home: a message larger than the ring goes back
     // chunk by chunk, so a receiver must be taking them.
@@ -467,9 +463,9 @@ fn a_sole_receiver_dropping_a_clone_while_it_keeps_a_message_keeps_it() {
     let producer = spawn(|| q.send(&big).unwrap());
     // Stopped with the ring full of the first chunks, so the try keeps a part.
     std::thread::sleep(Duration::from_millis(200));
-    producer.signal(signal::STOP).unwrap();
+    producer.signal(libc::SIGSTOP).unwrap();
     assert_eq!(q.try_recv_with(<[u8]>::len), Err(QueueError::Empty));
-    producer.signal(signal::CONT).unwrap();
+    producer.signal(libc::SIGCONT).unwrap();
     let clone = q.clone();
     within("dropping a clone", Duration::from_secs(6), || drop(clone));
     join(producer, LIMIT);
@@ -560,9 +556,9 @@ fn kill_at(point: &'static str) {
         stalled().wait_timeout(Duration::from_secs(5)),
         "the victim never reached {point}"
     );
-    for mut p in others.into_iter().chain([victim]) {
-        p.signal(signal::KILL).unwrap();
-        p.wait().unwrap();
+    for p in others.into_iter().chain([victim]) {
+        p.kill().unwrap();
+        let _ = p.join();
     }
     if !consumer_side {
         q.send(b"b").unwrap();
@@ -626,18 +622,15 @@ fn kill_at(point: &'static str) {
 fn a_peer_killed_between_any_two_stores_leaves_a_working_queue() {
     let mut failed = Vec::new();
     for point in __FAIL_POINTS {
-        let mut child = procshare::fork::fork(|| {
-            procshare::fork::become_group_leader().expect("setpgid");
-            kill_at(point);
-            0
-        })
-        .expect("fork");
-        let status = child
-            .wait_timeout(Duration::from_secs(15))
-            .expect("waitpid");
-        let _ = procshare::fork::kill_group(child.pid(), signal::KILL);
-        match status {
-            Some(s) if s.success() => println!("    killed at {point:?}: ok"),
+        let mut child = Process::builder()
+            .daemon(true)
+            .process_group(true)
+            .fork(|| kill_at(point))
+            .expect("fork");
+        let outcome = child.join_timeout(Duration::from_secs(15));
+        common::kill_group(child.pid());
+        match outcome {
+            Ok(()) => println!("    killed at {point:?}: ok"),
             other => {
                 println!("    killed at {point:?}: FAILED ({other:?})");
                 failed.push(*point);
@@ -981,7 +974,7 @@ fn a_process_keeping_a_partial_message_can_still_send() {
 /// idle handle counts as a live sender (and receiver) for as long as it exists.
 fn a_two_way_handle_in_the_parent_keeps_the_queue_connected() {
     let q: Queue<u32> = Queue::new().unwrap();
-    let mut producer = spawn(|| {
+    let producer = spawn(|| {
         q.put(&1).unwrap();
         std::thread::sleep(Duration::from_secs(60)); // killed before its sentinel
     });
@@ -994,8 +987,8 @@ fn a_two_way_handle_in_the_parent_keeps_the_queue_connected() {
         );
     });
     std::thread::sleep(Duration::from_millis(50));
-    producer.signal(signal::KILL).unwrap();
-    producer.wait().unwrap();
+    producer.kill().unwrap();
+    let _ = producer.join();
     join(consumer, Duration::from_secs(10));
     // Once the parent's handle is gone too, the consumer's own handle is the last one.
     drop(q);
@@ -1003,7 +996,7 @@ fn a_two_way_handle_in_the_parent_keeps_the_queue_connected() {
 
 fn receivers_learn_every_sender_died_while_the_parent_keeps_a_receiver() {
     let (tx, rx) = Queue::<u32>::new().unwrap().split().unwrap();
-    let mut producer = spawn(|| {
+    let producer = spawn(|| {
         tx.put(&1).unwrap();
         std::thread::sleep(Duration::from_secs(60)); // killed before its sentinel
     });
@@ -1023,8 +1016,8 @@ fn receivers_learn_every_sender_died_while_the_parent_keeps_a_receiver() {
         );
     });
     std::thread::sleep(Duration::from_millis(100));
-    producer.signal(signal::KILL).unwrap();
-    producer.wait().unwrap();
+    producer.kill().unwrap();
+    let _ = producer.join();
     join(consumer, Duration::from_secs(15));
     assert_eq!(rx.try_get(), Err(QueueError::Disconnected));
 }
@@ -1042,8 +1035,8 @@ fn senders_learn_every_receiver_died_while_the_parent_keeps_a_sender() {
     let mut killed = false;
     for i in 0..100_000 {
         if !killed && i == 100 {
-            consumer.signal(signal::KILL).unwrap();
-            consumer.wait().unwrap();
+            consumer.kill().unwrap();
+            let _ = consumer.join_timeout(Duration::from_secs(10));
             killed = true;
         }
         outcome = tx.put_timeout(&i, Duration::from_secs(10));

@@ -11,8 +11,7 @@ use common::ns::*;
 
 use std::time::{Duration, Instant};
 
-use procshare::fork::signal;
-use procshare::{Mutex, Queue, QueueError, RawMutex, Segment, Shared, channel};
+use procshare::{Mutex, ProcessError, Queue, QueueError, RawMutex, Segment, Shared, channel};
 
 fn main() {
     common::run(
@@ -112,15 +111,15 @@ fn dead_holder_is_recovered_where_there_is_no_proc() {
         return skip("no /proc, dead holder", "needs root to mount over /proc");
     }
     let lock = Shared::new(Mutex::new(7u32)).unwrap();
-    let mut holder = common::spawn(|| {
+    let holder = common::spawn(|| {
         std::mem::forget(lock.lock().unwrap());
         std::thread::sleep(Duration::from_secs(60));
     });
     common::wait_for("the holder to lock", Duration::from_secs(5), || {
         lock.raw().is_locked()
     });
-    holder.signal(signal::KILL).unwrap();
-    holder.wait().unwrap();
+    holder.kill().unwrap();
+    let _ = holder.join();
     let waiter = common::spawn(|| {
         remount_proc(c"tmpfs", c"size=4k");
         // kill(tid, 0) answers ESRCH: proof enough without /proc.
@@ -204,7 +203,7 @@ fn stopped_owner_with_a_recycled_tid_is_not_robbed() {
             return skip("recycled tid", "ns_last_pid is not writable");
         }
         // The first owner: locks and unlocks, leaving whatever it leaves behind.
-        let mut first = common::spawn(|| {
+        let first = common::spawn(|| {
             if std::process::id() != target {
                 // SAFETY: _exit is always safe to call.
                 unsafe { libc::_exit(3) }
@@ -213,7 +212,7 @@ fn stopped_owner_with_a_recycled_tid_is_not_robbed() {
             // SAFETY: locked just above by this thread.
             unsafe { lock.unlock() };
         });
-        if first.wait().unwrap().code() == Some(3) {
+        if matches!(first.join(), Err(ProcessError::Exited(3))) {
             continue;
         }
         // A later start time (in clock ticks) for the second owner with the same tid.
@@ -236,15 +235,18 @@ fn stopped_owner_with_a_recycled_tid_is_not_robbed() {
         common::wait_for("the second owner to lock", Duration::from_secs(5), || {
             lock.is_locked()
         });
-        if let Ok(Some(status)) = second.try_wait() {
-            assert_eq!(status.code(), Some(3));
+        if let Some(outcome) = second.try_join() {
+            assert!(
+                matches!(outcome, Err(ProcessError::Exited(3))),
+                "{outcome:?}"
+            );
             continue;
         }
         let start = Instant::now();
         let taken = lock.lock_timeout(Duration::from_millis(400));
         let waited = start.elapsed();
-        second.signal(signal::KILL).unwrap();
-        second.wait().unwrap();
+        second.kill().unwrap();
+        let _ = second.join();
         assert!(
             !taken,
             "robbed a live, stopped owner whose tid was recycled, after {waited:?}"
@@ -271,7 +273,7 @@ fn exit_main_thread_keeping(f: impl FnOnce() + Send + 'static) -> ! {
 fn lock_of_an_exited_main_thread_is_recovered_while_its_process_runs() {
     let lock = Shared::new(Mutex::new(1u32)).unwrap();
     let done = Shared::new(procshare::Event::new()).unwrap();
-    let mut holder = common::spawn(|| {
+    let holder = common::spawn(|| {
         std::mem::forget(lock.lock().unwrap());
         let done = done.clone();
         exit_main_thread_keeping(move || {
@@ -292,13 +294,9 @@ fn lock_of_an_exited_main_thread_is_recovered_while_its_process_runs() {
         }
         Ok(_) => panic!("the lock was not held"),
     }
-    assert_eq!(
-        holder.try_wait().unwrap(),
-        None,
-        "the process must still run"
-    );
+    assert!(holder.is_alive(), "the process must still run");
     done.set();
-    holder.wait().unwrap();
+    let _ = holder.join();
 }
 
 fn sender_whose_main_thread_exited_still_counts() {
@@ -341,7 +339,7 @@ fn sender_hidden_by_hidepid_keeps_the_queue_connected() {
     // forked child inherits every handle its parent holds, so the senders move into the
     // sender's closure before the receiver is forked.)
     let waiting = done.clone();
-    let mut sender = common::spawn(move || {
+    let sender = common::spawn(move || {
         let _keep = (tx, qtx);
         assert!(waiting.wait_timeout(Duration::from_secs(20)));
     });
@@ -361,7 +359,7 @@ fn sender_hidden_by_hidepid_keeps_the_queue_connected() {
     });
     common::join(receiver, Duration::from_secs(10));
     done.set();
-    sender.wait().unwrap();
+    let _ = sender.join();
     // Control: with the sender gone, the same receivers learn it.
     assert_eq!(
         rx.recv_timeout(Duration::from_secs(5)),
@@ -377,7 +375,7 @@ fn segment_of_a_creator_whose_main_thread_exited_is_not_stale() {
     let name = common::unique_name("zombie-main");
     let ready = Shared::new(procshare::Event::new()).unwrap();
     let done = Shared::new(procshare::Event::new()).unwrap();
-    let mut creator = common::spawn(|| {
+    let creator = common::spawn(|| {
         let segment = Segment::create(&name, 64).unwrap();
         let (ready, done) = (ready.clone(), done.clone());
         exit_main_thread_keeping(move || {
@@ -400,5 +398,5 @@ fn segment_of_a_creator_whose_main_thread_exited_is_not_stale() {
     assert!(!removed.contains(&name), "removed a live creator's segment");
     assert!(Segment::open(&name).is_ok());
     done.set();
-    creator.wait().unwrap();
+    let _ = creator.join();
 }

@@ -116,11 +116,11 @@ fn install_killer() {
     assert_eq!(rc, 0, "pthread_atfork");
 }
 
-/// Forks a child that dies in the fork handler, with procshare's helper (`raw == false`)
-/// or libc's fork directly, and reaps it.
+/// Forks a child that dies in the fork handler, with `Process::fork` (`raw == false`) or
+/// libc's fork directly, and reaps it.
 fn fork_a_child_that_dies_in_fork(raw: bool) {
     KILL_CHILD_IN_FORK.store(true, Ordering::SeqCst);
-    let status = if raw {
+    let killed = if raw {
         // SAFETY: single-threaded test process; the child only calls _exit.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
@@ -131,16 +131,19 @@ fn fork_a_child_that_dies_in_fork(raw: bool) {
         let mut status = 0;
         // SAFETY: `status` is a valid int; pid is our child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        status
+        assert!(
+            libc::WIFSIGNALED(status),
+            "the child was meant to die of SIGKILL in fork, status {status:#x}"
+        );
+        Err(procshare::ProcessError::Signaled(libc::WTERMSIG(status)))
     } else {
-        let mut child = procshare::fork::fork(|| 0).expect("fork");
-        use std::os::unix::process::ExitStatusExt;
-        child.wait().expect("wait").into_raw()
+        procshare::Process::fork(|| ()).expect("fork").join()
     };
     KILL_CHILD_IN_FORK.store(false, Ordering::SeqCst);
-    assert!(
-        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
-        "the child was meant to die of SIGKILL in fork, status {status:#x}"
+    assert_eq!(
+        killed,
+        Err(procshare::ProcessError::Signaled(libc::SIGKILL)),
+        "the child was meant to die of SIGKILL in fork"
     );
 }
 

@@ -8,8 +8,7 @@ mod common;
 use std::io;
 use std::time::{Duration, Instant};
 
-use procshare::fork::{self, signal};
-use procshare::{Connection, Error, pipe};
+use procshare::{Child, Connection, Error, pipe};
 use serde::{Deserialize, Serialize};
 
 use common::{join, spawn};
@@ -101,16 +100,12 @@ fn seed_two_children_share_one_pipe() {
 /// Runs `block` (which should block on `conn` waiting for the child) while a helper
 /// thread SIGKILLs `child` after a moment; returns how long `block` kept going after the
 /// kill.
-fn kill_while_blocked(
-    child: fork::ForkedChild,
-    block: impl FnOnce() -> Error,
-) -> (Error, Duration) {
+fn kill_while_blocked(child: Child<()>, block: impl FnOnce() -> Error) -> (Error, Duration) {
     let killer = std::thread::spawn(move || {
-        let mut child = child;
         std::thread::sleep(Duration::from_millis(200));
         let at = Instant::now();
-        child.signal(signal::KILL).unwrap();
-        child.wait().unwrap();
+        child.kill().unwrap();
+        let _ = child.join();
         at
     });
     let e = block();
@@ -119,7 +114,7 @@ fn kill_while_blocked(
     (e, returned.saturating_duration_since(killed_at))
 }
 
-fn spawn_sleeper(conn: Connection) -> fork::ForkedChild {
+fn spawn_sleeper(conn: Connection) -> Child<()> {
     spawn(move || {
         conn.send("ready").unwrap();
         loop {

@@ -543,7 +543,7 @@ fn workers_die_with_the_pools_process() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pids");
     let path = file.clone();
-    let mut owner = common::spawn(move || {
+    let owner = common::spawn(move || {
         let pool = Pool::new(2).unwrap();
         let pids: Vec<String> = pool.pids().iter().map(u32::to_string).collect();
         std::fs::write(&path, pids.join(" ")).unwrap();
@@ -557,8 +557,8 @@ fn workers_die_with_the_pools_process() {
         .split(' ')
         .map(|p| p.parse().unwrap())
         .collect();
-    owner.signal(procshare::fork::signal::KILL).unwrap();
-    let _ = owner.wait();
+    owner.kill().unwrap();
+    let _ = owner.join();
     common::wait_for("the workers to die", LIMIT, || {
         pids.iter().all(|&p| dead_or_zombie(p))
     });

@@ -11,7 +11,6 @@ use std::sync::TryLockError;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use procshare::fork::signal;
 use procshare::{
     Array, Barrier, Condvar, Error, Event, Mutex, RawMutex, Segment, Semaphore, Shared, ShmSafe,
     Value,
@@ -100,7 +99,7 @@ fn handoff() -> Shared<Handoff> {
 
 /// Forks a child that locks `h.data`, writes to it, announces it, then waits for `release`
 /// (or forever).
-fn spawn_holder(h: &Shared<Handoff>) -> procshare::fork::ForkedChild {
+fn spawn_holder(h: &Shared<Handoff>) -> procshare::Child<()> {
     spawn(|| {
         let mut g = h.data.lock().unwrap();
         g[0] = 10;
@@ -112,10 +111,10 @@ fn spawn_holder(h: &Shared<Handoff>) -> procshare::fork::ForkedChild {
 
 fn killed_holder_poisons_and_lock_recovers() {
     let h = handoff();
-    let mut holder = spawn_holder(&h);
+    let holder = spawn_holder(&h);
     assert!(h.locked.wait_timeout(LIMIT));
-    holder.signal(signal::KILL).unwrap();
-    holder.wait().unwrap();
+    holder.kill().unwrap();
+    let _ = holder.join();
 
     let t0 = Instant::now();
     let guard = match h.data.lock() {
@@ -146,7 +145,7 @@ fn killed_holder_poisons_and_lock_recovers() {
 fn waiter_already_blocked_recovers_when_holder_dies() {
     let h = handoff();
     let waited = Shared::new(AtomicU64::new(0)).unwrap();
-    let mut holder = spawn_holder(&h);
+    let holder = spawn_holder(&h);
     assert!(h.locked.wait_timeout(LIMIT));
     let waiter = spawn(|| {
         let t0 = Instant::now();
@@ -157,8 +156,8 @@ fn waiter_already_blocked_recovers_when_holder_dies() {
     // Let the waiter get into its futex sleep before the holder dies.
     std::thread::sleep(Duration::from_millis(100));
     let killed_at = Instant::now();
-    holder.signal(signal::KILL).unwrap();
-    holder.wait().unwrap();
+    holder.kill().unwrap();
+    let _ = holder.join();
     join(waiter, LIMIT);
     assert!(
         killed_at.elapsed() < Duration::from_secs(1),
@@ -174,14 +173,11 @@ fn waiter_already_blocked_recovers_when_holder_dies() {
 fn aborting_and_exiting_holders_poison() {
     for how in ["abort", "exit", "panic"] {
         let h = handoff();
-        let c = procshare::fork::fork(|| {
+        let mut c = procshare::Process::fork(|| {
             let g = h.data.lock().unwrap();
             match how {
                 "abort" => std::process::abort(),
-                "exit" => {
-                    std::mem::forget(g);
-                    0
-                }
+                "exit" => std::mem::forget(g),
                 _ => {
                     std::panic::set_hook(Box::new(|_| {})); // an expected panic: keep quiet
                     panic!("holder panics with the guard alive")
@@ -189,9 +185,13 @@ fn aborting_and_exiting_holders_poison() {
             }
         })
         .unwrap();
-        let mut c = c;
-        let status = c.wait_timeout(LIMIT).unwrap().expect("holder exits");
-        assert!(!status.success() || how == "exit", "{how}: {status}");
+        let outcome = c.join_timeout(LIMIT);
+        assert_ne!(
+            outcome,
+            Err(procshare::ProcessError::Timeout),
+            "{how}: the holder should exit"
+        );
+        assert!(outcome.is_err() || how == "exit", "{how}: {outcome:?}");
         let t0 = Instant::now();
         assert!(h.data.lock().is_err(), "{how}: not poisoned");
         assert!(
@@ -206,7 +206,7 @@ fn stopped_holder_is_not_robbed() {
     let h = handoff();
     let holder = spawn_holder(&h);
     assert!(h.locked.wait_timeout(LIMIT));
-    holder.signal(signal::STOP).unwrap();
+    holder.signal(libc::SIGSTOP).unwrap();
     let t0 = Instant::now();
     match h.data.lock_timeout(Duration::from_millis(1500)) {
         Err(TryLockError::WouldBlock) => {}
@@ -214,7 +214,7 @@ fn stopped_holder_is_not_robbed() {
         Ok(_) => panic!("a stopped holder's lock was stolen"),
     }
     assert!(t0.elapsed() >= Duration::from_millis(1500));
-    holder.signal(signal::CONT).unwrap();
+    holder.signal(libc::SIGCONT).unwrap();
     h.release.set();
     join(holder, LIMIT);
     let g = h.data.lock().expect("released normally, so not poisoned");
@@ -510,7 +510,7 @@ fn named_segment_shared_with_unrelated_open() {
 fn stale_named_segment_is_found_and_removed() {
     let name = unique_name("stale");
     let ready = Shared::new(Event::new()).unwrap();
-    let mut creator = spawn(|| {
+    let creator = spawn(|| {
         let _seg = Segment::create(&name, 64).unwrap();
         ready.set();
         loop {
@@ -525,8 +525,8 @@ fn stale_named_segment_is_found_and_removed() {
         .unwrap();
     assert_eq!(info.creator_alive, Some(true));
     assert!(!info.is_stale());
-    creator.signal(signal::KILL).unwrap();
-    creator.wait().unwrap();
+    creator.kill().unwrap();
+    let _ = creator.join();
     let info = Segment::list()
         .unwrap()
         .into_iter()
@@ -562,15 +562,15 @@ fn exercise_embedded_mutex(ptr: *mut u8) {
         join(c, LIMIT);
     }
     assert_eq!(*m.lock().unwrap(), 60_000);
-    let mut holder = spawn(|| {
+    let holder = spawn(|| {
         std::mem::forget(m.lock().unwrap());
         loop {
             std::thread::sleep(Duration::from_secs(1));
         }
     });
     wait_for("the holder to lock", LIMIT, || m.raw().is_locked());
-    holder.signal(signal::KILL).unwrap();
-    holder.wait().unwrap();
+    holder.kill().unwrap();
+    let _ = holder.join();
     assert!(m.lock().is_err(), "killed holder poisons the embedded lock");
 }
 
@@ -617,15 +617,15 @@ fn value_and_array_like_python() {
 
     // Poisoning through Value: a child dies holding the lock.
     let v = Value::new(1u8).unwrap();
-    let mut holder = spawn(|| {
+    let holder = spawn(|| {
         std::mem::forget(v.lock().unwrap());
         loop {
             std::thread::sleep(Duration::from_secs(1));
         }
     });
     wait_for("the holder to lock", LIMIT, || is_locked(&v));
-    holder.signal(signal::KILL).unwrap();
-    holder.wait().unwrap();
+    holder.kill().unwrap();
+    let _ = holder.join();
     assert!(v.lock().is_err());
     assert_eq!(v.get(), 1, "get carries on past the poison");
 }

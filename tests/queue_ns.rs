@@ -68,8 +68,8 @@ fn a_channel_sender_in_a_child_pid_namespace_is_refused_and_never_judged_dead() 
         // No /proc while it forks (so the fork handlers cannot read the child's outer pid).
         mount_on_proc(c"tmpfs", c"");
         // SAFETY: this process is single-threaded (a forked test child).
-        let mut init = unsafe {
-            procshare::fork::fork_unchecked(move || {
+        let init = unsafe {
+            procshare::Process::fork_unchecked(move || {
                 mount_on_proc(c"proc", c"");
                 let worker = spawn(move || {
                     // Pid 2 in here: a live sender, quiet for a while, then refused.
@@ -84,12 +84,11 @@ fn a_channel_sender_in_a_child_pid_namespace_is_refused_and_never_judged_dead() 
                     assert_says_pid_namespace(&message);
                 });
                 join(worker, LIMIT);
-                0
             })
         }
         .unwrap();
         assert!(
-            init.wait().unwrap().success(),
+            init.join().is_ok(),
             "the sender in the namespace was not refused as it should be (see above)"
         );
     });

@@ -11,7 +11,6 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use procshare::fork::signal;
 use procshare::{
     Event, RecvError, RecvTimeoutError, SendError, SendTimeoutError, Shared, TryRecvError,
     TrySendError,
@@ -275,7 +274,7 @@ fn recv_blocked_when_the_only_sender_is_killed() {
         // [0]: when the sender was killed; [1]: when the blocked recv returned.
         let times = Shared::<[AtomicU64]>::zeroed(2).unwrap();
         let (ready_ref, times_ref): (&Event, &[AtomicU64]) = (&ready, &times);
-        let mut sender = spawn(move || {
+        let sender = spawn(move || {
             let _tx = tx;
             ready_ref.set();
             sleep_forever()
@@ -291,8 +290,8 @@ fn recv_blocked_when_the_only_sender_is_killed() {
         // Let the receiver get into its futex sleep before the sender dies.
         std::thread::sleep(Duration::from_millis(300));
         times[0].store(mono_ns(), Ordering::SeqCst);
-        sender.signal(signal::KILL).unwrap();
-        sender.wait().unwrap();
+        sender.kill().unwrap();
+        let _ = sender.join();
         join(receiver, LIMIT);
         assert_within(
             &format!("{flavour}: Disconnected after the sender was killed"),
@@ -340,7 +339,7 @@ fn send_blocked_when_the_receiver_is_killed() {
         let ready = Shared::new([Event::new(), Event::new()]).unwrap();
         let times = Shared::<[AtomicU64]>::zeroed(2).unwrap();
         let (ready_ref, times_ref): (&[Event; 2], &[AtomicU64]) = (&ready, &times);
-        let mut receiver = spawn(move || {
+        let receiver = spawn(move || {
             let _rx = rx;
             ready_ref[0].set();
             sleep_forever()
@@ -364,8 +363,8 @@ fn send_blocked_when_the_receiver_is_killed() {
         assert!(ready[1].wait_timeout(LIMIT));
         std::thread::sleep(Duration::from_millis(300));
         times[0].store(mono_ns(), Ordering::SeqCst);
-        receiver.signal(signal::KILL).unwrap();
-        receiver.wait().unwrap();
+        receiver.kill().unwrap();
+        let _ = receiver.join();
         join(sender, LIMIT);
         assert_within(
             &format!("{flavour}: SendError after the receiver was killed"),
@@ -399,7 +398,7 @@ fn spsc_producer_killed_mid_stream_is_replaced() {
                 .expect("the old sender's process is dead: a new sender is allowed"),
         };
         let start = next;
-        let mut producer = spawn(move || {
+        let producer = spawn(move || {
             let mut seq = start;
             let mut batch = Vec::with_capacity(8);
             loop {
@@ -423,8 +422,8 @@ fn spsc_producer_killed_mid_stream_is_replaced() {
             check_wide(rx.recv().unwrap(), next);
             next += 1;
         }
-        producer.signal(signal::KILL).unwrap();
-        producer.wait().unwrap();
+        producer.kill().unwrap();
+        let _ = producer.join();
         let t0 = Instant::now();
         loop {
             match rx.recv() {
@@ -459,7 +458,7 @@ fn channel_dead_producer_claim_is_skipped() {
     let (tx, rx) = procshare::channel::<u64>(8).unwrap();
     let ev = stall();
     let claimed: &Event = &ev[0];
-    let mut stalled = {
+    let stalled = {
         let tx = tx.clone();
         spawn(move || {
             tx.__send_stalled_after_claim(1000, || {
@@ -486,8 +485,8 @@ fn channel_dead_producer_claim_is_skipped() {
         Err(RecvTimeoutError::Timeout)
     );
     let killed = Instant::now();
-    stalled.signal(signal::KILL).unwrap();
-    stalled.wait().unwrap();
+    stalled.kill().unwrap();
+    let _ = stalled.join();
     assert_eq!(rx.recv_timeout(LIMIT), Ok(0));
     assert!(
         killed.elapsed() < NOTICE,
@@ -524,7 +523,7 @@ fn channel_stopped_producer_claim_is_waited_for() {
     };
     drop(tx);
     join(other, LIMIT);
-    stalled.signal(signal::STOP).unwrap();
+    stalled.signal(libc::SIGSTOP).unwrap();
     // Stopped is not dead: its claim must not be skipped, however long we wait.
     for _ in 0..2 {
         assert_eq!(
@@ -533,7 +532,7 @@ fn channel_stopped_producer_claim_is_waited_for() {
             "a stopped producer's claim was skipped"
         );
     }
-    stalled.signal(signal::CONT).unwrap();
+    stalled.signal(libc::SIGCONT).unwrap();
     release.set();
     assert_eq!(rx.recv_timeout(LIMIT), Ok(1000));
     for i in 0..5 {
@@ -552,7 +551,7 @@ fn channel_consumer_killed_holding_a_claim_frees_the_slot() {
     let claimed: &Event = &ev[0];
     let times = Shared::<[AtomicU64]>::zeroed(2).unwrap();
     let times_ref: &[AtomicU64] = &times;
-    let mut consumer = {
+    let consumer = {
         let rx = rx.clone();
         spawn(move || {
             rx.__recv_stalled_after_claim(|| {
@@ -564,13 +563,13 @@ fn channel_consumer_killed_holding_a_claim_frees_the_slot() {
     assert!(claimed.wait_timeout(LIMIT));
     assert!(matches!(tx.try_send(9), Err(TrySendError::Full(9))));
     // A live consumer, even a stopped one, keeps its claim.
-    consumer.signal(signal::STOP).unwrap();
+    consumer.signal(libc::SIGSTOP).unwrap();
     assert!(matches!(
         tx.send_timeout(9, Duration::from_millis(300)),
         Err(SendTimeoutError::Timeout(9))
     ));
-    consumer.signal(signal::CONT).unwrap();
-    let mut producer = {
+    consumer.signal(libc::SIGCONT).unwrap();
+    let producer = {
         let tx = tx.clone();
         spawn(move || {
             let r = tx.send_timeout(4, LIMIT);
@@ -580,12 +579,12 @@ fn channel_consumer_killed_holding_a_claim_frees_the_slot() {
     };
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        producer.try_wait().unwrap().is_none(),
+        producer.is_alive(),
         "the producer got room while the queue was full"
     );
     times[0].store(mono_ns(), Ordering::SeqCst);
-    consumer.signal(signal::KILL).unwrap();
-    consumer.wait().unwrap();
+    consumer.kill().unwrap();
+    let _ = consumer.join();
     join(producer, LIMIT);
     assert_within(
         "the producer continues after the consumer holding a slot was killed",
@@ -814,7 +813,7 @@ fn try_recv_repairs_a_dead_claim_in_front() {
     let (tx, rx) = procshare::channel::<u64>(8).unwrap();
     let ev = stall();
     let claimed: &Event = &ev[0];
-    let mut stalled = {
+    let stalled = {
         let tx = tx.clone();
         spawn(move || {
             tx.__send_stalled_after_claim(1000, || {
@@ -831,8 +830,8 @@ fn try_recv_repairs_a_dead_claim_in_front() {
         Err(TryRecvError::Empty),
         "the live claim is skipped"
     );
-    stalled.signal(signal::KILL).unwrap();
-    stalled.wait().unwrap();
+    stalled.kill().unwrap();
+    let _ = stalled.join();
     let got = poll_within("try_recv behind a dead claim", || match rx.try_recv() {
         Ok(v) => Some(v),
         Err(TryRecvError::Empty) => None,
@@ -849,15 +848,15 @@ fn try_recv_sees_the_killed_sender() {
         let (tx, rx) = make(4);
         let ready = Shared::new(Event::new()).unwrap();
         let ready_ref: &Event = &ready;
-        let mut sender = spawn(move || {
+        let sender = spawn(move || {
             let _tx = tx;
             ready_ref.set();
             sleep_forever()
         });
         assert!(ready.wait_timeout(LIMIT));
         assert_eq!(rx.try_recv(), Err(TryRecvError::Empty), "{flavour}");
-        sender.signal(signal::KILL).unwrap();
-        sender.wait().unwrap();
+        sender.kill().unwrap();
+        let _ = sender.join();
         poll_within(&format!("{flavour}: try_recv after the sender was killed"), || {
             match rx.try_recv() {
                 Err(TryRecvError::Disconnected) => Some(()),
@@ -876,15 +875,15 @@ fn try_send_sees_the_killed_receiver_and_its_dead_claim() {
         let (tx, rx) = make(4);
         let ready = Shared::new(Event::new()).unwrap();
         let ready_ref: &Event = &ready;
-        let mut receiver = spawn(move || {
+        let receiver = spawn(move || {
             let _rx = rx;
             ready_ref.set();
             sleep_forever()
         });
         assert!(ready.wait_timeout(LIMIT));
         while tx.try_send(1).is_ok() {}
-        receiver.signal(signal::KILL).unwrap();
-        receiver.wait().unwrap();
+        receiver.kill().unwrap();
+        let _ = receiver.join();
         poll_within(&format!("{flavour}: try_send after the receiver was killed"), || {
             match tx.try_send(2) {
                 Err(TrySendError::Disconnected(2)) => Some(()),
@@ -899,7 +898,7 @@ fn try_send_sees_the_killed_receiver_and_its_dead_claim() {
     }
     let ev = stall();
     let claimed: &Event = &ev[0];
-    let mut consumer = {
+    let consumer = {
         let rx = rx.clone();
         spawn(move || {
             rx.__recv_stalled_after_claim(|| {
@@ -910,8 +909,8 @@ fn try_send_sees_the_killed_receiver_and_its_dead_claim() {
     };
     assert!(claimed.wait_timeout(LIMIT));
     assert!(matches!(tx.try_send(9), Err(TrySendError::Full(9))));
-    consumer.signal(signal::KILL).unwrap();
-    consumer.wait().unwrap();
+    consumer.kill().unwrap();
+    let _ = consumer.join();
     poll_within(
         "try_send after a consumer holding a slot was killed",
         || match tx.try_send(4) {
@@ -968,14 +967,14 @@ fn receiver_killed_asleep_leaves_no_waiter_count() {
         // microseconds between two announcements leaves nothing to heal, so try again.
         let mut left = 0;
         for _ in 0..10 {
-            let mut receiver = spawn(|| {
+            let receiver = spawn(|| {
                 let _ = rx.recv();
                 panic!("received");
             });
             common::wait_for("the receiver to sleep", LIMIT, || tx.__not_empty_waiters() != 0);
             std::thread::sleep(Duration::from_millis(50));
-            receiver.signal(signal::KILL).unwrap();
-            receiver.wait().unwrap();
+            receiver.kill().unwrap();
+            let _ = receiver.join();
             left = tx.__not_empty_waiters();
             if left != 0 {
                 break;
@@ -1139,14 +1138,14 @@ fn spsc_end_moved_to_a_child_or_left_by_a_dead_one_is_usable() {
     let (tx, rx) = procshare::spsc::<u64>(64).unwrap();
     let ready = Shared::new(Event::new()).unwrap();
     let ready_ref: &Event = &ready;
-    let mut owner = spawn(|| {
+    let owner = spawn(|| {
         tx.send(1).unwrap();
         ready_ref.set();
         sleep_forever()
     });
     assert!(ready.wait_timeout(LIMIT));
-    owner.signal(signal::KILL).unwrap();
-    owner.wait().unwrap();
+    owner.kill().unwrap();
+    let _ = owner.join();
     tx.send(2).unwrap();
     assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 2]);
 }

@@ -7,10 +7,12 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use procshare::fork::signal;
 use std::sync::TryLockError;
 
-use procshare::{Array, Barrier, Condvar, Error, Event, Mutex, Semaphore, Shared, ShmSafe, Value};
+use procshare::{
+    Array, Barrier, Child, Condvar, Error, Event, Mutex, ProcessError, Semaphore, Shared, ShmSafe,
+    Value,
+};
 
 use common::{Test, join, spawn, wait_for};
 
@@ -79,13 +81,11 @@ fn settle() {
 }
 
 /// Waits up to `limit` for `child` to exit; true if it did (successfully).
-fn exited_within(child: &mut procshare::fork::ForkedChild, limit: Duration) -> bool {
-    match child.wait_timeout(limit).expect("waitpid") {
-        Some(s) => {
-            assert!(s.success(), "child {} ended with {s}", child.pid());
-            true
-        }
-        None => false,
+fn exited_within(child: &mut Child<()>, limit: Duration) -> bool {
+    match child.join_timeout(limit) {
+        Ok(()) => true,
+        Err(ProcessError::Timeout) => false,
+        Err(e) => panic!("child {} failed: {e}", child.pid()),
     }
 }
 
@@ -99,13 +99,13 @@ fn semaphore_wake_up_survives_a_killed_waiter() {
     for _ in 0..10 {
         let sem = Shared::new(Semaphore::new(0)).unwrap();
         // The victim queues first, so a wake-one goes to it (the kernel wakes in FIFO order).
-        let mut victim = spawn(|| sem.acquire());
+        let victim = spawn(|| sem.acquire());
         settle();
         let mut survivor = spawn(|| sem.acquire());
         settle();
         sem.release().unwrap();
-        victim.signal(signal::KILL).unwrap();
-        let _ = victim.wait();
+        victim.kill().unwrap();
+        let _ = victim.join();
         if !exited_within(&mut survivor, Duration::from_secs(1)) {
             // Either the victim took the permit before dying (value 0: fine), or the
             // survivor sleeps next to a free permit: the wake-up was lost.
@@ -114,8 +114,8 @@ fn semaphore_wake_up_survives_a_killed_waiter() {
             } else {
                 went_to_the_victim += 1;
             }
-            survivor.signal(signal::KILL).unwrap();
-            let _ = survivor.wait();
+            survivor.kill().unwrap();
+            let _ = survivor.join();
         }
     }
     assert_eq!(
@@ -148,18 +148,18 @@ fn condvar_notify_one_survives_a_killed_waiter() {
                 .wait_while(g, |go| *go == 0)
                 .unwrap_or_else(|p| p.into_inner());
         };
-        let mut victim = spawn(waiter);
+        let victim = spawn(waiter);
         settle();
         let mut survivor = spawn(waiter);
         settle();
         *t.go.lock().unwrap() = 1;
         t.changed.notify_one();
-        victim.signal(signal::KILL).unwrap();
-        let _ = victim.wait();
+        victim.kill().unwrap();
+        let _ = victim.join();
         if !exited_within(&mut survivor, Duration::from_secs(1)) {
             lost += 1;
-            survivor.signal(signal::KILL).unwrap();
-            let _ = survivor.wait();
+            survivor.kill().unwrap();
+            let _ = survivor.join();
         }
     }
     assert_eq!(
@@ -216,12 +216,12 @@ fn event_pulse_wakes_every_sleeper() {
     // Stopped sleepers cannot run between the set and the clear, as on a busy machine: the
     // pulse must still release them when they continue.
     for s in &sleepers {
-        s.signal(signal::STOP).unwrap();
+        s.signal(libc::SIGSTOP).unwrap();
     }
     p.ev.set();
     p.ev.clear();
     for s in &sleepers {
-        s.signal(signal::CONT).unwrap();
+        s.signal(libc::SIGCONT).unwrap();
     }
     for s in sleepers {
         join(s, LIMIT);
@@ -257,7 +257,7 @@ fn barrier_generation_does_not_wrap_under_a_stopped_participant() {
             .store(if r.is_ok() { 1 } else { 2 }, Ordering::SeqCst);
     });
     settle();
-    p.signal(signal::STOP).unwrap();
+    p.signal(libc::SIGSTOP).unwrap();
     // Q completes P's round, then Q and R pass exactly 65 535 more rounds: 65 536 in all.
     let mut q = spawn(|| {
         assert!(w.b.wait_timeout(LIMIT).is_ok(), "Q completes P's round");
@@ -279,7 +279,7 @@ fn barrier_generation_does_not_wrap_under_a_stopped_participant() {
     while t0.elapsed() < Duration::from_millis(400) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    p.signal(signal::CONT).unwrap();
+    p.signal(libc::SIGCONT).unwrap();
     join(p, LIMIT);
     assert_eq!(
         w.stopped_saw.load(Ordering::SeqCst),
@@ -301,7 +301,7 @@ fn barrier_generation_does_not_wrap_under_a_stopped_participant() {
 fn barrier_abort_frees_waiters_when_a_participant_never_arrives() {
     let b = Shared::new(Barrier::new(3)).unwrap();
     let broken_seen = Shared::new(AtomicU32::new(0)).unwrap();
-    let mut never_arrives = spawn(|| {
+    let never_arrives = spawn(|| {
         loop {
             std::thread::sleep(Duration::from_secs(1));
         }
@@ -312,8 +312,8 @@ fn barrier_abort_frees_waiters_when_a_participant_never_arrives() {
         }
     });
     wait_for("the waiter to arrive", LIMIT, || b.n_waiting() == 1);
-    never_arrives.signal(signal::KILL).unwrap();
-    never_arrives.wait().unwrap();
+    never_arrives.kill().unwrap();
+    let _ = never_arrives.join();
     // A timed-out participant withdraws and leaves the barrier unbroken...
     assert!(matches!(
         b.wait_timeout(Duration::from_millis(200)),
@@ -346,12 +346,12 @@ fn barrier_abort_frees_waiters_when_a_participant_never_arrives() {
 
 fn barrier_participant_killed_while_waiting_stays_counted_until_reset() {
     let b = Shared::new(Barrier::new(2)).unwrap();
-    let mut victim = spawn(|| {
+    let victim = spawn(|| {
         let _ = b.wait();
     });
     wait_for("the victim to arrive", LIMIT, || b.n_waiting() == 1);
-    victim.signal(signal::KILL).unwrap();
-    victim.wait().unwrap();
+    victim.kill().unwrap();
+    let _ = victim.join();
     // Documented: an arrival carries no identity, so the dead one still counts...
     assert_eq!(b.n_waiting(), 1);
     // ...until whoever learns of the death aborts and resets.
@@ -374,15 +374,15 @@ fn semaphore_permit_of_a_killed_holder_is_not_returned() {
     // Documented choice: permits are not owned (any process may release), so a killed
     // holder's permit is gone until someone releases on its behalf.
     let sem = Shared::new(Semaphore::new(1)).unwrap();
-    let mut holder = spawn(|| {
+    let holder = spawn(|| {
         sem.acquire();
         loop {
             std::thread::sleep(Duration::from_secs(1));
         }
     });
     wait_for("the holder to acquire", LIMIT, || sem.value() == 0);
-    holder.signal(signal::KILL).unwrap();
-    holder.wait().unwrap();
+    holder.kill().unwrap();
+    let _ = holder.join();
     assert!(!sem.acquire_timeout(Duration::from_millis(150)));
     // The reaper releases on the dead holder's behalf.
     sem.release().unwrap();
@@ -396,7 +396,7 @@ fn semaphore_permit_of_a_killed_holder_is_not_returned() {
 fn value_recovers_from_a_killed_holder_and_reports_the_torn_value() {
     let v = Value::new([0u64; 2]).unwrap();
     let mid_write = Shared::new(Event::new()).unwrap();
-    let mut holder = spawn(|| {
+    let holder = spawn(|| {
         let mut g = v.lock().unwrap();
         g[0] = 1; // half of an update that would set both words
         mid_write.set();
@@ -405,9 +405,9 @@ fn value_recovers_from_a_killed_holder_and_reports_the_torn_value() {
         }
     });
     assert!(mid_write.wait_timeout(LIMIT));
-    holder.signal(signal::KILL).unwrap();
-    holder.wait().unwrap();
     let dead_pid = holder.pid();
+    holder.kill().unwrap();
+    let _ = holder.join();
 
     // `get` reads what the dead holder left, as documented; `get_checked` says it is
     // suspect.
@@ -441,7 +441,7 @@ fn value_recovers_from_a_killed_holder_and_reports_the_torn_value() {
 fn array_recovers_from_a_killed_holder() {
     let a = Array::from_slice(&[0u32; 4]).unwrap();
     let mid_write = Shared::new(Event::new()).unwrap();
-    let mut holder = spawn(|| {
+    let holder = spawn(|| {
         let mut g = a.lock().unwrap();
         g[0] = 9;
         mid_write.set();
@@ -450,8 +450,8 @@ fn array_recovers_from_a_killed_holder() {
         }
     });
     assert!(mid_write.wait_timeout(LIMIT));
-    holder.signal(signal::KILL).unwrap();
-    holder.wait().unwrap();
+    holder.kill().unwrap();
+    let _ = holder.join();
     for _ in 0..5 {
         assert!(a.lock().is_err(), "poisoned until cleared");
     }

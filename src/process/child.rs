@@ -179,7 +179,20 @@ impl<R> Child<R> {
         self.signal(sys::signal::KILL)
     }
 
-    fn signal(&self, sig: i32) -> Result<()> {
+    /// Sends the signal `sig` (a number such as `libc::SIGSTOP`, `libc::SIGCONT` or
+    /// `libc::SIGUSR1`) to the child, as Python's `os.kill(p.pid, sig)` would, but through
+    /// its pidfd, so it can never reach another process that was given a recycled pid. Does
+    /// nothing if the child has already been reaped or has already exited.
+    ///
+    /// The signal reaches the child alone; to reach everything it started too, start it
+    /// with [`Builder::process_group`](super::Builder::process_group) and signal the group
+    /// (`libc::killpg(child.pid() as i32, sig)`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the signal could not be sent: `EINVAL` for a number that is not a
+    /// signal, `EPERM` for a child that changed its credentials.
+    pub fn signal(&self, sig: i32) -> Result<()> {
         if self.status.is_some() {
             return Ok(());
         }

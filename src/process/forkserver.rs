@@ -50,7 +50,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::child::{Child, ChildParts, ServerLink};
-use super::{StartMethod, spawn};
+use super::{ChildFlags, StartMethod, spawn};
 use crate::error::{Error, Result};
 use crate::queue::peers;
 use crate::sys::{self, ChildStatus, WaitTarget};
@@ -163,7 +163,7 @@ fn request(
 pub(crate) fn spawn<F, A, R>(
     arg: &A,
     name: String,
-    daemon: bool,
+    flags: ChildFlags,
     bootstrap_timeout: Duration,
 ) -> Result<Child<R>>
 where
@@ -171,7 +171,7 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
-    let (bytes, handle_fds, loans) = spawn::message::<F, A, R>(arg, &name, daemon)?;
+    let (bytes, handle_fds, loans) = spawn::message::<F, A, R>(arg, &name, flags)?;
     if handle_fds.len() + 3 > sys::MAX_FDS {
         return Err(Error::InvalidArgument {
             what: format!(
@@ -208,7 +208,7 @@ where
                 return Ok(Child::new(ChildParts {
                     pid,
                     name,
-                    daemon,
+                    daemon: flags.daemon,
                     method: StartMethod::ForkServer,
                     sock: result_ours,
                     bootstrap_timeout: Some(bootstrap_timeout),
@@ -338,7 +338,8 @@ fn handle_request(control: &OwnedFd, kids: &mut Vec<Kid>, me: u32) -> bool {
         return true;
     };
     drop(file);
-    let daemon = spawn::message_is_daemon(&bytes).unwrap_or(false);
+    let flags = spawn::message_flags(&bytes).unwrap_or_default();
+    let daemon = flags.daemon;
     // SAFETY: the server is single-threaded (it is a fresh image that stopped in init()
     // and never starts threads), so the child may run anything.
     match unsafe { sys::fork() } {
@@ -351,6 +352,9 @@ fn handle_request(control: &OwnedFd, kids: &mut Vec<Kid>, me: u32) -> bool {
             // return from `run_message` (it ends in `_exit`, so the `OwnedFd` is never
             // dropped and the descriptor never closed twice).
             unsafe { sys::close_raw(control.as_raw_fd()) };
+            if flags.process_group && sys::become_group_leader().is_err() {
+                sys::exit_immediately(1); // cannot fail for a fresh child; never run ungrouped
+            }
             if daemon {
                 let ok = sys::set_parent_death_signal(sys::signal::KILL).is_ok();
                 if !ok || sys::getppid() != me {
@@ -361,6 +365,11 @@ fn handle_request(control: &OwnedFd, kids: &mut Vec<Kid>, me: u32) -> bool {
         }
         Ok(sys::Forked::Parent(pid)) => {
             drop(result);
+            if flags.process_group {
+                // Also from this side, so the group exists before the requester hears of
+                // the child (see `make_group_leader`).
+                let _ = sys::make_group_leader(pid);
+            }
             drop(handles);
             // Unreaped, so the pidfd certainly names this child.
             let pidfd = sys::pidfd_open(pid).ok();

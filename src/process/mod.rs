@@ -21,8 +21,9 @@
 //! method; `f` must be a `fn` item or a closure that captures nothing (checked at compile
 //! time), `arg` and the return value travel with postcard. [`Process::fork`] runs a closure
 //! that may capture anything, in a forked child. [`Process::builder`] sets a name, the start
-//! method, daemon mode and the bootstrap timeout. Each returns a [`Child<R>`] whose
-//! [`join`](Child::join) gives the value or a [`ProcessError`] saying why there is none.
+//! method, daemon mode, a process group of the child's own and the bootstrap timeout. Each
+//! returns a [`Child<R>`] whose [`join`](Child::join) gives the value or a
+//! [`ProcessError`] saying why there is none.
 //!
 //! # Start methods
 //!
@@ -91,6 +92,10 @@
 //!   are caught, printed, and sent back as [`ProcessError::Panicked`] with the location.
 //! * Daemon children get `SIGKILL` when their parent dies (`PR_SET_PDEATHSIG`, re-checked
 //!   with `getppid()` after it is set, so a parent that died in between is not missed).
+//!   A child that is pid 1 of a new pid namespace (its parent called
+//!   `unshare(CLONE_NEWPID)`) cannot see its parent (`getppid()` is 0 there), so it relies
+//!   on the death signal alone: a parent that dies in the microseconds before the signal
+//!   is armed leaves that one child running, as a non-daemon.
 //!   The signal follows the *thread* that started the child: start daemons from a thread
 //!   that lives as long as the process (e.g. the main thread).
 //! * Dropping a [`Child`] never leaves a zombie; see its docs for wait-versus-kill.
@@ -236,13 +241,14 @@ impl<F> ZeroSized<F> {
 }
 
 impl Process {
-    /// A builder for a child with a name, a start method, daemon mode or a bootstrap
-    /// timeout.
+    /// A builder for a child with a name, a start method, daemon mode, its own process
+    /// group or a bootstrap timeout.
     pub fn builder() -> Builder {
         Builder {
             name: None,
             method: None,
             daemon: false,
+            process_group: false,
             bootstrap_timeout: DEFAULT_BOOTSTRAP_TIMEOUT,
         }
     }
@@ -315,6 +321,7 @@ pub struct Builder {
     name: Option<String>,
     method: Option<StartMethod>,
     daemon: bool,
+    process_group: bool,
     bootstrap_timeout: Duration,
 }
 
@@ -338,6 +345,20 @@ impl Builder {
         self
     }
 
+    /// With `true`, the child leads a new process group (its pgid is its pid), as std's
+    /// `CommandExt::process_group(0)` does for a command: everything the child starts stays
+    /// in that group unless it moves, so the whole tree can be signalled at once with
+    /// `killpg(child.pid(), sig)` (a watchdog that must leave no grandchild behind), and a
+    /// terminal's Ctrl-C, which goes to the foreground group, no longer reaches it.
+    ///
+    /// The group exists before the child's function starts, under every start method
+    /// (Fork and ForkServer: `setpgid` on both sides of the fork; Spawn: before the exec).
+    /// The default, `false`, leaves the child in its parent's group.
+    pub fn process_group(mut self, process_group: bool) -> Builder {
+        self.process_group = process_group;
+        self
+    }
+
     /// How long a spawned child may take to reach `procshare::init()` (default 10 s).
     pub fn bootstrap_timeout(mut self, timeout: Duration) -> Builder {
         self.bootstrap_timeout = timeout;
@@ -353,8 +374,8 @@ impl Builder {
     /// # Errors
     ///
     /// As [`Process::spawn`]; also [`Error::MultiThreaded`] for an explicit `Fork` in a
-    /// multi-threaded process, and [`Error::InvalidArgument`] for `Spawn` before `init()`
-    /// ran, or for `ForkServer` (not available yet).
+    /// multi-threaded process, and [`Error::InvalidArgument`] for `Spawn` or `ForkServer`
+    /// before `init()` ran.
     pub fn spawn<F, A, R>(mut self, f: F, arg: A) -> Result<Child<R>>
     where
         F: Fn(A) -> R + Copy + 'static,
@@ -372,15 +393,15 @@ impl Builder {
             StartMethod::Fork => {
                 refuse_if_threaded()?;
                 // SAFETY: the process is single-threaded (checked just above).
-                unsafe { fork_child(name, self.daemon, move || f(arg)) }
+                unsafe { fork_child(name, self.flags(), move || f(arg)) }
             }
             StartMethod::Spawn => {
                 require_init(method)?;
-                spawn::spawn::<F, A, R>(&arg, name, self.daemon, self.bootstrap_timeout)
+                spawn::spawn::<F, A, R>(&arg, name, self.flags(), self.bootstrap_timeout)
             }
             StartMethod::ForkServer => {
                 require_init(method)?;
-                forkserver::spawn::<F, A, R>(&arg, name, self.daemon, self.bootstrap_timeout)
+                forkserver::spawn::<F, A, R>(&arg, name, self.flags(), self.bootstrap_timeout)
             }
         }
     }
@@ -400,7 +421,7 @@ impl Builder {
         refuse_if_threaded()?;
         let name = self.take_name();
         // SAFETY: the process is single-threaded (checked just above).
-        unsafe { fork_child(name, self.daemon, f) }
+        unsafe { fork_child(name, self.flags(), f) }
     }
 
     /// [`Builder::fork`] without the single-thread check.
@@ -420,7 +441,14 @@ impl Builder {
         self.check_fork()?;
         let name = self.take_name();
         // SAFETY: forwarded to the caller.
-        unsafe { fork_child(name, self.daemon, f) }
+        unsafe { fork_child(name, self.flags(), f) }
+    }
+
+    fn flags(&self) -> ChildFlags {
+        ChildFlags {
+            daemon: self.daemon,
+            process_group: self.process_group,
+        }
     }
 
     fn check_fork(&self) -> Result<()> {
@@ -437,12 +465,29 @@ impl Builder {
     }
 }
 
+/// For a daemon child that has just armed its death signal: whether its parent, `parent`,
+/// already died (it was reparented). A parent outside the child's pid namespace shows as
+/// 0 and cannot be checked: `false` (the death signal still holds from now on).
+pub(crate) fn parent_is_gone(parent: u32) -> bool {
+    let ppid = sys::getppid();
+    ppid != 0 && ppid != parent
+}
+
+/// What the builder asks of the child's process, whatever the start method.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ChildFlags {
+    /// Killed when the parent dies (and when its handle is dropped).
+    pub(crate) daemon: bool,
+    /// Leads a new process group.
+    pub(crate) process_group: bool,
+}
+
 /// Forks a child that runs `body` and reports its value over a socketpair.
 ///
 /// # Safety
 ///
 /// As [`Process::fork_unchecked`]: no other thread may hold a lock the child needs.
-unsafe fn fork_child<R, B>(name: String, daemon: bool, body: B) -> Result<Child<R>>
+unsafe fn fork_child<R, B>(name: String, flags: ChildFlags, body: B) -> Result<Child<R>>
 where
     B: FnOnce() -> R,
     R: Serialize,
@@ -462,10 +507,13 @@ where
     match unsafe { sys::fork() }.map_err(|e| Error::io("forking a child process", e))? {
         sys::Forked::Child => {
             drop(ours);
-            if daemon {
+            if flags.process_group && sys::become_group_leader().is_err() {
+                sys::exit_immediately(1); // cannot fail for a fresh child; never run ungrouped
+            }
+            if flags.daemon {
                 let ok = sys::set_parent_death_signal(sys::signal::KILL).is_ok();
                 // The parent may have died before the signal was armed.
-                if !ok || sys::getppid() != parent.pid() {
+                if !ok || parent_is_gone(parent.pid()) {
                     sys::exit_immediately(1);
                 }
             }
@@ -475,13 +523,18 @@ where
         }
         sys::Forked::Parent(pid) => {
             drop(theirs);
+            if flags.process_group {
+                // Also from this side, so the group exists when fork returns (see
+                // `make_group_leader`); a failure here leaves it to the child's own call.
+                let _ = sys::make_group_leader(pid);
+            }
             // Ties the queue-handle loans the fork handlers made to this child, where the
             // kernel has no `/proc/thread-self/children` to find it by.
             crate::queue::peers::bind_forked_child(pid);
             Ok(Child::new(ChildParts {
                 pid,
                 name,
-                daemon,
+                daemon: flags.daemon,
                 method: StartMethod::Fork,
                 sock: ours,
                 bootstrap_timeout: None,

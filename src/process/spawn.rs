@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::child::{Child, ChildParts};
 use super::registry::{self, ProcessInfo};
-use super::{StartMethod, handles, wire};
+use super::{ChildFlags, StartMethod, handles, wire};
 use crate::error::{Error, Result};
 use crate::queue::peers;
 use crate::sys;
@@ -58,6 +58,7 @@ struct Bootstrap {
     parent_pid: u32,
     parent_name: String,
     daemon: bool,
+    process_group: bool,
     arg: Vec<u8>,
 }
 
@@ -197,7 +198,7 @@ pub fn tamper_next_spawn(t: Tamper) {
 pub(crate) fn message<F, A, R>(
     arg: &A,
     name: &str,
-    daemon: bool,
+    flags: ChildFlags,
 ) -> Result<(Vec<u8>, Vec<OwnedFd>, handles::Loans)>
 where
     F: Fn(A) -> R + Copy + 'static,
@@ -233,7 +234,8 @@ where
         name: name.to_owned(),
         parent_pid: me.pid(),
         parent_name: me.name().to_owned(),
-        daemon,
+        daemon: flags.daemon,
+        process_group: flags.process_group,
         arg,
     };
     let bytes = postcard::to_allocvec(&message).map_err(|e| Error::InvalidArgument {
@@ -242,18 +244,22 @@ where
     Ok((bytes, fds, loans))
 }
 
-/// Whether a bootstrap message asks for a daemon (`None`: not a bootstrap message).
-pub(crate) fn message_is_daemon(bytes: &[u8]) -> Option<bool> {
+/// What a bootstrap message asks of the child's process (`None`: not a bootstrap
+/// message).
+pub(crate) fn message_flags(bytes: &[u8]) -> Option<ChildFlags> {
     postcard::from_bytes::<Bootstrap>(bytes)
         .ok()
         .filter(|m| m.magic == MAGIC)
-        .map(|m| m.daemon)
+        .map(|m| ChildFlags {
+            daemon: m.daemon,
+            process_group: m.process_group,
+        })
 }
 
 pub(crate) fn spawn<F, A, R>(
     arg: &A,
     name: String,
-    daemon: bool,
+    flags: ChildFlags,
     bootstrap_timeout: Duration,
 ) -> Result<Child<R>>
 where
@@ -261,7 +267,7 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
-    let (bytes, handle_fds, loans) = message::<F, A, R>(arg, &name, daemon)?;
+    let (bytes, handle_fds, loans) = message::<F, A, R>(arg, &name, flags)?;
     let me = sys::getpid();
     let memfd =
         sys::memfd_with(&bytes).map_err(|e| Error::io("writing the bootstrap message", e))?;
@@ -280,7 +286,9 @@ where
     let mut keep = vec![memfd.as_raw_fd(), theirs.as_raw_fd()];
     keep.extend(handle_fds.iter().map(|f| f.as_raw_fd()));
     // The fork inside only execs: it must not be lent this process's queue handles.
-    let pid = peers::forking_to_exec(|| sys::spawn_self((ENV, &value), &keep, daemon, me))
+    let pid = peers::forking_to_exec(|| {
+        sys::spawn_self((ENV, &value), &keep, flags.daemon, flags.process_group, me)
+    })
         .map_err(|e| Error::io("re-executing /proc/self/exe for a spawned child", e))?;
     // Our child, not reaped: its pid names it until we wait for it.
     loans.bind(pid, None);
@@ -290,7 +298,7 @@ where
     Ok(Child::new(ChildParts {
         pid,
         name,
-        daemon,
+        daemon: flags.daemon,
         method: StartMethod::Spawn,
         sock: ours,
         bootstrap_timeout: Some(bootstrap_timeout),
@@ -400,7 +408,7 @@ pub(crate) fn run_message(
             &format!("the child could not identify its executable ({e})"),
         ),
     }
-    if msg.daemon && sys::getppid() != parent.unwrap_or(msg.parent_pid) {
+    if msg.daemon && super::parent_is_gone(parent.unwrap_or(msg.parent_pid)) {
         sys::exit_immediately(1); // the parent died before we got here: follow it
     }
     registry::enter_child(msg.name, ProcessInfo::new(msg.parent_pid, msg.parent_name));

@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | `time.rs` | [`monotonic_now`], [`Deadline`] | every Unix (`CLOCK_MONOTONIC` is POSIX) |
 //! | `socket.rs` | socket pairs, vectored send, receive, poll | every Unix |
+//! | `process_group.rs` | `setpgid` from the parent's side (`Builder::process_group`) | every Unix |
 //! | `linux/futex.rs` | shared futex wait/wake | the Linux back end |
 //! | `linux/identity.rs` | the calling thread's and process's identity | the Linux back end |
 //! | `linux/procfs.rs` | `/proc` evidence: stat, thread lists, maps, pid namespace | the Linux back end |
@@ -64,8 +65,8 @@
 //!
 //! **Tasks** (`linux/task.rs`).
 //! * `getpid()`, `unsafe fork() -> io::Result<Forked>`, `exit_immediately(code) -> !`,
-//!   `wait_pid(pid, block)`, `send_signal(pid, signal, group)`, `become_group_leader()`,
-//!   `mod signal { KILL, TERM, STOP, CONT }`, `register_fork_handlers(prepare, parent,
+//!   `send_signal(pid, signal, group)`, `become_group_leader()`,
+//!   `mod signal { KILL, TERM }`, `register_fork_handlers(prepare, parent,
 //!   child)`, `clear_errno()` / `errno_is_set()`.
 //!
 //! **The `Process` layer** (`process.rs`): everything that file exports. It is Linux code
@@ -83,6 +84,9 @@ pub(crate) use linux::*;
 mod process;
 #[cfg(target_os = "linux")]
 pub(crate) use process::*;
+// POSIX too; only the `Process` layer (Linux, for now) calls it.
+mod process_group;
+pub(crate) use process_group::*;
 
 // Sockets are POSIX, not Linux-specific: shared by every Unix back end.
 mod socket;
@@ -101,7 +105,6 @@ const _: () = {
     use std::fs::File;
     use std::io;
     use std::os::fd::BorrowedFd;
-    use std::process::ExitStatus;
     use std::sync::atomic::AtomicU32;
 
     // Futex.
@@ -140,10 +143,9 @@ const _: () = {
     let _: fn() -> u32 = getpid;
     let _: unsafe fn() -> io::Result<Forked> = fork;
     let _: fn(i32) -> ! = exit_immediately;
-    let _: fn(u32, bool) -> io::Result<Option<ExitStatus>> = wait_pid;
     let _: fn(u32, i32, bool) -> io::Result<()> = send_signal;
     let _: fn() -> io::Result<()> = become_group_leader;
-    let _: [i32; 4] = [signal::KILL, signal::TERM, signal::STOP, signal::CONT];
+    let _: [i32; 2] = [signal::KILL, signal::TERM];
     let _: fn(extern "C" fn(), extern "C" fn(), extern "C" fn()) = register_fork_handlers;
     let _: fn() = clear_errno;
     let _: fn() -> bool = errno_is_set;

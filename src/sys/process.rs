@@ -295,11 +295,13 @@ pub(crate) fn read_whole(file: &File, limit: u64) -> io::Result<Vec<u8>> {
 /// replaced on disk) with `argv[0]` copied, `env` added to the environment, and the
 /// descriptors `keep` inherited (close-on-exec cleared in the child only). With
 /// `death_signal`, the child asks for `SIGKILL` when its parent dies and exits at once if
-/// the parent (`parent_pid`) is already gone. Returns the child's pid, unreaped.
+/// the parent (`parent_pid`) is already gone. With `process_group`, the child leads a new
+/// process group from before the exec. Returns the child's pid, unreaped.
 pub(crate) fn spawn_self(
     env: (&str, &str),
     keep: &[RawFd],
     death_signal: bool,
+    process_group: bool,
     parent_pid: u32,
 ) -> io::Result<u32> {
     let mut cmd = std::process::Command::new("/proc/self/exe");
@@ -309,6 +311,10 @@ pub(crate) fn spawn_self(
         cmd.arg0(OsString::from("procshare-child"));
     }
     cmd.env(env.0, env.1);
+    if process_group {
+        // std calls setpgid(0, 0) in the child before the exec.
+        cmd.process_group(0);
+    }
     let keep: Vec<RawFd> = keep.to_vec();
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe calls (fcntl, prctl, getppid, _exit), allocating nothing.
@@ -328,7 +334,10 @@ pub(crate) fn spawn_self(
                 {
                     return Err(io::Error::last_os_error());
                 }
-                if libc::getppid() as u32 != parent_pid {
+                // 0: the parent is outside a new pid namespace and cannot be checked (see
+                // `process::parent_is_gone`).
+                let ppid = libc::getppid() as u32;
+                if ppid != 0 && ppid != parent_pid {
                     libc::_exit(1);
                 }
             }
@@ -517,7 +526,7 @@ pub(crate) fn poll_many(
 /// Starts `/proc/self/exe` as a helper (the fork server): like [`spawn_self`] without a
 /// death signal.
 pub(crate) fn spawn_helper(env: (&str, &str), keep: &[RawFd]) -> io::Result<u32> {
-    spawn_self(env, keep, false, 0)
+    spawn_self(env, keep, false, false, 0)
 }
 
 /// Closes `fd` without an owner's `Drop`.

@@ -2,10 +2,12 @@
 //!
 //! libtest runs every test on its own thread, and forking a multi-threaded process is
 //! only safe if the child restricts itself to async-signal-safe calls. This runner stays
-//! single-threaded instead: each test runs in a freshly forked child that leads its own
-//! process group, so the test may fork further children freely, and a watchdog in the
-//! parent kills the whole group if the test overruns its time limit. A hang therefore
-//! fails in seconds and never leaves processes behind.
+//! single-threaded instead: each test runs in a freshly forked child (`Process::fork`, as a
+//! daemon leading its own process group), so the test may fork further children freely,
+//! and a watchdog in the parent kills the whole group if the test overruns its time limit,
+//! and again after every test, so nothing a test started outlives it. A hang therefore
+//! fails in seconds and never leaves processes behind; if the runner itself is killed, its
+//! daemon test process follows it (`PR_SET_PDEATHSIG`).
 
 #![allow(dead_code)]
 
@@ -14,7 +16,7 @@ pub mod ns;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use procshare::fork::{self, ForkedChild, signal};
+use procshare::{Child, Process, ProcessError};
 
 /// A test: its name, its time limit, and its body (panics to fail).
 pub struct Test {
@@ -93,47 +95,67 @@ pub fn run(tests: &[Test], after_all: &[(&'static str, fn())]) -> ! {
 }
 
 fn run_one(test: &Test) -> Result<(), String> {
-    let body = test.body;
-    let mut child = fork::fork(move || {
-        fork::become_group_leader().expect("setpgid");
-        body();
-        0
-    })
-    .map_err(|e| format!("could not fork the test process: {e}"))?;
-    let pid = child.pid();
-    let status = child
-        .wait_timeout(test.limit)
-        .map_err(|e| format!("waitpid: {e}"))?;
-    // Whatever happened, nothing the test started may outlive it.
-    let _ = fork::kill_group(pid, signal::KILL);
-    match status {
-        None => {
-            drop(child); // kills and reaps
+    let mut child = Process::builder()
+        .name(test.name)
+        .daemon(true)
+        .process_group(true)
+        .fork(test.body)
+        .map_err(|e| format!("could not fork the test process: {e}"))?;
+    let outcome = child.join_timeout(test.limit);
+    // Whatever happened, nothing the test started may outlive it. The test process led the
+    // group, so its pid names the group until the last member is gone, even once reaped.
+    kill_group(child.pid());
+    match outcome {
+        // See `succeeded`.
+        Ok(()) | Err(ProcessError::Exited(0)) => Ok(()),
+        Err(ProcessError::Timeout) => {
+            drop(child); // killed with its group above; the drop reaps it
             Err(format!(
                 "watchdog: still running after {:?}, killed",
                 test.limit
             ))
         }
-        Some(s) if s.success() => Ok(()),
-        Some(s) => Err(format!("test process ended with {s}")),
+        Err(e) => Err(format!("test process failed: {e}")),
     }
 }
 
-/// Forks a child running `f`, panicking if fork fails.
-pub fn spawn(f: impl FnOnce()) -> ForkedChild {
-    fork::fork(|| {
-        f();
-        0
-    })
-    .expect("fork")
+/// SIGKILLs every process in the group `leader` leads (gone already is fine).
+pub fn kill_group(leader: u32) {
+    // SAFETY: killpg takes plain integers.
+    unsafe { libc::killpg(leader as libc::pid_t, libc::SIGKILL) };
 }
 
-/// Waits for `child` to exit successfully within `limit`.
-pub fn join(mut child: ForkedChild, limit: Duration) {
-    match child.wait_timeout(limit).expect("waitpid") {
-        Some(s) => assert!(s.success(), "child {} ended with {s}", child.pid()),
-        None => panic!("child {} still running after {limit:?}", child.pid()),
+/// Forks a child running `f`, panicking if fork fails. It is a daemon: dropping its handle
+/// unjoined kills it (and reaps it), so a failing test leaves no orphans behind.
+pub fn spawn(f: impl FnOnce()) -> Child<()> {
+    Process::builder().daemon(true).fork(f).expect("fork")
+}
+
+/// Whether a test child succeeded: it returned, or it ended the process itself with exit
+/// code 0 (some tests leave with `_exit(0)` on purpose, e.g. without unlocking).
+pub fn succeeded(outcome: &Result<(), ProcessError>) -> bool {
+    matches!(outcome, Ok(()) | Err(ProcessError::Exited(0)))
+}
+
+/// Waits for `child` to succeed (see [`succeeded`]) within `limit`, panicking if it failed
+/// or overran.
+pub fn join(mut child: Child<()>, limit: Duration) {
+    match child.join_timeout(limit) {
+        Ok(()) | Err(ProcessError::Exited(0)) => {}
+        Err(ProcessError::Timeout) => panic!("child {} still running after {limit:?}", child.pid()),
+        Err(e) => panic!("child {} failed: {e}", child.pid()),
     }
+}
+
+/// Kills `child` (SIGKILL) and reaps it.
+pub fn kill(child: Child<()>) {
+    child.kill().expect("kill");
+    let _ = child.join();
+}
+
+/// Waits up to `limit` for `child` to end; `true` if it ended (whatever its outcome).
+pub fn ended_within(child: &mut Child<()>, limit: Duration) -> bool {
+    !matches!(child.join_timeout(limit), Err(ProcessError::Timeout))
 }
 
 /// Polls `cond` until it holds, panicking after `limit`.

@@ -77,11 +77,11 @@ pub fn in_new_pid_namespace_with_proc(fstype: &'static CStr, f: impl FnOnce()) -
         unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS) },
         "unshare(CLONE_NEWPID | CLONE_NEWNS)",
     );
-    let mut child = super::spawn(|| {
+    let child = super::spawn(|| {
         mount_on_proc(fstype, c"");
         f();
     });
-    child.wait().unwrap().success()
+    super::succeeded(&child.join())
 }
 
 /// [`in_new_pid_namespace_with_proc`] with a real `/proc`.

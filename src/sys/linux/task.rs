@@ -2,8 +2,6 @@
 //! handlers, and whether a task id exists at all.
 
 use std::io;
-use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
 
 use super::errno;
 
@@ -57,22 +55,6 @@ pub(crate) fn exit_immediately(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Reaps `pid` if it has exited (`block == false`) or once it exits (`block == true`).
-pub(crate) fn wait_pid(pid: u32, block: bool) -> io::Result<Option<ExitStatus>> {
-    let mut status = 0;
-    let flags = if block { 0 } else { libc::WNOHANG };
-    loop {
-        // SAFETY: `status` is a valid, writable int; pid and flags are plain integers.
-        let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, flags) };
-        match rc {
-            0 => return Ok(None),
-            -1 if errno() == libc::EINTR => continue,
-            -1 => return Err(io::Error::last_os_error()),
-            _ => return Ok(Some(ExitStatus::from_raw(status))),
-        }
-    }
-}
-
 /// Sends `signal` to process `pid`, or to process group `-pid` when `group` is set.
 pub(crate) fn send_signal(pid: u32, signal: i32, group: bool) -> io::Result<()> {
     let target = if group {
@@ -103,10 +85,6 @@ pub(crate) mod signal {
     pub const KILL: i32 = libc::SIGKILL;
     /// SIGTERM.
     pub const TERM: i32 = libc::SIGTERM;
-    /// SIGSTOP.
-    pub const STOP: i32 = libc::SIGSTOP;
-    /// SIGCONT.
-    pub const CONT: i32 = libc::SIGCONT;
 }
 
 /// The largest thread id Linux can hand out (`PID_MAX_LIMIT`, 2^22 on 64-bit kernels).
