@@ -75,10 +75,19 @@
 //! taskset -c 0 cargo bench --bench queue_vs_pipe -- queue_roundtrip/spsc
 //! ```
 //!
+//! With `--features compare`, two competitors join both groups: `ipc_channel` (servo's
+//! ipc-channel) and `iceoryx2` (its publish-subscribe, busy-polling); see [`compare`].
+//!
+//! ```text
+//! cargo bench --features compare --bench queue_vs_pipe
+//! ```
+//!
 //! A full run takes about 3 minutes. The numbers need two free CPUs to mean anything;
 //! check that the machine is otherwise idle.
 
 mod common;
+#[cfg(feature = "compare")]
+mod compare;
 
 use std::hint::{black_box, spin_loop};
 use std::io;
@@ -118,6 +127,15 @@ const TRANSPORTS: &[(&str, TransportFn)] = &[
     ("queue_u64", bench_queue_u64),
     ("bytes_loan", bench_bytes_loan),
 ];
+
+/// The competitors, with `--features compare` (see [`compare`]); none without it.
+#[cfg(feature = "compare")]
+const COMPETITORS: &[(&str, TransportFn)] = &[
+    ("ipc_channel", compare::bench_ipc_channel),
+    ("iceoryx2", compare::bench_iceoryx2),
+];
+#[cfg(not(feature = "compare"))]
+const COMPETITORS: &[(&str, TransportFn)] = &[];
 
 type TransportFn = fn(&mut Group<'_>, Case);
 
@@ -1307,7 +1325,7 @@ fn crossbeam_vec_throughput(group: &mut Group<'_>, case: Case, size: Size) {
 
 fn queue_throughput(c: &mut Criterion) {
     let mut group = c.benchmark_group("queue_throughput");
-    for &(transport, bench) in TRANSPORTS {
+    for &(transport, bench) in TRANSPORTS.iter().chain(COMPETITORS) {
         for size in SIZES {
             let kind = Kind::Throughput(size);
             bench(&mut group, Case { transport, kind });
@@ -1318,7 +1336,7 @@ fn queue_throughput(c: &mut Criterion) {
 
 fn queue_roundtrip(c: &mut Criterion) {
     let mut group = c.benchmark_group("queue_roundtrip");
-    for &(transport, bench) in TRANSPORTS {
+    for &(transport, bench) in TRANSPORTS.iter().chain(COMPETITORS) {
         let kind = Kind::Roundtrip;
         bench(&mut group, Case { transport, kind });
     }

@@ -154,6 +154,12 @@ impl<R> Child<R> {
     /// `-signal` if a signal ended it.
     pub fn exitcode(&mut self) -> Option<i32> {
         self.pump(Deadline::after(Duration::ZERO));
+        if self.status.is_none() && self.via_server && !self.is_alive() {
+            // It ended (its pidfd says so), and the fork server, which reaps it, reports
+            // its status right after: wait for that report, boundedly, so `exitcode` never
+            // says "still running" once `is_alive` has said it is not.
+            self.pump(Deadline::after(Duration::from_secs(2)));
+        }
         self.status.map(|s| match s {
             ChildStatus::Exited(c) => c,
             ChildStatus::Signaled(s) => -s,

@@ -289,7 +289,7 @@ where
     let pid = peers::forking_to_exec(|| {
         sys::spawn_self((ENV, &value), &keep, flags.daemon, flags.process_group, me)
     })
-        .map_err(|e| Error::io("re-executing /proc/self/exe for a spawned child", e))?;
+    .map_err(|e| Error::io("re-executing /proc/self/exe for a spawned child", e))?;
     // Our child, not reaped: its pid names it until we wait for it.
     loans.bind(pid, None);
     drop(theirs);
