@@ -30,6 +30,7 @@ pub struct ForkedChild {
 /// [`Error::MultiThreaded`] if the calling process has more than one thread (the child
 /// could deadlock on a lock another thread held); [`Error::Io`] if fork fails.
 pub fn fork<F: FnOnce() -> i32>(f: F) -> Result<ForkedChild> {
+    crate::pool::pause_waiters();
     let threads = sys::thread_count().map_err(|e| {
         Error::io(
             "counting this process's threads before a fork (read from /proc/self/stat; \

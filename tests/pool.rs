@@ -7,7 +7,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use procshare::pool::IMap;
@@ -41,6 +45,11 @@ fn main() {
             large_arguments_and_results_cross_promptly,
             fifty_respawns_leak_no_descriptors_or_children,
             workers_die_with_the_pools_process,
+            futures_resolve_under_a_parking_executor_without_busy_polling,
+            a_join_of_many_futures_gets_every_result,
+            a_future_whose_worker_is_killed_resolves_to_worker_died,
+            fork_works_right_after_an_await,
+            dropping_the_pool_resolves_pending_futures_closed,
         ],
         &[],
     )
@@ -562,4 +571,188 @@ fn workers_die_with_the_pools_process() {
     common::wait_for("the workers to die", LIMIT, || {
         pids.iter().all(|&p| dead_or_zombie(p))
     });
+}
+
+// --- Future: a minimal executor ---
+
+/// Wakes the executor's thread (and records that it was woken, so a lost wake-up fails
+/// the test instead of hiding behind the park timeout).
+struct Unpark {
+    thread: std::thread::Thread,
+    woken: AtomicBool,
+}
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        self.thread.unpark();
+    }
+}
+
+/// Runs `f` to completion on this thread, parking between polls; returns its output and
+/// how many times it was polled. Panics if no wake-up comes within `LIMIT`.
+fn block_on<F: Future>(f: F) -> (F::Output, u32) {
+    let mut f = std::pin::pin!(f);
+    let unpark = Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    });
+    let waker = Waker::from(Arc::clone(&unpark));
+    let mut cx = Context::from_waker(&waker);
+    let mut polls = 0;
+    loop {
+        polls += 1;
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return (v, polls);
+        }
+        let until = Instant::now() + LIMIT;
+        while !unpark.woken.swap(false, Ordering::SeqCst) {
+            let left = until.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "a pending future was never woken");
+            std::thread::park_timeout(left);
+        }
+    }
+}
+
+/// Polls every future until all are ready (a join of many in one task, sharing a waker).
+struct JoinAll<F: Future> {
+    futures: Vec<Option<Pin<Box<F>>>>,
+    out: Vec<Option<F::Output>>,
+}
+
+fn join_all<F: Future>(futures: Vec<F>) -> JoinAll<F> {
+    let n = futures.len();
+    JoinAll {
+        futures: futures.into_iter().map(|f| Some(Box::pin(f))).collect(),
+        out: (0..n).map(|_| None).collect(),
+    }
+}
+
+impl<F: Future> Future for JoinAll<F> {
+    type Output = Vec<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<F::Output>> {
+        // SAFETY: nothing is moved out of the pinned fields (the futures are boxed).
+        let this = unsafe { self.get_unchecked_mut() };
+        let mut pending = false;
+        for (slot, out) in this.futures.iter_mut().zip(this.out.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => {
+                        *out = Some(v);
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(this.out.iter_mut().map(|o| o.take().unwrap()).collect())
+        }
+    }
+}
+
+fn futures_resolve_under_a_parking_executor_without_busy_polling() {
+    let pool = Pool::new(2).unwrap();
+    let (r, polls) = block_on(pool.apply_async(sleep_ms, 300).unwrap());
+    assert_eq!(r, Ok(300));
+    // Woken by the waiter thread: on replies and every 20 ms slice, never in a spin.
+    assert!(polls < 100, "{polls} polls for a 300 ms task");
+    let (r, _) = block_on(pool.map_async(square, 0..1000u64).unwrap());
+    assert_eq!(r.unwrap(), (0..1000u64).map(|x| x * x).collect::<Vec<_>>());
+    let (r, _) = block_on(pool.submit(|s: String| s.len(), "four".into()).unwrap());
+    assert_eq!(r, Ok(4));
+    // An already finished result is Ready at the first poll.
+    let h = pool.apply_async(square, 9).unwrap();
+    h.wait();
+    assert_eq!(block_on(h), (Ok(81), 1));
+}
+
+fn a_join_of_many_futures_gets_every_result() {
+    let pool = Pool::new(2).unwrap();
+    let handles: Vec<_> = (0..300u64)
+        .map(|x| pool.submit(square, x).unwrap())
+        .collect();
+    let (got, _) = block_on(join_all(handles));
+    for (x, r) in got.into_iter().enumerate() {
+        assert_eq!(r, Ok((x * x) as u64), "item {x}");
+    }
+    // Mixed durations, finishing out of order.
+    let handles: Vec<_> = [80u64, 1, 40, 1, 20, 1]
+        .iter()
+        .map(|&ms| pool.apply_async(sleep_ms, ms).unwrap())
+        .collect();
+    let (got, _) = block_on(join_all(handles));
+    assert_eq!(got, [80u64, 1, 40, 1, 20, 1].map(Ok).to_vec());
+}
+
+fn a_future_whose_worker_is_killed_resolves_to_worker_died() {
+    let pool = Pool::new(1).unwrap();
+    let victim = pool.pids()[0];
+    let slow = pool.apply_async(sleep_ms, 5_000).unwrap();
+    let behind = pool.apply_async(square, 5).unwrap();
+    // Kill the worker from outside while the executor waits on the future.
+    let mut killer = procshare::fork::fork(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: plain kill of the pool's worker.
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        0
+    })
+    .unwrap();
+    let t = Instant::now();
+    let (got, _) = block_on(join_all(vec![slow, behind]));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(
+        matches!(
+            got[0],
+            Err(TaskError::WorkerDied {
+                pid,
+                signal: Some(9),
+                ..
+            }) if pid == victim
+        ),
+        "{:?}",
+        got[0]
+    );
+    assert_eq!(got[1], Ok(25), "the task queued behind it still runs");
+    assert!(killer.wait().unwrap().success());
+    // The replacement was forked while the waiter thread was alive (it is stopped for
+    // the fork), and the pool goes on.
+    assert_ne!(pool.pids()[0], victim);
+    let (r, _) = block_on(pool.apply_async(square, 6).unwrap());
+    assert_eq!(r, Ok(36));
+}
+
+fn fork_works_right_after_an_await() {
+    let pool = Pool::new(1).unwrap();
+    let (r, _) = block_on(pool.apply_async(sleep_ms, 50).unwrap());
+    assert_eq!(r, Ok(50));
+    // The waiter thread lingers, but a fork stops it first.
+    let child = procshare::Process::fork(|| 7u32).expect("fork after an await");
+    assert_eq!(child.join(), Ok(7));
+    // A new pool (more forks) and more awaits still work.
+    let other = Pool::new(1).unwrap();
+    assert_eq!(block_on(other.apply_async(square, 3).unwrap()).0, Ok(9));
+    assert_eq!(block_on(pool.apply_async(square, 4).unwrap()).0, Ok(16));
+}
+
+fn dropping_the_pool_resolves_pending_futures_closed() {
+    let pool = Pool::new(1).unwrap();
+    let h = pool.apply_async(sleep_ms, 5_000).unwrap();
+    let mut h = std::pin::pin!(h);
+    let waker = Waker::from(Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    }));
+    let mut cx = Context::from_waker(&waker);
+    assert!(h.as_mut().poll(&mut cx).is_pending());
+    drop(pool);
+    assert_eq!(block_on(h).0, Err(TaskError::Closed));
+    assert_no_children();
 }

@@ -2,10 +2,12 @@
 //! (there is no supervisor thread): dispatch, results, deaths, timeouts, respawns.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::TaskError;
 use super::task::{DONE, EXIT, INIT_FAILED, READY, REPLY_HEADER, word};
+use super::waker::Registry;
 use super::worker::{self, BIG, BIG_BELL, Init, Worker};
 use crate::channel;
 use crate::process::ProcessError;
@@ -72,6 +74,8 @@ pub(crate) struct Core {
     next_id: u64,
     pub(crate) state: State,
     last_health: Instant,
+    /// Wakers of pending futures, and the waiter thread that wakes them.
+    pub(crate) wakers: Arc<Registry>,
 }
 
 fn died(pid: u32, r: &Result<(), ProcessError>) -> TaskError {
@@ -91,7 +95,9 @@ fn died(pid: u32, r: &Result<(), ProcessError>) -> TaskError {
 impl Core {
     pub(crate) fn new(cfg: Config) -> crate::Result<Core> {
         let (bell_tx, bell_rx) = channel::channel::<u32>(4096)?;
+        let wakers = Registry::new(bell_rx.clone());
         let mut core = Core {
+            wakers,
             workers: Vec::with_capacity(cfg.processes),
             cfg,
             bell_rx,
@@ -211,6 +217,7 @@ impl Core {
         }
         self.check_timeouts();
         self.dispatch();
+        self.wakers.progressed();
     }
 
     fn next_timeout(&self) -> Option<Instant> {
@@ -308,6 +315,9 @@ impl Core {
 
     fn ring(&mut self, bell: u32) {
         let slot = (bell & !BIG_BELL) as usize;
+        if slot >= self.workers.len() {
+            return; // read from shared memory: not a bell a worker of ours rings
+        }
         if bell & BIG_BELL != 0 {
             if let Some(Some(w)) = self.workers.get_mut(slot) {
                 w.big_expected += 1;
@@ -423,6 +433,9 @@ impl Core {
                 *slot = Some(outcome);
                 job.arrivals.push_back(chunk.index);
                 job.remaining -= 1;
+                if job.remaining == 0 {
+                    self.wakers.wake_job(chunk.job);
+                }
             }
         }
     }
@@ -568,5 +581,11 @@ impl Core {
                 }
             }
         }
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.wakers.shutdown();
     }
 }

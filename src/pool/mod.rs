@@ -34,8 +34,54 @@
 //! [`Child`](crate::Child)) tells of its death.
 //!
 //! There is no supervisor thread: the pool does its work while the caller waits in one of
-//! its calls (`map`, `get`, iterating `imap`, `ready`, `join`). Work already sent runs on
-//! meanwhile; results wait in the rings.
+//! its calls (`map`, `get`, iterating `imap`, `ready`, `join`, or a poll of an
+//! [`AsyncResult`] future). Work already sent runs on meanwhile; results wait in the rings.
+//!
+//! # Async
+//!
+//! [`AsyncResult`] (what `apply_async`, `map_async` and `submit` return) implements
+//! [`Future`](std::future::Future), with the same output as [`get`](AsyncResult::get), so
+//! a single-threaded executor (tokio's `current_thread` runtime with a `LocalSet`, smol's
+//! `LocalExecutor`, any `block_on`) can `.await` pool work. The pool is `!Send`, so its
+//! futures are too: they live on the pool's thread. No runtime is a dependency.
+//!
+//! A poll never waits: it moves the pool on (`ready`'s non-blocking step: send queued
+//! chunks, take replies, check for deaths and timeouts) and, if the job is not done,
+//! stores the task's waker in the pool's registry. Something must then wake the task when
+//! a reply arrives, while the executor sleeps. The choices were:
+//!
+//! | design | verdict |
+//! |---|---|
+//! | wake itself at once (`wake_by_ref`) on every `Pending` | a busy loop: one CPU burnt per waiting executor |
+//! | a timer | no timer without a runtime or a thread |
+//! | a descriptor the user registers with their reactor (an eventfd the workers write) | runtime-specific glue in every caller, and an extra syscall per reply; not a `Future` |
+//! | **a waiter thread, started on the first `Pending`, gone when no future waits** | chosen |
+//!
+//! The waiter sleeps on the doorbell ring's eventcount (a shared futex; it never takes a
+//! doorbell, only looks) and, when a reply is waiting or a 20 ms slice has passed (a
+//! worker may have died: someone must look), wakes **one** waiting task, the *driver*,
+//! unless a pump happened meanwhile. The driver's poll takes every waiting reply and wakes
+//! exactly the futures whose jobs completed, so a reply costs one wake-up however many
+//! futures wait (a join of thousands does not stampede). The waiter exits 50 ms after the
+//! last future stopped waiting.
+//!
+//! A thread makes `fork` unsafe while it runs, so **every fork this crate makes stops it
+//! first**: [`Process::fork`](crate::Process::fork), the `Fork` start method, and the
+//! pool's own respawn of a dead worker join every waiter of the process (the waiter holds
+//! no lock a child could need: it only waits on a futex and calls wakers), wake the
+//! futures that were waiting, and fork in a process that is single-threaded again. The
+//! woken futures poll again and start a new waiter after the fork. So a program that
+//! awaits pool work can still fork, and the pool still replaces dead workers while
+//! futures wait. (A process that has other threads of its own, such as a multi-threaded
+//! runtime, cannot fork at all: the pool must then be built before the runtime starts,
+//! and a dead worker cannot be replaced: see the failure table.)
+//!
+//! What a poll may still wait for: a large reply (over 16 KiB) that a worker is already
+//! streaming through its 64 KiB ring is read to its end (bounded by 1 s per poll), a big
+//! task frame is written while its worker reads it, and a worker that used its
+//! `max_tasks_per_child` is reaped as it exits. Latency: a future's result is seen one
+//! thread wake-up after the worker rings (plus the executor's own wake-up); a worker's
+//! death within about 20 ms.
 //!
 //! # Chunks
 //!
@@ -87,7 +133,10 @@ mod core;
 mod error;
 mod handle;
 mod task;
+mod waker;
 mod worker;
+
+pub(crate) use waker::pause_all as pause_waiters;
 
 use std::cell::RefCell;
 use std::rc::Rc;
