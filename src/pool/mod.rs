@@ -40,7 +40,7 @@
 //! # Async
 //!
 //! [`AsyncResult`] (what `apply_async`, `map_async` and `submit` return) implements
-//! [`Future`](std::future::Future), with the same output as [`get`](AsyncResult::get), so
+//! [`Future`], with the same output as [`get`](AsyncResult::get), so
 //! a single-threaded executor (tokio's `current_thread` runtime with a `LocalSet`, smol's
 //! `LocalExecutor`, any `block_on`) can `.await` pool work. The pool is `!Send`, so its
 //! futures are too: they live on the pool's thread. No runtime is a dependency.
