@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use procshare::pool::IMap;
-use procshare::{Pool, PoolError, StartMethod, TaskError, as_completed};
+use procshare::{Array, Pool, PoolError, Shared, StartMethod, TaskError, as_completed};
 use serde::{Deserialize, Serialize};
 
 fn main() {
@@ -50,6 +50,12 @@ fn main() {
             a_future_whose_worker_is_killed_resolves_to_worker_died,
             fork_works_right_after_an_await,
             dropping_the_pool_resolves_pending_futures_closed,
+            map_chunks_reads_arrays_and_shared_slices_in_place,
+            chunk_len_edge_cases,
+            for_each_chunk_mut_transforms_in_place_element_by_element,
+            a_worker_killed_mid_chunk_fails_that_chunk_only,
+            a_panicking_chunk_fails_alone_and_poisons_the_array,
+            workers_unmap_arrays_the_pool_no_longer_has,
         ],
         &[],
     )
@@ -755,4 +761,225 @@ fn dropping_the_pool_resolves_pending_futures_closed() {
     drop(pool);
     assert_eq!(block_on(h).0, Err(TaskError::Closed));
     assert_no_children();
+}
+
+// --- zero-copy chunk maps ---
+
+/// (first element, sum, length) of a chunk.
+fn summary(chunk: &[u64]) -> (u64, u64, usize) {
+    (chunk[0], chunk.iter().sum(), chunk.len())
+}
+
+fn expected_summaries(data: &[u64], chunk_len: usize) -> Vec<(u64, u64, usize)> {
+    data.chunks(chunk_len)
+        .map(|c| (c[0], c.iter().sum(), c.len()))
+        .collect()
+}
+
+fn map_chunks_reads_arrays_and_shared_slices_in_place() {
+    let early: Vec<u64> = (0..5_000u64).map(|x| x * 3).collect();
+    // Made before the pool (its workers inherit the mapping) and after (the descriptor
+    // travels to each worker): both paths.
+    let before = Array::from_slice(&early).unwrap();
+    let pool = Pool::new(2).unwrap();
+    let late: Vec<u64> = (0..10_007u64).map(|x| x ^ 0x5555).collect();
+    let after = Array::from_slice(&late).unwrap();
+    let shared: Shared<[u64]> = Shared::from_slice(&late).unwrap();
+    assert_eq!(
+        pool.map_chunks(&before, 333, summary).unwrap(),
+        expected_summaries(&early, 333)
+    );
+    for _ in 0..2 {
+        // The second round uses the workers' cached mappings.
+        assert_eq!(
+            pool.map_chunks(&after, 1000, summary).unwrap(),
+            expected_summaries(&late, 1000)
+        );
+        assert_eq!(
+            pool.map_chunks(&shared, 77, summary).unwrap(),
+            expected_summaries(&late, 77)
+        );
+    }
+    // Every element individually.
+    let copies = pool.map_chunks(&after, 1, |c: &[u64]| c[0]).unwrap();
+    assert_eq!(copies, late);
+    // The array is unchanged and unlocked afterwards.
+    assert_eq!(after.to_vec(), late);
+    assert!(!after.is_poisoned());
+}
+
+fn chunk_len_edge_cases() {
+    let pool = Pool::new(2).unwrap();
+    let data: Vec<u64> = (1..=10).collect();
+    let a = Array::from_slice(&data).unwrap();
+    let e = pool.map_chunks(&a, 0, summary).unwrap_err();
+    assert!(e.to_string().contains("chunk_len 0"), "{e}");
+    assert_eq!(
+        pool.map_chunks(&a, 3, summary).unwrap(),
+        vec![(1, 6, 3), (4, 15, 3), (7, 24, 3), (10, 10, 1)]
+    );
+    assert_eq!(pool.map_chunks(&a, 10, summary).unwrap(), vec![(1, 55, 10)]);
+    assert_eq!(
+        pool.map_chunks(&a, 1000, summary).unwrap(),
+        vec![(1, 55, 10)]
+    );
+    let empty = Array::<u64>::zeroed(0).unwrap();
+    assert_eq!(pool.map_chunks(&empty, 4, summary).unwrap(), vec![]);
+    pool.for_each_chunk_mut(&empty, 4, |c: &mut [u64]| c[0] = 1)
+        .unwrap();
+}
+
+fn affine(chunk: &mut [f64]) {
+    for x in chunk {
+        *x = *x * 1.0001 + 1.0;
+    }
+}
+
+fn for_each_chunk_mut_transforms_in_place_element_by_element() {
+    let pool = Pool::new(2).unwrap();
+    let n = 100_003;
+    let start: Vec<f64> = (0..n).map(|i| i as f64 * 0.5).collect();
+    let a = Array::from_slice(&start).unwrap();
+    pool.for_each_chunk_mut(&a, 4096, affine).unwrap();
+    pool.for_each_chunk_mut(&a, 1000, affine).unwrap();
+    let got = a.to_vec();
+    for (i, (&g, &s)) in got.iter().zip(&start).enumerate() {
+        let want = (s * 1.0001 + 1.0) * 1.0001 + 1.0;
+        assert!(g == want, "element {i}: {g} != {want}");
+    }
+    assert!(!a.is_poisoned());
+}
+
+const MARK: f64 = -7.0;
+
+/// Writes the first half of a chunk, then dies if the chunk starts with `MARK`.
+fn half_then_die(chunk: &mut [f64]) {
+    let die = chunk[0] == MARK;
+    let half = chunk.len() / 2;
+    for x in &mut chunk[..half] {
+        *x += 1000.0;
+    }
+    if die {
+        // SAFETY: raising a signal on our own process.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+    for x in &mut chunk[half..] {
+        *x += 1000.0;
+    }
+}
+
+fn a_worker_killed_mid_chunk_fails_that_chunk_only() {
+    // With retries: an in-place chunk is still never re-run (it may be half written).
+    let pool = Pool::builder().processes(2).retries(3).build().unwrap();
+    let before: BTreeSet<u32> = pool.pids().into_iter().collect();
+    let (n, len) = (64 * 100, 100);
+    let mut start: Vec<f64> = (0..n).map(|i| i as f64).collect();
+    start[5 * len] = MARK; // chunk 5 kills its worker half-way
+    let a = Array::from_slice(&start).unwrap();
+    let t = Instant::now();
+    let out = pool
+        .for_each_chunk_mut_each(&a, len, half_then_die)
+        .unwrap();
+    assert!(t.elapsed() < LIMIT);
+    assert_eq!(out.len(), 64);
+    for (c, r) in out.iter().enumerate() {
+        if c == 5 {
+            assert!(
+                matches!(
+                    r,
+                    Err(TaskError::WorkerDied {
+                        signal: Some(9),
+                        ..
+                    })
+                ),
+                "chunk 5: {r:?}"
+            );
+        } else {
+            assert_eq!(r, &Ok(()), "chunk {c}");
+        }
+    }
+    let got = a.lock().unwrap_err().into_inner().to_vec();
+    for (i, (&g, &s)) in got.iter().zip(&start).enumerate() {
+        let written = i / len != 5 || i % len < len / 2;
+        let want = if written { s + 1000.0 } else { s };
+        assert!(g == want, "element {i}: {g} != {want}");
+    }
+    assert!(a.is_poisoned(), "a half-written array is poisoned");
+    a.clear_poison();
+    a.set(5 * len, MARK);
+    // The first-failure form, and the pool goes on with a replacement worker (which is
+    // sent the descriptor again).
+    let e = pool.for_each_chunk_mut(&a, len, half_then_die).unwrap_err();
+    assert!(matches!(e, TaskError::WorkerDied { .. }), "{e}");
+    let after: BTreeSet<u32> = pool.pids().into_iter().collect();
+    assert!(after != before && after.len() == 2);
+    let sums = pool.map_chunks(&a, len, |c: &[f64]| c.len()).unwrap();
+    assert_eq!(sums, vec![len; 64]);
+}
+
+fn panic_on_negative(chunk: &mut [i32]) {
+    for x in chunk {
+        assert!(*x >= 0, "negative element {x}");
+        *x += 1;
+    }
+}
+
+fn a_panicking_chunk_fails_alone_and_poisons_the_array() {
+    let pool = Pool::new(2).unwrap();
+    let mut start: Vec<i32> = (0..1000).collect();
+    start[555] = -1;
+    let a = Array::from_slice(&start).unwrap();
+    let out = pool
+        .for_each_chunk_mut_each(&a, 100, panic_on_negative)
+        .unwrap();
+    for (c, r) in out.iter().enumerate() {
+        if c == 5 {
+            match r {
+                Err(TaskError::Panicked { message, .. }) => {
+                    assert!(message.contains("negative element -1"), "{message}")
+                }
+                other => panic!("chunk 5: {other:?}"),
+            }
+        } else {
+            assert_eq!(r, &Ok(()), "chunk {c}");
+        }
+    }
+    assert!(a.is_poisoned());
+    let got = a.lock().unwrap_err().into_inner().to_vec();
+    for (i, (&g, &s)) in got.iter().zip(&start).enumerate() {
+        let want = if i / 100 != 5 || i < 555 { s + 1 } else { s };
+        assert_eq!(g, want, "element {i}");
+    }
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn workers_unmap_arrays_the_pool_no_longer_has() {
+    let pool = Pool::new(1).unwrap();
+    let warm = Array::from_slice(&[1u64, 2, 3]).unwrap();
+    assert_eq!(pool.map_chunks(&warm, 2, summary).unwrap().len(), 2);
+    let pid = pool.pids()[0];
+    let base = fd_count(pid);
+    for round in 0..30u64 {
+        // New arrays, often at a reused address: each must be its own segment to the
+        // workers, and the ones dropped must be let go.
+        let data: Vec<u64> = (0..100).map(|x| x + round * 1000).collect();
+        let a = Array::from_slice(&data).unwrap();
+        assert_eq!(
+            pool.map_chunks(&a, 10, summary).unwrap(),
+            expected_summaries(&data, 10),
+            "round {round}"
+        );
+    }
+    assert_eq!(pool.map_chunks(&warm, 2, summary).unwrap().len(), 2);
+    assert_eq!(pool.pids()[0], pid);
+    let now = fd_count(pid);
+    assert!(
+        now <= base + 2,
+        "the worker holds {now} descriptors, {base} at first"
+    );
 }

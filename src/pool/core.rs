@@ -2,16 +2,19 @@
 //! (there is no supervisor thread): dispatch, results, deaths, timeouts, respawns.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::error::TaskError;
-use super::task::{DONE, EXIT, INIT_FAILED, READY, REPLY_HEADER, word};
+use super::task::{DONE, EXIT, FORGET, INIT_FAILED, MAP, READY, REPLY_HEADER, word};
 use super::waker::Registry;
 use super::worker::{self, BIG, BIG_BELL, Init, Worker};
 use crate::channel;
 use crate::process::ProcessError;
 use crate::queue::{QueueError, RecvTimeoutError};
+use crate::shm::Segment;
+use crate::sys;
 
 /// Longest single sleep: how soon a dead worker is noticed while the pool is waited on.
 pub(crate) const SLICE: Duration = Duration::from_millis(20);
@@ -76,6 +79,11 @@ pub(crate) struct Core {
     last_health: Instant,
     /// Wakers of pending futures, and the waiter thread that wakes them.
     pub(crate) wakers: Arc<Registry>,
+    /// Segments named in `MAP` frames, by the pool's id for them. The `Weak` keeps the
+    /// `Arc`'s allocation (not the mapping), so its address names one segment for as long
+    /// as the entry lives; an entry whose segment is gone stays until every worker that
+    /// mapped it was told to forget it.
+    segments: Vec<(Weak<Segment>, u64)>,
 }
 
 fn died(pid: u32, r: &Result<(), ProcessError>) -> TaskError {
@@ -98,6 +106,7 @@ impl Core {
         let wakers = Registry::new(bell_rx.clone());
         let mut core = Core {
             wakers,
+            segments: Vec::new(),
             workers: Vec::with_capacity(cfg.processes),
             cfg,
             bell_rx,
@@ -174,6 +183,44 @@ impl Core {
     pub(crate) fn fresh_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
+    }
+
+    /// The pool's id for `seg` in `MAP` frames (a new one the first time). Also tells
+    /// workers to unmap segments whose last handle here is gone.
+    pub(crate) fn segment_id(&mut self, seg: &Arc<Segment>) -> u64 {
+        self.forget_dead_segments();
+        if let Some(e) = self
+            .segments
+            .iter()
+            .find(|e| std::ptr::eq(e.0.as_ptr(), Arc::as_ptr(seg)))
+        {
+            return e.1;
+        }
+        let id = self.fresh_id();
+        self.segments.push((Arc::downgrade(seg), id));
+        id
+    }
+
+    fn forget_dead_segments(&mut self) {
+        let workers = &mut self.workers;
+        self.segments.retain(|(weak, id)| {
+            if weak.strong_count() > 0 {
+                return true;
+            }
+            let mut all = true;
+            for w in workers.iter_mut().flatten() {
+                if w.segments.contains(id) {
+                    let mut frame = vec![FORGET, 0, 0, 0, 0, 0, 0, 0];
+                    frame.extend_from_slice(&id.to_le_bytes());
+                    if w.tasks.try_send(&frame).is_ok() {
+                        w.segments.remove(id);
+                    } else {
+                        all = false; // its ring is full: next time
+                    }
+                }
+            }
+            !all
+        });
     }
 
     /// Drops a job whose handle is gone; its chunks still in flight are discarded on
@@ -276,6 +323,37 @@ impl Core {
                 let big = chunk.frame.len() > BIG;
                 if big && !w.outstanding.is_empty() {
                     continue;
+                }
+                if chunk.frame[0] == MAP {
+                    let id = word(&chunk.frame, 32).unwrap_or(0);
+                    if !w.segments.contains(&id) {
+                        let seg = self
+                            .segments
+                            .iter()
+                            .find(|s| s.1 == id)
+                            .and_then(|s| s.0.upgrade());
+                        let sent = match seg {
+                            Some(seg) => sys::send_with_fds(
+                                w.ctrl.as_fd(),
+                                &id.to_le_bytes(),
+                                &[seg.as_fd()],
+                            )
+                            .map_err(|e| {
+                                format!("passing the segment's descriptor to a worker failed: {e}")
+                            }),
+                            None => Err("the segment was dropped before its chunk ran".into()),
+                        };
+                        match sent {
+                            Ok(()) => {
+                                w.segments.insert(id);
+                            }
+                            Err(why) => {
+                                self.pending.pop_front();
+                                self.finish(cid, Outcome::Failed(TaskError::Encode(why)));
+                                continue;
+                            }
+                        }
+                    }
                 }
                 let sent = if big {
                     // Streamed in pieces while the (idle) worker reads them.
@@ -518,10 +596,11 @@ impl Core {
             self.pending.push_front(cid);
         }
         if let Some(cid) = head {
+            // A chunk transformed in place may be half done: never run it twice.
             let retry = matches!(cause, TaskError::WorkerDied { .. })
                 && self.chunks.get_mut(&cid).is_some_and(|c| {
                     c.attempts += 1;
-                    c.attempts <= self.cfg.retries
+                    c.attempts <= self.cfg.retries && !(c.frame[0] == MAP && c.frame[1] != 0)
                 });
             if retry {
                 self.pending.push_front(cid);

@@ -21,7 +21,7 @@ use super::task::decode_results;
 /// Turns a finished job's chunk outcomes into the handle's value.
 pub(crate) type Finish<T> = fn(Vec<(usize, Outcome)>) -> Result<T, TaskError>;
 
-fn items<R: DeserializeOwned>(n: usize, o: Outcome) -> Vec<Result<R, TaskError>> {
+pub(crate) fn items<R: DeserializeOwned>(n: usize, o: Outcome) -> Vec<Result<R, TaskError>> {
     match o {
         Outcome::Ran(bytes) => decode_results(&bytes, n),
         Outcome::Failed(e) => (0..n).map(|_| Err(e.clone())).collect(),

@@ -83,6 +83,35 @@
 //! thread wake-up after the worker rings (plus the executor's own wake-up); a worker's
 //! death within about 20 ms.
 //!
+//! # Zero-copy chunk maps
+//!
+//! [`Pool::map_chunks`] (`f(&[T]) -> R` per chunk) and [`Pool::for_each_chunk_mut`]
+//! (`f(&mut [T])` per chunk, in place) work on data already in shared memory, an
+//! [`Array<T>`](crate::Array) (both) or a [`Shared<[T]>`](crate::Shared) (`map_chunks`
+//! only: it gives out `&[T]` alone). No element crosses a ring: a `MAP` frame names the
+//! segment by the pool's id for it, a byte offset and a count, and the reply carries
+//! only `R` (nothing, for `for_each_chunk_mut`).
+//!
+//! Each worker maps each segment once and keeps the mapping until the pool's process
+//! lets go of the segment. The descriptor reaches it over a per-worker control socket
+//! (`SCM_RIGHTS`), sent by the pool just before the first frame that names the segment
+//! for that worker, so the worker finds it waiting; a replacement worker is sent it
+//! again. This is the same under every start method; even under `Fork`, where a worker
+//! inherits the mappings of segments made before it, the pool cannot prove from the
+//! worker which inherited address belongs to which segment, and a fresh mapping costs
+//! one `mmap` per worker and segment (page faults are the same either way: `fork`
+//! copies no page tables of shared mappings). When the last handle in the pool's
+//! process is dropped, the pool tells each worker to unmap it (a `FORGET` frame), so
+//! workers hold no memory or descriptor of dropped arrays.
+//!
+//! **Aliasing contract**, enforced: chunks are disjoint ranges and each goes to one
+//! worker; for an `Array` the pool holds the array's lock for the whole call, so no
+//! process that locks it reads or writes meanwhile (`f` must not lock the same array: it
+//! would wait for the call that waits for it). A chunk that failed in
+//! `for_each_chunk_mut` may be half written: it is reported, never re-run (whatever
+//! `retries` says), and the array is left poisoned. Offsets and counts are
+//! bounds-checked against the worker's own mapping before a slice is made.
+//!
 //! # Chunks
 //!
 //! `map`, `imap`, `imap_unordered` and `starmap` cut their input into chunks (one ring
@@ -105,6 +134,8 @@
 //! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`) | — |
 //! | Ctrl-C | the terminal's SIGINT reaches the workers too (same process group); the ones that survive it get SIGKILL when the pool's process dies | — |
 //! | a chunk's arguments or results exceed the 1 GiB message limit | that chunk: [`TaskError::Encode`] | carries on |
+//! | a worker dies or `f` panics in a `for_each_chunk_mut` chunk | that chunk: [`TaskError::WorkerDied`] / [`TaskError::Panicked`], never retried; the array is poisoned (the chunk may be half written); every other chunk is done | replaces the worker |
+//! | a segment's descriptor cannot be passed to, or mapped by, a worker | that chunk: [`TaskError::Encode`] / [`TaskError::Decode`] | carries on |
 //! | a task never returns and no `task_timeout` is set | waited for, as in Python (`get_timeout`/`wait_timeout` bound the wait; `terminate` ends it) | — |
 //!
 //! # What a worker's death between two steps leaves
@@ -129,6 +160,7 @@
 //! died before starting it (the pool cannot tell), so with `retries(0)` it fails.
 //! A worker whose ring turns out corrupted is killed and handled as a death.
 
+mod chunks;
 mod core;
 mod error;
 mod handle;
@@ -146,6 +178,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use self::core::{Config, Core, State};
+pub use chunks::SharedSlice;
 pub use error::{PoolError, TaskError};
 pub use handle::{AsCompleted, AsyncResult, IMap, as_completed};
 use task::{Call, One, Star, ZeroSized, entry_of, run_frame};
