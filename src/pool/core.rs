@@ -26,6 +26,20 @@ const BIG_WAIT: Duration = Duration::from_secs(1);
 /// How long `join` waits for a worker told to exit before killing it.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
+/// The doorbell ring's size for `processes` workers (it was 4096 whatever the pool's
+/// size; a smaller ring is quicker to create, which `Pool::new` pays for).
+///
+/// A worker rings at most twice per reply (a big one is announced first) and once when
+/// ready, and has at most [`DEPTH`] chunks outstanding. Every pump first takes all waiting
+/// doorbells; between two pumps a worker can reply to at most the `DEPTH` chunks it held
+/// plus `DEPTH` dispatched after a health check took replies whose doorbells were still
+/// on their way, so at most `4 × DEPTH + 1` of its doorbells wait, twice that across a
+/// replacement (the dead worker's and the new one's). Were the ring full anyway, a
+/// worker's ring would wait for the next pump, never lose the doorbell.
+fn bell_capacity(processes: usize) -> usize {
+    processes.saturating_mul(8 * DEPTH + 4).clamp(64, 1 << 16)
+}
+
 pub(crate) struct Config {
     pub(crate) processes: usize,
     pub(crate) init: Option<Init>,
@@ -102,7 +116,7 @@ fn died(pid: u32, r: &Result<(), ProcessError>) -> TaskError {
 
 impl Core {
     pub(crate) fn new(cfg: Config) -> crate::Result<Core> {
-        let (bell_tx, bell_rx) = channel::channel::<u32>(4096)?;
+        let (bell_tx, bell_rx) = channel::channel::<u32>(bell_capacity(cfg.processes))?;
         let wakers = Registry::new(bell_rx.clone());
         let mut core = Core {
             wakers,

@@ -24,7 +24,8 @@
 //! # How work moves
 //!
 //! Each worker has two [`ByteQueue`](crate::ByteQueue)s of its own (tasks in, replies
-//! out) and all share one [`channel`](fn@crate::channel) of `u32` "doorbells" on which a
+//! out) and all share one [`channel`](fn@crate::channel) of `u32` "doorbells" (sized by the
+//! number of workers) on which a
 //! worker rings its number after each reply (64 KiB rings; larger messages stream through
 //! in pieces). The pool queues up to 8 chunks per worker while there is plenty of work
 //! (the k-th only while at least k × processes chunks wait, so the tail of a job goes to
