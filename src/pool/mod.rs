@@ -25,9 +25,9 @@
 //!
 //! Each worker has two [`ByteQueue`](crate::ByteQueue)s of its own (tasks in, replies
 //! out) and all share one [`channel`](fn@crate::channel) of `u32` "doorbells" (sized by the
-//! number of workers) on which a
-//! worker rings its number after each reply (64 KiB rings; larger messages stream through
-//! in pieces). The pool queues up to 8 chunks per worker while there is plenty of work
+//! number of workers) on which a worker rings its number after each reply (64 KiB rings;
+//! larger messages stream through in pieces). Each worker also has a control socket that
+//! carries only segment descriptors for the zero-copy chunk maps. The pool queues up to 8 chunks per worker while there is plenty of work
 //! (the k-th only while at least k × processes chunks wait, so the tail of a job goes to
 //! whichever worker is free first), and a worker runs its chunks in order, so the pool
 //! knows exactly which chunk each worker is running: the oldest it sent that has not come
