@@ -49,6 +49,7 @@ fn main() {
             a_join_of_many_futures_gets_every_result,
             a_future_whose_worker_is_killed_resolves_to_worker_died,
             fork_works_right_after_an_await,
+            a_child_forked_unchecked_beside_the_waiter_can_fork_again,
             dropping_the_pool_resolves_pending_futures_closed,
             map_chunks_reads_arrays_and_shared_slices_in_place,
             chunk_len_edge_cases,
@@ -746,6 +747,23 @@ fn fork_works_right_after_an_await() {
     let other = Pool::new(1).unwrap();
     assert_eq!(block_on(other.apply_async(square, 3).unwrap()).0, Ok(9));
     assert_eq!(block_on(pool.apply_async(square, 4).unwrap()).0, Ok(16));
+}
+
+fn a_child_forked_unchecked_beside_the_waiter_can_fork_again() {
+    let pool = Pool::new(1).unwrap();
+    assert_eq!(block_on(pool.apply_async(sleep_ms, 20).unwrap()).0, Ok(20));
+    // The waiter thread lingers now. A child forked without stopping it inherits its
+    // handle but not the thread; its own fork must not wait for that thread.
+    // SAFETY: the only other thread is the pool's waiter, which holds no lock the child
+    // uses while it sleeps on its condvar (the child runs a fork and a join).
+    let mut child = unsafe {
+        procshare::Process::fork_unchecked(|| {
+            let grandchild = procshare::Process::fork(|| 5u32).unwrap();
+            grandchild.join().unwrap()
+        })
+    }
+    .unwrap();
+    assert_eq!(child.join_timeout(Duration::from_secs(5)), Ok(5));
 }
 
 fn dropping_the_pool_resolves_pending_futures_closed() {

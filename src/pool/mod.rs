@@ -71,7 +71,10 @@
 //! pool's own respawn of a dead worker join every waiter of the process (the waiter holds
 //! no lock a child could need: it only waits on a futex and calls wakers), wake the
 //! futures that were waiting, and fork in a process that is single-threaded again. The
-//! woken futures poll again and start a new waiter after the fork. So a program that
+//! woken futures poll again and start a new waiter after the fork. (The child of a fork
+//! made without that step, `fork_unchecked` or a raw `fork`, inherits the waiter's handle
+//! but not its thread: it recognises the handle as its parent's by the pid and forgets
+//! it, never joins it.) So a program that
 //! awaits pool work can still fork, and the pool still replaces dead workers while
 //! futures wait. (A process that has other threads of its own, such as a multi-threaded
 //! runtime, cannot fork at all: the pool must then be built before the runtime starts,
@@ -152,9 +155,13 @@
 //! | after replying, before ringing | a complete reply, no doorbell | taken by the drain that follows the death (or the next 20 ms health check), so the chunk succeeds |
 //! | after a doorbell for a big reply, before the reply | `big_expected` set | the drain stops waiting once the worker is seen dead |
 //! | during its initializer | no `READY` | a pool error (see the table above), never a respawn |
+//! | holding a segment descriptor it received but had not mapped yet | nothing (the kernel closes it) | the chunk fails as above; the replacement is sent the descriptor again |
+//! | in the middle of a `for_each_chunk_mut` chunk | that chunk's range partly written, the rest of the array untouched by it | that chunk fails (never retried), every other chunk runs, the array is poisoned |
 //!
 //! A task frame the pool could not finish writing (the pool's process is the writer; if
-//! it dies, its workers die with it through `PR_SET_PDEATHSIG`) needs no repair.
+//! it dies, its workers die with it through `PR_SET_PDEATHSIG`) needs no repair. If the
+//! pool's process dies in a chunk map, the array's lock it held is robust: the next
+//! process to lock it gets it poisoned.
 //!
 //! `map` returns the values or the first failure; `imap`/`imap_unordered` give every
 //! item's own `Result`. A chunk whose worker died counts as run once even if the worker

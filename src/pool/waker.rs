@@ -56,9 +56,26 @@ struct Inner {
     /// Pumps so far (the waiter wakes a driver only if none happened while it slept).
     progress: u64,
     stop: bool,
-    /// The waiter's handle while it runs, or after it exited by itself (not yet joined).
-    thread: Option<JoinHandle<()>>,
+    /// The waiter's handle while it runs, or after it exited by itself (not yet joined),
+    /// with the pid of the process that started it.
+    thread: Option<(u32, JoinHandle<()>)>,
     running: bool,
+}
+
+impl Inner {
+    /// Takes the waiter's handle if it belongs to this process. In the child of a fork
+    /// made without [`pause_all`] (`fork_unchecked`, a raw `fork`) the thread does not
+    /// exist: its handle is forgotten, never joined or detached.
+    fn take_thread(&mut self) -> Option<JoinHandle<()>> {
+        let (pid, h) = self.thread.take()?;
+        if pid == std::process::id() {
+            Some(h)
+        } else {
+            self.running = false;
+            std::mem::forget(h);
+            None
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,10 +106,13 @@ impl Registry {
             }
         }
         self.cv.notify_all();
+        if g.thread.as_ref().is_some_and(|t| t.0 != std::process::id()) {
+            let _ = g.take_thread(); // inherited through a fork: no such thread here
+        }
         if g.running {
             return true;
         }
-        if let Some(old) = g.thread.take() {
+        if let Some(old) = g.take_thread() {
             // It has exited (it clears `running` under this lock as its last step).
             let _ = old.join();
         }
@@ -103,7 +123,7 @@ impl Registry {
             .spawn(move || me.run());
         match spawned {
             Ok(h) => {
-                g.thread = Some(h);
+                g.thread = Some((std::process::id(), h));
                 g.running = true;
                 drop(g);
                 let mut all = lock(&WAITERS);
@@ -213,7 +233,7 @@ impl Registry {
             g.stop = true;
             self.stop.store(true, Ordering::Relaxed);
             self.cv.notify_all();
-            g.thread.take()
+            g.take_thread()
         };
         self.bells.wake_receivers();
         let joined = handle.is_some();
