@@ -18,6 +18,8 @@ use crate::sync::{Array, ArrayGuard};
 
 mod sealed {
     pub trait Sealed {}
+    /// Only this module can make one, so only the pool can call `lease`.
+    pub struct Token(pub(super) ());
 }
 
 /// Shared-memory slices a pool can cut into chunks without copying them:
@@ -26,12 +28,12 @@ pub trait SharedSlice<T>: sealed::Sealed {
     #[doc(hidden)]
     /// The segment, the byte offset of the first element in its data area, the length,
     /// and the lock guard held for the call (an `Array`'s lock).
-    fn lease(&self) -> (&Arc<Segment>, usize, usize, Option<ArrayGuard<'_, T>>);
+    fn lease(&self, _: sealed::Token) -> (&Arc<Segment>, usize, usize, Option<ArrayGuard<'_, T>>);
 }
 
 impl<T> sealed::Sealed for Array<T> {}
 impl<T: ShmSafe + Send> SharedSlice<T> for Array<T> {
-    fn lease(&self) -> (&Arc<Segment>, usize, usize, Option<ArrayGuard<'_, T>>) {
+    fn lease(&self, _: sealed::Token) -> (&Arc<Segment>, usize, usize, Option<ArrayGuard<'_, T>>) {
         // A poisoned array is read as it is: the flag stays for the caller to see.
         let guard = self
             .lock()
@@ -43,7 +45,7 @@ impl<T: ShmSafe + Send> SharedSlice<T> for Array<T> {
 
 impl<T> sealed::Sealed for Shared<[T]> {}
 impl<T: ShmSafe> SharedSlice<T> for Shared<[T]> {
-    fn lease(&self) -> (&Arc<Segment>, usize, usize, Option<ArrayGuard<'_, T>>) {
+    fn lease(&self, _: sealed::Token) -> (&Arc<Segment>, usize, usize, Option<ArrayGuard<'_, T>>) {
         let (seg, offset) = self.segment_parts();
         (seg, offset, self.len(), None)
     }
@@ -175,7 +177,7 @@ impl Pool {
     {
         #[allow(clippy::let_unit_value)]
         let () = ZeroSized::<F>::CHECK;
-        let (seg, offset, len, _guard) = data.lease();
+        let (seg, offset, len, _guard) = data.lease(sealed::Token(()));
         self.run_chunks::<T, R>(
             seg,
             offset,
@@ -249,7 +251,7 @@ impl Pool {
     {
         #[allow(clippy::let_unit_value)]
         let () = ZeroSized::<F>::CHECK;
-        let (seg, offset, len, guard) = array.lease();
+        let (seg, offset, len, guard) = array.lease(sealed::Token(()));
         let out = self.run_chunks::<T, ()>(
             seg,
             offset,
