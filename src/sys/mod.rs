@@ -15,6 +15,10 @@ pub(crate) use linux::*;
 mod process;
 #[cfg(target_os = "linux")]
 pub(crate) use process::*;
+#[cfg(target_os = "linux")]
+mod maps;
+#[cfg(target_os = "linux")]
+pub(crate) use maps::*;
 
 // Sockets are POSIX, not Linux-specific: shared by every Unix back end.
 mod socket;
