@@ -428,6 +428,102 @@ mod tests {
         assert_eq!(out[2], Ok(MaybeOut::Good(3)));
     }
 
+    fn sum(c: &[u32]) -> u64 {
+        c.iter().map(|&x| u64::from(x)).sum()
+    }
+
+    fn bump(c: &mut [u32]) {
+        c.iter_mut().for_each(|x| *x += 1);
+    }
+
+    #[test]
+    fn chunk_entries_check_bounds_alignment_and_type() {
+        let mut buf = vec![0u32; 16];
+        for (i, x) in buf.iter_mut().enumerate() {
+            *x = i as u32;
+        }
+        let region = buf.as_mut_ptr().cast::<u8>();
+        let len = buf.len() * 4;
+        let read = |offset, count, hash| {
+            // SAFETY: `region` is `len` bytes of `buf`, which nothing else touches here.
+            let out = unsafe {
+                read_entry::<fn(&[u32]) -> u64, u32, u64>(hash, region, len, offset, count)
+            };
+            decode_results::<u64>(&out, 1).remove(0)
+        };
+        let hash = type_hash::<fn(&[u32]) -> u64, u32, u64>();
+        // (The trampoline makes the zero-sized `F` from nothing; a fn pointer is not
+        // zero-sized, so only failures that stop before that are exercised with it.)
+        assert!(matches!(read(0, 17, hash), Err(TaskError::Decode(m)) if m.contains("outside")));
+        assert!(matches!(read(4, 16, hash), Err(TaskError::Decode(_))));
+        assert!(matches!(
+            read(usize::MAX, 2, hash),
+            Err(TaskError::Decode(_))
+        ));
+        assert!(matches!(
+            read(0, usize::MAX, hash),
+            Err(TaskError::Decode(_))
+        ));
+        assert!(matches!(read(2, 1, hash), Err(TaskError::Decode(m)) if m.contains("aligned")));
+        assert!(
+            matches!(read(0, 1, hash ^ 1), Err(TaskError::Decode(m)) if m.contains("different function"))
+        );
+        assert_eq!(
+            chunk_ptr::<u32>(region, len, 8, 14).ok(),
+            Some(region.wrapping_add(8).cast())
+        );
+    }
+
+    #[test]
+    fn chunk_entries_read_and_write_in_place() {
+        #[allow(clippy::let_unit_value)]
+        fn run<F: Fn(&[u32]) -> u64 + Copy + 'static>(
+            _: F,
+            buf: &mut [u32],
+            offset: usize,
+            count: usize,
+        ) -> Vec<u8> {
+            let () = ZeroSized::<F>::CHECK;
+            // SAFETY: the region is `buf`, which nothing else touches during the call.
+            unsafe {
+                read_entry::<F, u32, u64>(
+                    type_hash::<F, u32, u64>(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len() * 4,
+                    offset,
+                    count,
+                )
+            }
+        }
+        #[allow(clippy::let_unit_value)]
+        fn run_mut<F: Fn(&mut [u32]) + Copy + 'static>(
+            _: F,
+            buf: &mut [u32],
+            offset: usize,
+            count: usize,
+        ) -> Vec<u8> {
+            let () = ZeroSized::<F>::CHECK;
+            // SAFETY: as above.
+            unsafe {
+                write_entry::<F, u32>(
+                    type_hash::<F, u32, ()>(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len() * 4,
+                    offset,
+                    count,
+                )
+            }
+        }
+        let mut buf: Vec<u32> = (0..10).collect();
+        let out = run(sum, &mut buf, 8, 3);
+        assert_eq!(decode_results::<u64>(&out, 1), vec![Ok(2 + 3 + 4)]);
+        let out = run_mut(bump, &mut buf, 4 * 5, 5);
+        assert_eq!(decode_results::<()>(&out, 1), vec![Ok(())]);
+        assert_eq!(buf, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]);
+        // (A panicking `f` is tested with real workers: `catch_panic` forgets the panic's
+        // payload on purpose, which Miri reports as a leak.)
+    }
+
     #[test]
     fn frames_round_trip() {
         let f = run_frame(7, 8, 9, 2, b"ab");

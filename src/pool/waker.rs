@@ -203,7 +203,9 @@ impl Registry {
             };
             let w = g.wakers.remove(&job).expect("key just read");
             drop(g);
-            w.wake();
+            // An executor's waker that panics must not end the waiter (its futures
+            // would never be woken again).
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
             g = lock(&self.inner);
             let until = Instant::now() + SLICE;
             while g.progress == seen && !g.stop {
