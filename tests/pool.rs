@@ -51,6 +51,7 @@ fn main() {
             fork_works_right_after_an_await,
             a_child_forked_unchecked_beside_the_waiter_can_fork_again,
             dropping_the_pool_resolves_pending_futures_closed,
+            the_waiter_thread_ends_when_no_future_waits,
             map_chunks_reads_arrays_and_shared_slices_in_place,
             chunk_len_edge_cases,
             for_each_chunk_mut_transforms_in_place_element_by_element,
@@ -775,7 +776,13 @@ fn dropping_the_pool_resolves_pending_futures_closed() {
         woken: AtomicBool::new(false),
     }));
     let mut cx = Context::from_waker(&waker);
+    let t = Instant::now();
     assert!(h.as_mut().poll(&mut cx).is_pending());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a poll waited {:?}",
+        t.elapsed()
+    );
     drop(pool);
     assert_eq!(block_on(h).0, Err(TaskError::Closed));
     assert_no_children();
@@ -1000,4 +1007,31 @@ fn workers_unmap_arrays_the_pool_no_longer_has() {
         now <= base + 2,
         "the worker holds {now} descriptors, {base} at first"
     );
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+fn the_waiter_thread_ends_when_no_future_waits() {
+    let pool = Pool::new(2).unwrap();
+    assert_eq!(threads(), 1);
+    let mut h = Box::pin(pool.apply_async(sleep_ms, 5_000).unwrap());
+    let waker = Waker::from(Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    }));
+    assert!(
+        h.as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending()
+    );
+    assert_eq!(threads(), 2, "a waiter while the future waits");
+    // Dropping the pending future takes its waker back; the idle waiter leaves.
+    drop(h);
+    let t = Instant::now();
+    common::wait_for("the waiter to exit", LIMIT, || threads() == 1);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // And comes back for the next future.
+    assert_eq!(block_on(pool.apply_async(square, 2).unwrap()).0, Ok(4));
 }
