@@ -535,6 +535,9 @@ impl Core {
     /// Reaps dead workers, fails or retries what they held, and replaces them.
     fn health(&mut self) {
         self.last_health = Instant::now();
+        if !self.segments.is_empty() {
+            self.forget_dead_segments();
+        }
         for slot in 0..self.workers.len() {
             let ended = match self.workers[slot].as_mut() {
                 Some(w) => w.child.try_join(),

@@ -104,9 +104,12 @@
 //! inherits the mappings of segments made before it, the pool cannot prove from the
 //! worker which inherited address belongs to which segment, and a fresh mapping costs
 //! one `mmap` per worker and segment (page faults are the same either way: `fork`
-//! copies no page tables of shared mappings). When the last handle in the pool's
-//! process is dropped, the pool tells each worker to unmap it (a `FORGET` frame), so
-//! workers hold no memory or descriptor of dropped arrays.
+//! copies no page tables of shared mappings). Once the last handle in the pool's
+//! process is dropped, the pool tells each worker to unmap it (a `FORGET` frame, sent at
+//! the next chunk map or health check, i.e. while anyone waits on the pool), so workers
+//! do not keep the memory or a descriptor of dropped arrays. (Workers forked while an
+//! array existed also inherited its mapping, as any fork does; that one lives as long as
+//! the worker.)
 //!
 //! **Aliasing contract**, enforced: chunks are disjoint ranges and each goes to one
 //! worker; for an `Array` the pool holds the array's lock for the whole call, so no
