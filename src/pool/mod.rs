@@ -19,7 +19,9 @@
 //! time, as for [`Process::spawn`](crate::Process::spawn)); arguments and results travel
 //! with postcard. Workers are forked ([`StartMethod::Fork`], the
 //! only start method the pool supports for now), so build the pool while the process is
-//! single-threaded; the pool itself starts no thread, so it can fork replacements later.
+//! single-threaded; the pool itself starts no thread that outlives a fork (only a waiter
+//! while a [`Future`](#async) waits, stopped before every fork), so it can fork
+//! replacements later.
 //!
 //! # How work moves
 //!
@@ -136,7 +138,7 @@
 //! | a chunk runs over `task_timeout` × its items | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
 //! | an argument or result fails to encode or decode | that item (the whole chunk if the chunk cannot be decoded): [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; never hangs (cpython gh-79492) |
 //! | the initializer panics or its worker dies in it | [`Pool::builder`]`.build()` fails with [`PoolError::Initializer`]; later (on a respawn) every unfinished task fails with [`TaskError::Initializer`] | stops: no endless respawn loop (cpython gh-87472) |
-//! | a replacement worker cannot be forked (out of processes or memory, or this process has started threads since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]) | every unfinished task: [`TaskError::Start`] | stops |
+//! | a replacement worker cannot be forked (out of processes or memory, or this process has started threads of its own since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]; the pool's own waiter thread is stopped for the fork and does not count) | every unfinished task: [`TaskError::Start`] | stops |
 //! | `terminate()`, or the pool dropped | every unfinished task: [`TaskError::Closed`] | workers SIGKILLed and reaped at once |
 //! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`) | — |
 //! | Ctrl-C | the terminal's SIGINT reaches the workers too (same process group); the ones that survive it get SIGKILL when the pool's process dies | — |
