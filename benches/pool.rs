@@ -7,16 +7,23 @@
 //! * `pool_overhead`: tiny tasks, where only the pool's own cost shows: `map` of the
 //!   identity over 10 000 `u64`s with Python's default chunks and with chunksize 1,
 //!   `apply_async` × 1000 in flight, one `apply` round trip, and `Pool::new(2)` + drop.
+//! * `pool_inplace`: an `Array<f64>` transformed in place, `x = x * 1.0001 + 1`, by the
+//!   2-worker pool (`for_each_chunk_mut`, 4 MiB chunks, zero-copy), by one loop in this
+//!   process, and, for the memory bandwidth ceiling, a `memcpy` of the same bytes into a
+//!   second buffer. Throughput is the array's size. The size is
+//!   `PROCSHARE_BENCH_GIB` GiB (default 1/64 GiB, for `--test` smoke runs; the issue's
+//!   figure uses 1).
 //!
 //! ```text
 //! cargo bench --bench pool -- --warm-up-time 1 --measurement-time 3
+//! PROCSHARE_BENCH_GIB=1 cargo bench --bench pool -- pool_inplace --warm-up-time 2 --measurement-time 10
 //! python3 benches/python/pool.py
 //! ```
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput};
-use procshare::Pool;
+use procshare::{Array, Pool};
 
 fn fib(n: u32) -> u64 {
     if n < 2 {
@@ -122,12 +129,45 @@ fn overhead(c: &mut Criterion, pool: &Pool) {
     g.finish();
 }
 
+fn affine(chunk: &mut [f64]) {
+    for x in chunk {
+        *x = *x * 1.0001 + 1.0;
+    }
+}
+
+fn inplace(c: &mut Criterion, pool: &Pool) {
+    let gib: f64 = std::env::var("PROCSHARE_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0 / 64.0);
+    let n = ((gib * (1u64 << 30) as f64) as usize / 8).max(1);
+    let chunk = (4 << 20) / 8;
+    let init: Vec<f64> = (0..n).map(|i| i as f64).collect();
+    let array = Array::from_slice(&init).unwrap();
+    drop(init);
+    let mut copy = vec![0.0f64; n];
+    let mut g = c.benchmark_group("pool_inplace");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes((n * 8) as u64));
+    g.bench_function(format!("affine_{gib}GiB/pool2_for_each_chunk_mut"), |b| {
+        b.iter(|| pool.for_each_chunk_mut(&array, chunk, affine).unwrap())
+    });
+    g.bench_function(format!("affine_{gib}GiB/single_process_loop"), |b| {
+        b.iter(|| affine(&mut array.lock().unwrap()))
+    });
+    g.bench_function(format!("affine_{gib}GiB/memcpy_same_bytes"), |b| {
+        b.iter(|| copy.copy_from_slice(black_box(&array.lock().unwrap())))
+    });
+    g.finish();
+}
+
 fn main() {
     procshare::init();
     let mut c = Criterion::default().configure_from_args();
     let pool = Pool::new(2).unwrap();
     cpu(&mut c, &pool);
     overhead(&mut c, &pool);
+    inplace(&mut c, &pool);
     drop(pool);
     c.final_summary();
 }

@@ -1,15 +1,19 @@
 //! The seeds' Pool programs: squares with `map`, `apply`/`apply_async`/`map_async`,
 //! `starmap` with `calculate_power`, prime checks, factorials, and the Fibonacci benchmark
 //! (fib(1..=40), naive recursion) sequential against a pool; plus what Python's Pool
-//! cannot do: a worker killed mid-map fails only its own task.
+//! cannot do: a worker killed mid-map fails only its own task, a shared array transformed
+//! in place by the workers without copying it, and pool results `.await`ed.
 //!
 //! ```sh
 //! cargo run --release --example pool
 //! ```
 
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Instant;
 
-use procshare::{Pool, TaskError, as_completed, cpu_count};
+use procshare::{Array, Pool, TaskError, as_completed, cpu_count};
 
 fn square(x: u64) -> u64 {
     x * x
@@ -61,6 +65,33 @@ fn die_at_13(x: u64) -> u64 {
         std::process::abort();
     }
     x
+}
+
+fn scale(chunk: &mut [f64]) {
+    chunk.iter_mut().for_each(|x| *x = *x * 1.0001 + 1.0);
+}
+
+fn sum(chunk: &[f64]) -> f64 {
+    chunk.iter().sum()
+}
+
+/// The smallest executor: park the thread until the waker unparks it.
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -124,6 +155,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("and the pool carries on: {:?}", pool.map(square, 0..5)?);
+
+    // Zero-copy: the workers transform the shared array where it lies; only ranges
+    // cross the rings.
+    let data = Array::from_slice(&vec![1.0f64; 1 << 20])?;
+    pool.for_each_chunk_mut(&data, 1 << 16, scale)?;
+    let total: f64 = pool.map_chunks(&data, 1 << 16, sum)?.iter().sum();
+    println!("in place: {} elements now sum to {total}", data.len());
+
+    // Futures: `.await` pool work from any single-threaded executor.
+    let (a, b) = block_on(async {
+        let a = pool.submit(square, 12)?.await?;
+        let b = pool.apply_async(fibonacci, 30)?.await?;
+        Ok::<_, TaskError>((a, b))
+    })?;
+    println!("awaited: 12² = {a}, fib(30) = {b}");
 
     pool.close();
     pool.join();

@@ -7,11 +7,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use procshare::pool::IMap;
-use procshare::{Pool, PoolError, StartMethod, TaskError, as_completed};
+use procshare::{Array, Pool, PoolError, Shared, StartMethod, TaskError, as_completed};
 use serde::{Deserialize, Serialize};
 
 fn main() {
@@ -41,6 +45,19 @@ fn main() {
             large_arguments_and_results_cross_promptly,
             fifty_respawns_leak_no_descriptors_or_children,
             workers_die_with_the_pools_process,
+            futures_resolve_under_a_parking_executor_without_busy_polling,
+            a_join_of_many_futures_gets_every_result,
+            a_future_whose_worker_is_killed_resolves_to_worker_died,
+            fork_works_right_after_an_await,
+            a_child_forked_unchecked_beside_the_waiter_can_fork_again,
+            dropping_the_pool_resolves_pending_futures_closed,
+            the_waiter_thread_ends_when_no_future_waits,
+            map_chunks_reads_arrays_and_shared_slices_in_place,
+            chunk_len_edge_cases,
+            for_each_chunk_mut_transforms_in_place_element_by_element,
+            a_worker_killed_mid_chunk_fails_that_chunk_only,
+            a_panicking_chunk_fails_alone_and_poisons_the_array,
+            workers_unmap_arrays_the_pool_no_longer_has,
         ],
         &[],
     )
@@ -562,4 +579,457 @@ fn workers_die_with_the_pools_process() {
     common::wait_for("the workers to die", LIMIT, || {
         pids.iter().all(|&p| dead_or_zombie(p))
     });
+}
+
+// --- Future: a minimal executor ---
+
+/// Wakes the executor's thread (and records that it was woken, so a lost wake-up fails
+/// the test instead of hiding behind the park timeout).
+struct Unpark {
+    thread: std::thread::Thread,
+    woken: AtomicBool,
+}
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        self.thread.unpark();
+    }
+}
+
+/// Runs `f` to completion on this thread, parking between polls; returns its output and
+/// how many times it was polled. Panics if no wake-up comes within `LIMIT`.
+fn block_on<F: Future>(f: F) -> (F::Output, u32) {
+    let mut f = std::pin::pin!(f);
+    let unpark = Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    });
+    let waker = Waker::from(Arc::clone(&unpark));
+    let mut cx = Context::from_waker(&waker);
+    let mut polls = 0;
+    loop {
+        polls += 1;
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return (v, polls);
+        }
+        let until = Instant::now() + LIMIT;
+        while !unpark.woken.swap(false, Ordering::SeqCst) {
+            let left = until.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "a pending future was never woken");
+            std::thread::park_timeout(left);
+        }
+    }
+}
+
+/// Polls every future until all are ready (a join of many in one task, sharing a waker).
+struct JoinAll<F: Future> {
+    futures: Vec<Option<Pin<Box<F>>>>,
+    out: Vec<Option<F::Output>>,
+}
+
+fn join_all<F: Future>(futures: Vec<F>) -> JoinAll<F> {
+    let n = futures.len();
+    JoinAll {
+        futures: futures.into_iter().map(|f| Some(Box::pin(f))).collect(),
+        out: (0..n).map(|_| None).collect(),
+    }
+}
+
+impl<F: Future> Future for JoinAll<F> {
+    type Output = Vec<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<F::Output>> {
+        // SAFETY: nothing is moved out of the pinned fields (the futures are boxed).
+        let this = unsafe { self.get_unchecked_mut() };
+        let mut pending = false;
+        for (slot, out) in this.futures.iter_mut().zip(this.out.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => {
+                        *out = Some(v);
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(this.out.iter_mut().map(|o| o.take().unwrap()).collect())
+        }
+    }
+}
+
+fn futures_resolve_under_a_parking_executor_without_busy_polling() {
+    let pool = Pool::new(2).unwrap();
+    let (r, polls) = block_on(pool.apply_async(sleep_ms, 300).unwrap());
+    assert_eq!(r, Ok(300));
+    // Woken by the waiter thread: on replies and every 20 ms slice, never in a spin.
+    assert!(polls < 100, "{polls} polls for a 300 ms task");
+    let (r, _) = block_on(pool.map_async(square, 0..1000u64).unwrap());
+    assert_eq!(r.unwrap(), (0..1000u64).map(|x| x * x).collect::<Vec<_>>());
+    let (r, _) = block_on(pool.submit(|s: String| s.len(), "four".into()).unwrap());
+    assert_eq!(r, Ok(4));
+    // An already finished result is Ready at the first poll.
+    let h = pool.apply_async(square, 9).unwrap();
+    h.wait();
+    assert_eq!(block_on(h), (Ok(81), 1));
+}
+
+fn a_join_of_many_futures_gets_every_result() {
+    let pool = Pool::new(2).unwrap();
+    let handles: Vec<_> = (0..300u64)
+        .map(|x| pool.submit(square, x).unwrap())
+        .collect();
+    let (got, _) = block_on(join_all(handles));
+    for (x, r) in got.into_iter().enumerate() {
+        assert_eq!(r, Ok((x * x) as u64), "item {x}");
+    }
+    // Mixed durations, finishing out of order.
+    let handles: Vec<_> = [80u64, 1, 40, 1, 20, 1]
+        .iter()
+        .map(|&ms| pool.apply_async(sleep_ms, ms).unwrap())
+        .collect();
+    let (got, _) = block_on(join_all(handles));
+    assert_eq!(got, [80u64, 1, 40, 1, 20, 1].map(Ok).to_vec());
+}
+
+fn a_future_whose_worker_is_killed_resolves_to_worker_died() {
+    let pool = Pool::new(1).unwrap();
+    let victim = pool.pids()[0];
+    let slow = pool.apply_async(sleep_ms, 5_000).unwrap();
+    let behind = pool.apply_async(square, 5).unwrap();
+    // Kill the worker from outside while the executor waits on the future.
+    let killer = common::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: plain kill of the pool's worker.
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    });
+    let t = Instant::now();
+    let (got, _) = block_on(join_all(vec![slow, behind]));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(
+        matches!(
+            got[0],
+            Err(TaskError::WorkerDied {
+                pid,
+                signal: Some(9),
+                ..
+            }) if pid == victim
+        ),
+        "{:?}",
+        got[0]
+    );
+    assert_eq!(got[1], Ok(25), "the task queued behind it still runs");
+    common::join(killer, Duration::from_secs(5));
+    // The replacement was forked while the waiter thread was alive (it is stopped for
+    // the fork), and the pool goes on.
+    assert_ne!(pool.pids()[0], victim);
+    let (r, _) = block_on(pool.apply_async(square, 6).unwrap());
+    assert_eq!(r, Ok(36));
+}
+
+fn fork_works_right_after_an_await() {
+    let pool = Pool::new(1).unwrap();
+    let (r, _) = block_on(pool.apply_async(sleep_ms, 50).unwrap());
+    assert_eq!(r, Ok(50));
+    // The waiter thread lingers, but a fork stops it first.
+    let child = procshare::Process::fork(|| 7u32).expect("fork after an await");
+    assert_eq!(child.join(), Ok(7));
+    // A new pool (more forks) and more awaits still work.
+    let other = Pool::new(1).unwrap();
+    assert_eq!(block_on(other.apply_async(square, 3).unwrap()).0, Ok(9));
+    assert_eq!(block_on(pool.apply_async(square, 4).unwrap()).0, Ok(16));
+}
+
+fn a_child_forked_unchecked_beside_the_waiter_can_fork_again() {
+    let pool = Pool::new(1).unwrap();
+    assert_eq!(block_on(pool.apply_async(sleep_ms, 20).unwrap()).0, Ok(20));
+    // The waiter thread lingers now. A child forked without stopping it inherits its
+    // handle but not the thread; its own fork must not wait for that thread.
+    // SAFETY: the only other thread is the pool's waiter, which holds no lock the child
+    // uses while it sleeps on its condvar (the child runs a fork and a join).
+    let mut child = unsafe {
+        procshare::Process::fork_unchecked(|| {
+            let grandchild = procshare::Process::fork(|| 5u32).unwrap();
+            grandchild.join().unwrap()
+        })
+    }
+    .unwrap();
+    assert_eq!(child.join_timeout(Duration::from_secs(5)), Ok(5));
+}
+
+fn dropping_the_pool_resolves_pending_futures_closed() {
+    let pool = Pool::new(1).unwrap();
+    let h = pool.apply_async(sleep_ms, 5_000).unwrap();
+    let mut h = std::pin::pin!(h);
+    let waker = Waker::from(Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    }));
+    let mut cx = Context::from_waker(&waker);
+    let t = Instant::now();
+    assert!(h.as_mut().poll(&mut cx).is_pending());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a poll waited {:?}",
+        t.elapsed()
+    );
+    drop(pool);
+    assert_eq!(block_on(h).0, Err(TaskError::Closed));
+    assert_no_children();
+}
+
+// --- zero-copy chunk maps ---
+
+/// (first element, sum, length) of a chunk.
+fn summary(chunk: &[u64]) -> (u64, u64, usize) {
+    (chunk[0], chunk.iter().sum(), chunk.len())
+}
+
+fn expected_summaries(data: &[u64], chunk_len: usize) -> Vec<(u64, u64, usize)> {
+    data.chunks(chunk_len)
+        .map(|c| (c[0], c.iter().sum(), c.len()))
+        .collect()
+}
+
+fn map_chunks_reads_arrays_and_shared_slices_in_place() {
+    let early: Vec<u64> = (0..5_000u64).map(|x| x * 3).collect();
+    // Made before the pool (its workers inherit the mapping) and after (the descriptor
+    // travels to each worker): both paths.
+    let before = Array::from_slice(&early).unwrap();
+    let pool = Pool::new(2).unwrap();
+    let late: Vec<u64> = (0..10_007u64).map(|x| x ^ 0x5555).collect();
+    let after = Array::from_slice(&late).unwrap();
+    let shared: Shared<[u64]> = Shared::from_slice(&late).unwrap();
+    assert_eq!(
+        pool.map_chunks(&before, 333, summary).unwrap(),
+        expected_summaries(&early, 333)
+    );
+    for _ in 0..2 {
+        // The second round uses the workers' cached mappings.
+        assert_eq!(
+            pool.map_chunks(&after, 1000, summary).unwrap(),
+            expected_summaries(&late, 1000)
+        );
+        assert_eq!(
+            pool.map_chunks(&shared, 77, summary).unwrap(),
+            expected_summaries(&late, 77)
+        );
+    }
+    // Every element individually.
+    let copies = pool.map_chunks(&after, 1, |c: &[u64]| c[0]).unwrap();
+    assert_eq!(copies, late);
+    // The array is unchanged and unlocked afterwards.
+    assert_eq!(after.to_vec(), late);
+    assert!(!after.is_poisoned());
+}
+
+fn chunk_len_edge_cases() {
+    let pool = Pool::new(2).unwrap();
+    let data: Vec<u64> = (1..=10).collect();
+    let a = Array::from_slice(&data).unwrap();
+    let e = pool.map_chunks(&a, 0, summary).unwrap_err();
+    assert!(e.to_string().contains("chunk_len 0"), "{e}");
+    assert_eq!(
+        pool.map_chunks(&a, 3, summary).unwrap(),
+        vec![(1, 6, 3), (4, 15, 3), (7, 24, 3), (10, 10, 1)]
+    );
+    assert_eq!(pool.map_chunks(&a, 10, summary).unwrap(), vec![(1, 55, 10)]);
+    assert_eq!(
+        pool.map_chunks(&a, 1000, summary).unwrap(),
+        vec![(1, 55, 10)]
+    );
+    let empty = Array::<u64>::zeroed(0).unwrap();
+    assert_eq!(pool.map_chunks(&empty, 4, summary).unwrap(), vec![]);
+    pool.for_each_chunk_mut(&empty, 4, |c: &mut [u64]| c[0] = 1)
+        .unwrap();
+}
+
+fn affine(chunk: &mut [f64]) {
+    for x in chunk {
+        *x = *x * 1.0001 + 1.0;
+    }
+}
+
+fn for_each_chunk_mut_transforms_in_place_element_by_element() {
+    let pool = Pool::new(2).unwrap();
+    let n = 100_003;
+    let start: Vec<f64> = (0..n).map(|i| i as f64 * 0.5).collect();
+    let a = Array::from_slice(&start).unwrap();
+    pool.for_each_chunk_mut(&a, 4096, affine).unwrap();
+    pool.for_each_chunk_mut(&a, 1000, affine).unwrap();
+    let got = a.to_vec();
+    for (i, (&g, &s)) in got.iter().zip(&start).enumerate() {
+        let want = (s * 1.0001 + 1.0) * 1.0001 + 1.0;
+        assert!(g == want, "element {i}: {g} != {want}");
+    }
+    assert!(!a.is_poisoned());
+}
+
+const MARK: f64 = -7.0;
+
+/// Writes the first half of a chunk, then dies if the chunk starts with `MARK`.
+fn half_then_die(chunk: &mut [f64]) {
+    let die = chunk[0] == MARK;
+    let half = chunk.len() / 2;
+    for x in &mut chunk[..half] {
+        *x += 1000.0;
+    }
+    if die {
+        // SAFETY: raising a signal on our own process.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+    for x in &mut chunk[half..] {
+        *x += 1000.0;
+    }
+}
+
+fn a_worker_killed_mid_chunk_fails_that_chunk_only() {
+    // With retries: an in-place chunk is still never re-run (it may be half written).
+    let pool = Pool::builder().processes(2).retries(3).build().unwrap();
+    let before: BTreeSet<u32> = pool.pids().into_iter().collect();
+    let (n, len) = (64 * 100, 100);
+    let mut start: Vec<f64> = (0..n).map(|i| i as f64).collect();
+    start[5 * len] = MARK; // chunk 5 kills its worker half-way
+    let a = Array::from_slice(&start).unwrap();
+    let t = Instant::now();
+    let out = pool
+        .for_each_chunk_mut_each(&a, len, half_then_die)
+        .unwrap();
+    assert!(t.elapsed() < LIMIT);
+    assert_eq!(out.len(), 64);
+    for (c, r) in out.iter().enumerate() {
+        if c == 5 {
+            assert!(
+                matches!(
+                    r,
+                    Err(TaskError::WorkerDied {
+                        signal: Some(9),
+                        ..
+                    })
+                ),
+                "chunk 5: {r:?}"
+            );
+        } else {
+            assert_eq!(r, &Ok(()), "chunk {c}");
+        }
+    }
+    let got = a.lock().unwrap_err().into_inner().to_vec();
+    for (i, (&g, &s)) in got.iter().zip(&start).enumerate() {
+        let written = i / len != 5 || i % len < len / 2;
+        let want = if written { s + 1000.0 } else { s };
+        assert!(g == want, "element {i}: {g} != {want}");
+    }
+    assert!(a.is_poisoned(), "a half-written array is poisoned");
+    a.clear_poison();
+    a.set(5 * len, MARK);
+    // The first-failure form, and the pool goes on with a replacement worker (which is
+    // sent the descriptor again).
+    let e = pool.for_each_chunk_mut(&a, len, half_then_die).unwrap_err();
+    assert!(matches!(e, TaskError::WorkerDied { .. }), "{e}");
+    let after: BTreeSet<u32> = pool.pids().into_iter().collect();
+    assert!(after != before && after.len() == 2);
+    let sums = pool.map_chunks(&a, len, |c: &[f64]| c.len()).unwrap();
+    assert_eq!(sums, vec![len; 64]);
+}
+
+fn panic_on_negative(chunk: &mut [i32]) {
+    for x in chunk {
+        assert!(*x >= 0, "negative element {x}");
+        *x += 1;
+    }
+}
+
+fn a_panicking_chunk_fails_alone_and_poisons_the_array() {
+    let pool = Pool::new(2).unwrap();
+    let mut start: Vec<i32> = (0..1000).collect();
+    start[555] = -1;
+    let a = Array::from_slice(&start).unwrap();
+    let out = pool
+        .for_each_chunk_mut_each(&a, 100, panic_on_negative)
+        .unwrap();
+    for (c, r) in out.iter().enumerate() {
+        if c == 5 {
+            match r {
+                Err(TaskError::Panicked { message, .. }) => {
+                    assert!(message.contains("negative element -1"), "{message}")
+                }
+                other => panic!("chunk 5: {other:?}"),
+            }
+        } else {
+            assert_eq!(r, &Ok(()), "chunk {c}");
+        }
+    }
+    assert!(a.is_poisoned());
+    let got = a.lock().unwrap_err().into_inner().to_vec();
+    for (i, (&g, &s)) in got.iter().zip(&start).enumerate() {
+        let want = if i / 100 != 5 || i < 555 { s + 1 } else { s };
+        assert_eq!(g, want, "element {i}");
+    }
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn workers_unmap_arrays_the_pool_no_longer_has() {
+    let pool = Pool::new(1).unwrap();
+    let warm = Array::from_slice(&[1u64, 2, 3]).unwrap();
+    assert_eq!(pool.map_chunks(&warm, 2, summary).unwrap().len(), 2);
+    let pid = pool.pids()[0];
+    let base = fd_count(pid);
+    for round in 0..30u64 {
+        // New arrays, often at a reused address: each must be its own segment to the
+        // workers, and the ones dropped must be let go.
+        let data: Vec<u64> = (0..100).map(|x| x + round * 1000).collect();
+        let a = Array::from_slice(&data).unwrap();
+        assert_eq!(
+            pool.map_chunks(&a, 10, summary).unwrap(),
+            expected_summaries(&data, 10),
+            "round {round}"
+        );
+    }
+    assert_eq!(pool.map_chunks(&warm, 2, summary).unwrap().len(), 2);
+    assert_eq!(pool.pids()[0], pid);
+    let now = fd_count(pid);
+    assert!(
+        now <= base + 2,
+        "the worker holds {now} descriptors, {base} at first"
+    );
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+fn the_waiter_thread_ends_when_no_future_waits() {
+    let pool = Pool::new(2).unwrap();
+    assert_eq!(threads(), 1);
+    let mut h = Box::pin(pool.apply_async(sleep_ms, 5_000).unwrap());
+    let waker = Waker::from(Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    }));
+    assert!(
+        h.as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending()
+    );
+    assert_eq!(threads(), 2, "a waiter while the future waits");
+    // Dropping the pending future takes its waker back; the idle waiter leaves.
+    drop(h);
+    let t = Instant::now();
+    common::wait_for("the waiter to exit", LIMIT, || threads() == 1);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // And comes back for the next future.
+    assert_eq!(block_on(pool.apply_async(square, 2).unwrap()).0, Ok(4));
 }

@@ -2,14 +2,19 @@
 //! (there is no supervisor thread): dispatch, results, deaths, timeouts, respawns.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::error::TaskError;
-use super::task::{DONE, EXIT, INIT_FAILED, READY, REPLY_HEADER, word};
+use super::task::{DONE, EXIT, FORGET, INIT_FAILED, MAP, READY, REPLY_HEADER, word};
+use super::waker::Registry;
 use super::worker::{self, BIG, BIG_BELL, Init, Worker};
 use crate::channel;
 use crate::process::ProcessError;
 use crate::queue::{QueueError, RecvTimeoutError};
+use crate::shm::Segment;
+use crate::sys;
 
 /// Longest single sleep: how soon a dead worker is noticed while the pool is waited on.
 pub(crate) const SLICE: Duration = Duration::from_millis(20);
@@ -20,6 +25,20 @@ const DEPTH: usize = 8;
 const BIG_WAIT: Duration = Duration::from_secs(1);
 /// How long `join` waits for a worker told to exit before killing it.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// The doorbell ring's size for `processes` workers (it was 4096 whatever the pool's
+/// size; a smaller ring is quicker to create, which `Pool::new` pays for).
+///
+/// A worker rings at most twice per reply (a big one is announced first) and once when
+/// ready, and has at most [`DEPTH`] chunks outstanding. Every pump first takes all waiting
+/// doorbells; between two pumps a worker can reply to at most the `DEPTH` chunks it held
+/// plus `DEPTH` dispatched after a health check took replies whose doorbells were still
+/// on their way, so at most `4 × DEPTH + 1` of its doorbells wait, twice that across a
+/// replacement (the dead worker's and the new one's). Were the ring full anyway, a
+/// worker's ring would wait for the next pump, never lose the doorbell.
+fn bell_capacity(processes: usize) -> usize {
+    processes.saturating_mul(8 * DEPTH + 4).clamp(64, 1 << 16)
+}
 
 pub(crate) struct Config {
     pub(crate) processes: usize,
@@ -72,6 +91,13 @@ pub(crate) struct Core {
     next_id: u64,
     pub(crate) state: State,
     last_health: Instant,
+    /// Wakers of pending futures, and the waiter thread that wakes them.
+    pub(crate) wakers: Arc<Registry>,
+    /// Segments named in `MAP` frames, by the pool's id for them. The `Weak` keeps the
+    /// `Arc`'s allocation (not the mapping), so its address names one segment for as long
+    /// as the entry lives; an entry whose segment is gone stays until every worker that
+    /// mapped it was told to forget it.
+    segments: Vec<(Weak<Segment>, u64)>,
 }
 
 fn died(pid: u32, r: &Result<(), ProcessError>) -> TaskError {
@@ -90,8 +116,11 @@ fn died(pid: u32, r: &Result<(), ProcessError>) -> TaskError {
 
 impl Core {
     pub(crate) fn new(cfg: Config) -> crate::Result<Core> {
-        let (bell_tx, bell_rx) = channel::channel::<u32>(4096)?;
+        let (bell_tx, bell_rx) = channel::channel::<u32>(bell_capacity(cfg.processes))?;
+        let wakers = Registry::new(bell_rx.clone());
         let mut core = Core {
+            wakers,
+            segments: Vec::new(),
             workers: Vec::with_capacity(cfg.processes),
             cfg,
             bell_rx,
@@ -170,6 +199,44 @@ impl Core {
         self.next_id
     }
 
+    /// The pool's id for `seg` in `MAP` frames (a new one the first time). Also tells
+    /// workers to unmap segments whose last handle here is gone.
+    pub(crate) fn segment_id(&mut self, seg: &Arc<Segment>) -> u64 {
+        self.forget_dead_segments();
+        if let Some(e) = self
+            .segments
+            .iter()
+            .find(|e| std::ptr::eq(e.0.as_ptr(), Arc::as_ptr(seg)))
+        {
+            return e.1;
+        }
+        let id = self.fresh_id();
+        self.segments.push((Arc::downgrade(seg), id));
+        id
+    }
+
+    fn forget_dead_segments(&mut self) {
+        let workers = &mut self.workers;
+        self.segments.retain(|(weak, id)| {
+            if weak.strong_count() > 0 {
+                return true;
+            }
+            let mut all = true;
+            for w in workers.iter_mut().flatten() {
+                if w.segments.contains(id) {
+                    let mut frame = vec![FORGET, 0, 0, 0, 0, 0, 0, 0];
+                    frame.extend_from_slice(&id.to_le_bytes());
+                    if w.tasks.try_send(&frame).is_ok() {
+                        w.segments.remove(id);
+                    } else {
+                        all = false; // its ring is full: next time
+                    }
+                }
+            }
+            !all
+        });
+    }
+
     /// Drops a job whose handle is gone; its chunks still in flight are discarded on
     /// arrival, those not yet sent are skipped.
     pub(crate) fn forget_job(&mut self, job: u64) {
@@ -211,6 +278,7 @@ impl Core {
         }
         self.check_timeouts();
         self.dispatch();
+        self.wakers.progressed();
     }
 
     fn next_timeout(&self) -> Option<Instant> {
@@ -270,6 +338,37 @@ impl Core {
                 if big && !w.outstanding.is_empty() {
                     continue;
                 }
+                if chunk.frame[0] == MAP {
+                    let id = word(&chunk.frame, 32).unwrap_or(0);
+                    if !w.segments.contains(&id) {
+                        let seg = self
+                            .segments
+                            .iter()
+                            .find(|s| s.1 == id)
+                            .and_then(|s| s.0.upgrade());
+                        let sent = match seg {
+                            Some(seg) => sys::send_with_fds(
+                                w.ctrl.as_fd(),
+                                &id.to_le_bytes(),
+                                &[seg.as_fd()],
+                            )
+                            .map_err(|e| {
+                                format!("passing the segment's descriptor to a worker failed: {e}")
+                            }),
+                            None => Err("the segment was dropped before its chunk ran".into()),
+                        };
+                        match sent {
+                            Ok(()) => {
+                                w.segments.insert(id);
+                            }
+                            Err(why) => {
+                                self.pending.pop_front();
+                                self.finish(cid, Outcome::Failed(TaskError::Encode(why)));
+                                continue;
+                            }
+                        }
+                    }
+                }
                 let sent = if big {
                     // Streamed in pieces while the (idle) worker reads them.
                     let t =
@@ -308,6 +407,9 @@ impl Core {
 
     fn ring(&mut self, bell: u32) {
         let slot = (bell & !BIG_BELL) as usize;
+        if slot >= self.workers.len() {
+            return; // read from shared memory: not a bell a worker of ours rings
+        }
         if bell & BIG_BELL != 0 {
             if let Some(Some(w)) = self.workers.get_mut(slot) {
                 w.big_expected += 1;
@@ -423,6 +525,9 @@ impl Core {
                 *slot = Some(outcome);
                 job.arrivals.push_back(chunk.index);
                 job.remaining -= 1;
+                if job.remaining == 0 {
+                    self.wakers.wake_job(chunk.job);
+                }
             }
         }
     }
@@ -430,6 +535,9 @@ impl Core {
     /// Reaps dead workers, fails or retries what they held, and replaces them.
     fn health(&mut self) {
         self.last_health = Instant::now();
+        if !self.segments.is_empty() {
+            self.forget_dead_segments();
+        }
         for slot in 0..self.workers.len() {
             let ended = match self.workers[slot].as_mut() {
                 Some(w) => w.child.try_join(),
@@ -505,10 +613,11 @@ impl Core {
             self.pending.push_front(cid);
         }
         if let Some(cid) = head {
+            // A chunk transformed in place may be half done: never run it twice.
             let retry = matches!(cause, TaskError::WorkerDied { .. })
                 && self.chunks.get_mut(&cid).is_some_and(|c| {
                     c.attempts += 1;
-                    c.attempts <= self.cfg.retries
+                    c.attempts <= self.cfg.retries && !(c.frame[0] == MAP && c.frame[1] != 0)
                 });
             if retry {
                 self.pending.push_front(cid);
@@ -568,5 +677,11 @@ impl Core {
                 }
             }
         }
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.wakers.shutdown();
     }
 }

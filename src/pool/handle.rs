@@ -4,8 +4,12 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -17,7 +21,7 @@ use super::task::decode_results;
 /// Turns a finished job's chunk outcomes into the handle's value.
 pub(crate) type Finish<T> = fn(Vec<(usize, Outcome)>) -> Result<T, TaskError>;
 
-fn items<R: DeserializeOwned>(n: usize, o: Outcome) -> Vec<Result<R, TaskError>> {
+pub(crate) fn items<R: DeserializeOwned>(n: usize, o: Outcome) -> Vec<Result<R, TaskError>> {
     match o {
         Outcome::Ran(bytes) => decode_results(&bytes, n),
         Outcome::Failed(e) => (0..n).map(|_| Err(e.clone())).collect(),
@@ -159,9 +163,45 @@ impl<T> AsyncResult<T> {
     }
 }
 
+/// `.await` gives what [`get`](AsyncResult::get) returns, without blocking the
+/// executor's thread: each poll moves the pool on without waiting, and a small waiter
+/// thread wakes the task when a reply arrives (see "Async" in the
+/// [module docs](super#async)).
+///
+/// # Panics
+///
+/// If polled again after it returned `Ready` (or after
+/// [`get_timeout`](AsyncResult::get_timeout) returned the result).
+impl<T> Future for AsyncResult<T> {
+    type Output = Result<T, TaskError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        assert!(
+            !this.taken,
+            "AsyncResult polled after it returned its result"
+        );
+        if !this.done() {
+            // Never blocks for long: at most while a large reply already streaming in
+            // finishes (see the module docs).
+            this.core.borrow_mut().pump(Some(Instant::now()));
+        }
+        if this.done() {
+            return Poll::Ready(this.take());
+        }
+        let wakers = Arc::clone(&this.core.borrow().wakers);
+        if !wakers.register(this.job, cx.waker()) {
+            // No waiter thread could be started: poll again soon rather than never.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+}
+
 impl<T> Drop for AsyncResult<T> {
     fn drop(&mut self) {
         if let Ok(mut core) = self.core.try_borrow_mut() {
+            core.wakers.unregister(self.job);
             core.forget_job(self.job);
         }
     }

@@ -19,14 +19,17 @@
 //! time, as for [`Process::spawn`](crate::Process::spawn)); arguments and results travel
 //! with postcard. Workers are forked ([`StartMethod::Fork`], the
 //! only start method the pool supports for now), so build the pool while the process is
-//! single-threaded; the pool itself starts no thread, so it can fork replacements later.
+//! single-threaded; the pool itself starts no thread that outlives a fork (only a waiter
+//! while a [`Future`](#async) waits, stopped before every fork), so it can fork
+//! replacements later.
 //!
 //! # How work moves
 //!
 //! Each worker has two [`ByteQueue`](crate::ByteQueue)s of its own (tasks in, replies
-//! out) and all share one [`channel`](fn@crate::channel) of `u32` "doorbells" on which a
-//! worker rings its number after each reply (64 KiB rings; larger messages stream through
-//! in pieces). The pool queues up to 8 chunks per worker while there is plenty of work
+//! out) and all share one [`channel`](fn@crate::channel) of `u32` "doorbells" (sized by the
+//! number of workers) on which a worker rings its number after each reply (64 KiB rings;
+//! larger messages stream through in pieces). Each worker also has a control socket that
+//! carries only segment descriptors for the zero-copy chunk maps. The pool queues up to 8 chunks per worker while there is plenty of work
 //! (the k-th only while at least k × processes chunks wait, so the tail of a job goes to
 //! whichever worker is free first), and a worker runs its chunks in order, so the pool
 //! knows exactly which chunk each worker is running: the oldest it sent that has not come
@@ -34,8 +37,89 @@
 //! [`Child`](crate::Child)) tells of its death.
 //!
 //! There is no supervisor thread: the pool does its work while the caller waits in one of
-//! its calls (`map`, `get`, iterating `imap`, `ready`, `join`). Work already sent runs on
-//! meanwhile; results wait in the rings.
+//! its calls (`map`, `get`, iterating `imap`, `ready`, `join`, or a poll of an
+//! [`AsyncResult`] future). Work already sent runs on meanwhile; results wait in the rings.
+//!
+//! # Async
+//!
+//! [`AsyncResult`] (what `apply_async`, `map_async` and `submit` return) implements
+//! [`Future`], with the same output as [`get`](AsyncResult::get), so
+//! a single-threaded executor (tokio's `current_thread` runtime with a `LocalSet`, smol's
+//! `LocalExecutor`, any `block_on`) can `.await` pool work. The pool is `!Send`, so its
+//! futures are too: they live on the pool's thread. No runtime is a dependency.
+//!
+//! A poll never waits: it moves the pool on (`ready`'s non-blocking step: send queued
+//! chunks, take replies, check for deaths and timeouts) and, if the job is not done,
+//! stores the task's waker in the pool's registry. Something must then wake the task when
+//! a reply arrives, while the executor sleeps. The choices were:
+//!
+//! | design | verdict |
+//! |---|---|
+//! | wake itself at once (`wake_by_ref`) on every `Pending` | a busy loop: one CPU burnt per waiting executor |
+//! | a timer | no timer without a runtime or a thread |
+//! | a descriptor the user registers with their reactor (an eventfd the workers write) | runtime-specific glue in every caller, and an extra syscall per reply; not a `Future` |
+//! | **a waiter thread, started on the first `Pending`, gone when no future waits** | chosen |
+//!
+//! The waiter sleeps on the doorbell ring's eventcount (a shared futex; it never takes a
+//! doorbell, only looks) and, when a reply is waiting or a 20 ms slice has passed (a
+//! worker may have died: someone must look), wakes **one** waiting task, the *driver*,
+//! unless a pump happened meanwhile. The driver's poll takes every waiting reply and wakes
+//! exactly the futures whose jobs completed, so a reply costs one wake-up however many
+//! futures wait (a join of thousands does not stampede). The waiter exits 50 ms after the
+//! last future stopped waiting.
+//!
+//! A thread makes `fork` unsafe while it runs, so **every fork this crate makes stops it
+//! first**: [`Process::fork`](crate::Process::fork), the `Fork` start method, and the
+//! pool's own respawn of a dead worker join every waiter of the process (the waiter holds
+//! no lock a child could need: it only waits on a futex and calls wakers), wake the
+//! futures that were waiting, and fork in a process that is single-threaded again. The
+//! woken futures poll again and start a new waiter after the fork. (The child of a fork
+//! made without that step, `fork_unchecked` or a raw `fork`, inherits the waiter's handle
+//! but not its thread: it recognises the handle as its parent's by the pid and forgets
+//! it, never joins it.) So a program that
+//! awaits pool work can still fork, and the pool still replaces dead workers while
+//! futures wait. (A process that has other threads of its own, such as a multi-threaded
+//! runtime, cannot fork at all: the pool must then be built before the runtime starts,
+//! and a dead worker cannot be replaced: see the failure table.)
+//!
+//! What a poll may still wait for: a large reply (over 16 KiB) that a worker is already
+//! streaming through its 64 KiB ring is read to its end (bounded by 1 s per poll), a big
+//! task frame is written while its worker reads it, and a worker that used its
+//! `max_tasks_per_child` is reaped as it exits. Latency: a future's result is seen one
+//! thread wake-up after the worker rings (plus the executor's own wake-up); a worker's
+//! death within about 20 ms.
+//!
+//! # Zero-copy chunk maps
+//!
+//! [`Pool::map_chunks`] (`f(&[T]) -> R` per chunk) and [`Pool::for_each_chunk_mut`]
+//! (`f(&mut [T])` per chunk, in place) work on data already in shared memory, an
+//! [`Array<T>`](crate::Array) (both) or a [`Shared<[T]>`](crate::Shared) (`map_chunks`
+//! only: it gives out `&[T]` alone). No element crosses a ring: a `MAP` frame names the
+//! segment by the pool's id for it, a byte offset and a count, and the reply carries
+//! only `R` (nothing, for `for_each_chunk_mut`).
+//!
+//! Each worker maps each segment once and keeps the mapping until the pool's process
+//! lets go of the segment. The descriptor reaches it over a per-worker control socket
+//! (`SCM_RIGHTS`), sent by the pool just before the first frame that names the segment
+//! for that worker, so the worker finds it waiting; a replacement worker is sent it
+//! again. This is the same under every start method; even under `Fork`, where a worker
+//! inherits the mappings of segments made before it, the pool cannot prove from the
+//! worker which inherited address belongs to which segment, and a fresh mapping costs
+//! one `mmap` per worker and segment (page faults are the same either way: `fork`
+//! copies no page tables of shared mappings). Once the last handle in the pool's
+//! process is dropped, the pool tells each worker to unmap it (a `FORGET` frame, sent at
+//! the next chunk map or health check, i.e. while anyone waits on the pool), so workers
+//! do not keep the memory or a descriptor of dropped arrays. (Workers forked while an
+//! array existed also inherited its mapping, as any fork does; that one lives as long as
+//! the worker.)
+//!
+//! **Aliasing contract**, enforced: chunks are disjoint ranges and each goes to one
+//! worker; for an `Array` the pool holds the array's lock for the whole call, so no
+//! process that locks it reads or writes meanwhile (`f` must not lock the same array: it
+//! would wait for the call that waits for it). A chunk that failed in
+//! `for_each_chunk_mut` may be half written: it is reported, never re-run (whatever
+//! `retries` says), and the array is left poisoned. Offsets and counts are
+//! bounds-checked against the worker's own mapping before a slice is made.
 //!
 //! # Chunks
 //!
@@ -54,11 +138,13 @@
 //! | a chunk runs over `task_timeout` × its items | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
 //! | an argument or result fails to encode or decode | that item (the whole chunk if the chunk cannot be decoded): [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; never hangs (cpython gh-79492) |
 //! | the initializer panics or its worker dies in it | [`Pool::builder`]`.build()` fails with [`PoolError::Initializer`]; later (on a respawn) every unfinished task fails with [`TaskError::Initializer`] | stops: no endless respawn loop (cpython gh-87472) |
-//! | a replacement worker cannot be forked (out of processes or memory, or this process has started threads since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]) | every unfinished task: [`TaskError::Start`] | stops |
+//! | a replacement worker cannot be forked (out of processes or memory, or this process has started threads of its own since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]; the pool's own waiter thread is stopped for the fork and does not count) | every unfinished task: [`TaskError::Start`] | stops |
 //! | `terminate()`, or the pool dropped | every unfinished task: [`TaskError::Closed`] | workers SIGKILLed and reaped at once |
 //! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`) | — |
 //! | Ctrl-C | the terminal's SIGINT reaches the workers too (same process group); the ones that survive it get SIGKILL when the pool's process dies | — |
 //! | a chunk's arguments or results exceed the 1 GiB message limit | that chunk: [`TaskError::Encode`] | carries on |
+//! | a worker dies or `f` panics in a `for_each_chunk_mut` chunk | that chunk: [`TaskError::WorkerDied`] / [`TaskError::Panicked`], never retried; the array is poisoned (the chunk may be half written); every other chunk is done | replaces the worker |
+//! | a segment's descriptor cannot be passed to, or mapped by, a worker | that chunk: [`TaskError::Encode`] / [`TaskError::Decode`] | carries on |
 //! | a task never returns and no `task_timeout` is set | waited for, as in Python (`get_timeout`/`wait_timeout` bound the wait; `terminate` ends it) | — |
 //!
 //! # What a worker's death between two steps leaves
@@ -74,20 +160,28 @@
 //! | after replying, before ringing | a complete reply, no doorbell | taken by the drain that follows the death (or the next 20 ms health check), so the chunk succeeds |
 //! | after a doorbell for a big reply, before the reply | `big_expected` set | the drain stops waiting once the worker is seen dead |
 //! | during its initializer | no `READY` | a pool error (see the table above), never a respawn |
+//! | holding a segment descriptor it received but had not mapped yet | nothing (the kernel closes it) | the chunk fails as above; the replacement is sent the descriptor again |
+//! | in the middle of a `for_each_chunk_mut` chunk | that chunk's range partly written, the rest of the array untouched by it | that chunk fails (never retried), every other chunk runs, the array is poisoned |
 //!
 //! A task frame the pool could not finish writing (the pool's process is the writer; if
-//! it dies, its workers die with it through `PR_SET_PDEATHSIG`) needs no repair.
+//! it dies, its workers die with it through `PR_SET_PDEATHSIG`) needs no repair. If the
+//! pool's process dies in a chunk map, the array's lock it held is robust: the next
+//! process to lock it gets it poisoned.
 //!
 //! `map` returns the values or the first failure; `imap`/`imap_unordered` give every
 //! item's own `Result`. A chunk whose worker died counts as run once even if the worker
 //! died before starting it (the pool cannot tell), so with `retries(0)` it fails.
 //! A worker whose ring turns out corrupted is killed and handled as a death.
 
+mod chunks;
 mod core;
 mod error;
 mod handle;
 mod task;
+mod waker;
 mod worker;
+
+pub(crate) use waker::pause_all as pause_waiters;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -97,6 +191,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use self::core::{Config, Core, State};
+pub use chunks::SharedSlice;
 pub use error::{PoolError, TaskError};
 pub use handle::{AsCompleted, AsyncResult, IMap, as_completed};
 use task::{Call, One, Star, ZeroSized, entry_of, run_frame};

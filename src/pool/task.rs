@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! to a worker    [kind u8 = RUN][0; 7][chunk u64][entry u64][hash u64][n u64] args...
+//!                [kind u8 = MAP][mut u8][0; 6][chunk u64][entry u64][hash u64][segment u64][offset u64][count u64]
+//!                [kind u8 = FORGET][0; 7][segment u64]
 //!                [kind u8 = EXIT][0; 7]
 //! from a worker  [kind u8 = READY | INIT_FAILED | DONE][0; 7][chunk u64] payload...
 //! ```
@@ -13,6 +15,13 @@
 //! `INIT_FAILED` payload is postcard of `(message, Option<location>)`. Frames are read from
 //! shared memory, so every parse is bounds-checked and a bad frame is an error, never a
 //! panic.
+//!
+//! A `MAP` frame (the zero-copy chunk maps) carries no data: it names a segment by the
+//! pool's id for it (its descriptor reached the worker beforehand over the worker's control
+//! socket, see `worker`), a byte offset into the segment's data area and an element
+//! count. The worker bounds-checks both against its own mapping, and the trampoline checks
+//! the element type's alignment, before it makes a slice. `FORGET` tells a worker to unmap
+//! a segment whose last handle in the pool's process is gone.
 //!
 //! # Finding the function
 //!
@@ -35,8 +44,11 @@ pub(crate) const EXIT: u8 = 2;
 pub(crate) const READY: u8 = 3;
 pub(crate) const INIT_FAILED: u8 = 4;
 pub(crate) const DONE: u8 = 5;
+pub(crate) const MAP: u8 = 6;
+pub(crate) const FORGET: u8 = 7;
 
 pub(crate) const RUN_HEADER: usize = 40;
+pub(crate) const MAP_LEN: usize = 56;
 pub(crate) const REPLY_HEADER: usize = 16;
 
 /// A task function the pool can call: `F: Fn(A) -> R` ([`One`]) or `Fn(A, B) -> R` on
@@ -172,6 +184,11 @@ fn encode_results<R: Serialize>(results: &[Result<R, TaskError>]) -> Vec<u8> {
     out
 }
 
+/// The encoded results of a one-item chunk that failed with `e`.
+pub(crate) fn encode_one_error(e: TaskError) -> Vec<u8> {
+    encode_results::<()>(&[Err(e)])
+}
+
 /// Decodes a chunk's results in the pool's process.
 pub(crate) fn decode_results<R: DeserializeOwned>(
     bytes: &[u8],
@@ -201,6 +218,160 @@ pub(crate) fn run_chunk(entry: u64, hash: u64, args: &[u8], n: usize) -> Vec<u8>
     // ring the offset was read from; see the module docs.)
     let f: Entry = unsafe { std::mem::transmute::<usize, Entry>(address) };
     f(hash, args, n)
+}
+
+/// Runs a zero-copy chunk: `(hash, region, region_len, offset, count)` → the encoded
+/// result (one item).
+///
+/// # Safety
+///
+/// `region` must be valid for reads and writes of `region_len` bytes for the call, and
+/// nothing else may access the bytes the frame names (`offset`, `count` elements) meanwhile.
+pub(crate) type ChunkEntry = unsafe fn(u64, *mut u8, usize, usize, usize) -> Vec<u8>;
+
+/// The elements a `MAP` frame names, as a pointer into `region`, or why they cannot be.
+fn chunk_ptr<T>(
+    region: *mut u8,
+    region_len: usize,
+    offset: usize,
+    count: usize,
+) -> Result<*mut T, TaskError> {
+    let end = count
+        .checked_mul(size_of::<T>())
+        .and_then(|bytes| bytes.checked_add(offset));
+    if end.is_none_or(|end| end > region_len) {
+        return Err(TaskError::Decode(format!(
+            "a chunk of {count} elements at byte {offset} lies outside the worker's {region_len}              byte mapping of the segment; the pool's rings were overwritten"
+        )));
+    }
+    let ptr = region.wrapping_add(offset);
+    if ptr as usize % align_of::<T>() != 0 {
+        return Err(TaskError::Decode(format!(
+            "a chunk at byte {offset} is not aligned for {}; the pool's rings were overwritten",
+            std::any::type_name::<T>()
+        )));
+    }
+    Ok(ptr.cast::<T>())
+}
+
+fn hash_mismatch() -> TaskError {
+    TaskError::Decode(
+        "the worker found a different function type at the task's entry point; the pool's \
+         rings were overwritten"
+            .into(),
+    )
+}
+
+/// The trampoline for `map_chunks`: `f(&chunk)`.
+///
+/// # Safety
+///
+/// As [`ChunkEntry`].
+pub(crate) unsafe fn read_entry<F, T, R>(
+    hash: u64,
+    region: *mut u8,
+    region_len: usize,
+    offset: usize,
+    count: usize,
+) -> Vec<u8>
+where
+    F: Fn(&[T]) -> R + Copy + 'static,
+    T: crate::ShmSafe,
+    R: Serialize,
+{
+    let r = if hash != type_hash::<F, T, R>() {
+        Err(hash_mismatch())
+    } else {
+        chunk_ptr::<T>(region, region_len, offset, count).and_then(|p| {
+            // SAFETY: `p` lies inside `region` with room for `count` T (checked above) and
+            // is aligned; T is ShmSafe, so any bytes are a valid T; the caller guarantees
+            // nobody writes these elements during the call (the pool holds the array's
+            // lock and gives every chunk to one worker).
+            let chunk = unsafe { std::slice::from_raw_parts(p, count) };
+            // SAFETY: `F` is zero-sized and Copy, as in `entry`.
+            let f: F = unsafe { std::mem::zeroed() };
+            catch_panic(|| f(chunk))
+                .map_err(|(message, location)| TaskError::Panicked { message, location })
+        })
+    };
+    encode_results(&[r])
+}
+
+/// The trampoline for `for_each_chunk_mut`: `f(&mut chunk)`.
+///
+/// # Safety
+///
+/// As [`ChunkEntry`].
+pub(crate) unsafe fn write_entry<F, T>(
+    hash: u64,
+    region: *mut u8,
+    region_len: usize,
+    offset: usize,
+    count: usize,
+) -> Vec<u8>
+where
+    F: Fn(&mut [T]) + Copy + 'static,
+    T: crate::ShmSafe,
+{
+    let r = if hash != type_hash::<F, T, ()>() {
+        Err(hash_mismatch())
+    } else {
+        chunk_ptr::<T>(region, region_len, offset, count).and_then(|p| {
+            // SAFETY: as in `read_entry`; and no one else reads or writes these elements
+            // during the call (the caller's contract), so a unique reference is sound.
+            let chunk = unsafe { std::slice::from_raw_parts_mut(p, count) };
+            // SAFETY: `F` is zero-sized and Copy, as in `entry`.
+            let f: F = unsafe { std::mem::zeroed() };
+            catch_panic(|| f(chunk))
+                .map_err(|(message, location)| TaskError::Panicked { message, location })
+        })
+    };
+    encode_results(&[r])
+}
+
+/// The entry offset of a chunk trampoline (as [`entry_of`]).
+pub(crate) fn chunk_entry_offset(f: ChunkEntry) -> u64 {
+    (f as usize).wrapping_sub(anchor as Entry as usize) as u64
+}
+
+/// Runs a `MAP` frame's chunk in the worker.
+///
+/// # Safety
+///
+/// As [`ChunkEntry`] for `region`, `region_len`, `offset` and `count`.
+pub(crate) unsafe fn run_map(
+    entry: u64,
+    hash: u64,
+    region: *mut u8,
+    region_len: usize,
+    offset: usize,
+    count: usize,
+) -> Vec<u8> {
+    let address = (anchor as Entry as usize).wrapping_add(entry as usize);
+    // SAFETY: as in `run_chunk`: the worker is a fork of the pool's process, so this is
+    // the parent's `read_entry`/`write_entry` for the offset it wrote, which re-checks the
+    // type hash before touching the region.
+    let f: ChunkEntry = unsafe { std::mem::transmute::<usize, ChunkEntry>(address) };
+    // SAFETY: forwarded from the caller.
+    unsafe { f(hash, region, region_len, offset, count) }
+}
+
+/// A `MAP` frame.
+pub(crate) fn map_frame(
+    chunk: u64,
+    mutable: bool,
+    entry: u64,
+    hash: u64,
+    segment: u64,
+    offset: usize,
+    count: usize,
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(MAP_LEN);
+    f.extend_from_slice(&[MAP, u8::from(mutable), 0, 0, 0, 0, 0, 0]);
+    for w in [chunk, entry, hash, segment, offset as u64, count as u64] {
+        f.extend_from_slice(&w.to_le_bytes());
+    }
+    f
 }
 
 /// A task frame: header then the encoded arguments.
@@ -255,6 +426,102 @@ mod tests {
         assert_eq!(out[0], Ok(MaybeOut::Good(1)));
         assert!(matches!(out[1], Err(TaskError::Encode(_))));
         assert_eq!(out[2], Ok(MaybeOut::Good(3)));
+    }
+
+    fn sum(c: &[u32]) -> u64 {
+        c.iter().map(|&x| u64::from(x)).sum()
+    }
+
+    fn bump(c: &mut [u32]) {
+        c.iter_mut().for_each(|x| *x += 1);
+    }
+
+    #[test]
+    fn chunk_entries_check_bounds_alignment_and_type() {
+        let mut buf = vec![0u32; 16];
+        for (i, x) in buf.iter_mut().enumerate() {
+            *x = i as u32;
+        }
+        let region = buf.as_mut_ptr().cast::<u8>();
+        let len = buf.len() * 4;
+        let read = |offset, count, hash| {
+            // SAFETY: `region` is `len` bytes of `buf`, which nothing else touches here.
+            let out = unsafe {
+                read_entry::<fn(&[u32]) -> u64, u32, u64>(hash, region, len, offset, count)
+            };
+            decode_results::<u64>(&out, 1).remove(0)
+        };
+        let hash = type_hash::<fn(&[u32]) -> u64, u32, u64>();
+        // (The trampoline makes the zero-sized `F` from nothing; a fn pointer is not
+        // zero-sized, so only failures that stop before that are exercised with it.)
+        assert!(matches!(read(0, 17, hash), Err(TaskError::Decode(m)) if m.contains("outside")));
+        assert!(matches!(read(4, 16, hash), Err(TaskError::Decode(_))));
+        assert!(matches!(
+            read(usize::MAX, 2, hash),
+            Err(TaskError::Decode(_))
+        ));
+        assert!(matches!(
+            read(0, usize::MAX, hash),
+            Err(TaskError::Decode(_))
+        ));
+        assert!(matches!(read(2, 1, hash), Err(TaskError::Decode(m)) if m.contains("aligned")));
+        assert!(
+            matches!(read(0, 1, hash ^ 1), Err(TaskError::Decode(m)) if m.contains("different function"))
+        );
+        assert_eq!(
+            chunk_ptr::<u32>(region, len, 8, 14).ok(),
+            Some(region.wrapping_add(8).cast())
+        );
+    }
+
+    #[test]
+    fn chunk_entries_read_and_write_in_place() {
+        #[allow(clippy::let_unit_value)]
+        fn run<F: Fn(&[u32]) -> u64 + Copy + 'static>(
+            _: F,
+            buf: &mut [u32],
+            offset: usize,
+            count: usize,
+        ) -> Vec<u8> {
+            let () = ZeroSized::<F>::CHECK;
+            // SAFETY: the region is `buf`, which nothing else touches during the call.
+            unsafe {
+                read_entry::<F, u32, u64>(
+                    type_hash::<F, u32, u64>(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len() * 4,
+                    offset,
+                    count,
+                )
+            }
+        }
+        #[allow(clippy::let_unit_value)]
+        fn run_mut<F: Fn(&mut [u32]) + Copy + 'static>(
+            _: F,
+            buf: &mut [u32],
+            offset: usize,
+            count: usize,
+        ) -> Vec<u8> {
+            let () = ZeroSized::<F>::CHECK;
+            // SAFETY: as above.
+            unsafe {
+                write_entry::<F, u32>(
+                    type_hash::<F, u32, ()>(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len() * 4,
+                    offset,
+                    count,
+                )
+            }
+        }
+        let mut buf: Vec<u32> = (0..10).collect();
+        let out = run(sum, &mut buf, 8, 3);
+        assert_eq!(decode_results::<u64>(&out, 1), vec![Ok(2 + 3 + 4)]);
+        let out = run_mut(bump, &mut buf, 4 * 5, 5);
+        assert_eq!(decode_results::<()>(&out, 1), vec![Ok(())]);
+        assert_eq!(buf, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]);
+        // (A panicking `f` is tested with real workers: `catch_panic` forgets the panic's
+        // payload on purpose, which Miri reports as a leak.)
     }
 
     #[test]

@@ -176,6 +176,8 @@ pub(crate) fn init() {
 /// [`Error::MultiThreaded`] when neither is safe; [`Error::Io`] if the thread count
 /// cannot be read.
 pub fn default_start_method() -> Result<StartMethod> {
+    // A pool's waker thread (alive while `.await`s wait) is stopped for the fork.
+    crate::pool::pause_waiters();
     let threads = thread_count()?;
     if threads <= 1 {
         Ok(StartMethod::Fork)
@@ -200,6 +202,8 @@ fn thread_count() -> Result<u64> {
 }
 
 fn refuse_if_threaded() -> Result<()> {
+    // A pool's waker thread (alive while `.await`s wait) is stopped for the fork.
+    crate::pool::pause_waiters();
     let threads = thread_count()?;
     if threads > 1 {
         return Err(Error::MultiThreaded { threads });

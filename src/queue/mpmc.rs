@@ -1073,6 +1073,43 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
         Ok(r)
     }
 
+    /// Waits, without taking anything, until a message looks ready at the head, `give_up`
+    /// returns true, or `timeout` passes; returns whether a message looked ready. For a
+    /// watcher thread that only tells the real consumer to come (the pool's waker
+    /// thread). Runs no dead-peer check; a claim by a dead producer reads as "not ready".
+    pub(crate) fn wait_not_empty(
+        &self,
+        timeout: std::time::Duration,
+        give_up: impl Fn() -> bool,
+    ) -> bool {
+        let h = self.ring.header();
+        let ready = || {
+            let pos = h.head.load(Ordering::Acquire);
+            self.ring.slot(pos).stamp.load(Ordering::Acquire) == pos.wrapping_add(1)
+        };
+        block_on(
+            &h.not_empty,
+            Deadline::after(timeout),
+            || {
+                if ready() {
+                    Attempt::Ready(true)
+                } else if give_up() {
+                    Attempt::Ready(false)
+                } else {
+                    Attempt::Blocked
+                }
+            },
+            || None,
+        )
+        .unwrap_or(false)
+    }
+
+    /// Wakes every thread sleeping in a receive or [`wait_not_empty`](Self::wait_not_empty)
+    /// on this queue (they re-check their condition), e.g. after setting a `give_up` flag.
+    pub(crate) fn wake_receivers(&self) {
+        self.ring.header().not_empty.notify_all();
+    }
+
     receiver_api!();
 }
 

@@ -732,9 +732,16 @@ extern "C" fn prepare_fork() {
     let me = current_process();
     st.lender = me;
     st.children_before = sys::children_of_current_thread().ok();
+    // One read of the map for every entry not looked up yet (a pool creating rings
+    // before each fork would otherwise read it once per ring).
+    let mut maps = None;
     for e in &mut st.entries {
         if e.mapping.is_none() {
-            if let Ok(Some((start, end, Some(file)))) = sys::own_mapping_at(e.table) {
+            let maps = maps.get_or_insert_with(|| sys::own_mappings().unwrap_or_default());
+            if let Some(&(start, end, Some(file))) = maps
+                .iter()
+                .find(|&&(start, end, _)| start <= e.table && e.table < end)
+            {
                 e.mapping = Some((start, end, file));
             }
         }

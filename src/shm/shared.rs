@@ -244,6 +244,14 @@ impl<T: ?Sized> Shared<T> {
     pub fn ptr_eq(this: &Shared<T>, other: &Shared<T>) -> bool {
         Arc::ptr_eq(&this.segment, &other.segment)
     }
+
+    /// The segment handle and where the value starts in its data area (the pool's
+    /// zero-copy chunk maps pass these instead of the data).
+    pub(crate) fn segment_parts(&self) -> (&Arc<Segment>, usize) {
+        let offset = (self.ptr.as_ptr().cast::<u8>() as usize)
+            .wrapping_sub(self.segment.data_ptr().as_ptr() as usize);
+        (&self.segment, offset)
+    }
 }
 
 impl<T: ?Sized> Deref for Shared<T> {

@@ -496,6 +496,12 @@ impl<T> Array<T> {
     pub fn segment(&self) -> &Segment {
         &self.segment
     }
+
+    /// The segment handle and where the elements start in its data area, for the pool's
+    /// zero-copy chunk maps.
+    pub(crate) fn segment_parts(&self) -> (&Arc<Segment>, usize) {
+        (&self.segment, size_of::<ArrayHead<T>>())
+    }
 }
 
 impl<T> Clone for Array<T> {
@@ -533,6 +539,12 @@ pub struct ArrayGuard<'a, T> {
 impl<T> ArrayGuard<'_, T> {
     pub(crate) fn dead_holder(&self) -> Option<u32> {
         self._lock.raw().dead_holder()
+    }
+
+    /// Marks the array poisoned, as a panic while holding the guard would (the pool does
+    /// when a chunk it was transforming in place failed half-way).
+    pub(crate) fn poison(&self) {
+        self._lock.raw().poison();
     }
 }
 

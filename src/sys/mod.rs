@@ -16,6 +16,7 @@
 //! | `linux/procfs.rs` | `/proc` evidence: stat, thread lists, maps, pid namespace | the Linux back end |
 //! | `linux/shm.rs` | memfd, named objects, aligned shared mappings | the Linux back end |
 //! | `linux/task.rs` | fork, exit, wait, signals, task existence | the Linux back end |
+//! | `maps.rs` | this process's mappings, read once per fork (`/proc/self/maps`) | Linux |
 //! | `process.rs` | pidfds, `waitid`, re-exec with inherited descriptors (the `Process` layer) | Linux only, for now |
 //!
 //! # The back-end contract
@@ -87,6 +88,10 @@ pub(crate) use process::*;
 // POSIX too; only the `Process` layer (Linux, for now) calls it.
 mod process_group;
 pub(crate) use process_group::*;
+#[cfg(target_os = "linux")]
+mod maps;
+#[cfg(target_os = "linux")]
+pub(crate) use maps::*;
 
 // Sockets are POSIX, not Linux-specific: shared by every Unix back end.
 mod socket;
