@@ -76,7 +76,8 @@
 //! ```
 //!
 //! With `--features compare`, two competitors join both groups: `ipc_channel` (servo's
-//! ipc-channel) and `iceoryx2` (its publish-subscribe, busy-polling); see [`compare`].
+//! ipc-channel) and `iceoryx2` (its publish-subscribe, busy-polling; and, for round trips,
+//! `iceoryx2_blocking`, sleeping on its event listeners); see [`compare`].
 //!
 //! ```text
 //! cargo bench --features compare --bench queue_vs_pipe
@@ -133,6 +134,7 @@ const TRANSPORTS: &[(&str, TransportFn)] = &[
 const COMPETITORS: &[(&str, TransportFn)] = &[
     ("ipc_channel", compare::bench_ipc_channel),
     ("iceoryx2", compare::bench_iceoryx2),
+    ("iceoryx2_blocking", compare::bench_iceoryx2_blocking),
 ];
 #[cfg(not(feature = "compare"))]
 const COMPETITORS: &[(&str, TransportFn)] = &[];

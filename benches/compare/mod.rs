@@ -13,6 +13,10 @@
 //!   spin, like `bare_ring`, and need a CPU each. The subscriber buffer holds as many
 //!   messages as the other rings ([`RING_SLOTS`] up to 1KiB, [`BYTE_RING`] bytes above).
 //!
+//! * `iceoryx2_blocking` (round trips only): the same, but a receiver with nothing to take
+//!   sleeps on an iceoryx2 event listener (`blocking_wait`) and every send is followed by
+//!   a `notify` on the matching event service: iceoryx2's way to wait without spinning.
+//!
 //! iceoryx2 endpoints belong to a node of the process that creates them, so the peer
 //! creates its own (lazily, on its first round) and the bench process waits, before it
 //! sends the first ping, until the peer's subscriber is connected.
@@ -156,6 +160,138 @@ fn iox_recv(subscriber: &IoxSubscriber, buf: &mut [u8]) -> Result<(), &'static s
             Err(_) => return Err("iceoryx2 receive failed"),
         }
     }
+}
+
+type IoxEvent = iceoryx2::service::port_factory::event::PortFactory<ipc::Service>;
+type IoxListener = iceoryx2::port::listener::Listener<ipc::Service>;
+type IoxNotifier = iceoryx2::port::notifier::Notifier<ipc::Service>;
+
+fn iox_event(node: &Node<ipc::Service>, name: &ServiceName) -> IoxEvent {
+    node.service_builder(name)
+        .event()
+        .max_notifiers(1)
+        .max_listeners(1)
+        .open_or_create()
+        .expect("creating an iceoryx2 event service")
+}
+
+/// One direction of a blocking iceoryx2 link: samples, and an event per sample.
+struct BlockingTx(IoxPublisher, IoxNotifier);
+struct BlockingRx(IoxSubscriber, IoxListener);
+
+impl BlockingTx {
+    fn send(&self, msg: &[u8]) -> Result<(), &'static str> {
+        iox_send(&self.0, msg)?;
+        self.1
+            .notify()
+            .map(drop)
+            .map_err(|_| "iceoryx2 notify failed")
+    }
+}
+
+impl BlockingRx {
+    /// Takes the next sample, sleeping on the listener while there is none (a notify
+    /// that came first is kept by the listener, so the wait returns at once).
+    fn recv(&self, buf: &mut [u8]) -> Result<(), &'static str> {
+        loop {
+            match self.0.receive() {
+                Ok(Some(sample)) => {
+                    buf.copy_from_slice(sample.payload());
+                    return Ok(());
+                }
+                Ok(None) => {
+                    self.1
+                        .blocking_wait(|_| {})
+                        .map_err(|_| "iceoryx2 wait failed")?;
+                }
+                Err(_) => return Err("iceoryx2 receive failed"),
+            }
+        }
+    }
+}
+
+pub(super) fn bench_iceoryx2_blocking(group: &mut Group<'_>, case: Case) {
+    if !matches!(case.kind, Kind::Roundtrip) {
+        return;
+    }
+    let node = iox_node();
+    let names = [
+        iox_name("ping"),
+        iox_name("pong"),
+        iox_name("ping-event"),
+        iox_name("pong-event"),
+    ];
+    let ping_service = iox_service(&node, &names[0], 1);
+    let pong_service = iox_service(&node, &names[1], 1);
+    let ping_event = iox_event(&node, &names[2]);
+    let pong_event = iox_event(&node, &names[3]);
+    let to_peer = BlockingTx(
+        iox_publisher(&ping_service, size_of::<Ping>()),
+        ping_event
+            .notifier_builder()
+            .create()
+            .expect("creating an iceoryx2 notifier"),
+    );
+    let from_peer = BlockingRx(
+        iox_subscriber(&pong_service, 1),
+        pong_event
+            .listener_builder()
+            .create()
+            .expect("creating an iceoryx2 listener"),
+    );
+    struct Peer {
+        names: [ServiceName; 4],
+        ports: Option<(Node<ipc::Service>, BlockingRx, BlockingTx)>,
+    }
+    let peer = Peer { names, ports: None };
+    run_forked(
+        group,
+        case,
+        peer,
+        |peer, iters| {
+            let names = &peer.names;
+            let (_, from, to) = peer.ports.get_or_insert_with(|| {
+                let node = iox_node();
+                let ping = iox_service(&node, &names[0], 1);
+                let pong = iox_service(&node, &names[1], 1);
+                let ping_event = iox_event(&node, &names[2]);
+                let pong_event = iox_event(&node, &names[3]);
+                let from = BlockingRx(
+                    iox_subscriber(&ping, 1),
+                    ping_event.listener_builder().create().expect("listener"),
+                );
+                let to = BlockingTx(
+                    iox_publisher(&pong, size_of::<Ping>()),
+                    pong_event.notifier_builder().create().expect("notifier"),
+                );
+                (node, from, to)
+            });
+            let mut buf = Ping::default();
+            for _ in 0..iters {
+                from.recv(&mut buf)?;
+                to.send(&buf)?;
+            }
+            Ok(())
+        },
+        move |iters| {
+            let _keep = (&node, &pong_service);
+            while ping_service.dynamic_config().number_of_subscribers() == 0
+                || ping_event.dynamic_config().number_of_listeners() == 0
+                || pong_event.dynamic_config().number_of_notifiers() == 0
+            {
+                spin_loop();
+            }
+            let mut sum = 0;
+            let (mut ping, mut pong) = (Ping::default(), Ping::default());
+            for i in 0..iters {
+                stamp(&mut ping, i);
+                to_peer.send(&ping).expect("iceoryx2 send");
+                from_peer.recv(&mut pong).expect("iceoryx2 receive");
+                sum += touch(&pong);
+            }
+            sum
+        },
+    );
 }
 
 pub(super) fn bench_iceoryx2(group: &mut Group<'_>, case: Case) {
