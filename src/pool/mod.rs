@@ -217,7 +217,7 @@ pub struct Pool {
 #[must_use = "a PoolBuilder does nothing until build()"]
 pub struct PoolBuilder {
     processes: Option<usize>,
-    method: StartMethod,
+    method: Option<StartMethod>,
     init: Option<worker::Init>,
     max_tasks: Option<usize>,
     task_timeout: Option<Duration>,
@@ -231,21 +231,34 @@ impl PoolBuilder {
         self
     }
 
-    /// The start method for workers. Only [`StartMethod::Fork`] (the default) is
-    /// supported for now; others make `build` fail with a message saying so.
+    /// The start method for every worker, replacements included. Without it, each
+    /// worker's start follows the [default rule](crate::process::default_start_method)
+    /// at that moment (see [Start methods](self#start-methods)). `Spawn` and `ForkServer`
+    /// need [`procshare::init()`](crate::init) first in `main`.
     pub fn start_method(mut self, method: StartMethod) -> Self {
-        self.method = method;
+        self.method = Some(method);
         self
     }
 
     /// Runs `f(arg)` once in each worker before its first task (Python's `initializer`
     /// and `initargs`). A panic in it is a pool error, see the [module docs](self).
+    ///
+    /// As for tasks, `f` is a `fn` item or a closure that captures nothing (checked at
+    /// compile time), and `arg` travels with postcard to a spawned worker; handles in it
+    /// (a `Queue`, a channel end, an `Array`...) cross with their descriptors as in a
+    /// [`Process::spawn`](crate::Process::spawn) argument. A forked worker gets a clone.
     pub fn initializer<F, A>(mut self, f: F, arg: A) -> Self
     where
         F: Fn(A) + Copy + 'static,
-        A: Clone + 'static,
+        A: Serialize + DeserializeOwned + Clone + 'static,
     {
-        self.init = Some(Rc::new(move || f(arg.clone())));
+        #[allow(clippy::let_unit_value)]
+        let () = ZeroSized::<F>::CHECK;
+        let spawner = worker::spawner::<worker::UserInit<F, A>>(arg.clone());
+        self.init = Some(worker::Init {
+            run: Rc::new(move || f(arg.clone())),
+            spawner,
+        });
         self
     }
 
@@ -273,13 +286,13 @@ impl PoolBuilder {
     ///
     /// # Errors
     ///
-    /// [`PoolError::Start`] for `processes(0)`, `max_tasks_per_child(0)`, a start method
-    /// other than `Fork`, a multi-threaded caller ([`Error::MultiThreaded`]) or an OS
-    /// error; [`PoolError::Initializer`] if the initializer failed in a worker.
+    /// [`PoolError::Start`] for `processes(0)`, `max_tasks_per_child(0)`, an explicit
+    /// `Fork` (or the default rule) in a multi-threaded caller with no safe way to start
+    /// ([`Error::MultiThreaded`]), `Spawn` or `ForkServer` without
+    /// [`procshare::init()`](crate::init), a worker whose bootstrap failed (noticed here
+    /// only while waiting for an initializer), or an OS error;
+    /// [`PoolError::Initializer`] if the initializer failed in a worker.
     pub fn build(self) -> Result<Pool, PoolError> {
-        if self.method != StartMethod::Fork {
-            return Err(PoolError::Start(worker::unsupported(self.method)));
-        }
         let processes = self.processes.unwrap_or_else(crate::cpu_count);
         if processes == 0 || self.max_tasks == Some(0) {
             return Err(PoolError::Start(Error::InvalidArgument {
@@ -289,6 +302,7 @@ impl PoolBuilder {
         let has_init = self.init.is_some();
         let core = Core::new(Config {
             processes,
+            method: self.method,
             init: self.init,
             max_tasks: self.max_tasks,
             task_timeout: self.task_timeout,
@@ -301,11 +315,20 @@ impl PoolBuilder {
             let until = Instant::now() + INIT_TIMEOUT;
             loop {
                 let mut core = pool.core.borrow_mut();
-                if let State::Stopped(TaskError::Initializer { message, location }) = &core.state {
-                    return Err(PoolError::Initializer {
-                        message: message.clone(),
-                        location: location.clone(),
-                    });
+                match &core.state {
+                    State::Stopped(TaskError::Initializer { message, location }) => {
+                        return Err(PoolError::Initializer {
+                            message: message.clone(),
+                            location: location.clone(),
+                        });
+                    }
+                    State::Stopped(e) => {
+                        return Err(PoolError::Start(Error::Io {
+                            op: "starting the pool's workers",
+                            source: std::io::Error::other(e.to_string()),
+                        }));
+                    }
+                    _ => {}
                 }
                 if core.all_ready() {
                     break;
@@ -336,7 +359,8 @@ fn check_chunksize(chunksize: usize) -> Result<usize, TaskError> {
 }
 
 impl Pool {
-    /// A pool of `processes` forked workers.
+    /// A pool of `processes` workers, started by the default rule (forked while this
+    /// process is single-threaded; see [Start methods](self#start-methods)).
     ///
     /// # Errors
     ///
@@ -349,7 +373,7 @@ impl Pool {
     pub fn builder() -> PoolBuilder {
         PoolBuilder {
             processes: None,
-            method: StartMethod::Fork,
+            method: None,
             init: None,
             max_tasks: None,
             task_timeout: None,
