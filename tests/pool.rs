@@ -95,7 +95,6 @@ fn main() {
         large_arguments_and_results_cross_promptly,
         futures_resolve_under_a_parking_executor_without_busy_polling,
         a_join_of_many_futures_gets_every_result,
-        a_future_whose_worker_is_killed_resolves_to_worker_died,
         fork_works_right_after_an_await,
         a_child_forked_unchecked_beside_the_waiter_can_fork_again,
         dropping_the_pool_resolves_pending_futures_closed,
@@ -124,6 +123,8 @@ fn main() {
         for_each_chunk_mut_transforms_in_place_element_by_element,
         a_worker_killed_mid_chunk_fails_that_chunk_only,
         workers_die_with_the_pools_process,
+        a_future_whose_worker_is_killed_resolves_to_worker_died,
+        initializer_arguments_carry_handles,
     ])
     .chain(under_fork_and_spawn![
         terminate_with_work_in_flight_is_prompt,
@@ -790,8 +791,8 @@ fn a_join_of_many_futures_gets_every_result() {
     assert_eq!(got, [80u64, 1, 40, 1, 20, 1].map(Ok).to_vec());
 }
 
-fn a_future_whose_worker_is_killed_resolves_to_worker_died() {
-    let pool = Pool::new(1).unwrap();
+fn a_future_whose_worker_is_killed_resolves_to_worker_died<const M: u8>() {
+    let pool = pool::<M>(1).unwrap();
     let victim = pool.pids()[0];
     let slow = pool.apply_async(sleep_ms, 5_000).unwrap();
     let behind = pool.apply_async(square, 5).unwrap();
@@ -818,8 +819,9 @@ fn a_future_whose_worker_is_killed_resolves_to_worker_died() {
     );
     assert_eq!(got[1], Ok(25), "the task queued behind it still runs");
     common::join(killer, Duration::from_secs(5));
-    // The replacement was forked while the waiter thread was alive (it is stopped for
-    // the fork), and the pool goes on.
+    // The replacement was started while the waiter thread was alive (under Fork it is
+    // stopped for the fork; under Spawn and ForkServer it need not be), and the pool goes
+    // on.
     assert_ne!(pool.pids()[0], victim);
     let (r, _) = block_on(pool.apply_async(square, 6).unwrap());
     assert_eq!(r, Ok(36));
@@ -1223,4 +1225,26 @@ fn a_worker_that_fails_its_bootstrap_stops_the_pool() {
         Err(PoolError::Start(e)) => assert!(e.to_string().contains("different executable")),
         other => panic!("{other:?}"),
     }
+}
+
+fn report_pid(tx: procshare::channel::Sender<u32>) {
+    tx.send(std::process::id()).unwrap();
+}
+
+fn initializer_arguments_carry_handles<const M: u8>() {
+    let (tx, rx) = procshare::channel::<u32>(16).unwrap();
+    let pool = builder::<M>()
+        .processes(2)
+        .initializer(report_pid, tx)
+        .build()
+        .unwrap();
+    let got: BTreeSet<u32> = (0..2).map(|_| rx.recv_timeout(LIMIT).unwrap()).collect();
+    assert_eq!(got, pool.pids().into_iter().collect::<BTreeSet<u32>>());
+    // Every sender (the pool's copy for later workers, the workers' own) goes with the
+    // pool: the count of senders stays exact across the start method.
+    drop(pool);
+    assert_eq!(
+        rx.recv_timeout(LIMIT),
+        Err(procshare::RecvTimeoutError::Disconnected)
+    );
 }
