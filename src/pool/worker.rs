@@ -41,7 +41,7 @@ pub(crate) const MAX_MESSAGE: usize = 1 << 30;
 pub(crate) struct Init {
     /// Runs it here (a forked worker inherits the closure and its argument).
     pub(crate) run: Rc<dyn Fn()>,
-    /// Spawns a worker that runs it (see [`spawn_with`]).
+    /// Spawns a worker that runs it (see [`spawner`]).
     pub(crate) spawner: Spawner,
 }
 
@@ -179,7 +179,7 @@ pub(crate) struct Worker {
 const FD_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts worker number `slot` under `method` (`None`: the default rule of
-/// [`default_start_method`](crate::default_start_method), applied now).
+/// [`default_start_method`](crate::process::default_start_method), applied now).
 ///
 /// Under `Fork` the worker runs a closure that borrows its rings (the child has a copy);
 /// under `Spawn` and `ForkServer` it is [`spawned`], with its rings, doorbell sender and
