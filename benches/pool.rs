@@ -7,6 +7,11 @@
 //! * `pool_overhead`: tiny tasks, where only the pool's own cost shows: `map` of the
 //!   identity over 10 000 `u64`s with Python's default chunks and with chunksize 1,
 //!   `apply_async` × 1000 in flight, one `apply` round trip, and `Pool::new(2)` + drop.
+//! * `pool_start_methods`: per start method (`fork`, `spawn`, `forkserver`):
+//!   `pool_new/<method>`, a 2-worker pool built with a no-op initializer (so `build`
+//!   returns once both workers run; without one a Spawn pool's `build` returns before its
+//!   workers reach `init()`) and dropped; and `map_identity_10k/<method>`, the
+//!   default-chunk `map` of `pool_overhead` on a pool of that method.
 //! * `pool_inplace`: an `Array<f64>` transformed in place, `x = x * 1.0001 + 1`, by the
 //!   2-worker pool (`for_each_chunk_mut`, 4 MiB chunks, zero-copy), by one loop in this
 //!   process, and, for the memory bandwidth ceiling, a `memcpy` of the same bytes into a
@@ -23,7 +28,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput};
-use procshare::{Array, Pool};
+use procshare::{Array, Pool, StartMethod};
 
 fn fib(n: u32) -> u64 {
     if n < 2 {
@@ -129,6 +134,35 @@ fn overhead(c: &mut Criterion, pool: &Pool) {
     g.finish();
 }
 
+fn noop(_: ()) {}
+
+fn start_methods(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pool_start_methods");
+    g.sample_size(10);
+    for (name, method) in [
+        ("fork", StartMethod::Fork),
+        ("spawn", StartMethod::Spawn),
+        ("forkserver", StartMethod::ForkServer),
+    ] {
+        let build = || {
+            Pool::builder()
+                .processes(2)
+                .start_method(method)
+                .initializer(noop, ())
+                .build()
+                .unwrap()
+        };
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("pool_new/{name}"), |b| b.iter(|| drop(build())));
+        let pool = build();
+        g.throughput(Throughput::Elements(10_000));
+        g.bench_function(format!("map_identity_10k/{name}"), |b| {
+            b.iter(|| assert_eq!(pool.map(identity, 0..10_000u64).unwrap().len(), 10_000))
+        });
+    }
+    g.finish();
+}
+
 fn affine(chunk: &mut [f64]) {
     for x in chunk {
         *x = *x * 1.0001 + 1.0;
@@ -169,5 +203,6 @@ fn main() {
     overhead(&mut c, &pool);
     inplace(&mut c, &pool);
     drop(pool);
+    start_methods(&mut c);
     c.final_summary();
 }

@@ -15,52 +15,124 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use procshare::pool::IMap;
-use procshare::{Array, Pool, PoolError, Shared, StartMethod, TaskError, as_completed};
+use procshare::{
+    Array, Pool, PoolBuilder, PoolError, Shared, StartMethod, TaskError, as_completed,
+};
 use serde::{Deserialize, Serialize};
+
+// --- start methods: the core tests run once per method ---
+
+const FORK: u8 = 0;
+const SPAWN: u8 = 1;
+const FORKSERVER: u8 = 2;
+
+fn method<const M: u8>() -> StartMethod {
+    match M {
+        FORK => StartMethod::Fork,
+        SPAWN => StartMethod::Spawn,
+        _ => StartMethod::ForkServer,
+    }
+}
+
+/// A builder for a pool whose workers start by method `M`.
+fn builder<const M: u8>() -> PoolBuilder {
+    Pool::builder().start_method(method::<M>())
+}
+
+fn pool<const M: u8>(processes: usize) -> Result<Pool, PoolError> {
+    builder::<M>().processes(processes).build()
+}
+
+fn own(t: &common::Test) -> common::Test {
+    common::Test {
+        name: t.name,
+        limit: t.limit,
+        body: t.body,
+    }
+}
+
+fn test(name: &'static str, body: fn()) -> common::Test {
+    common::Test {
+        name,
+        limit: Duration::from_secs(30),
+        body,
+    }
+}
+
+/// Each test `name::<M>` once per start method, as `name::fork`, `name::spawn` and
+/// `name::forkserver` (a filter on `name` selects all three).
+macro_rules! under_every_method {
+    ($($name:ident),* $(,)?) => {
+        [$(
+            test(concat!(stringify!($name), "::fork"), $name::<FORK>),
+            test(concat!(stringify!($name), "::spawn"), $name::<SPAWN>),
+            test(concat!(stringify!($name), "::forkserver"), $name::<FORKSERVER>),
+        )*]
+    };
+}
+
+/// As `under_every_method`, without ForkServer: for tests that count this process's
+/// children (the fork server is one).
+macro_rules! under_fork_and_spawn {
+    ($($name:ident),* $(,)?) => {
+        [$(
+            test(concat!(stringify!($name), "::fork"), $name::<FORK>),
+            test(concat!(stringify!($name), "::spawn"), $name::<SPAWN>),
+        )*]
+    };
+}
 
 fn main() {
     procshare::init();
-    common::run(
-        tests![
-            map_returns_squares_in_order,
-            chunk_sizes_one_larger_than_input_and_empty_input,
-            chunksize_zero_is_refused,
-            imap_keeps_order_and_imap_unordered_gives_every_item,
-            starmap_apply_and_map_async,
-            apply_async_get_timeout_ready_and_wait,
-            submit_and_as_completed,
-            a_panicking_task_fails_alone_with_message_and_location,
-            a_worker_killed_mid_map_fails_exactly_its_task_and_is_replaced,
-            a_worker_killed_during_apply_async_fails_that_task,
-            retries_rerun_a_task_whose_worker_died,
-            task_timeout_fails_the_task_and_replaces_only_its_worker,
-            initializer_runs_once_per_worker_before_tasks,
-            a_failing_initializer_is_a_pool_error_not_a_respawn_loop,
-            an_unencodable_result_is_that_items_error,
-            max_tasks_per_child_recycles_workers,
-            terminate_with_work_in_flight_is_prompt,
-            dropping_a_pool_mid_map_async_leaves_no_children,
-            close_then_join_finishes_queued_work,
-            other_start_methods_are_refused_with_a_clear_error,
-            large_arguments_and_results_cross_promptly,
-            fifty_respawns_leak_no_descriptors_or_children,
-            workers_die_with_the_pools_process,
-            futures_resolve_under_a_parking_executor_without_busy_polling,
-            a_join_of_many_futures_gets_every_result,
-            a_future_whose_worker_is_killed_resolves_to_worker_died,
-            fork_works_right_after_an_await,
-            a_child_forked_unchecked_beside_the_waiter_can_fork_again,
-            dropping_the_pool_resolves_pending_futures_closed,
-            the_waiter_thread_ends_when_no_future_waits,
-            map_chunks_reads_arrays_and_shared_slices_in_place,
-            chunk_len_edge_cases,
-            for_each_chunk_mut_transforms_in_place_element_by_element,
-            a_worker_killed_mid_chunk_fails_that_chunk_only,
-            a_panicking_chunk_fails_alone_and_poisons_the_array,
-            workers_unmap_arrays_the_pool_no_longer_has,
-        ],
-        &[],
-    )
+    let all: Vec<common::Test> = tests![
+        chunk_sizes_one_larger_than_input_and_empty_input,
+        chunksize_zero_is_refused,
+        submit_and_as_completed,
+        retries_rerun_a_task_whose_worker_died,
+        task_timeout_fails_the_task_and_replaces_only_its_worker,
+        an_unencodable_result_is_that_items_error,
+        close_then_join_finishes_queued_work,
+        large_arguments_and_results_cross_promptly,
+        futures_resolve_under_a_parking_executor_without_busy_polling,
+        a_join_of_many_futures_gets_every_result,
+        fork_works_right_after_an_await,
+        a_child_forked_unchecked_beside_the_waiter_can_fork_again,
+        dropping_the_pool_resolves_pending_futures_closed,
+        the_waiter_thread_ends_when_no_future_waits,
+        chunk_len_edge_cases,
+        a_panicking_chunk_fails_alone_and_poisons_the_array,
+        workers_unmap_arrays_the_pool_no_longer_has,
+        processes_zero_is_refused,
+        the_default_start_method_follows_the_process_rule,
+        a_worker_that_fails_its_bootstrap_stops_the_pool,
+    ]
+    .iter()
+    .map(own)
+    .chain(under_every_method![
+        map_returns_squares_in_order,
+        imap_keeps_order_and_imap_unordered_gives_every_item,
+        starmap_apply_and_map_async,
+        apply_async_get_timeout_ready_and_wait,
+        a_panicking_task_fails_alone_with_message_and_location,
+        a_worker_killed_mid_map_fails_exactly_its_task_and_is_replaced,
+        a_worker_killed_during_apply_async_fails_that_task,
+        initializer_runs_once_per_worker_before_tasks,
+        a_failing_initializer_is_a_pool_error_not_a_respawn_loop,
+        max_tasks_per_child_recycles_workers,
+        map_chunks_reads_arrays_and_shared_slices_in_place,
+        for_each_chunk_mut_transforms_in_place_element_by_element,
+        a_worker_killed_mid_chunk_fails_that_chunk_only,
+        workers_die_with_the_pools_process,
+        a_future_whose_worker_is_killed_resolves_to_worker_died,
+        initializer_arguments_carry_handles,
+    ])
+    .chain(under_fork_and_spawn![
+        terminate_with_work_in_flight_is_prompt,
+        dropping_a_pool_mid_map_async_leaves_no_children,
+        fifty_respawns_leak_no_descriptors_or_children,
+    ])
+    .collect();
+    common::run(&all, &[])
 }
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -97,8 +169,8 @@ fn assert_no_children() {
     );
 }
 
-fn map_returns_squares_in_order() {
-    let pool = Pool::new(2).unwrap();
+fn map_returns_squares_in_order<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
     assert_eq!(pool.processes(), 2);
     let out = pool.map(square, 0..1000u64).unwrap();
     assert_eq!(out, (0..1000u64).map(|x| x * x).collect::<Vec<_>>());
@@ -133,8 +205,8 @@ fn chunksize_zero_is_refused() {
     assert_eq!(pool.map(square, 0..3u64).unwrap(), vec![0, 1, 4]);
 }
 
-fn imap_keeps_order_and_imap_unordered_gives_every_item() {
-    let pool = Pool::new(2).unwrap();
+fn imap_keeps_order_and_imap_unordered_gives_every_item<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
     // Later items finish first: the ordered iterator must still yield in input order.
     let ms = [60u64, 1, 40, 1, 20, 1];
     let got: Vec<u64> = pool
@@ -160,8 +232,8 @@ fn imap_keeps_order_and_imap_unordered_gives_every_item() {
     assert_eq!(n, 50);
 }
 
-fn starmap_apply_and_map_async() {
-    let pool = Pool::new(2).unwrap();
+fn starmap_apply_and_map_async<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
     let out = pool
         .starmap(
             |a: u32, b: String| format!("{b}{a}"),
@@ -179,8 +251,8 @@ fn starmap_apply_and_map_async() {
     assert_eq!(r.get().unwrap().len(), 10);
 }
 
-fn apply_async_get_timeout_ready_and_wait() {
-    let pool = Pool::new(2).unwrap();
+fn apply_async_get_timeout_ready_and_wait<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
     let mut r = pool.apply_async(sleep_ms, 300).unwrap();
     assert!(!r.ready());
     assert!(r.get_timeout(Duration::from_millis(20)).is_none());
@@ -205,8 +277,8 @@ fn submit_and_as_completed() {
     assert_eq!(order[2], 200, "the slowest comes last: {order:?}");
 }
 
-fn a_panicking_task_fails_alone_with_message_and_location() {
-    let pool = Pool::new(2).unwrap();
+fn a_panicking_task_fails_alone_with_message_and_location<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
     let got: Vec<Result<u32, TaskError>> = pool
         .imap(
             |x: u32| {
@@ -240,8 +312,8 @@ fn a_panicking_task_fails_alone_with_message_and_location() {
     assert_eq!(pool.map(square, 0..4u64).unwrap(), vec![0, 1, 4, 9]);
 }
 
-fn a_worker_killed_mid_map_fails_exactly_its_task_and_is_replaced() {
-    let pool = Pool::new(2).unwrap();
+fn a_worker_killed_mid_map_fails_exactly_its_task_and_is_replaced<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
     let before: BTreeSet<u32> = pool.pids().into_iter().collect();
     let t = Instant::now();
     let got: Vec<Result<u32, TaskError>> = pool.imap(kill_self_at_7, 0..20u32).unwrap().collect();
@@ -272,8 +344,8 @@ fn a_worker_killed_mid_map_fails_exactly_its_task_and_is_replaced() {
     assert!(after != before, "a new worker pid appears");
 }
 
-fn a_worker_killed_during_apply_async_fails_that_task() {
-    let pool = Pool::new(1).unwrap();
+fn a_worker_killed_during_apply_async_fails_that_task<const M: u8>() {
+    let pool = pool::<M>(1).unwrap();
     let r = pool.apply_async(sleep_ms, 5_000).unwrap();
     let other = pool.apply_async(square, 5).unwrap();
     // Let the worker take the task, then kill it from outside.
@@ -363,8 +435,8 @@ fn init_runs(_: u32) -> (u32, u32) {
     (std::process::id(), INIT_RUNS.load(Ordering::SeqCst))
 }
 
-fn initializer_runs_once_per_worker_before_tasks() {
-    let pool = Pool::builder()
+fn initializer_runs_once_per_worker_before_tasks<const M: u8>() {
+    let pool = builder::<M>()
         .processes(2)
         .initializer(init_worker, 1)
         .build()
@@ -384,9 +456,9 @@ fn failing_init(_: ()) {
     panic!("no database");
 }
 
-fn a_failing_initializer_is_a_pool_error_not_a_respawn_loop() {
+fn a_failing_initializer_is_a_pool_error_not_a_respawn_loop<const M: u8>() {
     let t = Instant::now();
-    match Pool::builder()
+    match builder::<M>()
         .processes(2)
         .initializer(failing_init, ())
         .build()
@@ -398,7 +470,7 @@ fn a_failing_initializer_is_a_pool_error_not_a_respawn_loop() {
         other => panic!("{other:?}"),
     }
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert_no_children();
+    assert_no_children_but_a_fork_server::<M>();
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -442,8 +514,8 @@ fn an_unencodable_result_is_that_items_error() {
     assert_eq!(pool.apply(picky, 3), Ok(Picky::Fine(3)));
 }
 
-fn max_tasks_per_child_recycles_workers() {
-    let pool = Pool::builder()
+fn max_tasks_per_child_recycles_workers<const M: u8>() {
+    let pool = builder::<M>()
         .processes(1)
         .max_tasks_per_child(2)
         .build()
@@ -456,8 +528,8 @@ fn max_tasks_per_child_recycles_workers() {
     assert_eq!(pool.map(square, 0..5u64).unwrap(), vec![0, 1, 4, 9, 16]);
 }
 
-fn terminate_with_work_in_flight_is_prompt() {
-    let pool = Pool::new(2).unwrap();
+fn terminate_with_work_in_flight_is_prompt<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
     let r = pool.map_async_chunked(sleep_ms, [10_000u64; 8], 1).unwrap();
     assert!(!r.wait_timeout(Duration::from_millis(100)));
     let t = Instant::now();
@@ -468,8 +540,8 @@ fn terminate_with_work_in_flight_is_prompt() {
     assert_no_children();
 }
 
-fn dropping_a_pool_mid_map_async_leaves_no_children() {
-    let pool = Pool::new(2).unwrap();
+fn dropping_a_pool_mid_map_async_leaves_no_children<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
     let r = pool.map_async_chunked(sleep_ms, [10_000u64; 4], 1).unwrap();
     assert!(!r.wait_timeout(Duration::from_millis(100)));
     let t = Instant::now();
@@ -490,14 +562,18 @@ fn close_then_join_finishes_queued_work() {
     assert_no_children();
 }
 
-fn other_start_methods_are_refused_with_a_clear_error() {
-    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+fn processes_zero_is_refused() {
+    for m in [
+        StartMethod::Fork,
+        StartMethod::Spawn,
+        StartMethod::ForkServer,
+    ] {
         let e = Pool::builder()
-            .processes(1)
+            .processes(0)
             .start_method(m)
             .build()
             .unwrap_err();
-        assert!(e.to_string().contains("StartMethod::Fork only"), "{e}");
+        assert!(e.to_string().contains("processes >= 1"), "{e}");
     }
     assert!(Pool::new(0).is_err());
 }
@@ -526,11 +602,11 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-fn fifty_respawns_leak_no_descriptors_or_children() {
+fn fifty_respawns_leak_no_descriptors_or_children<const M: u8>() {
     // One pool first, so lazily created process-wide state is not counted as a leak.
-    drop(Pool::new(1).unwrap());
+    drop(pool::<M>(1).unwrap());
     let before = open_fds();
-    let pool = Pool::builder()
+    let pool = builder::<M>()
         .processes(2)
         .max_tasks_per_child(1)
         .build()
@@ -546,6 +622,21 @@ fn fifty_respawns_leak_no_descriptors_or_children() {
     assert_no_children();
 }
 
+/// As `assert_no_children`, except that under ForkServer this process's one fork server
+/// may remain (its workers are the server's children, and it reaps them).
+fn assert_no_children_but_a_fork_server<const M: u8>() {
+    if M != FORKSERVER {
+        return assert_no_children();
+    }
+    let me = std::process::id();
+    let kids: Vec<String> = std::fs::read_dir(format!("/proc/{me}/task"))
+        .unwrap()
+        .flat_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")))
+        .flat_map(|c| c.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .collect();
+    assert!(kids.len() <= 1, "children left behind: {kids:?}");
+}
+
 fn dead_or_zombie(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
@@ -556,12 +647,12 @@ fn dead_or_zombie(pid: u32) -> bool {
     }
 }
 
-fn workers_die_with_the_pools_process() {
+fn workers_die_with_the_pools_process<const M: u8>() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pids");
     let path = file.clone();
     let owner = common::spawn(move || {
-        let pool = Pool::new(2).unwrap();
+        let pool = pool::<M>(2).unwrap();
         let pids: Vec<String> = pool.pids().iter().map(u32::to_string).collect();
         std::fs::write(&path, pids.join(" ")).unwrap();
         std::thread::sleep(Duration::from_secs(60));
@@ -700,8 +791,8 @@ fn a_join_of_many_futures_gets_every_result() {
     assert_eq!(got, [80u64, 1, 40, 1, 20, 1].map(Ok).to_vec());
 }
 
-fn a_future_whose_worker_is_killed_resolves_to_worker_died() {
-    let pool = Pool::new(1).unwrap();
+fn a_future_whose_worker_is_killed_resolves_to_worker_died<const M: u8>() {
+    let pool = pool::<M>(1).unwrap();
     let victim = pool.pids()[0];
     let slow = pool.apply_async(sleep_ms, 5_000).unwrap();
     let behind = pool.apply_async(square, 5).unwrap();
@@ -728,8 +819,9 @@ fn a_future_whose_worker_is_killed_resolves_to_worker_died() {
     );
     assert_eq!(got[1], Ok(25), "the task queued behind it still runs");
     common::join(killer, Duration::from_secs(5));
-    // The replacement was forked while the waiter thread was alive (it is stopped for
-    // the fork), and the pool goes on.
+    // The replacement was started while the waiter thread was alive (under Fork it is
+    // stopped for the fork; under Spawn and ForkServer it need not be), and the pool goes
+    // on.
     assert_ne!(pool.pids()[0], victim);
     let (r, _) = block_on(pool.apply_async(square, 6).unwrap());
     assert_eq!(r, Ok(36));
@@ -799,12 +891,12 @@ fn expected_summaries(data: &[u64], chunk_len: usize) -> Vec<(u64, u64, usize)> 
         .collect()
 }
 
-fn map_chunks_reads_arrays_and_shared_slices_in_place() {
+fn map_chunks_reads_arrays_and_shared_slices_in_place<const M: u8>() {
     let early: Vec<u64> = (0..5_000u64).map(|x| x * 3).collect();
     // Made before the pool (its workers inherit the mapping) and after (the descriptor
     // travels to each worker): both paths.
     let before = Array::from_slice(&early).unwrap();
-    let pool = Pool::new(2).unwrap();
+    let pool = pool::<M>(2).unwrap();
     let late: Vec<u64> = (0..10_007u64).map(|x| x ^ 0x5555).collect();
     let after = Array::from_slice(&late).unwrap();
     let shared: Shared<[u64]> = Shared::from_slice(&late).unwrap();
@@ -858,8 +950,8 @@ fn affine(chunk: &mut [f64]) {
     }
 }
 
-fn for_each_chunk_mut_transforms_in_place_element_by_element() {
-    let pool = Pool::new(2).unwrap();
+fn for_each_chunk_mut_transforms_in_place_element_by_element<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
     let n = 100_003;
     let start: Vec<f64> = (0..n).map(|i| i as f64 * 0.5).collect();
     let a = Array::from_slice(&start).unwrap();
@@ -891,9 +983,9 @@ fn half_then_die(chunk: &mut [f64]) {
     }
 }
 
-fn a_worker_killed_mid_chunk_fails_that_chunk_only() {
+fn a_worker_killed_mid_chunk_fails_that_chunk_only<const M: u8>() {
     // With retries: an in-place chunk is still never re-run (it may be half written).
-    let pool = Pool::builder().processes(2).retries(3).build().unwrap();
+    let pool = builder::<M>().processes(2).retries(3).build().unwrap();
     let before: BTreeSet<u32> = pool.pids().into_iter().collect();
     let (n, len) = (64 * 100, 100);
     let mut start: Vec<f64> = (0..n).map(|i| i as f64).collect();
@@ -1032,4 +1124,127 @@ fn the_waiter_thread_ends_when_no_future_waits() {
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     // And comes back for the next future.
     assert_eq!(block_on(pool.apply_async(square, 2).unwrap()).0, Ok(4));
+}
+
+// --- the default start method ---
+
+static MARK_IN_POOL_PROCESS: AtomicU32 = AtomicU32::new(0);
+
+/// What a worker sees of a static the pool's process set at run time: the value (forked
+/// worker) or 0 (spawned, or forked by the fork server: a fresh image).
+fn inherited_mark(_: u32) -> u32 {
+    MARK_IN_POOL_PROCESS.load(Ordering::SeqCst)
+}
+
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit(')').next().unwrap();
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Kills the pool's worker `victim` and waits until the pool has replaced it.
+fn kill_and_wait_for_replacement(pool: &Pool, victim: u32) {
+    // SAFETY: plain kill of a worker of the pool.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    common::wait_for("the replacement of a killed worker", LIMIT, || {
+        let _ = pool.apply_async(square, 1).unwrap().get_timeout(SHORT);
+        !pool.pids().contains(&victim)
+    });
+}
+
+const SHORT: Duration = Duration::from_millis(50);
+
+fn the_default_start_method_follows_the_process_rule() {
+    MARK_IN_POOL_PROCESS.store(7, Ordering::SeqCst);
+    let me = std::process::id();
+    // Single-threaded: the default forks.
+    let default = Pool::new(1).unwrap();
+    let explicit_fork = pool::<FORK>(1).unwrap();
+    assert_eq!(default.apply(inherited_mark, 0), Ok(7));
+    // A thread of our own makes fork unsafe.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || rx.recv());
+    assert!(matches!(
+        pool::<FORK>(1),
+        Err(PoolError::Start(procshare::Error::MultiThreaded { .. }))
+    ));
+    // The default pool's replacement is spawned (init() ran), so it sees a fresh image.
+    kill_and_wait_for_replacement(&default, default.pids()[0]);
+    assert_eq!(default.apply(inherited_mark, 0), Ok(0));
+    assert_eq!(parent_of(default.pids()[0]), me);
+    // An explicit Fork pool cannot replace its worker now: it stops, saying why.
+    let victim = explicit_fork.pids()[0];
+    // SAFETY: plain kill of a worker of the pool.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    let e = loop {
+        match explicit_fork.apply(square, 2) {
+            Err(TaskError::Start(why)) => break why,
+            Ok(_) | Err(TaskError::WorkerDied { .. }) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(t.elapsed() < LIMIT, "the Fork pool never stopped");
+    };
+    assert!(e.contains("thread"), "{e}");
+    // A new default pool in a threaded process spawns; once this process runs a fork
+    // server, it uses the server (whose children are not ours).
+    let spawned = Pool::new(1).unwrap();
+    assert_eq!(spawned.apply(inherited_mark, 0), Ok(0));
+    assert_eq!(parent_of(spawned.pids()[0]), me);
+    let served = pool::<FORKSERVER>(1).unwrap();
+    assert_eq!(served.apply(inherited_mark, 0), Ok(0));
+    let by_default = Pool::new(1).unwrap();
+    assert_eq!(by_default.apply(inherited_mark, 0), Ok(0));
+    assert_ne!(parent_of(by_default.pids()[0]), me);
+    tx.send(()).unwrap();
+    thread.join().unwrap().unwrap();
+}
+
+fn a_worker_that_fails_its_bootstrap_stops_the_pool() {
+    // The next spawn claims another executable: the worker refuses to run anything.
+    procshare::process::tamper_next_spawn(procshare::process::Tamper::Executable);
+    let pool = pool::<SPAWN>(1).unwrap();
+    let t = Instant::now();
+    match pool.apply(square, 3) {
+        Err(TaskError::Start(why)) => assert!(why.contains("different executable"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(t.elapsed() < LIMIT);
+    // No respawn loop: the pool stopped, with no worker left.
+    assert!(pool.pids().is_empty());
+    assert!(matches!(pool.apply(square, 3), Err(TaskError::Start(_))));
+    drop(pool);
+    assert_no_children();
+    // With an initializer, `build` itself reports it.
+    procshare::process::tamper_next_spawn(procshare::process::Tamper::Executable);
+    match builder::<SPAWN>()
+        .processes(1)
+        .initializer(init_worker, 1)
+        .build()
+    {
+        Err(PoolError::Start(e)) => assert!(e.to_string().contains("different executable")),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn report_pid(tx: procshare::channel::Sender<u32>) {
+    tx.send(std::process::id()).unwrap();
+}
+
+fn initializer_arguments_carry_handles<const M: u8>() {
+    let (tx, rx) = procshare::channel::<u32>(16).unwrap();
+    let pool = builder::<M>()
+        .processes(2)
+        .initializer(report_pid, tx)
+        .build()
+        .unwrap();
+    let got: BTreeSet<u32> = (0..2).map(|_| rx.recv_timeout(LIMIT).unwrap()).collect();
+    assert_eq!(got, pool.pids().into_iter().collect::<BTreeSet<u32>>());
+    // Every sender (the pool's copy for later workers, the workers' own) goes with the
+    // pool: the count of senders stays exact across the start method.
+    drop(pool);
+    assert_eq!(
+        rx.recv_timeout(LIMIT),
+        Err(procshare::RecvTimeoutError::Disconnected)
+    );
 }

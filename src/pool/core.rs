@@ -11,7 +11,7 @@ use super::task::{DONE, EXIT, FORGET, INIT_FAILED, MAP, READY, REPLY_HEADER, wor
 use super::waker::Registry;
 use super::worker::{self, BIG, BIG_BELL, Init, Worker};
 use crate::channel;
-use crate::process::ProcessError;
+use crate::process::{ProcessError, StartMethod};
 use crate::queue::{QueueError, RecvTimeoutError};
 use crate::shm::Segment;
 use crate::sys;
@@ -42,6 +42,8 @@ fn bell_capacity(processes: usize) -> usize {
 
 pub(crate) struct Config {
     pub(crate) processes: usize,
+    /// `None`: the default rule, applied at each worker's start (see the pool docs).
+    pub(crate) method: Option<StartMethod>,
     pub(crate) init: Option<Init>,
     pub(crate) max_tasks: Option<usize>,
     pub(crate) task_timeout: Option<Duration>,
@@ -100,7 +102,14 @@ pub(crate) struct Core {
     segments: Vec<(Weak<Segment>, u64)>,
 }
 
+/// What the end of worker `pid` means for its chunk. A worker that never reached its
+/// loop because its bootstrap failed (a spawned worker that did not reach `init()`, ran
+/// another executable, or exited before it) is [`TaskError::Start`]: the pool stops
+/// rather than respawn a worker that would fail the same way.
 fn died(pid: u32, r: &Result<(), ProcessError>) -> TaskError {
+    if let Err(ProcessError::Bootstrap(why)) = r {
+        return TaskError::Start(format!("worker {pid} failed to start: {why}"));
+    }
     let (signal, exit_code) = match r {
         Ok(()) => (None, Some(0)),
         Err(ProcessError::Signaled(s)) => (Some(*s), None),
@@ -135,8 +144,9 @@ impl Core {
         for slot in 0..core.cfg.processes {
             let w = worker::start(
                 slot as u32,
+                core.cfg.method,
                 &core.bell_tx,
-                core.cfg.init.clone(),
+                core.cfg.init.as_ref(),
                 core.cfg.max_tasks,
             )?;
             core.workers.push(Some(w));
@@ -600,6 +610,12 @@ impl Core {
     /// Worker `w` (taken out of `slot`) has ended: its first chunk fails with `cause` (or
     /// is retried), the rest go back to the front of the queue, and the slot is refilled.
     fn lost(&mut self, slot: usize, mut w: Worker, cause: TaskError) {
+        if matches!(cause, TaskError::Start(_)) {
+            // Its bootstrap failed (see `died`): the next one would fail the same way.
+            drop(w);
+            self.stop(cause);
+            return;
+        }
         if !w.ready && !matches!(self.state, State::Stopped(_)) {
             // It died before its initializer finished: a pool error, not a respawn loop.
             self.stop(TaskError::Initializer {
@@ -629,8 +645,9 @@ impl Core {
         if matches!(self.state, State::Running | State::Closed) {
             match worker::start(
                 slot as u32,
+                self.cfg.method,
                 &self.bell_tx,
-                self.cfg.init.clone(),
+                self.cfg.init.as_ref(),
                 self.cfg.max_tasks,
             ) {
                 Ok(w) => self.workers[slot] = Some(w),

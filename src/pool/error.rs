@@ -53,7 +53,8 @@ pub enum TaskError {
     },
     /// The pool was closed, terminated or dropped before this task produced a result.
     Closed,
-    /// A replacement worker could not be started; the pool stopped.
+    /// A worker could not be started (a replacement could not be created, or a spawned
+    /// worker failed its bootstrap); the pool stopped.
     Start(String),
 }
 
@@ -120,8 +121,9 @@ impl fmt::Display for TaskError {
             ),
             TaskError::Start(why) => write!(
                 f,
-                "the pool could not start a replacement worker ({why}), so it stopped; check \
-                 the process and memory limits and build a new pool"
+                "the pool could not start a worker ({why}), so it stopped; act on that reason \
+                 (process and memory limits, threads started since the pool was built, \
+                 procshare::init() first in main for Spawn and ForkServer) and build a new pool"
             ),
         }
     }
@@ -133,8 +135,9 @@ impl std::error::Error for TaskError {}
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum PoolError {
-    /// Starting the workers failed (see the inner error: an unsupported start method,
-    /// a multi-threaded caller, `processes(0)`, or an OS error).
+    /// Starting the workers failed (see the inner error: a multi-threaded caller with no
+    /// safe start method, `Spawn`/`ForkServer` without `procshare::init()`, `processes(0)`,
+    /// a worker that failed its bootstrap, or an OS error).
     Start(Error),
     /// The initializer panicked (or its worker died) in a worker.
     Initializer {

@@ -17,11 +17,42 @@
 //!
 //! Tasks are `fn(A) -> R` items or closures that capture nothing (checked at compile
 //! time, as for [`Process::spawn`](crate::Process::spawn)); arguments and results travel
-//! with postcard. Workers are forked ([`StartMethod::Fork`], the
-//! only start method the pool supports for now), so build the pool while the process is
-//! single-threaded; the pool itself starts no thread that outlives a fork (only a waiter
-//! while a [`Future`](#async) waits, stopped before every fork), so it can fork
+//! with postcard. Workers start under any [`StartMethod`] (see [Start
+//! methods](#start-methods)); the pool itself starts no thread that outlives a fork (only a
+//! waiter while a [`Future`](#async) waits, stopped before every fork), so it can fork
 //! replacements later.
+//!
+//! # Start methods
+//!
+//! [`PoolBuilder::start_method`] fixes the method for every worker, replacements
+//! included. Without it (and with [`Pool::new`]) each worker's start, the first ones and
+//! every replacement, follows [`Process`](crate::Process)'s default rule
+//! ([`default_start_method`](crate::process::default_start_method)) at that moment:
+//! `Fork` while this process is single-threaded, else `ForkServer` if this process
+//! already runs a fork server, else `Spawn` if [`procshare::init()`](crate::init) ran,
+//! else the error [`Error::MultiThreaded`]. So a pool built first thing in `main` forks,
+//! and if the program starts threads later (a multi-threaded runtime), a dead or
+//! recycled worker is replaced by a spawned one instead of stopping the pool.
+//!
+//! | | `Fork` | `Spawn` | `ForkServer` |
+//! |---|---|---|---|
+//! | a worker is | a fork of the pool's process | a re-executed copy of the program, whose `main` calls `init()` first | a fork of the fork server (a fresh image stopped in `init()`), the server's child |
+//! | its body | a closure over its rings | a plain `fn`, found by `Process::spawn`'s handshake (same executable, same function type); its rings, doorbell sender and control socket cross in its argument, descriptors out of band | as Spawn |
+//! | task functions | found at the same offset from an anchor as in the pool's process (the same code: a copy, or the same executable, checked by the handshake), then the type hash is checked | as Fork | as Fork |
+//! | initializer argument | a clone, inherited | encoded into the worker's argument (handles in it cross as in any `Process::spawn` argument) | as Spawn |
+//! | what a worker sees of the pool's process | everything (a copy) | nothing but what it is sent | the server's state at `init()` |
+//! | arrays for chunk maps | descriptor sent over the control socket, mapped once per worker | same | same |
+//! | starting a worker costs | a fork | an exec and the program's start-up to `init()` | a request to the server and a fork of a small process |
+//! | this process has other threads | refused ([`Error::MultiThreaded`]): `build` fails, a later replacement stops the pool with [`TaskError::Start`] | safe | safe |
+//! | the pool's waiter thread (alive while a future waits) | stopped and joined before each fork, restarted by the next poll | no pause needed | no pause needed |
+//! | the pool's process dies | `PR_SET_PDEATHSIG` kills the workers | same | the server sees it, kills its daemon children (the workers) and exits; they also carry `PR_SET_PDEATHSIG` towards the server |
+//!
+//! A task's function must be the same compiled code in the pool's process and its worker,
+//! so both must run the same executable: the handshake of Spawn and ForkServer checks
+//! that, and a worker that fails it (or that never reaches `init()` within its 10 s
+//! bootstrap timeout, or exits before) stops the pool with [`TaskError::Start`] saying
+//! why, never a respawn loop. `Spawn` and `ForkServer` without `init()` make `build`
+//! fail.
 //!
 //! # How work moves
 //!
@@ -70,7 +101,8 @@
 //!
 //! A thread makes `fork` unsafe while it runs, so **every fork this crate makes stops it
 //! first**: [`Process::fork`](crate::Process::fork), the `Fork` start method, and the
-//! pool's own respawn of a dead worker join every waiter of the process (the waiter holds
+//! pool's own respawn of a dead worker under `Fork` (or under the default rule, which
+//! tries `Fork` first) join every waiter of the process (the waiter holds
 //! no lock a child could need: it only waits on a futex and calls wakers), wake the
 //! futures that were waiting, and fork in a process that is single-threaded again. The
 //! woken futures poll again and start a new waiter after the fork. (The child of a fork
@@ -78,9 +110,13 @@
 //! but not its thread: it recognises the handle as its parent's by the pid and forgets
 //! it, never joins it.) So a program that
 //! awaits pool work can still fork, and the pool still replaces dead workers while
-//! futures wait. (A process that has other threads of its own, such as a multi-threaded
-//! runtime, cannot fork at all: the pool must then be built before the runtime starts,
-//! and a dead worker cannot be replaced: see the failure table.)
+//! futures wait. Under `Spawn` and `ForkServer` nothing is forked in this process (the
+//! fork server forks itself, a fresh single-threaded image), so the waiter is not
+//! stopped at all. (A process that has other threads of its own, such as a
+//! multi-threaded runtime, cannot fork: a pool with the default start method then spawns
+//! its workers, or uses the fork server, as `Process` does; a pool fixed to `Fork` must be
+//! built before the runtime starts, and cannot replace a dead worker afterwards: see the
+//! failure table.)
 //!
 //! What a poll may still wait for: a large reply (over 16 KiB) that a worker is already
 //! streaming through its 64 KiB ring is read to its end (bounded by 1 s per poll), a big
@@ -138,10 +174,11 @@
 //! | a chunk runs over `task_timeout` × its items | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
 //! | an argument or result fails to encode or decode | that item (the whole chunk if the chunk cannot be decoded): [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; never hangs (cpython gh-79492) |
 //! | the initializer panics or its worker dies in it | [`Pool::builder`]`.build()` fails with [`PoolError::Initializer`]; later (on a respawn) every unfinished task fails with [`TaskError::Initializer`] | stops: no endless respawn loop (cpython gh-87472) |
-//! | a replacement worker cannot be forked (out of processes or memory, or this process has started threads of its own since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]; the pool's own waiter thread is stopped for the fork and does not count) | every unfinished task: [`TaskError::Start`] | stops |
+//! | a replacement worker cannot be started (out of processes or memory; or, for a pool fixed to `Fork`, this process has started threads of its own since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]; the pool's own waiter thread is stopped for the fork and does not count; with the default start method the replacement is spawned instead, see [Start methods](#start-methods)) | every unfinished task: [`TaskError::Start`] | stops |
+//! | a `Spawn` or `ForkServer` worker fails its bootstrap (another executable, a different function type, no `init()` within 10 s, an exit before it) | every unfinished task: [`TaskError::Start`] with the reason (`build` fails with [`PoolError::Start`] when it waits for an initializer) | stops: no respawn loop |
 //! | `terminate()`, or the pool dropped | every unfinished task: [`TaskError::Closed`] | workers SIGKILLed and reaped at once |
-//! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`) | — |
-//! | Ctrl-C | the terminal's SIGINT reaches the workers too (same process group); the ones that survive it get SIGKILL when the pool's process dies | — |
+//! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`; a `ForkServer` worker from the server, which sees the pool's process go) | — |
+//! | Ctrl-C | the terminal's SIGINT reaches the workers too (same process group, the fork server's included); the ones that survive it get SIGKILL when the pool's process dies | — |
 //! | a chunk's arguments or results exceed the 1 GiB message limit | that chunk: [`TaskError::Encode`] | carries on |
 //! | a worker dies or `f` panics in a `for_each_chunk_mut` chunk | that chunk: [`TaskError::WorkerDied`] / [`TaskError::Panicked`], never retried; the array is poisoned (the chunk may be half written); every other chunk is done | replaces the worker |
 //! | a segment's descriptor cannot be passed to, or mapped by, a worker | that chunk: [`TaskError::Encode`] / [`TaskError::Decode`] | carries on |
@@ -159,6 +196,7 @@
 //! | while writing the reply | a `WRITING` record of a dead writer | the ring turns it into padding ([`ByteQueue`](crate::ByteQueue)'s repair); as the row above |
 //! | after replying, before ringing | a complete reply, no doorbell | taken by the drain that follows the death (or the next 20 ms health check), so the chunk succeeds |
 //! | after a doorbell for a big reply, before the reply | `big_expected` set | the drain stops waiting once the worker is seen dead |
+//! | during its bootstrap (`Spawn`, `ForkServer`: before `init()` ran its body) | a worker process that never took a frame; the loans of its rings' peer counts bound to it (`process/handles.rs`) | killed by a signal: a death as in the first row (its replacement starts); failed the handshake or exited: the pool stops ([`TaskError::Start`]); the peer tables reclaim its loans once it is proven dead |
 //! | during its initializer | no `READY` | a pool error (see the table above), never a respawn |
 //! | holding a segment descriptor it received but had not mapped yet | nothing (the kernel closes it) | the chunk fails as above; the replacement is sent the descriptor again |
 //! | in the middle of a `for_each_chunk_mut` chunk | that chunk's range partly written, the rest of the array untouched by it | that chunk fails (never retried), every other chunk runs, the array is poisoned |
@@ -205,7 +243,7 @@ const INIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// A pool of worker processes: Python's `multiprocessing.Pool`. See the
 /// [module docs](self) for how it works and fails.
 ///
-/// Not `Send`: it lives in the process (and thread) that forked its workers. Dropping it
+/// Not `Send`: it lives in the process (and thread) that started its workers. Dropping it
 /// is [`terminate`](Pool::terminate): workers are killed and reaped, and unfinished
 /// results fail with [`TaskError::Closed`]. Call [`close`](Pool::close) and
 /// [`join`](Pool::join) first to let queued work finish.
@@ -217,7 +255,7 @@ pub struct Pool {
 #[must_use = "a PoolBuilder does nothing until build()"]
 pub struct PoolBuilder {
     processes: Option<usize>,
-    method: StartMethod,
+    method: Option<StartMethod>,
     init: Option<worker::Init>,
     max_tasks: Option<usize>,
     task_timeout: Option<Duration>,
@@ -231,21 +269,34 @@ impl PoolBuilder {
         self
     }
 
-    /// The start method for workers. Only [`StartMethod::Fork`] (the default) is
-    /// supported for now; others make `build` fail with a message saying so.
+    /// The start method for every worker, replacements included. Without it, each
+    /// worker's start follows the [default rule](crate::process::default_start_method)
+    /// at that moment (see [Start methods](self#start-methods)). `Spawn` and `ForkServer`
+    /// need [`procshare::init()`](crate::init) first in `main`.
     pub fn start_method(mut self, method: StartMethod) -> Self {
-        self.method = method;
+        self.method = Some(method);
         self
     }
 
     /// Runs `f(arg)` once in each worker before its first task (Python's `initializer`
     /// and `initargs`). A panic in it is a pool error, see the [module docs](self).
+    ///
+    /// As for tasks, `f` is a `fn` item or a closure that captures nothing (checked at
+    /// compile time), and `arg` travels with postcard to a spawned worker; handles in it
+    /// (a `Queue`, a channel end, an `Array`...) cross with their descriptors as in a
+    /// [`Process::spawn`](crate::Process::spawn) argument. A forked worker gets a clone.
     pub fn initializer<F, A>(mut self, f: F, arg: A) -> Self
     where
         F: Fn(A) + Copy + 'static,
-        A: Clone + 'static,
+        A: Serialize + DeserializeOwned + Clone + 'static,
     {
-        self.init = Some(Rc::new(move || f(arg.clone())));
+        #[allow(clippy::let_unit_value)]
+        let () = ZeroSized::<F>::CHECK;
+        let spawner = worker::spawner::<worker::UserInit<F, A>>(arg.clone());
+        self.init = Some(worker::Init {
+            run: Rc::new(move || f(arg.clone())),
+            spawner,
+        });
         self
     }
 
@@ -273,13 +324,13 @@ impl PoolBuilder {
     ///
     /// # Errors
     ///
-    /// [`PoolError::Start`] for `processes(0)`, `max_tasks_per_child(0)`, a start method
-    /// other than `Fork`, a multi-threaded caller ([`Error::MultiThreaded`]) or an OS
-    /// error; [`PoolError::Initializer`] if the initializer failed in a worker.
+    /// [`PoolError::Start`] for `processes(0)`, `max_tasks_per_child(0)`, an explicit
+    /// `Fork` (or the default rule) in a multi-threaded caller with no safe way to start
+    /// ([`Error::MultiThreaded`]), `Spawn` or `ForkServer` without
+    /// [`procshare::init()`](crate::init), a worker whose bootstrap failed (noticed here
+    /// only while waiting for an initializer), or an OS error;
+    /// [`PoolError::Initializer`] if the initializer failed in a worker.
     pub fn build(self) -> Result<Pool, PoolError> {
-        if self.method != StartMethod::Fork {
-            return Err(PoolError::Start(worker::unsupported(self.method)));
-        }
         let processes = self.processes.unwrap_or_else(crate::cpu_count);
         if processes == 0 || self.max_tasks == Some(0) {
             return Err(PoolError::Start(Error::InvalidArgument {
@@ -289,6 +340,7 @@ impl PoolBuilder {
         let has_init = self.init.is_some();
         let core = Core::new(Config {
             processes,
+            method: self.method,
             init: self.init,
             max_tasks: self.max_tasks,
             task_timeout: self.task_timeout,
@@ -301,11 +353,20 @@ impl PoolBuilder {
             let until = Instant::now() + INIT_TIMEOUT;
             loop {
                 let mut core = pool.core.borrow_mut();
-                if let State::Stopped(TaskError::Initializer { message, location }) = &core.state {
-                    return Err(PoolError::Initializer {
-                        message: message.clone(),
-                        location: location.clone(),
-                    });
+                match &core.state {
+                    State::Stopped(TaskError::Initializer { message, location }) => {
+                        return Err(PoolError::Initializer {
+                            message: message.clone(),
+                            location: location.clone(),
+                        });
+                    }
+                    State::Stopped(e) => {
+                        return Err(PoolError::Start(Error::Io {
+                            op: "starting the pool's workers",
+                            source: std::io::Error::other(e.to_string()),
+                        }));
+                    }
+                    _ => {}
                 }
                 if core.all_ready() {
                     break;
@@ -336,7 +397,8 @@ fn check_chunksize(chunksize: usize) -> Result<usize, TaskError> {
 }
 
 impl Pool {
-    /// A pool of `processes` forked workers.
+    /// A pool of `processes` workers, started by the default rule (forked while this
+    /// process is single-threaded; see [Start methods](self#start-methods)).
     ///
     /// # Errors
     ///
@@ -349,7 +411,7 @@ impl Pool {
     pub fn builder() -> PoolBuilder {
         PoolBuilder {
             processes: None,
-            method: StartMethod::Fork,
+            method: None,
             init: None,
             max_tasks: None,
             task_timeout: None,

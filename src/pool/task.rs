@@ -26,12 +26,17 @@
 //! # Finding the function
 //!
 //! A task names its function as the offset of a monomorphized trampoline
-//! `entry::<C, A, R>` from [`anchor`], plus a hash of the type names. Workers are forked
-//! from the pool's process, so the same code lies at the same offset; the trampoline
-//! re-checks the hash before decoding anything and makes the (zero-sized) function value
-//! from nothing, as `Process::spawn` does. The rings are private to the pool and its
-//! workers (anonymous memfds inherited by fork, never named): a process that can write them
-//! can already run code as the pool's user.
+//! `entry::<C, A, R>` from [`anchor`], plus a hash of the type names, as `Process::spawn`
+//! names its function. The same code lies at the same offset from the anchor in every
+//! worker, whatever its load address: a forked worker is a copy of the pool's process,
+//! and a spawned or fork-server worker runs the same executable, which `Process::spawn`'s
+//! handshake proved (device, inode, size and mtime of `/proc/self/exe`, compared before
+//! the worker's own body, a plain `fn`, was found by its offset) before the worker read
+//! any frame. The trampoline re-checks the hash before decoding anything and makes the
+//! (zero-sized) function value from nothing, as `Process::spawn` does. The rings are
+//! private to the pool and its workers (anonymous memfds, inherited by fork or passed as
+//! descriptors in a spawned worker's argument, never named): a process that can write
+//! them can already run code as the pool's user.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -211,9 +216,11 @@ pub(crate) fn decode_results<R: DeserializeOwned>(
 /// Runs a task frame's chunk in the worker. `entry` and `hash` come from shared memory.
 pub(crate) fn run_chunk(entry: u64, hash: u64, args: &[u8], n: usize) -> Vec<u8> {
     let address = (anchor as Entry as usize).wrapping_add(entry as usize);
-    // SAFETY: the worker is a fork of the pool's process, so `anchor + offset` here is the
-    // parent's `entry::<C, A, R>` for the offset it wrote: a function of type `Entry`, which
-    // re-checks the type hash before using anything. A function pointer and a usize have
+    // SAFETY: the worker is a fork of the pool's process or runs the same executable
+    // (checked by `Process::spawn`'s handshake before the worker started; see the module
+    // docs), so `anchor + offset` here is the pool's `entry::<C, A, R>` for the offset it
+    // wrote: a function of type `Entry`, which re-checks the type hash before using
+    // anything. A function pointer and a usize have
     // the same size on every Linux target. (Only the pool's process and its workers map the
     // ring the offset was read from; see the module docs.)
     let f: Entry = unsafe { std::mem::transmute::<usize, Entry>(address) };
@@ -348,8 +355,9 @@ pub(crate) unsafe fn run_map(
     count: usize,
 ) -> Vec<u8> {
     let address = (anchor as Entry as usize).wrapping_add(entry as usize);
-    // SAFETY: as in `run_chunk`: the worker is a fork of the pool's process, so this is
-    // the parent's `read_entry`/`write_entry` for the offset it wrote, which re-checks the
+    // SAFETY: as in `run_chunk`: the worker is a fork of the pool's process or runs the
+    // same executable, so this is the pool's `read_entry`/`write_entry` for the offset it
+    // wrote, which re-checks the
     // type hash before touching the region.
     let f: ChunkEntry = unsafe { std::mem::transmute::<usize, ChunkEntry>(address) };
     // SAFETY: forwarded from the caller.

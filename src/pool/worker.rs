@@ -1,9 +1,13 @@
 //! A worker process: its rings, how it is started, and its loop.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::fd::{AsFd, OwnedFd};
+use std::marker::PhantomData;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::TaskError;
 use super::task::{
@@ -12,7 +16,8 @@ use super::task::{
 };
 use crate::channel;
 use crate::error::{Error, Result};
-use crate::process::{Child, Process, StartMethod, catch_panic};
+use crate::pipe::Connection;
+use crate::process::{self, Child, Process, StartMethod, catch_panic};
 use crate::queue::{ByteQueue, QueueError};
 use crate::shm::Segment;
 use crate::sys;
@@ -29,8 +34,121 @@ pub(crate) const BIG_BELL: u32 = 1 << 31;
 /// Largest task or result message.
 pub(crate) const MAX_MESSAGE: usize = 1 << 30;
 
-/// The pool's initializer, run once in each new worker.
-pub(crate) type Init = Rc<dyn Fn()>;
+/// The pool's initializer: how to run it in a forked worker, and how to start a worker
+/// under Spawn or ForkServer that runs it (with its argument encoded into the spawn
+/// argument, so handles in it cross as in any `Process::spawn` argument).
+#[derive(Clone)]
+pub(crate) struct Init {
+    /// Runs it here (a forked worker inherits the closure and its argument).
+    pub(crate) run: Rc<dyn Fn()>,
+    /// Spawns a worker that runs it (see [`spawner`]).
+    pub(crate) spawner: Spawner,
+}
+
+/// Starts a Spawn or ForkServer worker from its parts (typed by the initializer).
+pub(crate) type Spawner = Rc<dyn Fn(process::Builder, Parts) -> Result<Child<()>>>;
+
+/// An initializer a spawned worker can make from nothing: zero-sized and `Copy`, as a
+/// `Process::spawn` function.
+pub(crate) trait InitFn: Copy + 'static {
+    type Arg: Serialize + DeserializeOwned + Clone + 'static;
+    fn run(self, arg: Self::Arg);
+}
+
+/// No initializer.
+#[derive(Clone, Copy)]
+pub(crate) struct NoInit;
+
+impl InitFn for NoInit {
+    type Arg = ();
+    fn run(self, (): ()) {}
+}
+
+/// The user's initializer `f(arg)`.
+pub(crate) struct UserInit<F, A>(pub(crate) F, pub(crate) PhantomData<fn(A)>);
+
+impl<F: Copy, A> Clone for UserInit<F, A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Copy, A> Copy for UserInit<F, A> {}
+
+impl<F, A> InitFn for UserInit<F, A>
+where
+    F: Fn(A) + Copy + 'static,
+    A: Serialize + DeserializeOwned + Clone + 'static,
+{
+    type Arg = A;
+    fn run(self, arg: A) {
+        (self.0)(arg)
+    }
+}
+
+/// What a spawned worker gets in its `Process::spawn` argument, besides its initializer's
+/// argument: every handle here crosses with its descriptor (`process/handles.rs`).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Parts {
+    slot: u32,
+    tasks: ByteQueue,
+    results: ByteQueue,
+    bell: channel::Sender<u32>,
+    /// The worker's end of its control socket (a `SOCK_SEQPACKET` socket: only its
+    /// descriptor is used, for `SCM_RIGHTS`; `Connection` is what carries a socket).
+    ctrl: Connection,
+    max_tasks: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub(crate) struct Spawned<I: InitFn> {
+    parts: Parts,
+    init: Option<I::Arg>,
+}
+
+/// A [`Spawner`] for workers that run the initializer `I` on `arg` first.
+pub(crate) fn spawner<I: InitFn>(arg: I::Arg) -> Spawner {
+    Rc::new(move |builder: process::Builder, parts: Parts| {
+        spawn_parts::<I>(builder, parts, Some(arg.clone()))
+    })
+}
+
+/// Spawns a worker (its start method is set on `builder`) running `I` on `init` first.
+fn spawn_parts<I: InitFn>(
+    builder: process::Builder,
+    parts: Parts,
+    init: Option<I::Arg>,
+) -> Result<Child<()>> {
+    builder.spawn(spawned::<I>, Spawned::<I> { parts, init })
+}
+
+/// A spawned worker's body: a plain `fn` (zero-sized, found again by `Process::spawn`'s
+/// handshake), generic over the initializer's type so its argument decodes as itself.
+fn spawned<I: InitFn>(w: Spawned<I>) {
+    #[allow(clippy::let_unit_value)]
+    let () = super::task::ZeroSized::<I>::CHECK;
+    let init: Option<Box<dyn FnOnce()>> = w.init.map(|arg| {
+        // SAFETY: `I` is zero-sized (checked at compile time just above, and where the
+        // initializer was given) and `Copy`, and the pool's process holds a value of it; a
+        // zero-sized value has no bytes, so this is a copy of that value, which `Copy`
+        // permits. Closures and fn items are inhabited and have no invalid values.
+        let f: I = unsafe { std::mem::zeroed() };
+        Box::new(move || f.run(arg)) as Box<dyn FnOnce()>
+    });
+    let p = w.parts;
+    let max_tasks = p
+        .max_tasks
+        .map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+    worker_main(
+        p.slot,
+        &p.tasks,
+        &p.results,
+        &p.bell,
+        p.ctrl.as_fd(),
+        init,
+        max_tasks,
+    );
+}
 
 /// The pool's side of one worker.
 pub(crate) struct Worker {
@@ -60,11 +178,17 @@ pub(crate) struct Worker {
 /// pool sent before the frame naming it (so it is normally there at once).
 const FD_WAIT: Duration = Duration::from_secs(5);
 
-/// Forks worker number `slot`.
+/// Starts worker number `slot` under `method` (`None`: the default rule of
+/// [`default_start_method`](crate::process::default_start_method), applied now).
+///
+/// Under `Fork` the worker runs a closure that borrows its rings (the child has a copy);
+/// under `Spawn` and `ForkServer` it is [`spawned`], with its rings, doorbell sender and
+/// control socket in its `Process::spawn` argument.
 pub(crate) fn start(
     slot: u32,
+    method: Option<StartMethod>,
     bell: &channel::Sender<u32>,
-    init: Option<Init>,
+    init: Option<&Init>,
     max_tasks: Option<usize>,
 ) -> Result<Worker> {
     let tasks = ByteQueue::builder()
@@ -75,43 +199,94 @@ pub(crate) fn start(
         .capacity(RING)
         .max_message(MAX_MESSAGE)
         .bytes()?;
-    let ready = init.is_none();
     let (ctrl, theirs) = sys::socketpair_seqpacket()
         .map_err(|e| Error::io("creating a pool worker's control socket", e))?;
-    let child = Process::builder()
+    let builder = Process::builder()
         .name(format!("PoolWorker-{slot}"))
-        .start_method(StartMethod::Fork)
-        .daemon(true)
-        .fork({
-            let (tasks, results, bell) = (tasks.clone(), results.clone(), bell.clone());
-            move || worker_main(slot, &tasks, &results, &bell, &theirs, init, max_tasks)
-        })?;
-    Ok(Worker {
-        pid: child.pid(),
-        child,
-        tasks,
-        results,
-        ready,
-        outstanding: VecDeque::new(),
-        head_since: Instant::now(),
-        dispatched: 0,
-        big_expected: 0,
-        ctrl,
-        segments: HashSet::new(),
-    })
+        .daemon(true);
+    let fork = |builder: process::Builder| {
+        let run = init.map(|i| Rc::clone(&i.run));
+        builder.start_method(StartMethod::Fork).fork(|| {
+            let init = run.map(|i| Box::new(move || i()) as Box<dyn FnOnce()>);
+            worker_main(
+                slot,
+                &tasks,
+                &results,
+                bell,
+                theirs.as_fd(),
+                init,
+                max_tasks,
+            )
+        })
+    };
+    let method = match method {
+        Some(m) => m,
+        // The default rule, as `Process::spawn` applies it, with the common case first:
+        // `fork` stops the pool's waiter thread and counts threads, and is refused only
+        // in a multi-threaded process; then `default_start_method` picks what is safe
+        // (ForkServer if this process runs one, else Spawn if `init()` ran, else the
+        // `MultiThreaded` error).
+        None => match fork(builder.clone()) {
+            Err(Error::MultiThreaded { .. }) => process::default_start_method()?,
+            r => return r.map(|child| Worker::new(child, tasks, results, ctrl, init)),
+        },
+    };
+    let child = match method {
+        StartMethod::Fork => fork(builder)?,
+        _ => {
+            let parts = Parts {
+                slot,
+                tasks: tasks.clone(),
+                results: results.clone(),
+                bell: bell.clone(),
+                ctrl: Connection::new(theirs),
+                max_tasks: max_tasks.map(|m| m as u64),
+            };
+            let builder = builder.start_method(method);
+            match init {
+                Some(i) => (i.spawner)(builder, parts)?,
+                None => spawn_parts::<NoInit>(builder, parts, None)?,
+            }
+        }
+    };
+    Ok(Worker::new(child, tasks, results, ctrl, init))
+}
+
+impl Worker {
+    fn new(
+        child: Child<()>,
+        tasks: ByteQueue,
+        results: ByteQueue,
+        ctrl: OwnedFd,
+        init: Option<&Init>,
+    ) -> Worker {
+        Worker {
+            pid: child.pid(),
+            child,
+            tasks,
+            results,
+            ready: init.is_none(),
+            outstanding: VecDeque::new(),
+            head_since: Instant::now(),
+            dispatched: 0,
+            big_expected: 0,
+            ctrl,
+            segments: HashSet::new(),
+        }
+    }
 }
 
 /// The worker's mapping of segment `id`, receiving descriptors from the control socket
 /// until `id`'s arrives (the pool sends it before the first frame naming it).
 fn segment<'a>(
     cache: &'a mut HashMap<u64, Segment>,
-    ctrl: &OwnedFd,
+    ctrl: BorrowedFd<'_>,
     id: u64,
 ) -> std::result::Result<&'a Segment, String> {
     let until = Instant::now() + FD_WAIT;
     while !cache.contains_key(&id) {
         let left = until.saturating_duration_since(Instant::now());
-        match sys::poll_readable(ctrl.as_fd(), Some(left)) {
+        match sys::poll_readable(ctrl, Some(left)) {
             Ok(true) => {}
             Ok(false) if left.is_zero() => {
                 return Err(format!(
@@ -122,7 +297,7 @@ fn segment<'a>(
             Err(e) => return Err(format!("the worker's control socket failed: {e}")),
         }
         let mut buf = [0u8; 8];
-        let (n, mut fds) = sys::recv_with_fds(ctrl.as_fd(), &mut buf)
+        let (n, mut fds) = sys::recv_with_fds(ctrl, &mut buf)
             .map_err(|e| format!("receiving a segment descriptor failed: {e}"))?;
         if n == 0 {
             return Err("the pool closed the worker's control socket".into());
@@ -151,13 +326,13 @@ fn worker_main(
     tasks: &ByteQueue,
     results: &ByteQueue,
     bell: &channel::Sender<u32>,
-    ctrl: &OwnedFd,
-    init: Option<Init>,
+    ctrl: BorrowedFd<'_>,
+    init: Option<Box<dyn FnOnce()>>,
     max_tasks: Option<usize>,
 ) {
     let mut segments: HashMap<u64, Segment> = HashMap::new();
     if let Some(init) = init {
-        if let Err((message, location)) = catch_panic(|| init()) {
+        if let Err((message, location)) = catch_panic(init) {
             let payload = postcard::to_allocvec(&(message, location)).unwrap_or_default();
             reply(results, bell, slot, &reply_frame(INIT_FAILED, 0, &payload));
             return;
@@ -250,16 +425,5 @@ fn worker_main(
         if max_tasks.is_some_and(|m| done >= m) {
             return;
         }
-    }
-}
-
-/// Builds the error for a pool whose start method is not supported.
-pub(crate) fn unsupported(method: StartMethod) -> Error {
-    Error::InvalidArgument {
-        what: format!(
-            "the Pool starts its workers with StartMethod::Fork only for now (asked for \
-             {method:?}); build it from a single-threaded process (e.g. first thing in main), \
-             or use Process::spawn for one-off children under other start methods"
-        ),
     }
 }
