@@ -1076,7 +1076,7 @@ mod ownership {
                      end would duplicate or lose messages. Use the end in one process only \
                      (drop it in the others), or use `procshare::channel` to {verb} from \
                      several processes",
-                    owner >> 40
+                    crate::owner::identity_parts(owner).0
                 );
             }
             if word
