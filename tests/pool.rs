@@ -51,6 +51,9 @@ fn main() {
             fork_works_right_after_an_await,
             a_child_forked_unchecked_beside_the_waiter_can_fork_again,
             dropping_the_pool_resolves_pending_futures_closed,
+            a_panicking_waker_breaks_neither_fork_nor_the_other_futures,
+            a_future_polled_then_dropped_leaves_the_pool_usable,
+            map_chunks_over_a_zero_length_shared_slice,
             the_waiter_thread_ends_when_no_future_waits,
             map_chunks_reads_arrays_and_shared_slices_in_place,
             chunk_len_edge_cases,
@@ -1032,4 +1035,91 @@ fn the_waiter_thread_ends_when_no_future_waits() {
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     // And comes back for the next future.
     assert_eq!(block_on(pool.apply_async(square, 2).unwrap()).0, Ok(4));
+}
+
+/// A waker whose `wake` panics (a buggy executor).
+struct PanickingWaker;
+
+impl Wake for PanickingWaker {
+    fn wake(self: Arc<Self>) {
+        panic!("this executor's waker panics");
+    }
+}
+
+fn a_panicking_waker_breaks_neither_fork_nor_the_other_futures() {
+    let pool = Pool::new(1).unwrap();
+    let mut bad = std::pin::pin!(pool.apply_async(sleep_ms, 300).unwrap());
+    let mut good = std::pin::pin!(pool.apply_async(sleep_ms, 10).unwrap());
+    let bad_waker = Waker::from(Arc::new(PanickingWaker));
+    let unpark = Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    });
+    let good_waker = Waker::from(Arc::clone(&unpark));
+    assert!(
+        bad.as_mut()
+            .poll(&mut Context::from_waker(&bad_waker))
+            .is_pending()
+    );
+    assert!(
+        good.as_mut()
+            .poll(&mut Context::from_waker(&good_waker))
+            .is_pending()
+    );
+    // A fork stops the waiter and wakes every waiting future: one waker panicking must
+    // neither make the fork panic nor leave the other future unwoken for good.
+    let forked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        procshare::Process::fork(|| 3u32)
+    }));
+    let child = forked
+        .expect("Process::fork panicked because a waker panicked")
+        .unwrap();
+    assert_eq!(child.join(), Ok(3));
+    assert!(
+        unpark.woken.load(Ordering::SeqCst),
+        "the well-behaved future was never woken"
+    );
+    // Both still resolve.
+    let (r, _) = block_on(good.as_mut());
+    assert_eq!(r, Ok(10));
+    let (r, _) = block_on(bad.as_mut());
+    assert_eq!(r, Ok(300));
+}
+
+fn a_future_polled_then_dropped_leaves_the_pool_usable() {
+    let pool = Pool::new(1).unwrap();
+    for _ in 0..3 {
+        let mut h = Box::pin(pool.apply_async(sleep_ms, 200).unwrap());
+        let unpark = Arc::new(Unpark {
+            thread: std::thread::current(),
+            woken: AtomicBool::new(false),
+        });
+        let waker = Waker::from(Arc::clone(&unpark));
+        assert!(
+            h.as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        drop(h);
+    }
+    // The abandoned jobs' waker entries are gone, the pool still answers (the worker may
+    // first finish what it already started).
+    let t = Instant::now();
+    assert_eq!(block_on(pool.apply_async(square, 5).unwrap()).0, Ok(25));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+fn map_chunks_over_a_zero_length_shared_slice() {
+    let pool = Pool::new(2).unwrap();
+    let empty: Shared<[u64]> = Shared::from_slice(&[]).unwrap();
+    assert_eq!(pool.map_chunks(&empty, 1, summary).unwrap(), vec![]);
+    assert_eq!(
+        pool.map_chunks(&empty, usize::MAX, summary).unwrap(),
+        vec![]
+    );
+    let one: Shared<[u64]> = Shared::from_slice(&[7]).unwrap();
+    assert_eq!(
+        pool.map_chunks(&one, usize::MAX, summary).unwrap(),
+        vec![(7, 7, 1)]
+    );
 }

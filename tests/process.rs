@@ -65,6 +65,9 @@ fn main() {
             a_byte_queue_crosses_spawn,
             a_shared_slice_crosses_spawn,
             a_queue_handle_outside_a_process_argument_is_an_error,
+            an_spsc_end_encoded_twice_in_one_argument_is_refused,
+            a_spawned_child_hands_its_sender_on_to_a_grandchild,
+            spawning_with_handles_out_of_descriptors_fails_cleanly,
             no_zombies_and_no_descriptor_growth,
         ],
         &[],
@@ -1222,4 +1225,191 @@ fn no_zombies_and_no_descriptor_growth() {
     };
     // SAFETY: reading si_pid of a waitid result (zero: no child has exited unreaped).
     assert!(rc == 0 && unsafe { info.si_pid() } == 0, "a zombie is left");
+}
+
+/// An argument that encodes its one spsc sender twice (as serde's `rc` feature does with
+/// an `Rc` shared twice): decoded, it would give the child two producers of one end.
+struct SenderTwice(
+    procshare::spsc::Sender<u64>,
+    Option<procshare::spsc::Sender<u64>>,
+);
+
+impl Serialize for SenderTwice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (&self.0, &self.0).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SenderTwice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (a, b) =
+            <(procshare::spsc::Sender<u64>, procshare::spsc::Sender<u64>)>::deserialize(d)?;
+        Ok(SenderTwice(a, Some(b)))
+    }
+}
+
+fn send_through_both(two: SenderTwice) -> u64 {
+    two.0.send(1).unwrap();
+    if let Some(b) = &two.1 {
+        b.send(2).unwrap();
+    }
+    2
+}
+
+fn an_spsc_end_encoded_twice_in_one_argument_is_refused() {
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        let (tx, rx) = procshare::spsc::<u64>(8).unwrap();
+        let r = Process::builder()
+            .start_method(m)
+            .spawn(send_through_both, SenderTwice(tx, None));
+        match r {
+            Err(e) => {
+                let why = e.to_string();
+                assert!(
+                    why.contains("spsc::Sender<T>") && why.contains("twice"),
+                    "{m:?}: {why}"
+                );
+            }
+            Ok(c) => {
+                let joined = c.join();
+                let got: Vec<u64> = rx.try_iter().collect();
+                panic!(
+                    "{m:?}: the child got two producers of one spsc end: {joined:?}, \
+                     received {got:?}"
+                );
+            }
+        }
+        // The spawn failed after the first encoding handed the end over, so that handle
+        // is gone; nothing counts it any more, and a new sender can be made.
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(RecvTimeoutError::Disconnected),
+            "{m:?}"
+        );
+    }
+}
+
+fn method_code(m: StartMethod) -> u8 {
+    match m {
+        StartMethod::Fork => 0,
+        StartMethod::Spawn => 1,
+        _ => 2,
+    }
+}
+
+fn method_of(code: u8) -> StartMethod {
+    [
+        StartMethod::Fork,
+        StartMethod::Spawn,
+        StartMethod::ForkServer,
+    ][code as usize]
+}
+
+/// Sends 0, then hands `tx` on to a grandchild (started with `method`) that sends 1..n.
+fn relay((tx, n, method): (procshare::channel::Sender<u64>, u64, u8)) -> u64 {
+    tx.send(0).unwrap();
+    let g = Process::builder()
+        .start_method(method_of(method))
+        .spawn(
+            |(tx, n): (procshare::channel::Sender<u64>, u64)| {
+                for i in 1..n {
+                    tx.send(i).unwrap();
+                }
+                n
+            },
+            (tx, n),
+        )
+        .unwrap_or_else(|e| panic!("the child could not spawn its grandchild: {e}"));
+    g.join().unwrap()
+}
+
+fn a_spawned_child_hands_its_sender_on_to_a_grandchild() {
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        for g in [StartMethod::Fork, StartMethod::Spawn] {
+            let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+            let c = with(m, relay, (tx, 50, method_code(g)));
+            assert_eq!(drain(&rx), (0..50).collect::<Vec<_>>(), "{m:?} then {g:?}");
+            assert_eq!(c.join(), Ok(50), "{m:?} then {g:?}");
+        }
+    }
+}
+
+fn set_nofile(soft: u64) -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        let old = r.rlim_cur;
+        r.rlim_cur = soft;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
+        old
+    }
+}
+
+fn add_and_send((v, a, tx): (Value<u64>, Array<u64>, procshare::channel::Sender<u64>)) -> u64 {
+    *v.lock().unwrap() += 1;
+    tx.send(a.len() as u64).unwrap();
+    1
+}
+
+fn spawning_with_handles_out_of_descriptors_fails_cleanly() {
+    for m in METHODS {
+        // Warm up (the fork server, lazily opened files), then take the baseline.
+        let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+        let v = Value::new(0u64).unwrap();
+        let a = Array::from_slice(&[1u64, 2, 3]).unwrap();
+        assert_eq!(
+            with(m, add_and_send, (v.clone(), a.clone(), tx.clone())).join(),
+            Ok(1)
+        );
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(3));
+        let base = fd_count();
+        let mut ok = 0;
+        let mut failed = 0;
+        for extra in 0..24u64 {
+            let old = set_nofile(base as u64 + extra);
+            let r = Process::builder()
+                .start_method(m)
+                .spawn(add_and_send, (v.clone(), a.clone(), tx.clone()));
+            set_nofile(old);
+            match r {
+                Ok(c) => {
+                    ok += 1;
+                    assert_eq!(c.join(), Ok(1), "{m:?} with {extra} spare descriptors");
+                    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(3));
+                }
+                Err(e) => {
+                    failed += 1;
+                    let why = e.to_string();
+                    eprintln!("{m:?}, {extra} spare: {why}");
+                    assert!(
+                        why.contains("escriptor") || why.contains("files"),
+                        "{m:?}: {why}"
+                    );
+                }
+            }
+            assert_eq!(
+                fd_count(),
+                base,
+                "{m:?}: descriptors leaked with {extra} spare"
+            );
+        }
+        // (A Fork child carries no descriptor: nothing there runs out.)
+        assert!(ok > 0, "{m:?}: ok {ok}, failed {failed}");
+        assert!(
+            failed > 0 || m == StartMethod::Fork,
+            "{m:?}: nothing failed"
+        );
+        assert_eq!(v.get(), 1 + ok);
+        // Every failed spawn cancelled its loan: the last sender's drop disconnects.
+        drop(tx);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(RecvTimeoutError::Disconnected),
+            "{m:?}: a failed spawn left the channel connected"
+        );
+    }
 }

@@ -82,6 +82,10 @@
 //! runtime, cannot fork at all: the pool must then be built before the runtime starts,
 //! and a dead worker cannot be replaced: see the failure table.)
 //!
+//! A waker whose `wake` panics (a broken executor) is caught wherever the pool wakes it
+//! (the waiter, a pump, the pause before a fork, the pool's drop): the panic goes no
+//! further and the other futures are still woken; that waker's task just is not.
+//!
 //! What a poll may still wait for: a large reply (over 16 KiB) that a worker is already
 //! streaming through its 64 KiB ring is read to its end (bounded by 1 s per poll), a big
 //! task frame is written while its worker reads it, and a worker that used its

@@ -37,6 +37,10 @@
 //! * The requesting process dies: the server sees end of file on the control socket,
 //!   SIGKILLs its daemon children and exits; non-daemon children run on. Daemon children
 //!   also carry `PR_SET_PDEATHSIG` towards the server.
+//! * The requesting process is at its descriptor limit when the answer comes: the pidfd
+//!   is lost (`MSG_CTRUNC`), not the child, which already runs the argument: it is
+//!   handled as a child without a pidfd (as on kernels that refuse them), and the server
+//!   is kept. A server at *its* limit refuses the request (`EMFILE`) and keeps serving.
 //! * A forked child of the requester (`Process::fork`) drops its inherited copy of the
 //!   control socket at once, so it neither shares the server nor keeps it alive; it
 //!   starts its own on first use.
@@ -135,7 +139,10 @@ fn request(
         }
     }
     let mut buf = [0u8; 16];
-    let (n, mut got) = match sys::recv_with_fds(ctl, &mut buf) {
+    // A pidfd lost because this process is at its descriptor limit is not a broken
+    // server: the child exists (it runs the argument already), so it is taken as a child
+    // without a pidfd, as on kernels that refuse them (see the module docs).
+    let (n, mut got, _truncated) = match sys::recv_with_fds_truncating(ctl, &mut buf) {
         Ok(r) => r,
         Err(e) => {
             return Err(Failure::ServerGone(format!(
@@ -310,7 +317,7 @@ pub(crate) fn serve(value: OsString) -> ! {
 /// Serves one request; `false` when the requester has closed the control socket.
 fn handle_request(control: &OwnedFd, kids: &mut Vec<Kid>, me: u32) -> bool {
     let mut buf = [0u8; 16];
-    let (n, fds) = match sys::recv_with_fds(control.as_fd(), &mut buf) {
+    let (n, fds, truncated) = match sys::recv_with_fds_truncating(control.as_fd(), &mut buf) {
         Ok(r) => r,
         Err(_) => return false,
     };
@@ -322,6 +329,12 @@ fn handle_request(control: &OwnedFd, kids: &mut Vec<Kid>, me: u32) -> bool {
         msg[1..].copy_from_slice(&errno.to_le_bytes());
         let _ = sys::send_with_fds(control.as_fd(), &msg, &[]);
     };
+    if truncated {
+        // The server is at its descriptor limit (inherited from the requester when it
+        // started): refuse this request, keep serving.
+        reply_error(24); // EMFILE
+        return true;
+    }
     if fds.len() < 3 {
         reply_error(22); // EINVAL
         return true;
