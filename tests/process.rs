@@ -68,6 +68,7 @@ fn main() {
             an_spsc_end_encoded_twice_in_one_argument_is_refused,
             a_spawned_child_hands_its_sender_on_to_a_grandchild,
             spawning_with_handles_out_of_descriptors_fails_cleanly,
+            signalling_a_reaped_fork_server_child_without_pidfd_spares_its_pids_next_owner,
             no_zombies_and_no_descriptor_growth,
         ],
         &[],
@@ -1412,4 +1413,45 @@ fn spawning_with_handles_out_of_descriptors_fails_cleanly() {
             "{m:?}: a failed spawn left the channel connected"
         );
     }
+}
+
+fn signalling_a_reaped_fork_server_child_without_pidfd_spares_its_pids_next_owner() {
+    if !common::ns::is_root() {
+        return common::ns::skip("this test", "writing ns_last_pid needs root");
+    }
+    // In a pid namespace of our own, where we may choose the next pid.
+    let ok = common::ns::in_new_pid_namespace(|| {
+        for signal in [libc::SIGKILL, libc::SIGTERM, libc::SIGUSR1] {
+            // A fork-server child without a pidfd (a kernel that refuses them, or a pidfd
+            // lost to the descriptor limit): its pid is not ours to hold.
+            disable_pidfds(true);
+            let c = with(StartMethod::ForkServer, square, 3);
+            disable_pidfds(false);
+            let pid = c.pid();
+            // It ends and the fork server reaps it; we have not looked yet.
+            common::wait_for(
+                "the server to reap the child",
+                Duration::from_secs(10),
+                || !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            );
+            // Its pid goes to an innocent process.
+            std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).unwrap();
+            let innocent = Process::builder()
+                .daemon(true)
+                .fork(|| std::thread::sleep(Duration::from_secs(30)))
+                .unwrap();
+            assert_eq!(innocent.pid(), pid, "the pid was not recycled as asked");
+            c.signal(signal).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                innocent.is_alive(),
+                "signal {signal} for the reaped fork-server child reached the process that \
+                 got its pid"
+            );
+            assert_eq!(c.join(), Ok(9));
+            innocent.kill().unwrap();
+            let _ = innocent.join();
+        }
+    });
+    assert!(ok, "the test failed inside its pid namespace");
 }

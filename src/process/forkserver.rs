@@ -25,8 +25,10 @@
 //! reports on the result socket. The child is the *server's* child, so the parent cannot
 //! `waitid` it: the server opens a pidfd for it before anyone could reap it and passes it
 //! over (so the parent's `terminate`/`kill`/`is_alive` can never hit a recycled pid), and
-//! when it reaps the child it writes the 5-byte status (`kind:u8 code:i32`) on the status
-//! socket and closes it.
+//! when the child ends it writes the 5-byte status (`kind:u8 code:i32`) on the status
+//! socket, closes it, and only then reaps the child (so a requester without a pidfd, which
+//! signals by pid, can tell from the status socket whether the pid may be recycled yet:
+//! see `Child::signal`).
 //!
 //! # Failure modes
 //!
@@ -297,7 +299,10 @@ pub(crate) fn serve(value: OsString) -> ! {
                 Some(p) => WaitTarget::Pidfd(p.as_fd()),
                 None => WaitTarget::Pid(k.pid),
             };
-            let status = match sys::wait_child(target, false, true) {
+            // Report first, reap after: until the requester can read the status, the
+            // child's pid stays a zombie, never another process's (a requester without
+            // a pidfd signals by pid only while no status has arrived).
+            let status = match sys::wait_child(target, false, false) {
                 Ok(None) => return true,
                 Ok(Some(s)) => s,
                 Err(_) => ChildStatus::Exited(-1),
@@ -309,6 +314,7 @@ pub(crate) fn serve(value: OsString) -> ! {
             let mut msg = [kind, 0, 0, 0, 0];
             msg[1..].copy_from_slice(&code.to_le_bytes());
             let _ = sys::send_all(k.status.as_fd(), &msg);
+            let _ = sys::wait_child(target, false, true);
             false
         });
     }
