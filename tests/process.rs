@@ -40,6 +40,7 @@ fn main() {
             try_join_and_exitcode_poll_without_blocking,
             terminate_and_kill,
             daemon_children_die_with_their_parent,
+            daemon_children_die_with_their_parent_in_a_new_pid_namespace,
             fork_is_refused_with_threads_and_the_default_picks_spawn,
             spawn_handshake_mismatch_is_a_bootstrap_error,
             spawned_child_dying_before_init_is_an_error_in_time,
@@ -68,6 +69,7 @@ fn main() {
             an_spsc_end_encoded_twice_in_one_argument_is_refused,
             a_spawned_child_hands_its_sender_on_to_a_grandchild,
             spawning_with_handles_out_of_descriptors_fails_cleanly,
+            a_child_stopped_or_killed_between_two_imports_holds_then_releases_both_ends,
             signalling_a_reaped_fork_server_child_without_pidfd_spares_its_pids_next_owner,
             no_zombies_and_no_descriptor_growth,
         ],
@@ -296,6 +298,23 @@ fn sleep_forever(_: ()) -> u32 {
 }
 
 fn daemon_children_die_with_their_parent() {
+    daemons_die_with_their_killed_parent();
+}
+
+fn daemon_children_die_with_their_parent_in_a_new_pid_namespace() {
+    if !common::ns::is_root() {
+        return common::ns::skip("this test", "a pid namespace needs root");
+    }
+    // As `unshare -pf --mount-proc`: we are pid 1 of a new namespace with its own /proc,
+    // the killed parent is pid 2, its daemons are reparented to us.
+    let ok = common::ns::in_new_pid_namespace(|| {
+        assert_eq!(std::process::id(), 1);
+        daemons_die_with_their_killed_parent();
+    });
+    assert!(ok, "the test failed inside its pid namespace");
+}
+
+fn daemons_die_with_their_killed_parent() {
     // Orphans come to us, so we can reap them and see how they died.
     // SAFETY: prctl with integer arguments.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -1326,7 +1345,7 @@ fn relay((tx, n, method): (procshare::channel::Sender<u64>, u64, u8)) -> u64 {
 
 fn a_spawned_child_hands_its_sender_on_to_a_grandchild() {
     for m in [StartMethod::Spawn, StartMethod::ForkServer] {
-        for g in [StartMethod::Fork, StartMethod::Spawn] {
+        for g in METHODS {
             let (tx, rx) = procshare::channel::<u64>(4).unwrap();
             let c = with(m, relay, (tx, 50, method_code(g)));
             assert_eq!(drain(&rx), (0..50).collect::<Vec<_>>(), "{m:?} then {g:?}");
@@ -1454,4 +1473,73 @@ fn signalling_a_reaped_fork_server_child_without_pidfd_spares_its_pids_next_owne
         }
     });
     assert!(ok, "the test failed inside its pid namespace");
+}
+
+/// Raises `self.0` in the process that decodes it (the child), between the handles around
+/// it in an argument: a child stopped or killed in the middle of importing them.
+#[derive(Serialize)]
+struct RaiseWhenDecoded(i32);
+
+impl<'de> Deserialize<'de> for RaiseWhenDecoded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let sig = i32::deserialize(d)?;
+        // SAFETY: raise takes a plain integer.
+        unsafe { libc::raise(sig) };
+        Ok(RaiseWhenDecoded(sig))
+    }
+}
+
+type TwoSenders = (
+    procshare::channel::Sender<u64>,
+    RaiseWhenDecoded,
+    procshare::channel::Sender<u64>,
+);
+
+fn send_on_both((a, _, b): TwoSenders) -> u64 {
+    a.send(1).unwrap();
+    b.send(2).unwrap();
+    2
+}
+
+fn a_child_stopped_or_killed_between_two_imports_holds_then_releases_both_ends() {
+    use RecvTimeoutError::{Disconnected, Timeout};
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        for sig in [libc::SIGKILL, libc::SIGSTOP] {
+            let (ta, ra) = procshare::channel::<u64>(4).unwrap();
+            let (tb, rb) = procshare::channel::<u64>(4).unwrap();
+            let mut c = with(m, send_on_both, (ta, RaiseWhenDecoded(sig), tb));
+            if sig == libc::SIGSTOP {
+                // Stopped with `a` imported and `b` not: both ends still count it.
+                std::thread::sleep(Duration::from_millis(200));
+                assert_eq!(
+                    ra.recv_timeout(Duration::from_millis(100)),
+                    Err(Timeout),
+                    "{m:?}"
+                );
+                assert_eq!(
+                    rb.recv_timeout(Duration::from_millis(100)),
+                    Err(Timeout),
+                    "{m:?}"
+                );
+                c.kill().unwrap();
+            }
+            assert!(
+                matches!(
+                    c.join_timeout(Duration::from_secs(10)),
+                    Err(ProcessError::Signaled(_))
+                ),
+                "{m:?}"
+            );
+            assert_eq!(
+                ra.recv_timeout(Duration::from_secs(5)),
+                Err(Disconnected),
+                "{m:?} a"
+            );
+            assert_eq!(
+                rb.recv_timeout(Duration::from_secs(5)),
+                Err(Disconnected),
+                "{m:?} b"
+            );
+        }
+    }
 }
