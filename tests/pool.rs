@@ -54,6 +54,7 @@ fn main() {
             a_panicking_waker_breaks_neither_fork_nor_the_other_futures,
             a_future_polled_then_dropped_leaves_the_pool_usable,
             map_chunks_over_a_zero_length_shared_slice,
+            a_forked_child_cannot_use_or_break_its_parents_pool,
             the_waiter_thread_ends_when_no_future_waits,
             map_chunks_reads_arrays_and_shared_slices_in_place,
             chunk_len_edge_cases,
@@ -1122,4 +1123,39 @@ fn map_chunks_over_a_zero_length_shared_slice() {
         pool.map_chunks(&one, usize::MAX, summary).unwrap(),
         vec![(7, 7, 1)]
     );
+    // Zero-sized elements: every chunk starts at byte 0, and that is fine.
+    let units = Array::<()>::zeroed(20).unwrap();
+    assert_eq!(
+        pool.map_chunks(&units, 7, |c: &[()]| c.len()).unwrap(),
+        vec![7, 7, 6]
+    );
+    pool.for_each_chunk_mut(&units, 3, |c: &mut [()]| assert!(c.len() <= 3))
+        .unwrap();
+    assert!(!units.is_poisoned());
+}
+
+fn a_forked_child_cannot_use_or_break_its_parents_pool() {
+    let pool = Pool::new(1).unwrap();
+    let workers = pool.pids();
+    // The parent's own work, sent to the worker before the fork.
+    let mine = pool.apply_async(sleep_ms, 300).unwrap();
+    // A Fork child borrows the pool it inherited (no `'static` bound stops it).
+    let mut child = procshare::Process::fork(|| {
+        let r = pool.apply(square, 3).map_err(|e| e.to_string());
+        let m = pool.map(square, 0..4u64).map_err(|e| e.to_string());
+        (format!("{r:?}"), format!("{m:?}"))
+    })
+    .unwrap();
+    let (r, m) = child
+        .join_timeout(Duration::from_secs(10))
+        .expect("the forked child");
+    assert!(
+        r.contains("another process") && m.contains("another process"),
+        "the child used its parent's pool: {r} / {m}"
+    );
+    // The parent's pool is untouched: its job completes, its worker was not replaced.
+    let mut mine = mine;
+    assert_eq!(mine.get_timeout(Duration::from_secs(10)), Some(Ok(300)));
+    assert_eq!(pool.pids(), workers);
+    assert_eq!(pool.apply(square, 4), Ok(16));
 }

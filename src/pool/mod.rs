@@ -381,6 +381,7 @@ impl Pool {
         #[allow(clippy::let_unit_value)]
         let () = ZeroSized::<C>::CHECK;
         let mut core = self.core.borrow_mut();
+        core.disown();
         match &core.state {
             State::Running => {}
             State::Closed => return Err(TaskError::Closed),
