@@ -69,6 +69,7 @@ fn main() {
             an_spsc_end_encoded_twice_in_one_argument_is_refused,
             a_spawned_child_hands_its_sender_on_to_a_grandchild,
             spawning_with_handles_out_of_descriptors_fails_cleanly,
+            a_stopped_fork_server_is_replaced_within_the_bootstrap_timeout,
             a_child_stopped_or_killed_between_two_imports_holds_then_releases_both_ends,
             signalling_a_reaped_fork_server_child_without_pidfd_spares_its_pids_next_owner,
             no_zombies_and_no_descriptor_growth,
@@ -1542,4 +1543,29 @@ fn a_child_stopped_or_killed_between_two_imports_holds_then_releases_both_ends()
             );
         }
     }
+}
+
+fn a_stopped_fork_server_is_replaced_within_the_bootstrap_timeout() {
+    assert_eq!(with(StartMethod::ForkServer, square, 2).join(), Ok(4));
+    let server = server_pids();
+    assert_eq!(server.len(), 1, "{server:?}");
+    // SAFETY: kill takes plain integers.
+    assert_eq!(unsafe { libc::kill(server[0] as i32, libc::SIGSTOP) }, 0);
+    let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+    let t0 = Instant::now();
+    let c = Process::builder()
+        .start_method(StartMethod::ForkServer)
+        .bootstrap_timeout(Duration::from_millis(500))
+        .spawn(send_numbers, (tx, 10))
+        .expect("a stopped fork server is replaced");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(drain(&rx), (0..10).collect::<Vec<_>>());
+    assert_eq!(c.join(), Ok(10));
+    // The stopped server was killed and reaped, and a new one serves.
+    common::wait_for("the stopped server to go", Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{}", server[0])).exists()
+    });
+    let now = server_pids();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, server);
 }
