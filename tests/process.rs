@@ -69,6 +69,7 @@ fn main() {
             an_spsc_end_encoded_twice_in_one_argument_is_refused,
             a_spawned_child_hands_its_sender_on_to_a_grandchild,
             spawning_with_handles_out_of_descriptors_fails_cleanly,
+            a_result_whose_serialize_panics_is_reported_not_hung,
             a_stopped_fork_server_is_replaced_within_the_bootstrap_timeout,
             a_child_stopped_or_killed_between_two_imports_holds_then_releases_both_ends,
             signalling_a_reaped_fork_server_child_without_pidfd_spares_its_pids_next_owner,
@@ -1568,4 +1569,36 @@ fn a_stopped_fork_server_is_replaced_within_the_bootstrap_timeout() {
     let now = server_pids();
     assert_eq!(now.len(), 1, "{now:?}");
     assert_ne!(now, server);
+}
+
+/// A result whose `Serialize` panics in the child, after writing part of itself.
+#[derive(Deserialize, Debug, PartialEq)]
+struct PanicsWhenSent(Vec<u64>);
+
+impl Serialize for PanicsWhenSent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        seq.serialize_element(&self.0[0])?;
+        panic!("this result cannot be sent");
+    }
+}
+
+fn make_unsendable(n: u64) -> PanicsWhenSent {
+    PanicsWhenSent((0..n).collect())
+}
+
+fn a_result_whose_serialize_panics_is_reported_not_hung() {
+    for m in METHODS {
+        let mut c = with(m, make_unsendable, 100_000);
+        let r = c.join_timeout(Duration::from_secs(10));
+        match &r {
+            Err(ProcessError::Panicked { message, .. }) => {
+                assert!(message.contains("cannot be sent"), "{m:?}: {message}")
+            }
+            other => panic!("{m:?}: {other:?}"),
+        }
+        // And the process is reaped: no zombie is left behind.
+        assert!(!c.is_alive());
+    }
 }
