@@ -55,6 +55,7 @@ fn main() {
             a_future_polled_then_dropped_leaves_the_pool_usable,
             map_chunks_over_a_zero_length_shared_slice,
             a_forked_child_cannot_use_or_break_its_parents_pool,
+            a_result_whose_serialize_panics_fails_that_item_alone,
             the_waiter_thread_ends_when_no_future_waits,
             map_chunks_reads_arrays_and_shared_slices_in_place,
             chunk_len_edge_cases,
@@ -1158,4 +1159,69 @@ fn a_forked_child_cannot_use_or_break_its_parents_pool() {
     assert_eq!(mine.get_timeout(Duration::from_secs(10)), Some(Ok(300)));
     assert_eq!(pool.pids(), workers);
     assert_eq!(pool.apply(square, 4), Ok(16));
+}
+
+/// A result whose `Serialize` panics in the worker, for odd inputs.
+#[derive(Deserialize, Debug, PartialEq)]
+struct OddPanics(u64);
+
+impl Serialize for OddPanics {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 % 2 == 1 {
+            panic!("odd results cannot be sent");
+        }
+        self.0.serialize(s)
+    }
+}
+
+fn odd_panics(x: u64) -> OddPanics {
+    OddPanics(x)
+}
+
+fn a_result_whose_serialize_panics_fails_that_item_alone() {
+    let pool = Pool::new(2).unwrap();
+    let pids = pool.pids();
+    let got: Vec<Result<OddPanics, TaskError>> =
+        pool.imap_chunked(odd_panics, 0..8u64, 4).unwrap().collect();
+    for (i, r) in got.iter().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(r, &Ok(OddPanics(i as u64)), "item {i}: {got:?}");
+        } else {
+            assert!(
+                matches!(r, Err(TaskError::Panicked { message, .. }) if message.contains("odd results")),
+                "item {i}: {r:?}"
+            );
+        }
+    }
+    // A panic in a user's Serialize is that item's failure, not a worker's death.
+    assert_eq!(pool.pids(), pids);
+    // Nor is a panic in an argument's Deserialize: its chunk fails, the other runs.
+    let got: Vec<Result<u64, TaskError>> = pool
+        .imap_chunked(
+            |a: PanicsWhenDecoded| a.0,
+            [0, 1, 2, 5, 6, 7].map(PanicsWhenDecoded),
+            3,
+        )
+        .unwrap()
+        .collect();
+    assert_eq!(got[..3], [Ok(0), Ok(1), Ok(2)], "{got:?}");
+    for r in &got[3..] {
+        assert!(
+            matches!(r, Err(TaskError::Panicked { message, .. }) if message.contains("five")),
+            "{r:?}"
+        );
+    }
+    assert_eq!(pool.pids(), pids);
+}
+
+/// An argument whose `Deserialize` panics in the worker for 5.
+#[derive(Serialize, Debug)]
+struct PanicsWhenDecoded(u64);
+
+impl<'de> Deserialize<'de> for PanicsWhenDecoded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u64::deserialize(d)?;
+        assert!(v != 5, "five cannot be decoded");
+        Ok(PanicsWhenDecoded(v))
+    }
 }
