@@ -56,6 +56,7 @@ fn main() {
             map_chunks_over_a_zero_length_shared_slice,
             a_forked_child_cannot_use_or_break_its_parents_pool,
             a_result_whose_serialize_panics_fails_that_item_alone,
+            a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers,
             the_waiter_thread_ends_when_no_future_waits,
             map_chunks_reads_arrays_and_shared_slices_in_place,
             chunk_len_edge_cases,
@@ -1224,4 +1225,67 @@ impl<'de> Deserialize<'de> for PanicsWhenDecoded {
         assert!(v != 5, "five cannot be decoded");
         Ok(PanicsWhenDecoded(v))
     }
+}
+
+/// Sets the soft RLIMIT_NOFILE of process `pid`; returns the old one.
+fn set_nofile_of(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads/writes valid rlimit structs for the duration of the call.
+    unsafe {
+        assert_eq!(
+            libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old),
+            0
+        );
+        let new = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: old.rlim_max,
+        };
+        assert_eq!(
+            libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()),
+            0,
+            "prlimit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    old.rlim_cur
+}
+
+fn a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers() {
+    let pool = Pool::new(1).unwrap();
+    let pid = pool.pids()[0];
+    let data: Vec<u64> = (1..=100).collect();
+    // The worker cannot take one more descriptor: the array's is lost on the way in
+    // (`MSG_CTRUNC`). The limit bounds descriptor numbers, not counts: set it to the
+    // lowest free number (retried, should a descriptor the worker held for a moment
+    // have hidden a lower one).
+    let mut failed = None;
+    let mut a = Array::from_slice(&data).unwrap();
+    for _ in 0..10 {
+        a = Array::from_slice(&data).unwrap(); // a segment this worker has not seen
+        let open: BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_string_lossy().parse().ok())
+            .collect();
+        let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+        let old = set_nofile_of(pid, lowest_free);
+        let r = pool.map_chunks_each(&a, 100, summary).unwrap();
+        set_nofile_of(pid, old);
+        if r[0].is_err() {
+            failed = Some(r);
+            break;
+        }
+    }
+    let r = failed.expect("the worker never ran out of descriptors");
+    assert!(matches!(&r[..], [Err(TaskError::Decode(_))]), "{r:?}");
+    // Once it can, the next map over the same array works (the descriptor is sent again).
+    let t = Instant::now();
+    assert_eq!(
+        pool.map_chunks(&a, 50, summary).unwrap(),
+        expected_summaries(&data, 50)
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(pool.pids(), vec![pid]);
 }

@@ -544,6 +544,21 @@ impl Core {
                 if pos == 0 {
                     w.head_since = Instant::now();
                 }
+                // A chunk map that failed in the worker (its one result is `Err`: postcard
+                // writes the length 1, then variant 1) may have failed to receive or map
+                // the segment (the worker at its descriptor limit): send the descriptor
+                // again with the next chunk naming it, or every later map of that array
+                // on this worker would wait for it in vain. (A worker that has it maps it
+                // anew.)
+                if payload.get(..2) == Some(&[1, 1]) {
+                    let map = self.chunks.get(&chunk).map(|c| &c.frame[..]);
+                    if let Some(id) = map
+                        .filter(|f| f.first() == Some(&MAP))
+                        .and_then(|f| word(f, 32))
+                    {
+                        w.segments.remove(&id);
+                    }
+                }
                 self.finish(chunk, Outcome::Ran(payload.to_vec()));
             }
             _ => {}
