@@ -69,6 +69,7 @@ fn main() {
             an_spsc_end_encoded_twice_in_one_argument_is_refused,
             a_spawned_child_hands_its_sender_on_to_a_grandchild,
             spawning_with_handles_out_of_descriptors_fails_cleanly,
+            a_channel_whose_only_receiver_is_a_spawned_child_disconnects_the_sender,
             a_result_whose_serialize_panics_is_reported_not_hung,
             a_stopped_fork_server_is_replaced_within_the_bootstrap_timeout,
             a_child_stopped_or_killed_between_two_imports_holds_then_releases_both_ends,
@@ -1600,5 +1601,44 @@ fn a_result_whose_serialize_panics_is_reported_not_hung() {
         }
         // And the process is reaped: no zombie is left behind.
         assert!(!c.is_alive());
+    }
+}
+
+fn take_one(rx: procshare::channel::Receiver<u64>) -> u64 {
+    rx.recv_timeout(Duration::from_secs(10)).unwrap()
+}
+
+fn a_channel_whose_only_receiver_is_a_spawned_child_disconnects_the_sender() {
+    for m in METHODS {
+        for kill in [false, true] {
+            let (tx, rx) = procshare::channel::<u64>(2).unwrap();
+            let c = with(m, take_one, rx);
+            let c = if kill {
+                c.kill().unwrap();
+                assert!(c.join().is_err());
+                None
+            } else {
+                Some(c)
+            };
+            // The only receiver went into the argument: once its child has gone, a
+            // blocking send on the full ring must say Disconnected, never wait forever.
+            let t = Instant::now();
+            let mut sent = 0;
+            let end = loop {
+                match tx.send(sent) {
+                    Ok(()) => sent += 1,
+                    Err(e) => break e,
+                }
+                assert!(sent < 100, "{m:?}: sends never fail");
+            };
+            assert!(
+                matches!(end, procshare::SendError::Disconnected(_)),
+                "{m:?}, killed {kill}"
+            );
+            assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+            if let Some(c) = c {
+                assert_eq!(c.join(), Ok(0), "{m:?}");
+            }
+        }
     }
 }
