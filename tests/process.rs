@@ -69,6 +69,7 @@ fn main() {
             an_spsc_end_encoded_twice_in_one_argument_is_refused,
             a_spawned_child_hands_its_sender_on_to_a_grandchild,
             spawning_with_handles_out_of_descriptors_fails_cleanly,
+            is_alive_turns_false_for_every_method_without_pidfds,
             a_channel_whose_only_receiver_is_a_spawned_child_disconnects_the_sender,
             a_result_whose_serialize_panics_is_reported_not_hung,
             a_stopped_fork_server_is_replaced_within_the_bootstrap_timeout,
@@ -1640,5 +1641,21 @@ fn a_channel_whose_only_receiver_is_a_spawned_child_disconnects_the_sender() {
                 assert_eq!(c.join(), Ok(0), "{m:?}");
             }
         }
+    }
+}
+
+fn is_alive_turns_false_for_every_method_without_pidfds() {
+    for m in METHODS {
+        disable_pidfds(true);
+        let mut c = with(m, sleep_then, 50);
+        disable_pidfds(false);
+        // Only `is_alive` is asked (as in `while child.is_alive() { .. }`).
+        common::wait_for(
+            &format!("{m:?}: is_alive to turn false"),
+            Duration::from_secs(5),
+            || !c.is_alive(),
+        );
+        assert_eq!(c.exitcode(), Some(0), "{m:?}");
+        assert_eq!(c.join(), Ok(50), "{m:?}");
     }
 }

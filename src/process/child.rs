@@ -144,10 +144,20 @@ impl<R> Child<R> {
             // Not our child: its pidfd turns readable when it ends.
             return match &self.pidfd {
                 Some(fd) => !sys::poll_readable(fd.as_fd(), Some(Duration::ZERO)).unwrap_or(true),
-                None => true, // until the server reports its status
+                // Until the server reports its status (or is gone: then, as `pump` does,
+                // the child counts as ended, its status lost).
+                None => !self.server_reported(),
             };
         }
         matches!(sys::wait_child(self.target(), false, false), Ok(None))
+    }
+
+    /// For a fork-server child: whether the server's report (a status, or its end of
+    /// file) is waiting on the status socket, i.e. the child has ended.
+    fn server_reported(&self) -> bool {
+        self.status_sock
+            .as_ref()
+            .is_none_or(|s| sys::poll_readable(s.as_fd(), Some(Duration::ZERO)).unwrap_or(true))
     }
 
     /// Python's `exitcode`: `None` while the child runs, its exit code once it exited, or
@@ -216,10 +226,7 @@ impl<R> Child<R> {
             // may be anyone's: do nothing. (Left open: the child ending, the server
             // reporting and reaping it and the pid being reused, all between this look
             // and the signal below.)
-            let reported = self.status_sock.as_ref().is_none_or(|s| {
-                sys::poll_readable(s.as_fd(), Some(Duration::ZERO)).unwrap_or(true)
-            });
-            if reported {
+            if self.server_reported() {
                 return Ok(());
             }
         }
