@@ -105,6 +105,12 @@ fn main() {
         processes_zero_is_refused,
         the_default_start_method_follows_the_process_rule,
         a_worker_that_fails_its_bootstrap_stops_the_pool,
+        a_panicking_waker_breaks_neither_fork_nor_the_other_futures,
+        a_future_polled_then_dropped_leaves_the_pool_usable,
+        map_chunks_over_a_zero_length_shared_slice,
+        a_forked_child_cannot_use_or_break_its_parents_pool,
+        a_result_whose_serialize_panics_fails_that_item_alone,
+        a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers,
     ]
     .iter()
     .map(own)
@@ -1247,4 +1253,254 @@ fn initializer_arguments_carry_handles<const M: u8>() {
         rx.recv_timeout(LIMIT),
         Err(procshare::RecvTimeoutError::Disconnected)
     );
+}
+
+/// A waker whose `wake` panics (a buggy executor).
+struct PanickingWaker;
+
+impl Wake for PanickingWaker {
+    fn wake(self: Arc<Self>) {
+        panic!("this executor's waker panics");
+    }
+}
+
+fn a_panicking_waker_breaks_neither_fork_nor_the_other_futures() {
+    let pool = Pool::new(1).unwrap();
+    let mut bad = std::pin::pin!(pool.apply_async(sleep_ms, 300).unwrap());
+    let mut good = std::pin::pin!(pool.apply_async(sleep_ms, 10).unwrap());
+    let bad_waker = Waker::from(Arc::new(PanickingWaker));
+    let unpark = Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    });
+    let good_waker = Waker::from(Arc::clone(&unpark));
+    assert!(
+        bad.as_mut()
+            .poll(&mut Context::from_waker(&bad_waker))
+            .is_pending()
+    );
+    assert!(
+        good.as_mut()
+            .poll(&mut Context::from_waker(&good_waker))
+            .is_pending()
+    );
+    // A fork stops the waiter and wakes every waiting future: one waker panicking must
+    // neither make the fork panic nor leave the other future unwoken for good.
+    let forked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        procshare::Process::fork(|| 3u32)
+    }));
+    let child = forked
+        .expect("Process::fork panicked because a waker panicked")
+        .unwrap();
+    assert_eq!(child.join(), Ok(3));
+    assert!(
+        unpark.woken.load(Ordering::SeqCst),
+        "the well-behaved future was never woken"
+    );
+    // Both still resolve.
+    let (r, _) = block_on(good.as_mut());
+    assert_eq!(r, Ok(10));
+    let (r, _) = block_on(bad.as_mut());
+    assert_eq!(r, Ok(300));
+}
+
+fn a_future_polled_then_dropped_leaves_the_pool_usable() {
+    let pool = Pool::new(1).unwrap();
+    for _ in 0..3 {
+        let mut h = Box::pin(pool.apply_async(sleep_ms, 200).unwrap());
+        let unpark = Arc::new(Unpark {
+            thread: std::thread::current(),
+            woken: AtomicBool::new(false),
+        });
+        let waker = Waker::from(Arc::clone(&unpark));
+        assert!(
+            h.as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        drop(h);
+    }
+    // The abandoned jobs' waker entries are gone, the pool still answers (the worker may
+    // first finish what it already started).
+    let t = Instant::now();
+    assert_eq!(block_on(pool.apply_async(square, 5).unwrap()).0, Ok(25));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+fn map_chunks_over_a_zero_length_shared_slice() {
+    let pool = Pool::new(2).unwrap();
+    let empty: Shared<[u64]> = Shared::from_slice(&[]).unwrap();
+    assert_eq!(pool.map_chunks(&empty, 1, summary).unwrap(), vec![]);
+    assert_eq!(
+        pool.map_chunks(&empty, usize::MAX, summary).unwrap(),
+        vec![]
+    );
+    let one: Shared<[u64]> = Shared::from_slice(&[7]).unwrap();
+    assert_eq!(
+        pool.map_chunks(&one, usize::MAX, summary).unwrap(),
+        vec![(7, 7, 1)]
+    );
+    // Zero-sized elements: every chunk starts at byte 0, and that is fine.
+    let units = Array::<()>::zeroed(20).unwrap();
+    assert_eq!(
+        pool.map_chunks(&units, 7, |c: &[()]| c.len()).unwrap(),
+        vec![7, 7, 6]
+    );
+    pool.for_each_chunk_mut(&units, 3, |c: &mut [()]| assert!(c.len() <= 3))
+        .unwrap();
+    assert!(!units.is_poisoned());
+}
+
+fn a_forked_child_cannot_use_or_break_its_parents_pool() {
+    let pool = Pool::new(1).unwrap();
+    let workers = pool.pids();
+    // The parent's own work, sent to the worker before the fork.
+    let mine = pool.apply_async(sleep_ms, 300).unwrap();
+    // A Fork child borrows the pool it inherited (no `'static` bound stops it).
+    let mut child = procshare::Process::fork(|| {
+        let r = pool.apply(square, 3).map_err(|e| e.to_string());
+        let m = pool.map(square, 0..4u64).map_err(|e| e.to_string());
+        (format!("{r:?}"), format!("{m:?}"))
+    })
+    .unwrap();
+    let (r, m) = child
+        .join_timeout(Duration::from_secs(10))
+        .expect("the forked child");
+    assert!(
+        r.contains("another process") && m.contains("another process"),
+        "the child used its parent's pool: {r} / {m}"
+    );
+    // The parent's pool is untouched: its job completes, its worker was not replaced.
+    let mut mine = mine;
+    assert_eq!(mine.get_timeout(Duration::from_secs(10)), Some(Ok(300)));
+    assert_eq!(pool.pids(), workers);
+    assert_eq!(pool.apply(square, 4), Ok(16));
+}
+
+/// A result whose `Serialize` panics in the worker, for odd inputs.
+#[derive(Deserialize, Debug, PartialEq)]
+struct OddPanics(u64);
+
+impl Serialize for OddPanics {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 % 2 == 1 {
+            panic!("odd results cannot be sent");
+        }
+        self.0.serialize(s)
+    }
+}
+
+fn odd_panics(x: u64) -> OddPanics {
+    OddPanics(x)
+}
+
+fn a_result_whose_serialize_panics_fails_that_item_alone() {
+    let pool = Pool::new(2).unwrap();
+    let pids = pool.pids();
+    let got: Vec<Result<OddPanics, TaskError>> =
+        pool.imap_chunked(odd_panics, 0..8u64, 4).unwrap().collect();
+    for (i, r) in got.iter().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(r, &Ok(OddPanics(i as u64)), "item {i}: {got:?}");
+        } else {
+            assert!(
+                matches!(r, Err(TaskError::Panicked { message, .. }) if message.contains("odd results")),
+                "item {i}: {r:?}"
+            );
+        }
+    }
+    // A panic in a user's Serialize is that item's failure, not a worker's death.
+    assert_eq!(pool.pids(), pids);
+    // Nor is a panic in an argument's Deserialize: its chunk fails, the other runs.
+    let got: Vec<Result<u64, TaskError>> = pool
+        .imap_chunked(
+            |a: PanicsWhenDecoded| a.0,
+            [0, 1, 2, 5, 6, 7].map(PanicsWhenDecoded),
+            3,
+        )
+        .unwrap()
+        .collect();
+    assert_eq!(got[..3], [Ok(0), Ok(1), Ok(2)], "{got:?}");
+    for r in &got[3..] {
+        assert!(
+            matches!(r, Err(TaskError::Panicked { message, .. }) if message.contains("five")),
+            "{r:?}"
+        );
+    }
+    assert_eq!(pool.pids(), pids);
+}
+
+/// An argument whose `Deserialize` panics in the worker for 5.
+#[derive(Serialize, Debug)]
+struct PanicsWhenDecoded(u64);
+
+impl<'de> Deserialize<'de> for PanicsWhenDecoded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u64::deserialize(d)?;
+        assert!(v != 5, "five cannot be decoded");
+        Ok(PanicsWhenDecoded(v))
+    }
+}
+
+/// Sets the soft RLIMIT_NOFILE of process `pid`; returns the old one.
+fn set_nofile_of(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads/writes valid rlimit structs for the duration of the call.
+    unsafe {
+        assert_eq!(
+            libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old),
+            0
+        );
+        let new = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: old.rlim_max,
+        };
+        assert_eq!(
+            libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()),
+            0,
+            "prlimit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    old.rlim_cur
+}
+
+fn a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers() {
+    let pool = Pool::new(1).unwrap();
+    let pid = pool.pids()[0];
+    let data: Vec<u64> = (1..=100).collect();
+    // The worker cannot take one more descriptor: the array's is lost on the way in
+    // (`MSG_CTRUNC`). The limit bounds descriptor numbers, not counts: set it to the
+    // lowest free number (retried, should a descriptor the worker held for a moment
+    // have hidden a lower one).
+    let mut failed = None;
+    let mut a = Array::from_slice(&data).unwrap();
+    for _ in 0..10 {
+        a = Array::from_slice(&data).unwrap(); // a segment this worker has not seen
+        let open: BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_string_lossy().parse().ok())
+            .collect();
+        let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+        let old = set_nofile_of(pid, lowest_free);
+        let r = pool.map_chunks_each(&a, 100, summary).unwrap();
+        set_nofile_of(pid, old);
+        if r[0].is_err() {
+            failed = Some(r);
+            break;
+        }
+    }
+    let r = failed.expect("the worker never ran out of descriptors");
+    assert!(matches!(&r[..], [Err(TaskError::Decode(_))]), "{r:?}");
+    // Once it can, the next map over the same array works (the descriptor is sent again).
+    let t = Instant::now();
+    assert_eq!(
+        pool.map_chunks(&a, 50, summary).unwrap(),
+        expected_summaries(&data, 50)
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(pool.pids(), vec![pid]);
 }

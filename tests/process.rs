@@ -40,6 +40,7 @@ fn main() {
             try_join_and_exitcode_poll_without_blocking,
             terminate_and_kill,
             daemon_children_die_with_their_parent,
+            daemon_children_die_with_their_parent_in_a_new_pid_namespace,
             fork_is_refused_with_threads_and_the_default_picks_spawn,
             spawn_handshake_mismatch_is_a_bootstrap_error,
             spawned_child_dying_before_init_is_an_error_in_time,
@@ -65,6 +66,15 @@ fn main() {
             a_byte_queue_crosses_spawn,
             a_shared_slice_crosses_spawn,
             a_queue_handle_outside_a_process_argument_is_an_error,
+            an_spsc_end_encoded_twice_in_one_argument_is_refused,
+            a_spawned_child_hands_its_sender_on_to_a_grandchild,
+            spawning_with_handles_out_of_descriptors_fails_cleanly,
+            is_alive_turns_false_for_every_method_without_pidfds,
+            a_channel_whose_only_receiver_is_a_spawned_child_disconnects_the_sender,
+            a_result_whose_serialize_panics_is_reported_not_hung,
+            a_stopped_fork_server_is_replaced_within_the_bootstrap_timeout,
+            a_child_stopped_or_killed_between_two_imports_holds_then_releases_both_ends,
+            signalling_a_reaped_fork_server_child_without_pidfd_spares_its_pids_next_owner,
             no_zombies_and_no_descriptor_growth,
         ],
         &[],
@@ -292,6 +302,23 @@ fn sleep_forever(_: ()) -> u32 {
 }
 
 fn daemon_children_die_with_their_parent() {
+    daemons_die_with_their_killed_parent();
+}
+
+fn daemon_children_die_with_their_parent_in_a_new_pid_namespace() {
+    if !common::ns::is_root() {
+        return common::ns::skip("this test", "a pid namespace needs root");
+    }
+    // As `unshare -pf --mount-proc`: we are pid 1 of a new namespace with its own /proc,
+    // the killed parent is pid 2, its daemons are reparented to us.
+    let ok = common::ns::in_new_pid_namespace(|| {
+        assert_eq!(std::process::id(), 1);
+        daemons_die_with_their_killed_parent();
+    });
+    assert!(ok, "the test failed inside its pid namespace");
+}
+
+fn daemons_die_with_their_killed_parent() {
     // Orphans come to us, so we can reap them and see how they died.
     // SAFETY: prctl with integer arguments.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -1222,4 +1249,413 @@ fn no_zombies_and_no_descriptor_growth() {
     };
     // SAFETY: reading si_pid of a waitid result (zero: no child has exited unreaped).
     assert!(rc == 0 && unsafe { info.si_pid() } == 0, "a zombie is left");
+}
+
+/// An argument that encodes its one spsc sender twice (as serde's `rc` feature does with
+/// an `Rc` shared twice): decoded, it would give the child two producers of one end.
+struct SenderTwice(
+    procshare::spsc::Sender<u64>,
+    Option<procshare::spsc::Sender<u64>>,
+);
+
+impl Serialize for SenderTwice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (&self.0, &self.0).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SenderTwice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (a, b) =
+            <(procshare::spsc::Sender<u64>, procshare::spsc::Sender<u64>)>::deserialize(d)?;
+        Ok(SenderTwice(a, Some(b)))
+    }
+}
+
+fn send_through_both(two: SenderTwice) -> u64 {
+    two.0.send(1).unwrap();
+    if let Some(b) = &two.1 {
+        b.send(2).unwrap();
+    }
+    2
+}
+
+fn an_spsc_end_encoded_twice_in_one_argument_is_refused() {
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        let (tx, rx) = procshare::spsc::<u64>(8).unwrap();
+        let r = Process::builder()
+            .start_method(m)
+            .spawn(send_through_both, SenderTwice(tx, None));
+        match r {
+            Err(e) => {
+                let why = e.to_string();
+                assert!(
+                    why.contains("spsc::Sender<T>") && why.contains("twice"),
+                    "{m:?}: {why}"
+                );
+            }
+            Ok(c) => {
+                let joined = c.join();
+                let got: Vec<u64> = rx.try_iter().collect();
+                panic!(
+                    "{m:?}: the child got two producers of one spsc end: {joined:?}, \
+                     received {got:?}"
+                );
+            }
+        }
+        // The spawn failed after the first encoding handed the end over, so that handle
+        // is gone; nothing counts it any more, and a new sender can be made.
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(RecvTimeoutError::Disconnected),
+            "{m:?}"
+        );
+    }
+}
+
+fn method_code(m: StartMethod) -> u8 {
+    match m {
+        StartMethod::Fork => 0,
+        StartMethod::Spawn => 1,
+        _ => 2,
+    }
+}
+
+fn method_of(code: u8) -> StartMethod {
+    [
+        StartMethod::Fork,
+        StartMethod::Spawn,
+        StartMethod::ForkServer,
+    ][code as usize]
+}
+
+/// Sends 0, then hands `tx` on to a grandchild (started with `method`) that sends 1..n.
+fn relay((tx, n, method): (procshare::channel::Sender<u64>, u64, u8)) -> u64 {
+    tx.send(0).unwrap();
+    let g = Process::builder()
+        .start_method(method_of(method))
+        .spawn(
+            |(tx, n): (procshare::channel::Sender<u64>, u64)| {
+                for i in 1..n {
+                    tx.send(i).unwrap();
+                }
+                n
+            },
+            (tx, n),
+        )
+        .unwrap_or_else(|e| panic!("the child could not spawn its grandchild: {e}"));
+    g.join().unwrap()
+}
+
+fn a_spawned_child_hands_its_sender_on_to_a_grandchild() {
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        for g in METHODS {
+            let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+            let c = with(m, relay, (tx, 50, method_code(g)));
+            assert_eq!(drain(&rx), (0..50).collect::<Vec<_>>(), "{m:?} then {g:?}");
+            assert_eq!(c.join(), Ok(50), "{m:?} then {g:?}");
+        }
+    }
+}
+
+fn set_nofile(soft: u64) -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        let old = r.rlim_cur;
+        r.rlim_cur = soft;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
+        old
+    }
+}
+
+fn add_and_send((v, a, tx): (Value<u64>, Array<u64>, procshare::channel::Sender<u64>)) -> u64 {
+    *v.lock().unwrap() += 1;
+    tx.send(a.len() as u64).unwrap();
+    1
+}
+
+fn spawning_with_handles_out_of_descriptors_fails_cleanly() {
+    for m in METHODS {
+        // Warm up (the fork server, lazily opened files), then take the baseline.
+        let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+        let v = Value::new(0u64).unwrap();
+        let a = Array::from_slice(&[1u64, 2, 3]).unwrap();
+        assert_eq!(
+            with(m, add_and_send, (v.clone(), a.clone(), tx.clone())).join(),
+            Ok(1)
+        );
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(3));
+        let base = fd_count();
+        let mut ok = 0;
+        let mut failed = 0;
+        for extra in 0..24u64 {
+            let old = set_nofile(base as u64 + extra);
+            let r = Process::builder()
+                .start_method(m)
+                .spawn(add_and_send, (v.clone(), a.clone(), tx.clone()));
+            set_nofile(old);
+            match r {
+                Ok(c) => {
+                    ok += 1;
+                    assert_eq!(c.join(), Ok(1), "{m:?} with {extra} spare descriptors");
+                    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(3));
+                }
+                Err(e) => {
+                    failed += 1;
+                    let why = e.to_string();
+                    eprintln!("{m:?}, {extra} spare: {why}");
+                    assert!(
+                        why.contains("escriptor") || why.contains("files"),
+                        "{m:?}: {why}"
+                    );
+                }
+            }
+            assert_eq!(
+                fd_count(),
+                base,
+                "{m:?}: descriptors leaked with {extra} spare"
+            );
+        }
+        // (A Fork child carries no descriptor: nothing there runs out.)
+        assert!(ok > 0, "{m:?}: ok {ok}, failed {failed}");
+        assert!(
+            failed > 0 || m == StartMethod::Fork,
+            "{m:?}: nothing failed"
+        );
+        assert_eq!(v.get(), 1 + ok);
+        // Every failed spawn cancelled its loan: the last sender's drop disconnects.
+        drop(tx);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(RecvTimeoutError::Disconnected),
+            "{m:?}: a failed spawn left the channel connected"
+        );
+    }
+}
+
+fn signalling_a_reaped_fork_server_child_without_pidfd_spares_its_pids_next_owner() {
+    if !common::ns::is_root() {
+        return common::ns::skip("this test", "writing ns_last_pid needs root");
+    }
+    // In a pid namespace of our own, where we may choose the next pid.
+    let ok = common::ns::in_new_pid_namespace(|| {
+        for signal in [libc::SIGKILL, libc::SIGTERM, libc::SIGUSR1] {
+            // A fork-server child without a pidfd (a kernel that refuses them, or a pidfd
+            // lost to the descriptor limit): its pid is not ours to hold.
+            disable_pidfds(true);
+            let c = with(StartMethod::ForkServer, square, 3);
+            disable_pidfds(false);
+            let pid = c.pid();
+            // It ends and the fork server reaps it; we have not looked yet.
+            common::wait_for(
+                "the server to reap the child",
+                Duration::from_secs(10),
+                || !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            );
+            // Its pid goes to an innocent process.
+            std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).unwrap();
+            let innocent = Process::builder()
+                .daemon(true)
+                .fork(|| std::thread::sleep(Duration::from_secs(30)))
+                .unwrap();
+            assert_eq!(innocent.pid(), pid, "the pid was not recycled as asked");
+            c.signal(signal).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                innocent.is_alive(),
+                "signal {signal} for the reaped fork-server child reached the process that \
+                 got its pid"
+            );
+            assert_eq!(c.join(), Ok(9));
+            innocent.kill().unwrap();
+            let _ = innocent.join();
+        }
+    });
+    assert!(ok, "the test failed inside its pid namespace");
+}
+
+/// Raises `self.0` in the process that decodes it (the child), between the handles around
+/// it in an argument: a child stopped or killed in the middle of importing them.
+#[derive(Serialize)]
+struct RaiseWhenDecoded(i32);
+
+impl<'de> Deserialize<'de> for RaiseWhenDecoded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let sig = i32::deserialize(d)?;
+        // SAFETY: raise takes a plain integer.
+        unsafe { libc::raise(sig) };
+        Ok(RaiseWhenDecoded(sig))
+    }
+}
+
+type TwoSenders = (
+    procshare::channel::Sender<u64>,
+    RaiseWhenDecoded,
+    procshare::channel::Sender<u64>,
+);
+
+fn send_on_both((a, _, b): TwoSenders) -> u64 {
+    a.send(1).unwrap();
+    b.send(2).unwrap();
+    2
+}
+
+fn a_child_stopped_or_killed_between_two_imports_holds_then_releases_both_ends() {
+    use RecvTimeoutError::{Disconnected, Timeout};
+    for m in [StartMethod::Spawn, StartMethod::ForkServer] {
+        for sig in [libc::SIGKILL, libc::SIGSTOP] {
+            let (ta, ra) = procshare::channel::<u64>(4).unwrap();
+            let (tb, rb) = procshare::channel::<u64>(4).unwrap();
+            let mut c = with(m, send_on_both, (ta, RaiseWhenDecoded(sig), tb));
+            if sig == libc::SIGSTOP {
+                // Stopped with `a` imported and `b` not: both ends still count it.
+                std::thread::sleep(Duration::from_millis(200));
+                assert_eq!(
+                    ra.recv_timeout(Duration::from_millis(100)),
+                    Err(Timeout),
+                    "{m:?}"
+                );
+                assert_eq!(
+                    rb.recv_timeout(Duration::from_millis(100)),
+                    Err(Timeout),
+                    "{m:?}"
+                );
+                c.kill().unwrap();
+            }
+            assert!(
+                matches!(
+                    c.join_timeout(Duration::from_secs(10)),
+                    Err(ProcessError::Signaled(_))
+                ),
+                "{m:?}"
+            );
+            assert_eq!(
+                ra.recv_timeout(Duration::from_secs(5)),
+                Err(Disconnected),
+                "{m:?} a"
+            );
+            assert_eq!(
+                rb.recv_timeout(Duration::from_secs(5)),
+                Err(Disconnected),
+                "{m:?} b"
+            );
+        }
+    }
+}
+
+fn a_stopped_fork_server_is_replaced_within_the_bootstrap_timeout() {
+    assert_eq!(with(StartMethod::ForkServer, square, 2).join(), Ok(4));
+    let server = server_pids();
+    assert_eq!(server.len(), 1, "{server:?}");
+    // SAFETY: kill takes plain integers.
+    assert_eq!(unsafe { libc::kill(server[0] as i32, libc::SIGSTOP) }, 0);
+    let (tx, rx) = procshare::channel::<u64>(4).unwrap();
+    let t0 = Instant::now();
+    let c = Process::builder()
+        .start_method(StartMethod::ForkServer)
+        .bootstrap_timeout(Duration::from_millis(500))
+        .spawn(send_numbers, (tx, 10))
+        .expect("a stopped fork server is replaced");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(drain(&rx), (0..10).collect::<Vec<_>>());
+    assert_eq!(c.join(), Ok(10));
+    // The stopped server was killed and reaped, and a new one serves.
+    common::wait_for("the stopped server to go", Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{}", server[0])).exists()
+    });
+    let now = server_pids();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, server);
+}
+
+/// A result whose `Serialize` panics in the child, after writing part of itself.
+#[derive(Deserialize, Debug, PartialEq)]
+struct PanicsWhenSent(Vec<u64>);
+
+impl Serialize for PanicsWhenSent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        seq.serialize_element(&self.0[0])?;
+        panic!("this result cannot be sent");
+    }
+}
+
+fn make_unsendable(n: u64) -> PanicsWhenSent {
+    PanicsWhenSent((0..n).collect())
+}
+
+fn a_result_whose_serialize_panics_is_reported_not_hung() {
+    for m in METHODS {
+        let mut c = with(m, make_unsendable, 100_000);
+        let r = c.join_timeout(Duration::from_secs(10));
+        match &r {
+            Err(ProcessError::Panicked { message, .. }) => {
+                assert!(message.contains("cannot be sent"), "{m:?}: {message}")
+            }
+            other => panic!("{m:?}: {other:?}"),
+        }
+        // And the process is reaped: no zombie is left behind.
+        assert!(!c.is_alive());
+    }
+}
+
+fn take_one(rx: procshare::channel::Receiver<u64>) -> u64 {
+    rx.recv_timeout(Duration::from_secs(10)).unwrap()
+}
+
+fn a_channel_whose_only_receiver_is_a_spawned_child_disconnects_the_sender() {
+    for m in METHODS {
+        for kill in [false, true] {
+            let (tx, rx) = procshare::channel::<u64>(2).unwrap();
+            let c = with(m, take_one, rx);
+            let c = if kill {
+                c.kill().unwrap();
+                assert!(c.join().is_err());
+                None
+            } else {
+                Some(c)
+            };
+            // The only receiver went into the argument: once its child has gone, a
+            // blocking send on the full ring must say Disconnected, never wait forever.
+            let t = Instant::now();
+            let mut sent = 0;
+            let end = loop {
+                match tx.send(sent) {
+                    Ok(()) => sent += 1,
+                    Err(e) => break e,
+                }
+                assert!(sent < 100, "{m:?}: sends never fail");
+            };
+            assert!(
+                matches!(end, procshare::SendError::Disconnected(_)),
+                "{m:?}, killed {kill}"
+            );
+            assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+            if let Some(c) = c {
+                assert_eq!(c.join(), Ok(0), "{m:?}");
+            }
+        }
+    }
+}
+
+fn is_alive_turns_false_for_every_method_without_pidfds() {
+    for m in METHODS {
+        disable_pidfds(true);
+        let mut c = with(m, sleep_then, 50);
+        disable_pidfds(false);
+        // Only `is_alive` is asked (as in `while child.is_alive() { .. }`).
+        common::wait_for(
+            &format!("{m:?}: is_alive to turn false"),
+            Duration::from_secs(5),
+            || !c.is_alive(),
+        );
+        assert_eq!(c.exitcode(), Some(0), "{m:?}");
+        assert_eq!(c.join(), Ok(50), "{m:?}");
+    }
 }

@@ -82,6 +82,7 @@ impl Pool {
         }
         let job = {
             let mut core = self.core.borrow_mut();
+            core.disown();
             match &core.state {
                 State::Running => {}
                 State::Closed => return Err(TaskError::Closed),

@@ -84,6 +84,8 @@ pub(crate) enum State {
 
 pub(crate) struct Core {
     pub(crate) cfg: Config,
+    /// The process that built the pool and forked its workers (see [`Core::disown`]).
+    owner: u32,
     workers: Vec<Option<Worker>>,
     bell_rx: channel::Receiver<u32>,
     bell_tx: channel::Sender<u32>,
@@ -128,6 +130,7 @@ impl Core {
         let (bell_tx, bell_rx) = channel::channel::<u32>(bell_capacity(cfg.processes))?;
         let wakers = Registry::new(bell_rx.clone());
         let mut core = Core {
+            owner: std::process::id(),
             wakers,
             segments: Vec::new(),
             workers: Vec::with_capacity(cfg.processes),
@@ -253,8 +256,39 @@ impl Core {
         self.jobs.remove(&job);
     }
 
+    /// In a process other than the one that built the pool (a child forked while the
+    /// pool existed, which borrows or inherited it): stops this copy without touching
+    /// what belongs to the owner, and returns true. The rings, workers and jobs are the
+    /// owner's: a copy that sent tasks or took replies would steal them (the owner's
+    /// job would wait forever), and one that killed or reaped workers would break the
+    /// owner's pool. So the workers are forgotten here, never signalled or reaped (their
+    /// handles' descriptors stay open in this process), and every job of the copy fails
+    /// with [`TaskError::OtherProcess`].
+    pub(crate) fn disown(&mut self) -> bool {
+        let me = std::process::id();
+        if self.owner == me {
+            return false;
+        }
+        if !matches!(self.state, State::Stopped(TaskError::OtherProcess { .. })) {
+            let why = TaskError::OtherProcess { owner: self.owner };
+            self.state = State::Stopped(why.clone());
+            for w in self.workers.iter_mut() {
+                std::mem::forget(w.take());
+            }
+            self.pending.clear();
+            let ids: Vec<u64> = self.chunks.keys().copied().collect();
+            for cid in ids {
+                self.finish(cid, Outcome::Failed(why.clone()));
+            }
+        }
+        true
+    }
+
     /// One round of work, sleeping at most until `until` (and at most [`SLICE`]).
     pub(crate) fn pump(&mut self, until: Option<Instant>) {
+        if self.disown() {
+            return;
+        }
         self.dispatch();
         let now = Instant::now();
         let mut wait = SLICE;
@@ -520,6 +554,21 @@ impl Core {
                 if pos == 0 {
                     w.head_since = Instant::now();
                 }
+                // A chunk map that failed in the worker (its one result is `Err`: postcard
+                // writes the length 1, then variant 1) may have failed to receive or map
+                // the segment (the worker at its descriptor limit): send the descriptor
+                // again with the next chunk naming it, or every later map of that array
+                // on this worker would wait for it in vain. (A worker that has it maps it
+                // anew.)
+                if payload.get(..2) == Some(&[1, 1]) {
+                    let map = self.chunks.get(&chunk).map(|c| &c.frame[..]);
+                    if let Some(id) = map
+                        .filter(|f| f.first() == Some(&MAP))
+                        .and_then(|f| word(f, 32))
+                    {
+                        w.segments.remove(&id);
+                    }
+                }
                 self.finish(chunk, Outcome::Ran(payload.to_vec()));
             }
             _ => {}
@@ -659,7 +708,7 @@ impl Core {
     /// Stops the pool for good: kills and reaps every worker and fails every unfinished
     /// chunk with `why`.
     pub(crate) fn stop(&mut self, why: TaskError) {
-        if matches!(self.state, State::Stopped(_)) {
+        if self.disown() || matches!(self.state, State::Stopped(_)) {
             return;
         }
         self.state = State::Stopped(why.clone());
@@ -677,6 +726,9 @@ impl Core {
 
     /// Python's `join` after `close`: waits for all work, then lets workers exit.
     pub(crate) fn join(&mut self) {
+        if self.disown() {
+            return;
+        }
         while !self.chunks.is_empty() && !matches!(self.state, State::Stopped(_)) {
             self.pump(None);
         }

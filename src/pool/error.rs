@@ -56,6 +56,13 @@ pub enum TaskError {
     /// A worker could not be started (a replacement could not be created, or a spawned
     /// worker failed its bootstrap); the pool stopped.
     Start(String),
+    /// The pool was used from a process other than the one that built it (a child
+    /// forked while it existed): that process holds only a copy, which takes no work and
+    /// leaves the owner's workers and results alone.
+    OtherProcess {
+        /// The pid of the process that owns the pool.
+        owner: u32,
+    },
 }
 
 impl fmt::Display for TaskError {
@@ -124,6 +131,13 @@ impl fmt::Display for TaskError {
                 "the pool could not start a worker ({why}), so it stopped; act on that reason \
                  (process and memory limits, threads started since the pool was built, \
                  procshare::init() first in main for Spawn and ForkServer) and build a new pool"
+            ),
+            TaskError::OtherProcess { owner } => write!(
+                f,
+                "this pool belongs to another process (pid {owner}, which built it); a child \
+                 forked from it holds only a copy, which cannot send work or take results \
+                 without stealing them from the owner: build a new pool in the child, or \
+                 send the work back to the owner"
             ),
         }
     }

@@ -118,6 +118,10 @@
 //! built before the runtime starts, and cannot replace a dead worker afterwards: see the
 //! failure table.)
 //!
+//! A waker whose `wake` panics (a broken executor) is caught wherever the pool wakes it
+//! (the waiter, a pump, the pause before a fork, the pool's drop): the panic goes no
+//! further and the other futures are still woken; that waker's task just is not.
+//!
 //! What a poll may still wait for: a large reply (over 16 KiB) that a worker is already
 //! streaming through its 64 KiB ring is read to its end (bounded by 1 s per poll), a big
 //! task frame is written while its worker reads it, and a worker that used its
@@ -173,6 +177,7 @@
 //! | a worker is SIGKILLed, OOM-killed, segfaults, or exits mid-task | the chunk it was running: [`TaskError::WorkerDied`] (or re-run, up to `retries` times); the chunks queued behind it go back to the queue unharmed | replaces the worker within ~20 ms of noticing (noticed while someone waits on the pool) |
 //! | a chunk runs over `task_timeout` × its items | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
 //! | an argument or result fails to encode or decode | that item (the whole chunk if the chunk cannot be decoded): [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; never hangs (cpython gh-79492) |
+//! | a user's `Serialize` of a result, or `Deserialize` of an argument, panics in the worker | that item (the whole chunk, for an argument): [`TaskError::Panicked`] | carries on, same worker |
 //! | the initializer panics or its worker dies in it | [`Pool::builder`]`.build()` fails with [`PoolError::Initializer`]; later (on a respawn) every unfinished task fails with [`TaskError::Initializer`] | stops: no endless respawn loop (cpython gh-87472) |
 //! | a replacement worker cannot be started (out of processes or memory; or, for a pool fixed to `Fork`, this process has started threads of its own since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]; the pool's own waiter thread is stopped for the fork and does not count; with the default start method the replacement is spawned instead, see [Start methods](#start-methods)) | every unfinished task: [`TaskError::Start`] | stops |
 //! | a `Spawn` or `ForkServer` worker fails its bootstrap (another executable, a different function type, no `init()` within 10 s, an exit before it) | every unfinished task: [`TaskError::Start`] with the reason (`build` fails with [`PoolError::Start`] when it waits for an initializer) | stops: no respawn loop |
@@ -181,7 +186,8 @@
 //! | Ctrl-C | the terminal's SIGINT reaches the workers too (same process group, the fork server's included); the ones that survive it get SIGKILL when the pool's process dies | — |
 //! | a chunk's arguments or results exceed the 1 GiB message limit | that chunk: [`TaskError::Encode`] | carries on |
 //! | a worker dies or `f` panics in a `for_each_chunk_mut` chunk | that chunk: [`TaskError::WorkerDied`] / [`TaskError::Panicked`], never retried; the array is poisoned (the chunk may be half written); every other chunk is done | replaces the worker |
-//! | a segment's descriptor cannot be passed to, or mapped by, a worker | that chunk: [`TaskError::Encode`] / [`TaskError::Decode`] | carries on |
+//! | a segment's descriptor cannot be passed to, or mapped by, a worker (e.g. the worker at its descriptor limit) | that chunk: [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; the descriptor is sent again with the next chunk naming it |
+//! | the pool used from a child forked while it existed (a `Process::fork` closure borrowing it, `fork_unchecked`) | every call in that child: [`TaskError::OtherProcess`] (its copies of the owner's jobs too); the child's copy forgets the workers, never signals them | the owner's pool is untouched: the child takes none of its replies |
 //! | a task never returns and no `task_timeout` is set | waited for, as in Python (`get_timeout`/`wait_timeout` bound the wait; `terminate` ends it) | — |
 //!
 //! # What a worker's death between two steps leaves
@@ -439,6 +445,7 @@ impl Pool {
         #[allow(clippy::let_unit_value)]
         let () = ZeroSized::<C>::CHECK;
         let mut core = self.core.borrow_mut();
+        core.disown();
         match &core.state {
             State::Running => {}
             State::Closed => return Err(TaskError::Closed),

@@ -135,31 +135,38 @@ where
                 .into(),
         ))
     } else {
-        match postcard::from_bytes::<Vec<A>>(args) {
-            Ok(items) if items.len() == n => {
-                // SAFETY: `C` is zero-sized (checked at compile time where the task was
-                // submitted) and `Copy`, and the pool's process holds a value of it; a
-                // zero-sized value has no bytes, so this is a copy of that value, which
-                // `Copy` permits. Closures and fn items are inhabited and have no invalid
-                // values.
-                let f: C = unsafe { std::mem::zeroed() };
-                items
-                    .into_iter()
-                    .map(|a| {
-                        catch_panic(|| f.call(a)).map_err(|(message, location)| {
-                            TaskError::Panicked { message, location }
+        // A user's `Deserialize` that panics fails the chunk it is in (`Panicked`), not
+        // the worker.
+        match catch_panic(|| postcard::from_bytes::<Vec<A>>(args))
+            .map_err(|(message, location)| TaskError::Panicked { message, location })
+        {
+            Err(panicked) => fail(panicked),
+            Ok(decoded) => match decoded {
+                Ok(items) if items.len() == n => {
+                    // SAFETY: `C` is zero-sized (checked at compile time where the task was
+                    // submitted) and `Copy`, and the pool's process holds a value of it; a
+                    // zero-sized value has no bytes, so this is a copy of that value, which
+                    // `Copy` permits. Closures and fn items are inhabited and have no invalid
+                    // values.
+                    let f: C = unsafe { std::mem::zeroed() };
+                    items
+                        .into_iter()
+                        .map(|a| {
+                            catch_panic(|| f.call(a)).map_err(|(message, location)| {
+                                TaskError::Panicked { message, location }
+                            })
                         })
-                    })
-                    .collect()
-            }
-            Ok(items) => fail(TaskError::Decode(format!(
-                "the chunk held {} arguments, its frame said {n}",
-                items.len()
-            ))),
-            Err(e) => fail(TaskError::Decode(format!(
-                "the worker could not decode an argument of type {} ({e})",
-                std::any::type_name::<A>()
-            ))),
+                        .collect()
+                }
+                Ok(items) => fail(TaskError::Decode(format!(
+                    "the chunk held {} arguments, its frame said {n}",
+                    items.len()
+                ))),
+                Err(e) => fail(TaskError::Decode(format!(
+                    "the worker could not decode an argument of type {} ({e})",
+                    std::any::type_name::<A>()
+                ))),
+            },
         }
     };
     encode_results(&results)
@@ -168,23 +175,28 @@ where
 /// Encodes a chunk's results; an item whose result does not encode becomes
 /// `Err(TaskError::Encode)` and the others keep their values.
 fn encode_results<R: Serialize>(results: &[Result<R, TaskError>]) -> Vec<u8> {
-    if let Ok(bytes) = postcard::to_allocvec(results) {
+    // A user's `Serialize` may panic: that is its item's failure (`Panicked`), never the
+    // worker's death (which would fail the whole chunk as `WorkerDied`).
+    if let Ok(Ok(bytes)) = catch_panic(|| postcard::to_allocvec(results)) {
         return bytes;
     }
     // postcard writes a sequence as its length then the items, and `Result<R, E>::Err`
     // the same way whatever `R` is: so encode item by item.
     let mut out = postcard::to_allocvec(&vec![(); results.len()]).unwrap_or_default();
     for r in results {
-        match postcard::to_allocvec(r) {
-            Ok(b) => out.extend_from_slice(&b),
-            Err(e) => {
-                let err: Result<(), TaskError> = Err(TaskError::Encode(format!(
-                    "the worker could not encode a result of type {} ({e})",
-                    std::any::type_name::<R>()
-                )));
-                out.extend_from_slice(&postcard::to_allocvec(&err).unwrap_or_default());
+        let failed = match catch_panic(|| postcard::to_allocvec(r)) {
+            Ok(Ok(b)) => {
+                out.extend_from_slice(&b);
+                continue;
             }
-        }
+            Ok(Err(e)) => TaskError::Encode(format!(
+                "the worker could not encode a result of type {} ({e})",
+                std::any::type_name::<R>()
+            )),
+            Err((message, location)) => TaskError::Panicked { message, location },
+        };
+        let err: Result<(), TaskError> = Err(failed);
+        out.extend_from_slice(&postcard::to_allocvec(&err).unwrap_or_default());
     }
     out
 }

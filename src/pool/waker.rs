@@ -78,6 +78,16 @@ impl Inner {
     }
 }
 
+/// Wakes `w`; a panic in the executor's `wake` is caught and dropped. The waker is called
+/// from places where an unwind would do harm: the waiter thread (its other futures would
+/// never be woken again), the pump of any pool call (an unrelated `map` would panic), and
+/// the pause before a fork or the pool's drop (the wakers after it would be lost, and a
+/// panic in a drop during unwinding aborts). Such a waker's task is then not woken by this
+/// wake: its executor is broken anyway.
+fn wake_quietly(w: Waker) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing here panics while holding the lock but a user's `Waker::clone`; the data
     // stays consistent anyway (a map insert either happened or not).
@@ -152,7 +162,7 @@ impl Registry {
     pub(crate) fn wake_job(&self, job: u64) {
         let w = lock(&self.inner).wakers.remove(&job);
         if let Some(w) = w {
-            w.wake();
+            wake_quietly(w);
         }
     }
 
@@ -205,7 +215,7 @@ impl Registry {
             drop(g);
             // An executor's waker that panics must not end the waiter (its futures
             // would never be woken again).
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.wake()));
+            wake_quietly(w);
             g = lock(&self.inner);
             let until = Instant::now() + SLICE;
             while g.progress == seen && !g.stop {
@@ -249,7 +259,9 @@ impl Registry {
             self.stop.store(false, Ordering::Relaxed);
             g.wakers.drain().map(|(_, w)| w).collect()
         };
-        wakers.into_iter().for_each(Waker::wake);
+        // One panicking waker must neither make the fork (or the pool's drop) panic nor
+        // leave the wakers after it unwoken for good.
+        wakers.into_iter().for_each(wake_quietly);
         joined
     }
 

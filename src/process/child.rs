@@ -144,10 +144,20 @@ impl<R> Child<R> {
             // Not our child: its pidfd turns readable when it ends.
             return match &self.pidfd {
                 Some(fd) => !sys::poll_readable(fd.as_fd(), Some(Duration::ZERO)).unwrap_or(true),
-                None => true, // until the server reports its status
+                // Until the server reports its status (or is gone: then, as `pump` does,
+                // the child counts as ended, its status lost).
+                None => !self.server_reported(),
             };
         }
         matches!(sys::wait_child(self.target(), false, false), Ok(None))
+    }
+
+    /// For a fork-server child: whether the server's report (a status, or its end of
+    /// file) is waiting on the status socket, i.e. the child has ended.
+    fn server_reported(&self) -> bool {
+        self.status_sock
+            .as_ref()
+            .is_none_or(|s| sys::poll_readable(s.as_fd(), Some(Duration::ZERO)).unwrap_or(true))
     }
 
     /// Python's `exitcode`: `None` while the child runs, its exit code once it exited, or
@@ -194,6 +204,12 @@ impl<R> Child<R> {
     /// with [`Builder::process_group`](super::Builder::process_group) and signal the group
     /// (`libc::killpg(child.pid() as i32, sig)`).
     ///
+    /// Without a pidfd (a kernel that refuses them) the signal goes by pid: for a child of
+    /// ours only while it is unreaped; for a `ForkServer` child only while the server has
+    /// not reported its end (the server reports before it reaps). What is left is a race
+    /// of microseconds (the child ending, being reaped and its pid reused between that
+    /// check and the signal), which pidfds close.
+    ///
     /// # Errors
     ///
     /// [`Error::Io`] if the signal could not be sent: `EINVAL` for a number that is not a
@@ -202,9 +218,22 @@ impl<R> Child<R> {
         if self.status.is_some() {
             return Ok(());
         }
+        if self.via_server && self.pidfd.is_none() {
+            // Not our child and no pidfd (refused by the kernel, or lost to the descriptor
+            // limit): the server reports a child's status *before* it reaps it, so while
+            // nothing has arrived on the status socket the pid is still the child's (a
+            // zombie at worst). Once a status (or the server's end of file) is there, it
+            // may be anyone's: do nothing. (Left open: the child ending, the server
+            // reporting and reaping it and the pid being reused, all between this look
+            // and the signal below.)
+            if self.server_reported() {
+                return Ok(());
+            }
+        }
         let r = match &self.pidfd {
             Some(fd) => sys::pidfd_send_signal(fd.as_fd(), sig),
-            // Unreaped, so the pid is still this child's.
+            // Unreaped (ours), or not yet reported by the server, which reaps only after
+            // reporting (checked above): the pid is still this child's.
             None => sys::send_signal(self.pid, sig, false),
         };
         match r {

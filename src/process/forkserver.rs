@@ -25,8 +25,10 @@
 //! reports on the result socket. The child is the *server's* child, so the parent cannot
 //! `waitid` it: the server opens a pidfd for it before anyone could reap it and passes it
 //! over (so the parent's `terminate`/`kill`/`is_alive` can never hit a recycled pid), and
-//! when it reaps the child it writes the 5-byte status (`kind:u8 code:i32`) on the status
-//! socket and closes it.
+//! when the child ends it writes the 5-byte status (`kind:u8 code:i32`) on the status
+//! socket, closes it, and only then reaps the child (so a requester without a pidfd, which
+//! signals by pid, can tell from the status socket whether the pid may be recycled yet:
+//! see `Child::signal`).
 //!
 //! # Failure modes
 //!
@@ -37,6 +39,10 @@
 //! * The requesting process dies: the server sees end of file on the control socket,
 //!   SIGKILLs its daemon children and exits; non-daemon children run on. Daemon children
 //!   also carry `PR_SET_PDEATHSIG` towards the server.
+//! * The requesting process is at its descriptor limit when the answer comes: the pidfd
+//!   is lost (`MSG_CTRUNC`), not the child, which already runs the argument: it is
+//!   handled as a child without a pidfd (as on kernels that refuse them), and the server
+//!   is kept. A server at *its* limit refuses the request (`EMFILE`) and keeps serving.
 //! * A forked child of the requester (`Process::fork`) drops its inherited copy of the
 //!   control socket at once, so it neither shares the server nor keeps it alive; it
 //!   starts its own on first use.
@@ -135,7 +141,10 @@ fn request(
         }
     }
     let mut buf = [0u8; 16];
-    let (n, mut got) = match sys::recv_with_fds(ctl, &mut buf) {
+    // A pidfd lost because this process is at its descriptor limit is not a broken
+    // server: the child exists (it runs the argument already), so it is taken as a child
+    // without a pidfd, as on kernels that refuse them (see the module docs).
+    let (n, mut got, _truncated) = match sys::recv_with_fds_truncating(ctl, &mut buf) {
         Ok(r) => r,
         Err(e) => {
             return Err(Failure::ServerGone(format!(
@@ -290,7 +299,10 @@ pub(crate) fn serve(value: OsString) -> ! {
                 Some(p) => WaitTarget::Pidfd(p.as_fd()),
                 None => WaitTarget::Pid(k.pid),
             };
-            let status = match sys::wait_child(target, false, true) {
+            // Report first, reap after: until the requester can read the status, the
+            // child's pid stays a zombie, never another process's (a requester without
+            // a pidfd signals by pid only while no status has arrived).
+            let status = match sys::wait_child(target, false, false) {
                 Ok(None) => return true,
                 Ok(Some(s)) => s,
                 Err(_) => ChildStatus::Exited(-1),
@@ -302,6 +314,7 @@ pub(crate) fn serve(value: OsString) -> ! {
             let mut msg = [kind, 0, 0, 0, 0];
             msg[1..].copy_from_slice(&code.to_le_bytes());
             let _ = sys::send_all(k.status.as_fd(), &msg);
+            let _ = sys::wait_child(target, false, true);
             false
         });
     }
@@ -310,7 +323,7 @@ pub(crate) fn serve(value: OsString) -> ! {
 /// Serves one request; `false` when the requester has closed the control socket.
 fn handle_request(control: &OwnedFd, kids: &mut Vec<Kid>, me: u32) -> bool {
     let mut buf = [0u8; 16];
-    let (n, fds) = match sys::recv_with_fds(control.as_fd(), &mut buf) {
+    let (n, fds, truncated) = match sys::recv_with_fds_truncating(control.as_fd(), &mut buf) {
         Ok(r) => r,
         Err(_) => return false,
     };
@@ -322,6 +335,12 @@ fn handle_request(control: &OwnedFd, kids: &mut Vec<Kid>, me: u32) -> bool {
         msg[1..].copy_from_slice(&errno.to_le_bytes());
         let _ = sys::send_with_fds(control.as_fd(), &msg, &[]);
     };
+    if truncated {
+        // The server is at its descriptor limit (inherited from the requester when it
+        // started): refuse this request, keep serving.
+        reply_error(24); // EMFILE
+        return true;
+    }
     if fds.len() < 3 {
         reply_error(22); // EINVAL
         return true;

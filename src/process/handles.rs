@@ -63,6 +63,9 @@
 //! of the end and panics on any later use, saying the end belongs to the spawned child
 //! (dropping it is fine, and `spawn` drops the argument anyway). The child owns the end
 //! from its first use. A failed encoding (outside a spawn argument) hands nothing over.
+//! Encoding a handed-over end again (the same end twice in one argument, e.g. through an
+//! `Rc` serialized twice, or in a later argument) is an error, so a child can never
+//! decode two users of one end.
 //! If the spawn fails after the end was encoded, that handle is gone with the argument:
 //! get a new one from the other end (`Receiver::new_sender`, `Sender::new_receiver`).
 
@@ -513,11 +516,23 @@ impl<'de, T: ShmSafe + Copy + Send> Deserialize<'de> for mpmc::Receiver<T> {
     }
 }
 
+/// Why an spsc end that was already handed over cannot be encoded again.
+fn handed_twice(what: &str) -> String {
+    format!(
+        "this {what} was already handed to a spawned child (it was encoded twice, in this \
+         argument or an earlier one), and an spsc end has one user: put it in the argument \
+         once, or share a `procshare::channel` end instead"
+    )
+}
+
 /// An spsc end is used by one process: encoding it for a spawned child hands it over
 /// (the parent's handle panics on any later use; see the module docs). Only once the
 /// encoding succeeded, so a failed attempt (outside a spawn argument) leaves it usable.
 impl<T: ShmSafe + Copy + Send> Serialize for spsc::Sender<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.handed_over() {
+            return Err(ser::Error::custom(failed(handed_twice("spsc::Sender<T>"))));
+        }
         let ok = export_queue("spsc::Sender<T>", self.exported(), (), s)?;
         self.hand_over();
         Ok(ok)
@@ -535,6 +550,11 @@ impl<'de, T: ShmSafe + Copy + Send> Deserialize<'de> for spsc::Sender<T> {
 /// As for [`spsc::Sender`].
 impl<T: ShmSafe + Copy + Send> Serialize for spsc::Receiver<T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.handed_over() {
+            return Err(ser::Error::custom(failed(handed_twice(
+                "spsc::Receiver<T>",
+            ))));
+        }
         let ok = export_queue("spsc::Receiver<T>", self.exported(), (), s)?;
         self.hand_over();
         Ok(ok)

@@ -144,8 +144,15 @@ pub(crate) fn bootstrap_failed(sock: &OwnedFd, why: &str) -> ! {
 /// the parent, and leaves with `_exit`, never unwinding into the parent's code.
 pub(crate) fn run_child<R: Serialize>(sock: OwnedFd, body: impl FnOnce() -> R) -> ! {
     install_panic_hook();
-    let (tag, payload, code) = match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(value) => match postcard::to_allocvec(&value) {
+    // The value is encoded (and dropped) inside the catch too: a user's `Serialize` or
+    // `Drop` that panics is reported as the function's panic, and never unwinds out of
+    // here (into the code that forked us, under `Fork`).
+    let run = || {
+        let value = body();
+        postcard::to_allocvec(&value)
+    };
+    let (tag, payload, code) = match catch_unwind(AssertUnwindSafe(run)) {
+        Ok(encoded) => match encoded {
             Ok(bytes) => (VALUE, bytes, 0),
             Err(e) => (
                 ENCODE,

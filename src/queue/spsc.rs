@@ -870,6 +870,11 @@ impl<T: ShmSafe + Copy + Send> Sender<T> {
         self.owned.set(ownership::MOVED);
     }
 
+    /// Whether [`hand_over`](Self::hand_over) ran: the end belongs to a spawned child.
+    pub(crate) fn handed_over(&self) -> bool {
+        self.owned.get() == ownership::MOVED
+    }
+
     /// A sender on the ring whose segment arrived as `fd`, counted by `count` (which
     /// takes over the loan the parent made) instead of [`peers::attach`]. It owns the
     /// end from its first use, as after a fork.
@@ -904,6 +909,11 @@ impl<T: ShmSafe + Copy + Send> Receiver<T> {
     pub(crate) fn hand_over(&self) {
         ownership::release(&self.ring.header().extra.receiver, self.owned.get());
         self.owned.set(ownership::MOVED);
+    }
+
+    /// As [`Sender::handed_over`].
+    pub(crate) fn handed_over(&self) -> bool {
+        self.owned.get() == ownership::MOVED
     }
 
     /// As [`Sender::adopt`].

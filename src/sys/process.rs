@@ -433,10 +433,31 @@ pub(crate) fn send_with_fds(
 
 /// Receives one message into `buf`, with any descriptors attached (close-on-exec).
 /// Returns the byte count (0: the peer closed) and the descriptors.
+///
+/// # Errors
+///
+/// As `recvmsg`; also `InvalidData` if descriptors were lost (`MSG_CTRUNC`: this process
+/// is at its descriptor limit, or more than [`MAX_FDS`] were sent). The message is
+/// consumed either way: [`recv_with_fds_truncating`] gives its bytes too.
 pub(crate) fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
 ) -> io::Result<(usize, Vec<OwnedFd>)> {
+    match recv_with_fds_truncating(sock, buf)? {
+        (_, _, true) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "descriptors truncated",
+        )),
+        (n, fds, false) => Ok((n, fds)),
+    }
+}
+
+/// As [`recv_with_fds`], but a message whose descriptors were lost (`MSG_CTRUNC`: this
+/// process is at its descriptor limit) is returned with the ones that arrived and `true`.
+pub(crate) fn recv_with_fds_truncating(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     let (mut control, space) = control_buffer(MAX_FDS);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -478,13 +499,7 @@ pub(crate) fn recv_with_fds(
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "descriptors truncated",
-        ));
-    }
-    Ok((n, fds))
+    Ok((n, fds, msg.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
 /// Waits until any of `fds` is readable, for at most `timeout` (`None`: no limit).
