@@ -40,15 +40,16 @@ impl Core {
     pub(super) fn peek(&self) -> Result<Option<Rec>, QueueError> {
         let h = self.h();
         loop {
-            let (_, head, tail) = self.positions()?;
+            // We hold the consumer lock: `head` is ours to move.
+            let head = h.head.load(Ordering::Acquire);
+            let tail = self.tail_for(head)?;
             if head == tail {
                 return Ok(None);
             }
             let (state, rec) = self.read_record(head, tail)?;
-            let r = self.rec_header(head)?;
             match state {
                 State::Ready if rec.kind == Kind::Pad => {
-                    r.set(rec.word(State::Done));
+                    self.rec_header(head)?.set(rec.word(State::Done));
                     fail_point(FailPoint::ClaimPadDone);
                     h.head
                         .store(head.wrapping_add(rec.span()), Ordering::Release);
@@ -68,7 +69,8 @@ impl Core {
                     self.advance_free();
                 }
                 State::Reading => {
-                    r.replace(rec.word(State::Reading), rec.word(State::Ready));
+                    self.rec_header(head)?
+                        .replace(rec.word(State::Reading), rec.word(State::Ready));
                 }
             }
         }
@@ -107,17 +109,26 @@ impl Core {
     pub(super) fn advance_free(&self) {
         let h = self.h();
         let mut freed = false;
-        while let Ok((free, head, _)) = self.positions() {
-            if free == head {
-                break;
-            }
+        let Ok((mut free, mut head, _)) = self.positions() else {
+            return;
+        };
+        // `free` comes from our own swap (or the one that beat it), `head` is loaded
+        // again after each move, as `positions` would (only `tail` is not needed here).
+        while free != head && head.wrapping_sub(free) <= self.cap() {
             match self.read_record(free, head) {
                 Ok((State::Done, rec)) => {
                     let next = free.wrapping_add(rec.span());
-                    freed |= h
+                    match h
                         .free
-                        .compare_exchange(free, next, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok();
+                        .compare_exchange(free, next, Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        Ok(_) => {
+                            freed = true;
+                            free = next;
+                        }
+                        Err(now) => free = now,
+                    }
+                    head = h.head.load(Ordering::Acquire);
                 }
                 _ => break,
             }
@@ -157,6 +168,9 @@ impl Core {
     ) -> Result<R, QueueError> {
         if self.foreign() {
             return Err(QueueError::ForeignPidNamespace);
+        }
+        if let Some(rec) = self.take_now()? {
+            return Ok(self.read_claimed(rec, f));
         }
         let outcome = block_on(
             &self.h().not_empty,
@@ -199,15 +213,45 @@ impl Core {
             }
         };
         match got {
-            Got::InPlace(rec) => {
-                let claimed = Claimed { core: self, rec };
-                // SAFETY: we claimed `rec` (READING); producers do not reuse it before we
-                // release it, and other consumers skip claimed records.
-                let r = f(unsafe { self.payload(rec) });
-                drop(claimed);
-                Ok(r)
-            }
+            Got::InPlace(rec) => Ok(self.read_claimed(rec, f)),
             Got::Assembled(bytes) => Ok(f(&bytes)),
+        }
+    }
+
+    /// Lends the payload of `rec`, which this thread claimed, to `f`, then releases it
+    /// (also if `f` unwinds).
+    #[inline]
+    fn read_claimed<R>(&self, rec: Rec, f: impl FnOnce(&[u8]) -> R) -> R {
+        let claimed = Claimed { core: self, rec };
+        // SAFETY: we claimed `rec` (READING); producers do not reuse it before we release
+        // it, and other consumers skip claimed records.
+        let r = f(unsafe { self.payload(rec) });
+        drop(claimed);
+        r
+    }
+
+    /// The common case of a receive, tried before the general one: no partial message
+    /// kept here, the consumer lock free and needing no repair, and a whole
+    /// single-record message ready at `head` (with no `keeper` to clear). Its claim is
+    /// [`peek`](Core::peek)'s and [`take`](Core::take)'s stores, as in
+    /// [`try_take`](Core::try_take); only the waiting around them is skipped. `Ok(None)`:
+    /// not now (at most padding skipped, as any `peek` does), take the general path.
+    #[inline]
+    fn take_now(&self) -> Result<Option<Rec>, QueueError> {
+        if self.has_partial.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let Some(_g) = self.lock_consumer_now() else {
+            return Ok(None);
+        };
+        match self.peek()? {
+            Some(rec)
+                if rec.kind == Kind::Single && self.h().keeper.load(Ordering::Relaxed) == 0 =>
+            {
+                self.take(rec)?;
+                Ok(Some(rec))
+            }
+            _ => Ok(None),
         }
     }
 

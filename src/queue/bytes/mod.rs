@@ -42,6 +42,14 @@
 //! | claim (consumer lock)       | owner, `READING`, `head`, [`count` − 1]                 |
 //! | release (none)              | `DONE`, then `free` moves over `DONE` records (CAS)     |
 //!
+//! A send of a single record and a receive of one first try the common case: the lock
+//! free (and not left by a dead holder), room (a message) there now. That attempt makes
+//! the same stores in the same order as the general path, which it falls back to having
+//! written nothing (at most skipped padding, as any claim does); the tables below hold
+//! for both. A producer compares against the `free` it last saw, and a consumer against
+//! the `tail`, loading the shared word again only when the old value says "full"
+//! ("empty"): both only grow, so an old value only understates what is there.
+//!
 //! # What a SIGKILL between two stores leaves, and who repairs it
 //!
 //! | killed between                | left behind                          | repaired by |
@@ -500,6 +508,7 @@ impl ByteQueue {
             partial: std::sync::Mutex::new(None),
             has_partial: std::sync::atomic::AtomicBool::new(false),
             check: crate::sync::eventcount::CheckClock::new(),
+            seen: shared::Seen::default(),
         };
         count(core.table(role))?;
         Ok(ByteQueue {

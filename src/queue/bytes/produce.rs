@@ -32,11 +32,13 @@ impl Core {
     /// caller holds the producer lock.
     fn reserve(&self, len: u32, kind: Kind) -> Result<Option<Rec>, QueueError> {
         let h = self.h();
-        let (free, _, tail) = self.positions()?;
+        // We hold the producer lock: `tail` is ours to move.
+        let tail = h.tail.load(Ordering::Acquire);
         let span = record_len(len);
         let off = tail & (self.cap() - 1);
         let to_end = self.cap() - off;
         let pad = if span > to_end { to_end } else { 0 };
+        let free = self.free_for(tail, pad + span)?;
         if tail.wrapping_add(pad + span).wrapping_sub(free) > self.cap() {
             return Ok(None);
         }
@@ -146,7 +148,11 @@ impl Core {
             role,
             len,
             |buf| {
-                copy_parts(parts, 0, buf);
+                match parts {
+                    // One part (a small encoded value): one plain copy.
+                    [part] => buf.copy_from_slice(part),
+                    _ => copy_parts(parts, 0, buf),
+                }
                 Ok(())
             },
             deadline,
@@ -161,18 +167,37 @@ impl Core {
         fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
         deadline: Deadline,
     ) -> Result<(), QueueError> {
-        let rec = self.wait_for_room(role, deadline, || {
-            let Some(_g) = self.lock_producer(deadline) else {
-                return Ok(None); // another producer holds it past our deadline
-            };
-            self.reserve(payload_len(len), Kind::Single)
-        })?;
+        let rec = match self.reserve_now(payload_len(len))? {
+            Some(rec) => rec,
+            None => self.wait_for_room(role, deadline, || {
+                let Some(_g) = self.lock_producer(deadline) else {
+                    return Ok(None); // another producer holds it past our deadline
+                };
+                self.reserve(payload_len(len), Kind::Single)
+            })?,
+        };
         let pending = Unpublished { core: self, rec };
         // SAFETY: we reserved `rec`; no one reads a WRITING record's payload.
         let filled = fill(unsafe { self.payload(rec) });
         std::mem::forget(pending);
         self.publish(rec, filled.is_err());
         filled
+    }
+
+    /// The common case of a small send, tried before the general one: no partial
+    /// message kept here, the producer lock free and needing no repair, and room now.
+    /// The stores are [`reserve`](Core::reserve)'s, in its order; only the waiting
+    /// around them is skipped. `Ok(None)`: not now (nothing written), take the general
+    /// path.
+    #[inline]
+    fn reserve_now(&self, len: u32) -> Result<Option<Rec>, QueueError> {
+        if self.has_partial.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let Some(_g) = self.lock_producer_now() else {
+            return Ok(None);
+        };
+        self.reserve(len, Kind::Single)
     }
 
     /// Runs `try_reserve` until it finds room, waiting on `not_full` until `deadline`
