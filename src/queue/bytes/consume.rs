@@ -169,7 +169,7 @@ impl Core {
         if self.foreign() {
             return Err(QueueError::ForeignPidNamespace);
         }
-        if let Some(rec) = self.take_now()? {
+        if let Some(rec) = self.take_now() {
             return Ok(self.read_claimed(rec, f));
         }
         let outcome = block_on(
@@ -232,27 +232,34 @@ impl Core {
 
     /// The common case of a receive, tried before the general one: no partial message
     /// kept here, the consumer lock free and needing no repair, and a whole
-    /// single-record message ready at `head` (with no `keeper` to clear). Its claim is
-    /// [`peek`](Core::peek)'s and [`take`](Core::take)'s stores, as in
-    /// [`try_take`](Core::try_take); only the waiting around them is skipped. `Ok(None)`:
-    /// not now (at most padding skipped, as any `peek` does), take the general path.
+    /// single-record message `READY` at `head` (with no `keeper` to clear). Its claim is
+    /// [`take`](Core::take)'s stores, as in [`try_take`](Core::try_take) after
+    /// [`peek`](Core::peek) found that record; only the waiting around them is skipped.
+    /// `None`: not now, or not this simple (padding or a dead peer's record at `head`, a
+    /// corrupted word): nothing written, the general path looks again (and repairs, or
+    /// reports, what it finds).
     #[inline]
-    fn take_now(&self) -> Result<Option<Rec>, QueueError> {
+    fn take_now(&self) -> Option<Rec> {
         if self.has_partial.load(Ordering::Relaxed) {
-            return Ok(None);
+            return None;
         }
-        let Some(_g) = self.lock_consumer_now() else {
-            return Ok(None);
-        };
-        match self.peek()? {
-            Some(rec)
-                if rec.kind == Kind::Single && self.h().keeper.load(Ordering::Relaxed) == 0 =>
-            {
-                self.take(rec)?;
-                Ok(Some(rec))
-            }
-            _ => Ok(None),
+        let _g = self.lock_consumer_now()?;
+        let h = self.h();
+        // We hold the consumer lock: `head` is ours to move.
+        let head = h.head.load(Ordering::Acquire);
+        let tail = self.tail_for(head).ok()?;
+        if head == tail {
+            return None;
         }
+        let (state, rec) = self.read_record(head, tail).ok()?;
+        if state != State::Ready
+            || rec.kind != Kind::Single
+            || h.keeper.load(Ordering::Relaxed) != 0
+        {
+            return None;
+        }
+        self.take(rec).ok()?;
+        Some(rec)
     }
 
     /// One attempt to claim a message (or finish a kept one) under the consumer lock,

@@ -167,7 +167,7 @@ impl Core {
         fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
         deadline: Deadline,
     ) -> Result<(), QueueError> {
-        let rec = match self.reserve_now(payload_len(len))? {
+        let rec = match self.reserve_now(payload_len(len)) {
             Some(rec) => rec,
             None => self.wait_for_room(role, deadline, || {
                 let Some(_g) = self.lock_producer(deadline) else {
@@ -187,17 +187,15 @@ impl Core {
     /// The common case of a small send, tried before the general one: no partial
     /// message kept here, the producer lock free and needing no repair, and room now.
     /// The stores are [`reserve`](Core::reserve)'s, in its order; only the waiting
-    /// around them is skipped. `Ok(None)`: not now (nothing written), take the general
-    /// path.
+    /// around them is skipped. `None`: not now (or a corrupted position): nothing
+    /// written, the general path tries again (and reports what it finds).
     #[inline]
-    fn reserve_now(&self, len: u32) -> Result<Option<Rec>, QueueError> {
+    fn reserve_now(&self, len: u32) -> Option<Rec> {
         if self.has_partial.load(Ordering::Relaxed) {
-            return Ok(None);
+            return None;
         }
-        let Some(_g) = self.lock_producer_now() else {
-            return Ok(None);
-        };
-        self.reserve(len, Kind::Single)
+        let _g = self.lock_producer_now()?;
+        self.reserve(len, Kind::Single).ok().flatten()
     }
 
     /// Runs `try_reserve` until it finds room, waiting on `not_full` until `deadline`

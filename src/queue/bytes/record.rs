@@ -72,6 +72,7 @@ pub(super) enum Kind {
 }
 
 impl State {
+    #[inline]
     fn from_u8(v: u8) -> Option<State> {
         Some(match v {
             1 => State::Writing,
@@ -84,6 +85,7 @@ impl State {
 }
 
 impl Kind {
+    #[inline]
     fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
             0 => Kind::Single,
@@ -112,6 +114,8 @@ pub(super) struct Word {
 const STATE_SHIFT: u32 = 56;
 const KIND_SHIFT: u32 = 48;
 const LEN_MASK: u64 = 0xffff_ffff;
+/// The zero field, bits 32..48.
+const ZERO_MASK: u64 = 0xffff << 32;
 
 impl Word {
     /// The word as stored.
@@ -126,12 +130,16 @@ impl Word {
     /// [`encode`](Word::encode) writes (an unknown state or kind, or a stray bit).
     #[inline]
     pub(super) fn decode(w: u64) -> Option<Word> {
-        let word = Word {
+        // The fields cover every bit but the zero field's, so with a known state and kind
+        // and that field clear, `encode` gives `w` back: no need to re-encode and compare.
+        if w & ZERO_MASK != 0 {
+            return None;
+        }
+        Some(Word {
             state: State::from_u8((w >> STATE_SHIFT) as u8)?,
             kind: Kind::from_u8((w >> KIND_SHIFT) as u8)?,
             len: (w & LEN_MASK) as u32,
-        };
-        (word.encode() == w).then_some(word)
+        })
     }
 
     /// The raw fields of `w`, for a corruption report.
