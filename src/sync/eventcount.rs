@@ -116,6 +116,17 @@ impl EventCount {
         }
     }
 
+    /// Whether a waiter is announced, read with the same read-modify-write as
+    /// [`notify_all`](EventCount::notify_all), so the same argument holds: a caller that
+    /// published progress before this and gets `false` needs no wake-up, as every waiter
+    /// announced after it sees that progress when it re-checks. For a notifier that only
+    /// does the work a wake-up needs when someone waits (and otherwise leaves it to the
+    /// waiters' own attempts).
+    #[inline]
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.waiters.fetch_add(0, Ordering::SeqCst) & COUNT_MASK != 0
+    }
+
     #[cold]
     fn notify_slow(&self, mut w: u32) {
         // SYNC POINT: erase every announcement (a new epoch, count 0), then bump the key
@@ -205,6 +216,11 @@ impl LoomEventCount {
             }
             let _ = self.0.wait(ticket, Deadline::NEVER);
         }
+    }
+
+    /// See [`EventCount::has_waiters`].
+    pub fn has_waiters(&self) -> bool {
+        self.0.has_waiters()
     }
 
     /// A waiter killed after announcing itself: its announcement is never taken back.

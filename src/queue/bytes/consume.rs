@@ -12,6 +12,10 @@ use crate::queue::peers;
 use crate::sync::eventcount::{Attempt, block_on};
 use crate::sys::Deadline;
 
+/// A release moves `free` itself once this fraction of the ring is done behind it (see
+/// [`Core::release`]).
+const FREE_BATCH: u64 = 8;
+
 /// How a receive attempt ended, before the payload is handed to the caller.
 enum Got {
     /// A whole single-record message, claimed and ready to read in place.
@@ -96,13 +100,25 @@ impl Core {
         Ok(())
     }
 
-    /// Marks a claimed record consumed and moves `free` over finished records.
+    /// Marks a claimed record consumed. `free` moves over finished records only when a
+    /// producer waits for room or a batch of them is done (`cap / FREE_BATCH` bytes
+    /// behind this record); otherwise a later release, or the producer that needs the
+    /// room ([`free_for`](Core::free_for)), moves it. One compare-and-swap and one
+    /// wake-up check per batch instead of per message.
     pub(super) fn release(&self, rec: Rec) {
         if let Ok(r) = self.rec_header(rec.pos) {
             r.set(rec.word(State::Done));
         }
         fail_point(FailPoint::ReleaseDone);
-        self.advance_free();
+        let h = self.h();
+        let done_to = rec.pos.wrapping_add(rec.span());
+        let behind = done_to.wrapping_sub(h.free.load(Ordering::Relaxed));
+        // SYNC POINT: `has_waiters` is `not_full`'s notify read-modify-write, after the
+        // DONE store: a producer that announced after it sees the DONE in its own
+        // attempt and moves `free` itself; one announced before is seen here.
+        if behind >= self.cap() / FREE_BATCH || h.not_full.has_waiters() {
+            self.advance_free();
+        }
     }
 
     /// Moves `free` over the `DONE` records behind `head`, waking producers if it moved.

@@ -40,7 +40,7 @@
 //! | publish (none)              | [`count` + 1 for `SINGLE`/`LAST`], `READY` (or `PAD` to discard) |
 //! | skip padding (consumer lock) | `DONE`, `head`, then `free` moves                       |
 //! | claim (consumer lock)       | owner, `READING`, `head`, [`count` − 1]                 |
-//! | release (none)              | `DONE`, then `free` moves over `DONE` records (CAS)     |
+//! | release (none)              | `DONE`, then (a batch done, or a producer waiting) `free` moves over `DONE` records (CAS) |
 //!
 //! A send of a single record and a receive of one first try the common case: the lock
 //! free (and not left by a dead holder), room (a message) there now. That attempt makes
@@ -49,6 +49,15 @@
 //! for both. A producer compares against the `free` it last saw, and a consumer against
 //! the `tail`, loading the shared word again only when the old value says "full"
 //! ("empty"): both only grow, so an old value only understates what is there.
+//!
+//! A release moves `free` itself only once an eighth of the ring is done behind it, or
+//! when a producer waits for room (asked with `not_full`'s notify read-modify-write,
+//! after the `DONE` store, so a producer announced after it sees the `DONE`); a producer
+//! short of room moves `free` over the `DONE` records before it decides the ring is full,
+//! as does the check for dead readers. `DONE` records not yet passed are a state every
+//! release could always leave behind (see the first table), so nothing new is left to
+//! repair. The loom model `eventcount_lazy_notifier_and_a_waiter_that_helps_itself`
+//! checks that no producer sleeps behind a release.
 //!
 //! # What a SIGKILL between two stores leaves, and who repairs it
 //!
@@ -60,7 +69,7 @@
 //! | skip-padding `DONE` and `head` | `DONE` at `head`                    | the next holder of the consumer lock moves `head` on |
 //! | claim's `READING` and `head`  | `READING` at `head`                  | the next holder of the consumer lock: back to `READY`, so the message (never handed to the dead reader) goes to the next receiver |
 //! | claim's `head` and `count` − 1 | `READING` behind `head`, dead owner, `count` one too high | producers waiting for room: `DONE` once the kernel says the owner is gone (the message is lost with its reader); `count` as above |
-//! | while the reader reads, or `DONE` and moving `free` | `READING` (as above) or a `DONE` not yet passed | as above; any later release moves `free` on |
+//! | while the reader reads, or `DONE` and moving `free` | `READING` (as above) or a `DONE` not yet passed | as above; a later release or the next producer short of room moves `free` on |
 //!
 //! A `READING` or `DONE` record *at* `head` is repaired without asking about its owner:
 //! only a holder of the consumer lock marks the record at `head`, and it moves `head` on

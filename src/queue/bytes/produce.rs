@@ -268,7 +268,9 @@ impl Core {
             return Err(QueueError::Timeout);
         };
         if deadline.has_passed() {
-            // A `try_send`: start only if the whole message fits now.
+            // A `try_send`: start only if the whole message fits now (counting the
+            // records released but not yet passed, see `release`).
+            self.advance_free();
             let (free, _, tail) = self.positions()?;
             let room = self.cap() - tail.wrapping_sub(free);
             let chunks = (len as u64).div_ceil(self.single_limit() - 8);

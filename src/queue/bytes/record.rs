@@ -288,7 +288,8 @@ impl Core {
     /// `free`, for a producer (holding the producer lock, so `tail` is stable) that needs
     /// `need` bytes of room after `tail`: the value this process last saw if that already
     /// shows the room (`free` only grows), else the shared word, loaded and checked
-    /// against `tail`.
+    /// against `tail`, after moving it over the records released since (releases leave
+    /// that to a batch, see [`release`](Core::release)).
     #[inline]
     pub(super) fn free_for(&self, tail: u64, need: u64) -> Result<u64, QueueError> {
         let cap = self.cap();
@@ -298,9 +299,15 @@ impl Core {
         if tail.wrapping_sub(seen) <= cap && tail.wrapping_add(need).wrapping_sub(seen) <= cap {
             return Ok(seen);
         }
+        self.free_now(tail)
+    }
+
+    #[cold]
+    fn free_now(&self, tail: u64) -> Result<u64, QueueError> {
+        self.advance_free();
         let h = self.h();
         let free = h.free.load(Ordering::Acquire);
-        if tail.wrapping_sub(free) > cap {
+        if tail.wrapping_sub(free) > self.cap() {
             return Err(bad_positions(free, h.head.load(Ordering::Relaxed), tail));
         }
         self.seen.free.store(free, Ordering::Release);
