@@ -91,11 +91,9 @@ impl Core {
             .store(rec.pos.wrapping_add(rec.span()), Ordering::Release);
         fail_point(FailPoint::ClaimHead);
         if rec.kind.ends_message() {
-            let _ = h
-                .count
-                .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |c| {
-                    Some(c.saturating_sub(1))
-                });
+            // Only holders of the consumer lock write `taken`: no read-modify-write.
+            let taken = h.taken.load(Ordering::Relaxed);
+            h.taken.store(taken.wrapping_add(1), Ordering::Release);
         }
         Ok(())
     }
@@ -155,22 +153,23 @@ impl Core {
     }
 
     /// Called with the consumer lock held when `head == tail` was seen: every message
-    /// counted has been claimed, so a count left too high by a peer killed between a
-    /// record store and the count update is reset. The count is loaded *before* the
-    /// positions: a producer counts after reserving, so if its increment is in `c`, its
-    /// reservation is in `tail` and `head != tail`; an increment after the load makes the
-    /// compare-and-swap fail. Claims (the only decrements) need the lock we hold.
+    /// counted in `sent` has been claimed (or was never published: its producer was killed
+    /// between counting it and publishing it, and the record became padding), so `taken`
+    /// catches up with `sent`, which a peer killed between a record store and its count
+    /// update left apart. `sent` is loaded *before* the positions: a producer counts after
+    /// reserving, so if its increment is in `s`, its reservation is in `tail`, and with
+    /// `head == tail` that message was claimed (or skipped); a message counted after the
+    /// load is still to be claimed and stays counted (`sent - taken` is then 1). Only
+    /// holders of the consumer lock, which we hold, write `taken`.
     fn resync_count(&self) {
         let h = self.h();
-        let c = h.count.load(Ordering::SeqCst);
-        if c == 0 {
+        let s = h.sent.load(Ordering::SeqCst);
+        if s == h.taken.load(Ordering::Relaxed) {
             return;
         }
         if let Ok((_, head, tail)) = self.positions() {
             if head == tail {
-                let _ = h
-                    .count
-                    .compare_exchange(c, 0, Ordering::SeqCst, Ordering::Relaxed);
+                h.taken.store(s, Ordering::Release);
             }
         }
     }

@@ -22,7 +22,8 @@
 //!  kind:  SINGLE 0, FIRST 1, MIDDLE 2, LAST 3, PAD 4
 //!
 //!  shared header words besides the positions
-//!  count   messages published, not yet claimed
+//!  sent    whole messages published, ever  (producers add; a line of its own)
+//!  taken   whole messages claimed, ever    (the consumer lock's holder; a line of its own)
 //!  stream  FIRST position + 1 of the chunked message being sent, or 0
 //!  keeper  process that keeps the start of a chunked message, or 0
 //! ```
@@ -37,9 +38,9 @@
 //! | step (lock held)            | stores, in order                                        |
 //! |-----------------------------|---------------------------------------------------------|
 //! | reserve (producer lock)     | [pad owner, pad `READY`/`PAD`], owner, `WRITING`, `tail` |
-//! | publish (none)              | [`count` + 1 for `SINGLE`/`LAST`], `READY` (or `PAD` to discard) |
+//! | publish (none)              | [`sent` + 1 for `SINGLE`/`LAST`], `READY` (or `PAD` to discard) |
 //! | skip padding (consumer lock) | `DONE`, `head`, then `free` moves                       |
-//! | claim (consumer lock)       | owner, `READING`, `head`, [`count` − 1]                 |
+//! | claim (consumer lock)       | owner, `READING`, `head`, [`taken` + 1]                 |
 //! | release (none)              | `DONE`, then (a batch done, or a producer waiting) `free` moves over `DONE` records (CAS) |
 //!
 //! A send of a single record and a receive of one first try the common case: the lock
@@ -65,10 +66,10 @@
 //! |-------------------------------|--------------------------------------|-------------|
 //! | reserve's stores, before `tail` | records beyond `tail`              | nothing to do: the next reservation writes over them |
 //! | `tail` and publish            | `WRITING` record, dead owner         | the consumer waiting at it: the kernel says the owner is gone → `PAD` (never sent) |
-//! | `count` + 1 and `READY`       | as above, `count` one too high       | as above; `count` is reset the next time a consumer finds the ring empty (below) |
+//! | `sent` + 1 and `READY`        | as above, `sent` one too high        | as above; `taken` catches up the next time a consumer finds the ring empty (below) |
 //! | skip-padding `DONE` and `head` | `DONE` at `head`                    | the next holder of the consumer lock moves `head` on |
 //! | claim's `READING` and `head`  | `READING` at `head`                  | the next holder of the consumer lock: back to `READY`, so the message (never handed to the dead reader) goes to the next receiver |
-//! | claim's `head` and `count` − 1 | `READING` behind `head`, dead owner, `count` one too high | producers waiting for room: `DONE` once the kernel says the owner is gone (the message is lost with its reader); `count` as above |
+//! | claim's `head` and `taken` + 1 | `READING` behind `head`, dead owner, `taken` one too low | producers waiting for room: `DONE` once the kernel says the owner is gone (the message is lost with its reader); `taken` as above |
 //! | while the reader reads, or `DONE` and moving `free` | `READING` (as above) or a `DONE` not yet passed | as above; a later release or the next producer short of room moves `free` on |
 //!
 //! A `READING` or `DONE` record *at* `head` is repaired without asking about its owner:
@@ -78,13 +79,15 @@
 //! finished only on proof that its owner thread is gone (`crate::liveness`); a slow live
 //! writer or reader is waited for, never robbed.
 //!
-//! `count` only feeds [`ByteQueue::len`]; nothing waits on it. A producer counts a message
-//! *before* making it visible, so when a consumer, holding the consumer lock (no claim in
-//! progress), finds `head == tail`, every counted message has been claimed: if `count` is
-//! not 0 it was left too high by a kill, and is reset with a compare-and-swap against the
-//! value loaded *before* the positions (a producer that counted after that load makes the
-//! swap fail; one that counted before it had already moved `tail`, so the ring was not
-//! empty).
+//! `sent` and `taken` only feed [`ByteQueue::len`] (`sent - taken`); nothing waits on
+//! them. A producer counts a message *before* making it visible, so when a consumer,
+//! holding the consumer lock (no claim in progress), finds `head == tail`, every message
+//! counted has been claimed: if `taken` is behind `sent`, a kill left them apart, and
+//! `taken` is set to the value of `sent` loaded *before* the positions (a producer that
+//! counted after that load has a message still to claim, and stays counted; one that
+//! counted before it had already moved `tail`, so the ring was not empty). Only the
+//! consumer lock's holder writes `taken`, so a claim counts with a plain store, and the
+//! producers' counter is on a cache line of its own that no claim touches.
 //!
 //! # Large messages
 //!
@@ -470,7 +473,11 @@ impl ByteQueue {
 
     /// Messages waiting (a snapshot: other processes change it at any moment).
     pub fn len(&self) -> usize {
-        self.core.h().count.load(Ordering::Relaxed) as usize
+        let h = self.core.h();
+        // `taken` first: a claim between the two loads can then only make this larger
+        // than it was, never wrap it below 0 (a corrupted pair reads as empty).
+        let taken = h.taken.load(Ordering::Relaxed);
+        h.sent.load(Ordering::Relaxed).saturating_sub(taken) as usize
     }
 
     /// Whether no message is waiting (a snapshot).

@@ -71,7 +71,7 @@ impl Core {
         if !discard && rec.kind.ends_message() {
             // Counted before it is visible, so the count never misses a claimable
             // message (see `resync_count`).
-            h.count.fetch_add(1, Ordering::SeqCst);
+            h.sent.fetch_add(1, Ordering::SeqCst);
             fail_point(FailPoint::PublishCounted);
         }
         let kind = if discard { Kind::Pad } else { rec.kind };

@@ -25,8 +25,11 @@ pub(crate) struct Header {
     pub(super) free: CachePadded<AtomicU64>,
     pub(super) not_empty: CachePadded<EventCount>,
     pub(super) not_full: CachePadded<EventCount>,
-    /// Whole messages published and not yet claimed (for `len`; see the module docs).
-    pub(super) count: AtomicU64,
+    /// Whole messages published, ever (for `len`; see the module docs). Producers only
+    /// add to it, each on its own line, so a consumer's claim does not pull it away.
+    pub(super) sent: CachePadded<AtomicU64>,
+    /// Whole messages claimed, ever (for `len`). Written under the consumer lock only.
+    pub(super) taken: CachePadded<AtomicU64>,
     pub(super) closed: AtomicU32,
     /// Position + 1 of the `FIRST` chunk of the message the producer-lock holder is
     /// streaming; 0 when none is. Written under the producer lock.
@@ -53,7 +56,8 @@ impl Header {
             free: CachePadded(AtomicU64::new(0)),
             not_empty: CachePadded(EventCount::new()),
             not_full: CachePadded(EventCount::new()),
-            count: AtomicU64::new(0),
+            sent: CachePadded(AtomicU64::new(0)),
+            taken: CachePadded(AtomicU64::new(0)),
             closed: AtomicU32::new(0),
             stream: AtomicU64::new(0),
             keeper: AtomicU64::new(0),
