@@ -84,6 +84,11 @@ pub(crate) fn send_until<T: Copy, S: RawSender<T>>(
     value: T,
     deadline: Deadline,
 ) -> Result<(), SendTimeoutError<T>> {
+    // The common case first, without the waiting machinery around it (on any other
+    // outcome the attempt is simply made again, inside it).
+    if s.try_send_ref(&value).is_ok() {
+        return Ok(());
+    }
     let outcome = block_on(
         s.not_full(),
         deadline,
@@ -108,7 +113,13 @@ pub(crate) fn recv_until<T, R: RawReceiver<T>>(
 ) -> Result<T, RecvTimeoutError> {
     // The message is copied once, from its slot into `out`, and moved out at the end: a
     // large `T` is not carried through every layer of results by value.
-    let out = std::cell::RefCell::new(std::mem::MaybeUninit::uninit());
+    let mut first = std::mem::MaybeUninit::uninit();
+    // The common case first, as in `send_until`.
+    if r.try_recv_into(&mut first).is_ok() {
+        // SAFETY: `try_recv_into` succeeded, so it wrote `first`.
+        return Ok(unsafe { first.assume_init() });
+    }
+    let out = std::cell::RefCell::new(first);
     let outcome = block_on(
         r.not_empty(),
         deadline,
