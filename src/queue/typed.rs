@@ -27,6 +27,8 @@ const SMALL: usize = 64;
 /// are copied as whole slices instead of element by element, so `Queue<Vec<u8>>` moves
 /// large messages faster than a socket. (Inside other types, e.g. a struct field, serde
 /// still goes element by element; wrap such a field in `serde_bytes` if it is large.)
+/// `u64`, `usize`, `u32`, `i64` and `i32` are written as postcard's varint straight into
+/// the ring and read back without serde.
 /// [`get_into`](Queue::get_into) reuses the receiver's buffer. A message must be read as
 /// the type it was sent as; a reader of another type gets `Decode` (or, where postcard's
 /// bytes happen to fit both types, that type's reading of them).
