@@ -436,3 +436,23 @@ fn checked_capacity(capacity: usize) -> Result<usize> {
     }
     Ok(capacity.next_power_of_two())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `create_zeroed` writes the header and leaves the slots to the fresh memfd, which
+    /// reads as zeros (the assumption it rests on).
+    #[test]
+    #[cfg_attr(miri, ignore = "shared memory (memfd)")]
+    fn a_zeroed_ring_reads_as_zeros() {
+        // SAFETY: 0 is a valid u64.
+        let ring = unsafe { RingMem::<u64, u64>::create_zeroed("test", 1 << 16, || 7) }.unwrap();
+        assert_eq!(*ring.header(), 7);
+        for pos in 0..ring.capacity() {
+            // SAFETY: within the ring's capacity; nobody writes it.
+            let slot = unsafe { *ring.slots_ptr().add(pos as usize) };
+            assert_eq!(slot, 0, "slot {pos}");
+        }
+    }
+}
