@@ -54,7 +54,7 @@ pub use error::{
 
 pub use typed::{Queue, QueueReceiver, QueueSender};
 
-use crate::sync::eventcount::{Attempt, EventCount, block_on};
+use crate::sync::eventcount::{Attempt, EventCount, block_on_after_miss};
 
 use crate::sys::Deadline;
 
@@ -85,11 +85,11 @@ pub(crate) fn send_until<T: Copy, S: RawSender<T>>(
     deadline: Deadline,
 ) -> Result<(), SendTimeoutError<T>> {
     // The common case first, without the waiting machinery around it (on any other
-    // outcome the attempt is simply made again, inside it).
+    // outcome the attempt is made again inside it, after a pause).
     if s.try_send_ref(&value).is_ok() {
         return Ok(());
     }
-    let outcome = block_on(
+    let outcome = block_on_after_miss(
         s.not_full(),
         deadline,
         || match s.try_send_ref(&value) {
@@ -120,7 +120,7 @@ pub(crate) fn recv_until<T, R: RawReceiver<T>>(
         return Ok(unsafe { first.assume_init() });
     }
     let out = std::cell::RefCell::new(first);
-    let outcome = block_on(
+    let outcome = block_on_after_miss(
         r.not_empty(),
         deadline,
         || match r.try_recv_into(&mut out.borrow_mut()) {

@@ -9,7 +9,7 @@ use super::partial::Assembly;
 use super::record::{Kind, Rec, State};
 use super::shared::{Core, Role};
 use crate::queue::peers;
-use crate::sync::eventcount::{Attempt, block_on};
+use crate::sync::eventcount::{Attempt, block_on_after_miss};
 use crate::sys::Deadline;
 
 /// A release moves `free` itself once this fraction of the ring is done behind it (see
@@ -187,7 +187,7 @@ impl Core {
         if let Some(rec) = self.take_now() {
             return Ok(self.read_claimed(rec, f));
         }
-        let outcome = block_on(
+        let outcome = block_on_after_miss(
             &self.h().not_empty,
             deadline,
             || match self.try_take(deadline) {

@@ -6,7 +6,7 @@ use super::QueueError;
 use super::hooks::{FailPoint, fail_point};
 use super::record::{ALIGN, Kind, REC_HEADER, Rec, State, Word, record_len};
 use super::shared::{Core, Role};
-use crate::sync::eventcount::{Attempt, block_on};
+use crate::sync::eventcount::{Attempt, block_on, block_on_after_miss};
 use crate::sys::Deadline;
 
 /// A reserved record not yet published: if the caller's `fill` unwinds, the record is
@@ -169,7 +169,7 @@ impl Core {
     ) -> Result<(), QueueError> {
         let rec = match self.reserve_now(payload_len(len)) {
             Some(rec) => rec,
-            None => self.wait_for_room(role, deadline, || {
+            None => self.wait_for_room(role, deadline, true, || {
                 let Some(_g) = self.lock_producer(deadline) else {
                     return Ok(None); // another producer holds it past our deadline
                 };
@@ -205,9 +205,16 @@ impl Core {
         &self,
         role: Role,
         deadline: Deadline,
+        polled: bool,
         try_reserve: impl Fn() -> Result<Option<Rec>, QueueError>,
     ) -> Result<Rec, QueueError> {
-        let outcome = block_on(
+        // `polled`: the caller's quick attempt (`reserve_now`) has just missed.
+        let wait = if polled {
+            block_on_after_miss
+        } else {
+            block_on
+        };
+        let outcome = wait(
             &self.h().not_full,
             deadline,
             || {
@@ -290,7 +297,7 @@ impl Core {
                 (false, false) => Kind::Middle,
                 (false, true) => Kind::Last,
             };
-            let rec = match self.wait_for_room(role, deadline, || {
+            let rec = match self.wait_for_room(role, deadline, false, || {
                 self.reserve(payload_len(prefix + n), kind)
             }) {
                 Ok(rec) => rec,
