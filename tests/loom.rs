@@ -363,6 +363,40 @@ fn eventcount_wakes_every_waiter() {
     });
 }
 
+/// A notifier that does the work a wake-up needs only when someone waits, as a byte
+/// queue's release moves `free` only when a producer waits for room (`has_waiters`),
+/// leaving it otherwise to the producer's own attempts, which move it themselves: the
+/// producer is never left asleep behind a record released meanwhile. (A lost wake-up is a
+/// deadlock here.)
+#[test]
+fn eventcount_lazy_notifier_and_a_waiter_that_helps_itself() {
+    fn advance(done: &AtomicUsize, free: &AtomicUsize) -> bool {
+        done.load(Ordering::Acquire) == 1
+            && free
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+    model(|| {
+        let ec = Arc::new(LoomEventCount::default());
+        let done = Arc::new(AtomicUsize::new(0)); // the record released (DONE)
+        let free = Arc::new(AtomicUsize::new(0)); // `free` moved past it
+        let releaser = {
+            let (ec, done, free) = (Arc::clone(&ec), Arc::clone(&done), Arc::clone(&free));
+            thread::spawn(move || {
+                done.store(1, Ordering::Release);
+                if ec.has_waiters() && advance(&done, &free) {
+                    ec.notify_all();
+                }
+            })
+        };
+        ec.wait_until(|| {
+            advance(&done, &free);
+            free.load(Ordering::Acquire) == 1
+        });
+        releaser.join().unwrap();
+    });
+}
+
 /// A waiter that dies announced leaves a count that the next notify erases (so later
 /// notifies take the fast path again), while a live waiter racing with it is still woken.
 #[test]

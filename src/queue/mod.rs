@@ -54,7 +54,7 @@ pub use error::{
 
 pub use typed::{Queue, QueueReceiver, QueueSender};
 
-use crate::sync::eventcount::{Attempt, EventCount, block_on};
+use crate::sync::eventcount::{Attempt, EventCount, block_on_after_miss};
 
 use crate::sys::Deadline;
 
@@ -84,7 +84,12 @@ pub(crate) fn send_until<T: Copy, S: RawSender<T>>(
     value: T,
     deadline: Deadline,
 ) -> Result<(), SendTimeoutError<T>> {
-    let outcome = block_on(
+    // The common case first, without the waiting machinery around it (on any other
+    // outcome the attempt is made again inside it, after a pause).
+    if s.try_send_ref(&value).is_ok() {
+        return Ok(());
+    }
+    let outcome = block_on_after_miss(
         s.not_full(),
         deadline,
         || match s.try_send_ref(&value) {
@@ -108,8 +113,14 @@ pub(crate) fn recv_until<T, R: RawReceiver<T>>(
 ) -> Result<T, RecvTimeoutError> {
     // The message is copied once, from its slot into `out`, and moved out at the end: a
     // large `T` is not carried through every layer of results by value.
-    let out = std::cell::RefCell::new(std::mem::MaybeUninit::uninit());
-    let outcome = block_on(
+    let mut first = std::mem::MaybeUninit::uninit();
+    // The common case first, as in `send_until`.
+    if r.try_recv_into(&mut first).is_ok() {
+        // SAFETY: `try_recv_into` succeeded, so it wrote `first`.
+        return Ok(unsafe { first.assume_init() });
+    }
+    let out = std::cell::RefCell::new(first);
+    let outcome = block_on_after_miss(
         r.not_empty(),
         deadline,
         || match r.try_recv_into(&mut out.borrow_mut()) {

@@ -244,6 +244,33 @@ impl<H, S> RingMem<H, S> {
         header: impl FnOnce() -> H,
         slot: impl Fn(u64) -> S,
     ) -> Result<RingMem<H, S>> {
+        Self::create_with_slots(kind, capacity, header, Some(slot))
+    }
+
+    /// As [`create`](RingMem::create), for slots whose initial value is all zero bytes:
+    /// they are not written at all. The ring is always a fresh memfd, which reads as
+    /// zeros, so writing zeros over it would only fault in every page of the ring up front
+    /// (a page is otherwise first touched by the first message through it).
+    ///
+    /// # Safety
+    ///
+    /// All-zero bytes must be the value each slot is to start with (a valid `S`).
+    pub(crate) unsafe fn create_zeroed(
+        kind: &str,
+        capacity: usize,
+        header: impl FnOnce() -> H,
+    ) -> Result<RingMem<H, S>> {
+        Self::create_with_slots(kind, capacity, header, None::<fn(u64) -> S>)
+    }
+
+    /// [`create`](RingMem::create), writing each slot only if `slot` is given (else the
+    /// fresh memfd's zeros stay, see [`create_zeroed`](RingMem::create_zeroed)).
+    fn create_with_slots(
+        kind: &str,
+        capacity: usize,
+        header: impl FnOnce() -> H,
+        slot: Option<impl Fn(u64) -> S>,
+    ) -> Result<RingMem<H, S>> {
         let capacity = checked_capacity(capacity)?;
         let bytes = capacity
             .checked_mul(size_of::<S>())
@@ -259,8 +286,10 @@ impl<H, S> RingMem<H, S> {
                 unsafe {
                     data.cast::<H>().as_ptr().write(header());
                     let slots = data.as_ptr().add(slots_offset::<H, S>()).cast::<S>();
-                    for i in 0..capacity {
-                        slots.add(i).write(slot(i as u64));
+                    if let Some(slot) = slot {
+                        for i in 0..capacity {
+                            slots.add(i).write(slot(i as u64));
+                        }
                     }
                 }
             })?;
@@ -406,4 +435,24 @@ fn checked_capacity(capacity: usize) -> Result<usize> {
         });
     }
     Ok(capacity.next_power_of_two())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `create_zeroed` writes the header and leaves the slots to the fresh memfd, which
+    /// reads as zeros (the assumption it rests on).
+    #[test]
+    #[cfg_attr(miri, ignore = "shared memory (memfd)")]
+    fn a_zeroed_ring_reads_as_zeros() {
+        // SAFETY: 0 is a valid u64.
+        let ring = unsafe { RingMem::<u64, u64>::create_zeroed("test", 1 << 16, || 7) }.unwrap();
+        assert_eq!(*ring.header(), 7);
+        for pos in 0..ring.capacity() {
+            // SAFETY: within the ring's capacity; nobody writes it.
+            let slot = unsafe { *ring.slots_ptr().add(pos as usize) };
+            assert_eq!(slot, 0, "slot {pos}");
+        }
+    }
 }

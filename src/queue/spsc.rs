@@ -122,9 +122,8 @@ type Ring<T> = RingMem<Header, Slot<T>>;
 /// [`Error::InvalidArgument`] for a zero or absurd capacity; [`Error::Io`] if the shared
 /// memory cannot be created.
 pub fn spsc<T: ShmSafe + Copy + Send>(capacity: usize) -> Result<(Sender<T>, Receiver<T>)> {
-    let ring = RingMem::create("spsc", capacity, new_header, |_| {
-        UnsafeCell::new(MaybeUninit::zeroed())
-    })?;
+    // SAFETY: a slot starts as zeroed `MaybeUninit` (it is read only after a send wrote it).
+    let ring = unsafe { RingMem::create_zeroed("spsc", capacity, new_header)? };
     ring::endpoints(ring, Sender::new, Receiver::new)
 }
 

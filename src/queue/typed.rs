@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::sys::Deadline;
 
 mod flat;
+mod prim;
 
 /// Values of at most this many bytes in memory are first encoded on the stack.
 const SMALL: usize = 64;
@@ -26,6 +27,8 @@ const SMALL: usize = 64;
 /// are copied as whole slices instead of element by element, so `Queue<Vec<u8>>` moves
 /// large messages faster than a socket. (Inside other types, e.g. a struct field, serde
 /// still goes element by element; wrap such a field in `serde_bytes` if it is large.)
+/// `u64`, `usize`, `u32`, `i64` and `i32` are written as postcard's varint straight into
+/// the ring and read back without serde.
 /// [`get_into`](Queue::get_into) reuses the receiver's buffer. A message must be read as
 /// the type it was sent as; a reader of another type gets `Decode` (or, where postcard's
 /// bytes happen to fit both types, that type's reading of them).
@@ -118,6 +121,17 @@ impl<T: Serialize + DeserializeOwned + 'static> Queue<T> {
     }
 
     fn put_until(&self, value: &T, deadline: Deadline) -> Result<(), QueueError> {
+        if let Some(n) = prim::view(value) {
+            // Integers: postcard's varint, written straight into the ring.
+            return self.bytes.send_encoded(
+                prim::len(n),
+                |buf| {
+                    prim::write(n, buf);
+                    Ok(())
+                },
+                deadline,
+            );
+        }
         if let Some(flat) = flat::view(value) {
             // Byte vectors, strings, float vectors: postcard's bytes, copied as slices.
             return self
@@ -180,6 +194,9 @@ impl<T: Serialize + DeserializeOwned + 'static> Queue<T> {
     }
 
     fn decode(bytes: &[u8]) -> Result<T, QueueError> {
+        if let Some(value) = prim::decode(bytes) {
+            return Ok(value);
+        }
         if flat::is_flat::<T>() {
             return flat::decode(bytes).map_err(decode_error);
         }
@@ -192,6 +209,10 @@ impl<T: Serialize + DeserializeOwned + 'static> Queue<T> {
 
     /// Decodes into `place`, reusing what it owns (a `Vec`'s or `String`'s buffer).
     fn decode_into(bytes: &[u8], place: &mut T) -> Result<(), QueueError> {
+        if let Some(value) = prim::decode(bytes) {
+            *place = value;
+            return Ok(());
+        }
         if flat::is_flat::<T>() {
             return flat::decode_into(bytes, place).map_err(decode_error);
         }

@@ -116,6 +116,17 @@ impl EventCount {
         }
     }
 
+    /// Whether a waiter is announced, read with the same read-modify-write as
+    /// [`notify_all`](EventCount::notify_all), so the same argument holds: a caller that
+    /// published progress before this and gets `false` needs no wake-up, as every waiter
+    /// announced after it sees that progress when it re-checks. For a notifier that only
+    /// does the work a wake-up needs when someone waits (and otherwise leaves it to the
+    /// waiters' own attempts).
+    #[inline]
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.waiters.fetch_add(0, Ordering::SeqCst) & COUNT_MASK != 0
+    }
+
     #[cold]
     fn notify_slow(&self, mut w: u32) {
         // SYNC POINT: erase every announcement (a new epoch, count 0), then bump the key
@@ -207,6 +218,11 @@ impl LoomEventCount {
         }
     }
 
+    /// See [`EventCount::has_waiters`].
+    pub fn has_waiters(&self) -> bool {
+        self.0.has_waiters()
+    }
+
     /// A waiter killed after announcing itself: its announcement is never taken back.
     pub fn announce_and_die(&self) {
         let _ = self.0.prepare_wait();
@@ -227,8 +243,11 @@ const SPIN_BUDGET: std::time::Duration = std::time::Duration::from_micros(8);
 /// Polls `attempt` for up to [`SPIN_BUDGET`], unless this process may run on one CPU only
 /// (`taskset -c 0`): then the peer it waits for needs this very CPU, every poll delays it,
 /// and the futex sleep is the fastest way to hand the CPU over.
+///
+/// `polled`: the caller's own attempt has just missed, so the first poll here comes after
+/// a pause (two polls back to back would only pull the peer's cache line away twice).
 #[cfg(not(loom))]
-fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>) -> Option<R> {
+fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>, polled: bool) -> Option<R> {
     use std::sync::atomic::AtomicUsize;
     static CPUS: AtomicUsize = AtomicUsize::new(0);
     let cpus = match CPUS.load(Ordering::Relaxed) {
@@ -239,8 +258,10 @@ fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>) -> Option<R> {
         }
         n => n,
     };
-    if let Attempt::Ready(r) = attempt() {
-        return Some(r);
+    if !polled {
+        if let Attempt::Ready(r) = attempt() {
+            return Some(r);
+        }
     }
     if cpus < 2 {
         return None;
@@ -261,7 +282,7 @@ fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>) -> Option<R> {
 
 /// Under loom: a few polls, deterministically (loom replays each interleaving exactly).
 #[cfg(loom)]
-fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>) -> Option<R> {
+fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>, _polled: bool) -> Option<R> {
     for _ in 0..2 {
         if let Attempt::Ready(r) = attempt() {
             return Some(r);
@@ -325,8 +346,30 @@ pub(crate) enum Attempt<R> {
 pub(crate) fn block_on<R>(
     ec: &EventCount,
     deadline: Deadline,
+    attempt: impl FnMut() -> Attempt<R>,
+    check: impl FnMut() -> Option<R>,
+) -> Option<R> {
+    block_on_inner(ec, deadline, attempt, check, false)
+}
+
+/// [`block_on`] for a caller whose own quick attempt (a narrower fast path, or the same
+/// one) has just missed: a `try_*` call (deadline passed) still gets its one `attempt`,
+/// anything else starts polling after a pause rather than at once.
+pub(crate) fn block_on_after_miss<R>(
+    ec: &EventCount,
+    deadline: Deadline,
+    attempt: impl FnMut() -> Attempt<R>,
+    check: impl FnMut() -> Option<R>,
+) -> Option<R> {
+    block_on_inner(ec, deadline, attempt, check, true)
+}
+
+fn block_on_inner<R>(
+    ec: &EventCount,
+    deadline: Deadline,
     mut attempt: impl FnMut() -> Attempt<R>,
     mut check: impl FnMut() -> Option<R>,
+    polled: bool,
 ) -> Option<R> {
     if deadline.has_passed() {
         // A `try_*` call: exactly one attempt, no spinning.
@@ -335,7 +378,7 @@ pub(crate) fn block_on<R>(
             Attempt::Blocked => None,
         };
     }
-    if let Some(r) = spin(&mut attempt) {
+    if let Some(r) = spin(&mut attempt, polled) {
         return Some(r);
     }
     let mut next_check = Deadline::after(CHECK_EVERY);

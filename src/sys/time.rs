@@ -39,10 +39,12 @@ impl Deadline {
     }
 
     /// Time left, `None` for a deadline that never expires.
+    #[inline]
     pub(crate) fn remaining(&self) -> Option<Duration> {
         self.at.map(|at| at.saturating_sub(monotonic_now()))
     }
 
+    #[inline]
     pub(crate) fn has_passed(&self) -> bool {
         self.remaining() == Some(Duration::ZERO)
     }

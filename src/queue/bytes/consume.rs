@@ -9,8 +9,12 @@ use super::partial::Assembly;
 use super::record::{Kind, Rec, State};
 use super::shared::{Core, Role};
 use crate::queue::peers;
-use crate::sync::eventcount::{Attempt, block_on};
+use crate::sync::eventcount::{Attempt, block_on_after_miss};
 use crate::sys::Deadline;
+
+/// A release moves `free` itself once this fraction of the ring is done behind it (see
+/// [`Core::release`]).
+const FREE_BATCH: u64 = 8;
 
 /// How a receive attempt ended, before the payload is handed to the caller.
 enum Got {
@@ -40,15 +44,16 @@ impl Core {
     pub(super) fn peek(&self) -> Result<Option<Rec>, QueueError> {
         let h = self.h();
         loop {
-            let (_, head, tail) = self.positions()?;
+            // We hold the consumer lock: `head` is ours to move.
+            let head = h.head.load(Ordering::Acquire);
+            let tail = self.tail_for(head)?;
             if head == tail {
                 return Ok(None);
             }
             let (state, rec) = self.read_record(head, tail)?;
-            let r = self.rec_header(head)?;
             match state {
                 State::Ready if rec.kind == Kind::Pad => {
-                    r.set(rec.word(State::Done));
+                    self.rec_header(head)?.set(rec.word(State::Done));
                     fail_point(FailPoint::ClaimPadDone);
                     h.head
                         .store(head.wrapping_add(rec.span()), Ordering::Release);
@@ -68,7 +73,8 @@ impl Core {
                     self.advance_free();
                 }
                 State::Reading => {
-                    r.replace(rec.word(State::Reading), rec.word(State::Ready));
+                    self.rec_header(head)?
+                        .replace(rec.word(State::Reading), rec.word(State::Ready));
                 }
             }
         }
@@ -85,39 +91,58 @@ impl Core {
             .store(rec.pos.wrapping_add(rec.span()), Ordering::Release);
         fail_point(FailPoint::ClaimHead);
         if rec.kind.ends_message() {
-            let _ = h
-                .count
-                .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |c| {
-                    Some(c.saturating_sub(1))
-                });
+            // Only holders of the consumer lock write `taken`: no read-modify-write.
+            let taken = h.taken.load(Ordering::Relaxed);
+            h.taken.store(taken.wrapping_add(1), Ordering::Release);
         }
         Ok(())
     }
 
-    /// Marks a claimed record consumed and moves `free` over finished records.
+    /// Marks a claimed record consumed. `free` moves over finished records only when a
+    /// producer waits for room or a batch of them is done (`cap / FREE_BATCH` bytes
+    /// behind this record); otherwise a later release, or the producer that needs the
+    /// room ([`free_for`](Core::free_for)), moves it. One compare-and-swap and one
+    /// wake-up check per batch instead of per message.
     pub(super) fn release(&self, rec: Rec) {
         if let Ok(r) = self.rec_header(rec.pos) {
             r.set(rec.word(State::Done));
         }
         fail_point(FailPoint::ReleaseDone);
-        self.advance_free();
+        let h = self.h();
+        let done_to = rec.pos.wrapping_add(rec.span());
+        let behind = done_to.wrapping_sub(h.free.load(Ordering::Relaxed));
+        // SYNC POINT: `has_waiters` is `not_full`'s notify read-modify-write, after the
+        // DONE store: a producer that announced after it sees the DONE in its own
+        // attempt and moves `free` itself; one announced before is seen here.
+        if behind >= self.cap() / FREE_BATCH || h.not_full.has_waiters() {
+            self.advance_free();
+        }
     }
 
     /// Moves `free` over the `DONE` records behind `head`, waking producers if it moved.
     pub(super) fn advance_free(&self) {
         let h = self.h();
         let mut freed = false;
-        while let Ok((free, head, _)) = self.positions() {
-            if free == head {
-                break;
-            }
+        let Ok((mut free, mut head, _)) = self.positions() else {
+            return;
+        };
+        // `free` comes from our own swap (or the one that beat it), `head` is loaded
+        // again after each move, as `positions` would (only `tail` is not needed here).
+        while free != head && head.wrapping_sub(free) <= self.cap() {
             match self.read_record(free, head) {
                 Ok((State::Done, rec)) => {
                     let next = free.wrapping_add(rec.span());
-                    freed |= h
+                    match h
                         .free
-                        .compare_exchange(free, next, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok();
+                        .compare_exchange(free, next, Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        Ok(_) => {
+                            freed = true;
+                            free = next;
+                        }
+                        Err(now) => free = now,
+                    }
+                    head = h.head.load(Ordering::Acquire);
                 }
                 _ => break,
             }
@@ -128,22 +153,23 @@ impl Core {
     }
 
     /// Called with the consumer lock held when `head == tail` was seen: every message
-    /// counted has been claimed, so a count left too high by a peer killed between a
-    /// record store and the count update is reset. The count is loaded *before* the
-    /// positions: a producer counts after reserving, so if its increment is in `c`, its
-    /// reservation is in `tail` and `head != tail`; an increment after the load makes the
-    /// compare-and-swap fail. Claims (the only decrements) need the lock we hold.
+    /// counted in `sent` has been claimed (or was never published: its producer was killed
+    /// between counting it and publishing it, and the record became padding), so `taken`
+    /// catches up with `sent`, which a peer killed between a record store and its count
+    /// update left apart. `sent` is loaded *before* the positions: a producer counts after
+    /// reserving, so if its increment is in `s`, its reservation is in `tail`, and with
+    /// `head == tail` that message was claimed (or skipped); a message counted after the
+    /// load is still to be claimed and stays counted (`sent - taken` is then 1). Only
+    /// holders of the consumer lock, which we hold, write `taken`.
     fn resync_count(&self) {
         let h = self.h();
-        let c = h.count.load(Ordering::SeqCst);
-        if c == 0 {
+        let s = h.sent.load(Ordering::SeqCst);
+        if s == h.taken.load(Ordering::Relaxed) {
             return;
         }
         if let Ok((_, head, tail)) = self.positions() {
             if head == tail {
-                let _ = h
-                    .count
-                    .compare_exchange(c, 0, Ordering::SeqCst, Ordering::Relaxed);
+                h.taken.store(s, Ordering::Release);
             }
         }
     }
@@ -158,7 +184,10 @@ impl Core {
         if self.foreign() {
             return Err(QueueError::ForeignPidNamespace);
         }
-        let outcome = block_on(
+        if let Some(rec) = self.take_now() {
+            return Ok(self.read_claimed(rec, f));
+        }
+        let outcome = block_on_after_miss(
             &self.h().not_empty,
             deadline,
             || match self.try_take(deadline) {
@@ -199,16 +228,53 @@ impl Core {
             }
         };
         match got {
-            Got::InPlace(rec) => {
-                let claimed = Claimed { core: self, rec };
-                // SAFETY: we claimed `rec` (READING); producers do not reuse it before we
-                // release it, and other consumers skip claimed records.
-                let r = f(unsafe { self.payload(rec) });
-                drop(claimed);
-                Ok(r)
-            }
+            Got::InPlace(rec) => Ok(self.read_claimed(rec, f)),
             Got::Assembled(bytes) => Ok(f(&bytes)),
         }
+    }
+
+    /// Lends the payload of `rec`, which this thread claimed, to `f`, then releases it
+    /// (also if `f` unwinds).
+    #[inline]
+    fn read_claimed<R>(&self, rec: Rec, f: impl FnOnce(&[u8]) -> R) -> R {
+        let claimed = Claimed { core: self, rec };
+        // SAFETY: we claimed `rec` (READING); producers do not reuse it before we release
+        // it, and other consumers skip claimed records.
+        let r = f(unsafe { self.payload(rec) });
+        drop(claimed);
+        r
+    }
+
+    /// The common case of a receive, tried before the general one: no partial message
+    /// kept here, the consumer lock free and needing no repair, and a whole
+    /// single-record message `READY` at `head` (with no `keeper` to clear). Its claim is
+    /// [`take`](Core::take)'s stores, as in [`try_take`](Core::try_take) after
+    /// [`peek`](Core::peek) found that record; only the waiting around them is skipped.
+    /// `None`: not now, or not this simple (padding or a dead peer's record at `head`, a
+    /// corrupted word): nothing written, the general path looks again (and repairs, or
+    /// reports, what it finds).
+    #[inline]
+    fn take_now(&self) -> Option<Rec> {
+        if self.has_partial.load(Ordering::Relaxed) {
+            return None;
+        }
+        let _g = self.lock_consumer_now()?;
+        let h = self.h();
+        // We hold the consumer lock: `head` is ours to move.
+        let head = h.head.load(Ordering::Acquire);
+        let tail = self.tail_for(head).ok()?;
+        if head == tail {
+            return None;
+        }
+        let (state, rec) = self.read_record(head, tail).ok()?;
+        if state != State::Ready
+            || rec.kind != Kind::Single
+            || h.keeper.load(Ordering::Relaxed) != 0
+        {
+            return None;
+        }
+        self.take(rec).ok()?;
+        Some(rec)
     }
 
     /// One attempt to claim a message (or finish a kept one) under the consumer lock,

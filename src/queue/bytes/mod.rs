@@ -22,7 +22,8 @@
 //!  kind:  SINGLE 0, FIRST 1, MIDDLE 2, LAST 3, PAD 4
 //!
 //!  shared header words besides the positions
-//!  count   messages published, not yet claimed
+//!  sent    whole messages published, ever  (producers add; a line of its own)
+//!  taken   whole messages claimed, ever    (the consumer lock's holder; a line of its own)
 //!  stream  FIRST position + 1 of the chunked message being sent, or 0
 //!  keeper  process that keeps the start of a chunked message, or 0
 //! ```
@@ -37,10 +38,27 @@
 //! | step (lock held)            | stores, in order                                        |
 //! |-----------------------------|---------------------------------------------------------|
 //! | reserve (producer lock)     | [pad owner, pad `READY`/`PAD`], owner, `WRITING`, `tail` |
-//! | publish (none)              | [`count` + 1 for `SINGLE`/`LAST`], `READY` (or `PAD` to discard) |
+//! | publish (none)              | [`sent` + 1 for `SINGLE`/`LAST`], `READY` (or `PAD` to discard) |
 //! | skip padding (consumer lock) | `DONE`, `head`, then `free` moves                       |
-//! | claim (consumer lock)       | owner, `READING`, `head`, [`count` − 1]                 |
-//! | release (none)              | `DONE`, then `free` moves over `DONE` records (CAS)     |
+//! | claim (consumer lock)       | owner, `READING`, `head`, [`taken` + 1]                 |
+//! | release (none)              | `DONE`, then (a batch done, or a producer waiting) `free` moves over `DONE` records (CAS) |
+//!
+//! A send of a single record and a receive of one first try the common case: the lock
+//! free (and not left by a dead holder), room (a message) there now. That attempt makes
+//! the same stores in the same order as the general path, which it falls back to having
+//! written nothing (at most skipped padding, as any claim does); the tables below hold
+//! for both. A producer compares against the `free` it last saw, and a consumer against
+//! the `tail`, loading the shared word again only when the old value says "full"
+//! ("empty"): both only grow, so an old value only understates what is there.
+//!
+//! A release moves `free` itself only once an eighth of the ring is done behind it, or
+//! when a producer waits for room (asked with `not_full`'s notify read-modify-write,
+//! after the `DONE` store, so a producer announced after it sees the `DONE`); a producer
+//! short of room moves `free` over the `DONE` records before it decides the ring is full,
+//! as does the check for dead readers. `DONE` records not yet passed are a state every
+//! release could always leave behind (see the first table), so nothing new is left to
+//! repair. The loom model `eventcount_lazy_notifier_and_a_waiter_that_helps_itself`
+//! checks that no producer sleeps behind a release.
 //!
 //! # What a SIGKILL between two stores leaves, and who repairs it
 //!
@@ -48,11 +66,11 @@
 //! |-------------------------------|--------------------------------------|-------------|
 //! | reserve's stores, before `tail` | records beyond `tail`              | nothing to do: the next reservation writes over them |
 //! | `tail` and publish            | `WRITING` record, dead owner         | the consumer waiting at it: the kernel says the owner is gone → `PAD` (never sent) |
-//! | `count` + 1 and `READY`       | as above, `count` one too high       | as above; `count` is reset the next time a consumer finds the ring empty (below) |
+//! | `sent` + 1 and `READY`        | as above, `sent` one too high        | as above; `taken` catches up the next time a consumer finds the ring empty (below) |
 //! | skip-padding `DONE` and `head` | `DONE` at `head`                    | the next holder of the consumer lock moves `head` on |
 //! | claim's `READING` and `head`  | `READING` at `head`                  | the next holder of the consumer lock: back to `READY`, so the message (never handed to the dead reader) goes to the next receiver |
-//! | claim's `head` and `count` − 1 | `READING` behind `head`, dead owner, `count` one too high | producers waiting for room: `DONE` once the kernel says the owner is gone (the message is lost with its reader); `count` as above |
-//! | while the reader reads, or `DONE` and moving `free` | `READING` (as above) or a `DONE` not yet passed | as above; any later release moves `free` on |
+//! | claim's `head` and `taken` + 1 | `READING` behind `head`, dead owner, `taken` one too low | producers waiting for room: `DONE` once the kernel says the owner is gone (the message is lost with its reader); `taken` as above |
+//! | while the reader reads, or `DONE` and moving `free` | `READING` (as above) or a `DONE` not yet passed | as above; a later release or the next producer short of room moves `free` on |
 //!
 //! A `READING` or `DONE` record *at* `head` is repaired without asking about its owner:
 //! only a holder of the consumer lock marks the record at `head`, and it moves `head` on
@@ -61,13 +79,15 @@
 //! finished only on proof that its owner thread is gone (`crate::liveness`); a slow live
 //! writer or reader is waited for, never robbed.
 //!
-//! `count` only feeds [`ByteQueue::len`]; nothing waits on it. A producer counts a message
-//! *before* making it visible, so when a consumer, holding the consumer lock (no claim in
-//! progress), finds `head == tail`, every counted message has been claimed: if `count` is
-//! not 0 it was left too high by a kill, and is reset with a compare-and-swap against the
-//! value loaded *before* the positions (a producer that counted after that load makes the
-//! swap fail; one that counted before it had already moved `tail`, so the ring was not
-//! empty).
+//! `sent` and `taken` only feed [`ByteQueue::len`] (`sent - taken`); nothing waits on
+//! them. A producer counts a message *before* making it visible, so when a consumer,
+//! holding the consumer lock (no claim in progress), finds `head == tail`, every message
+//! counted has been claimed: if `taken` is behind `sent`, a kill left them apart, and
+//! `taken` is set to the value of `sent` loaded *before* the positions (a producer that
+//! counted after that load has a message still to claim, and stays counted; one that
+//! counted before it had already moved `tail`, so the ring was not empty). Only the
+//! consumer lock's holder writes `taken`, so a claim counts with a plain store, and the
+//! producers' counter is on a cache line of its own that no claim touches.
 //!
 //! # Large messages
 //!
@@ -453,7 +473,11 @@ impl ByteQueue {
 
     /// Messages waiting (a snapshot: other processes change it at any moment).
     pub fn len(&self) -> usize {
-        self.core.h().count.load(Ordering::Relaxed) as usize
+        let h = self.core.h();
+        // `taken` first: a claim between the two loads can then only make this larger
+        // than it was, never wrap it below 0 (a corrupted pair reads as empty).
+        let taken = h.taken.load(Ordering::Relaxed);
+        h.sent.load(Ordering::Relaxed).saturating_sub(taken) as usize
     }
 
     /// Whether no message is waiting (a snapshot).
@@ -500,6 +524,7 @@ impl ByteQueue {
             partial: std::sync::Mutex::new(None),
             has_partial: std::sync::atomic::AtomicBool::new(false),
             check: crate::sync::eventcount::CheckClock::new(),
+            seen: shared::Seen::default(),
         };
         count(core.table(role))?;
         Ok(ByteQueue {
@@ -552,5 +577,56 @@ impl fmt::Debug for ByteQueue {
             .field("len", &self.len())
             .field("closed", &self.is_closed())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Releases leave `free` behind for a batch (see `Core::release`): a producer that
+    /// then needs that room moves `free` itself, at once, with nobody waiting and nothing
+    /// else to wake it; and `len` counts through both laps.
+    #[test]
+    #[cfg_attr(miri, ignore = "shared memory (memfd)")]
+    fn released_room_is_found_by_the_next_producer() {
+        let q = ByteQueue::builder().capacity(4096).bytes().unwrap();
+        let _peer = q.clone(); // not disconnected
+        // 100 bytes take a 128-byte record: 32 fill the ring exactly, twice.
+        for lap in 0..3u8 {
+            for i in 0..32u8 {
+                q.try_send(&[lap ^ i; 100])
+                    .unwrap_or_else(|e| panic!("lap {lap}, message {i}: {e}"));
+            }
+            assert_eq!(q.try_send(&[0; 100]), Err(QueueError::Full), "lap {lap}");
+            assert_eq!(q.len(), 32);
+            for i in 0..32u8 {
+                assert_eq!(q.try_recv_with(<[u8]>::to_vec).unwrap(), vec![lap ^ i; 100]);
+            }
+            assert_eq!(q.len(), 0);
+            assert_eq!(q.try_recv_with(<[u8]>::to_vec), Err(QueueError::Empty));
+        }
+        // Two taken from a full ring: their releases left `free` behind (less than a
+        // batch), and the room the next 2 sends need is exactly theirs.
+        for i in 0..32u8 {
+            q.try_send(&[i; 100]).unwrap();
+        }
+        for i in 0..2u8 {
+            assert_eq!(q.try_recv_with(<[u8]>::to_vec).unwrap(), vec![i; 100]);
+        }
+        for i in 32..34u8 {
+            q.try_send(&[i; 100])
+                .unwrap_or_else(|e| panic!("room released but not passed: {e}"));
+        }
+        assert_eq!(q.len(), 32);
+        for i in 2..34u8 {
+            assert_eq!(q.try_recv_with(<[u8]>::to_vec).unwrap(), vec![i; 100]);
+        }
+        // One at a time too: never more than one record's worth behind.
+        for i in 0..200u8 {
+            q.try_send(&[i; 100]).unwrap();
+            assert_eq!(q.try_recv_with(<[u8]>::to_vec).unwrap(), vec![i; 100]);
+        }
+        assert_eq!(q.len(), 0);
     }
 }

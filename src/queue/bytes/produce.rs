@@ -6,7 +6,7 @@ use super::QueueError;
 use super::hooks::{FailPoint, fail_point};
 use super::record::{ALIGN, Kind, REC_HEADER, Rec, State, Word, record_len};
 use super::shared::{Core, Role};
-use crate::sync::eventcount::{Attempt, block_on};
+use crate::sync::eventcount::{Attempt, block_on, block_on_after_miss};
 use crate::sys::Deadline;
 
 /// A reserved record not yet published: if the caller's `fill` unwinds, the record is
@@ -32,11 +32,13 @@ impl Core {
     /// caller holds the producer lock.
     fn reserve(&self, len: u32, kind: Kind) -> Result<Option<Rec>, QueueError> {
         let h = self.h();
-        let (free, _, tail) = self.positions()?;
+        // We hold the producer lock: `tail` is ours to move.
+        let tail = h.tail.load(Ordering::Acquire);
         let span = record_len(len);
         let off = tail & (self.cap() - 1);
         let to_end = self.cap() - off;
         let pad = if span > to_end { to_end } else { 0 };
+        let free = self.free_for(tail, pad + span)?;
         if tail.wrapping_add(pad + span).wrapping_sub(free) > self.cap() {
             return Ok(None);
         }
@@ -69,7 +71,7 @@ impl Core {
         if !discard && rec.kind.ends_message() {
             // Counted before it is visible, so the count never misses a claimable
             // message (see `resync_count`).
-            h.count.fetch_add(1, Ordering::SeqCst);
+            h.sent.fetch_add(1, Ordering::SeqCst);
             fail_point(FailPoint::PublishCounted);
         }
         let kind = if discard { Kind::Pad } else { rec.kind };
@@ -146,7 +148,11 @@ impl Core {
             role,
             len,
             |buf| {
-                copy_parts(parts, 0, buf);
+                match parts {
+                    // One part (a small encoded value): one plain copy.
+                    [part] => buf.copy_from_slice(part),
+                    _ => copy_parts(parts, 0, buf),
+                }
                 Ok(())
             },
             deadline,
@@ -161,18 +167,35 @@ impl Core {
         fill: impl FnOnce(&mut [u8]) -> Result<(), QueueError>,
         deadline: Deadline,
     ) -> Result<(), QueueError> {
-        let rec = self.wait_for_room(role, deadline, || {
-            let Some(_g) = self.lock_producer(deadline) else {
-                return Ok(None); // another producer holds it past our deadline
-            };
-            self.reserve(payload_len(len), Kind::Single)
-        })?;
+        let rec = match self.reserve_now(payload_len(len)) {
+            Some(rec) => rec,
+            None => self.wait_for_room(role, deadline, true, || {
+                let Some(_g) = self.lock_producer(deadline) else {
+                    return Ok(None); // another producer holds it past our deadline
+                };
+                self.reserve(payload_len(len), Kind::Single)
+            })?,
+        };
         let pending = Unpublished { core: self, rec };
         // SAFETY: we reserved `rec`; no one reads a WRITING record's payload.
         let filled = fill(unsafe { self.payload(rec) });
         std::mem::forget(pending);
         self.publish(rec, filled.is_err());
         filled
+    }
+
+    /// The common case of a small send, tried before the general one: no partial
+    /// message kept here, the producer lock free and needing no repair, and room now.
+    /// The stores are [`reserve`](Core::reserve)'s, in its order; only the waiting
+    /// around them is skipped. `None`: not now (or a corrupted position): nothing
+    /// written, the general path tries again (and reports what it finds).
+    #[inline]
+    fn reserve_now(&self, len: u32) -> Option<Rec> {
+        if self.has_partial.load(Ordering::Relaxed) {
+            return None;
+        }
+        let _g = self.lock_producer_now()?;
+        self.reserve(len, Kind::Single).ok().flatten()
     }
 
     /// Runs `try_reserve` until it finds room, waiting on `not_full` until `deadline`
@@ -182,9 +205,16 @@ impl Core {
         &self,
         role: Role,
         deadline: Deadline,
+        polled: bool,
         try_reserve: impl Fn() -> Result<Option<Rec>, QueueError>,
     ) -> Result<Rec, QueueError> {
-        let outcome = block_on(
+        // `polled`: the caller's quick attempt (`reserve_now`) has just missed.
+        let wait = if polled {
+            block_on_after_miss
+        } else {
+            block_on
+        };
+        let outcome = wait(
             &self.h().not_full,
             deadline,
             || {
@@ -245,7 +275,9 @@ impl Core {
             return Err(QueueError::Timeout);
         };
         if deadline.has_passed() {
-            // A `try_send`: start only if the whole message fits now.
+            // A `try_send`: start only if the whole message fits now (counting the
+            // records released but not yet passed, see `release`).
+            self.advance_free();
             let (free, _, tail) = self.positions()?;
             let room = self.cap() - tail.wrapping_sub(free);
             let chunks = (len as u64).div_ceil(self.single_limit() - 8);
@@ -265,7 +297,7 @@ impl Core {
                 (false, false) => Kind::Middle,
                 (false, true) => Kind::Last,
             };
-            let rec = match self.wait_for_room(role, deadline, || {
+            let rec = match self.wait_for_room(role, deadline, false, || {
                 self.reserve(payload_len(prefix + n), kind)
             }) {
                 Ok(rec) => rec,

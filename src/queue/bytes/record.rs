@@ -72,6 +72,7 @@ pub(super) enum Kind {
 }
 
 impl State {
+    #[inline]
     fn from_u8(v: u8) -> Option<State> {
         Some(match v {
             1 => State::Writing,
@@ -84,6 +85,7 @@ impl State {
 }
 
 impl Kind {
+    #[inline]
     fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
             0 => Kind::Single,
@@ -112,6 +114,8 @@ pub(super) struct Word {
 const STATE_SHIFT: u32 = 56;
 const KIND_SHIFT: u32 = 48;
 const LEN_MASK: u64 = 0xffff_ffff;
+/// The zero field, bits 32..48.
+const ZERO_MASK: u64 = 0xffff << 32;
 
 impl Word {
     /// The word as stored.
@@ -126,12 +130,16 @@ impl Word {
     /// [`encode`](Word::encode) writes (an unknown state or kind, or a stray bit).
     #[inline]
     pub(super) fn decode(w: u64) -> Option<Word> {
-        let word = Word {
+        // The fields cover every bit but the zero field's, so with a known state and kind
+        // and that field clear, `encode` gives `w` back: no need to re-encode and compare.
+        if w & ZERO_MASK != 0 {
+            return None;
+        }
+        Some(Word {
             state: State::from_u8((w >> STATE_SHIFT) as u8)?,
             kind: Kind::from_u8((w >> KIND_SHIFT) as u8)?,
             len: (w & LEN_MASK) as u32,
-        };
-        (word.encode() == w).then_some(word)
+        })
     }
 
     /// The raw fields of `w`, for a corruption report.
@@ -146,12 +154,14 @@ impl Word {
 }
 
 /// The bytes a record with `payload` bytes takes in the ring: header plus padded payload.
+#[inline]
 pub(super) fn record_len(payload: u32) -> u64 {
     REC_HEADER + u64::from(payload).next_multiple_of(ALIGN)
 }
 
 /// The largest payload that goes in a single record of a ring of `capacity` bytes (a
 /// quarter of the ring, less a header), never more than the length field can hold.
+#[inline]
 pub(super) fn single_limit(capacity: u64) -> u64 {
     (capacity / 4 - REC_HEADER).min(MAX_PAYLOAD)
 }
@@ -197,6 +207,7 @@ impl RecHeader {
 
 /// The calling thread as an `owner` word: thread id above the low 40 bits of its start
 /// time.
+#[inline]
 fn owner_tag() -> u64 {
     let me = sys::current_thread();
     (u64::from(me.tid) << 40) | (me.start & ((1 << 40) - 1))
@@ -222,6 +233,7 @@ impl Rec {
     }
 
     /// Bytes it takes in the ring.
+    #[inline]
     pub(super) fn span(self) -> u64 {
         record_len(self.len)
     }
@@ -229,12 +241,11 @@ impl Rec {
 
 impl Core {
     /// The header of the record at `pos`.
+    #[inline]
     pub(super) fn rec_header(&self, pos: u64) -> Result<&RecHeader, QueueError> {
         let off = pos & (self.cap() - 1);
         if off % ALIGN != 0 || off + REC_HEADER > self.cap() {
-            return Err(QueueError::Corrupted(format!(
-                "record at unaligned position {pos}"
-            )));
+            return Err(unaligned(pos));
         }
         // SAFETY: `off + 16 <= capacity` and `off` is 16-aligned in a 128-aligned data
         // area, so this is an aligned RecHeader inside the ring; its words are only ever
@@ -262,27 +273,80 @@ impl Core {
     }
 
     /// Checks the positions, which only ever satisfy `free <= head <= tail <= free + cap`.
+    #[inline]
     pub(super) fn positions(&self) -> Result<(u64, u64, u64), QueueError> {
         let h = self.h();
         let free = h.free.load(Ordering::Acquire);
         let head = h.head.load(Ordering::Acquire);
         let tail = h.tail.load(Ordering::Acquire);
         if head.wrapping_sub(free) > self.cap() || tail.wrapping_sub(head) > self.cap() {
-            let what = format!("positions free {free}, head {head}, tail {tail}");
-            return Err(QueueError::Corrupted(what));
+            return Err(bad_positions(free, head, tail));
         }
         Ok((free, head, tail))
     }
 
+    /// `free`, for a producer (holding the producer lock, so `tail` is stable) that needs
+    /// `need` bytes of room after `tail`: the value this process last saw if that already
+    /// shows the room (`free` only grows), else the shared word, loaded and checked
+    /// against `tail`, after moving it over the records released since (releases leave
+    /// that to a batch, see [`release`](Core::release)).
+    #[inline]
+    pub(super) fn free_for(&self, tail: u64, need: u64) -> Result<u64, QueueError> {
+        let cap = self.cap();
+        // SYNC POINT: Acquire pairs with the Release below, which passes on what the
+        // Acquire load of `free` took from the releasers (their reads of the room).
+        let seen = self.seen.free.load(Ordering::Acquire);
+        if tail.wrapping_sub(seen) <= cap && tail.wrapping_add(need).wrapping_sub(seen) <= cap {
+            return Ok(seen);
+        }
+        self.free_now(tail)
+    }
+
+    #[cold]
+    fn free_now(&self, tail: u64) -> Result<u64, QueueError> {
+        self.advance_free();
+        let h = self.h();
+        let free = h.free.load(Ordering::Acquire);
+        if tail.wrapping_sub(free) > self.cap() {
+            return Err(bad_positions(free, h.head.load(Ordering::Relaxed), tail));
+        }
+        self.seen.free.store(free, Ordering::Release);
+        Ok(free)
+    }
+
+    /// `tail`, for a consumer (holding the consumer lock, so `head` is stable): the value
+    /// this process last saw if records lie between `head` and it (`tail` only grows,
+    /// and a record is reserved whole, so every record that starts before it ends before
+    /// it), else the shared word, loaded and checked against `head`.
+    #[inline]
+    pub(super) fn tail_for(&self, head: u64) -> Result<u64, QueueError> {
+        let cap = self.cap();
+        // SYNC POINT: as in `free_for`; the records themselves are read by acquiring
+        // their words.
+        let seen = self.seen.tail.load(Ordering::Acquire);
+        if seen != head && seen.wrapping_sub(head) <= cap {
+            return Ok(seen);
+        }
+        let h = self.h();
+        let tail = h.tail.load(Ordering::Acquire);
+        if tail.wrapping_sub(head) > cap {
+            return Err(bad_positions(h.free.load(Ordering::Relaxed), head, tail));
+        }
+        self.seen.tail.store(tail, Ordering::Release);
+        Ok(tail)
+    }
+
     /// Reads and checks the record at `pos`, which must lie before `limit`.
+    #[inline]
     pub(super) fn read_record(&self, pos: u64, limit: u64) -> Result<(State, Rec), QueueError> {
         let w = self.rec_header(pos)?.word.load(Ordering::Acquire);
         let off = pos & (self.cap() - 1);
-        let corrupted = || QueueError::Corrupted(format!("record at {pos}: {}", Word::describe(w)));
-        let word = Word::decode(w).ok_or_else(corrupted)?;
+        let Some(word) = Word::decode(w) else {
+            return Err(bad_record(pos, w));
+        };
         let span = record_len(word.len);
         if off + span > self.cap() || span > limit.wrapping_sub(pos) {
-            return Err(corrupted());
+            return Err(bad_record(pos, w));
         }
         let rec = Rec {
             pos,
@@ -291,6 +355,26 @@ impl Core {
         };
         Ok((word.state, rec))
     }
+}
+
+// The errors of the checks above, out of line: the checks sit on every message's path.
+
+#[cold]
+#[inline(never)]
+fn unaligned(pos: u64) -> QueueError {
+    QueueError::Corrupted(format!("record at unaligned position {pos}"))
+}
+
+#[cold]
+#[inline(never)]
+fn bad_positions(free: u64, head: u64, tail: u64) -> QueueError {
+    QueueError::Corrupted(format!("positions free {free}, head {head}, tail {tail}"))
+}
+
+#[cold]
+#[inline(never)]
+fn bad_record(pos: u64, w: u64) -> QueueError {
+    QueueError::Corrupted(format!("record at {pos}: {}", Word::describe(w)))
 }
 
 #[cfg(test)]

@@ -39,6 +39,8 @@ impl Core {
 
     /// Finishes a record at `free` whose consumer died while reading it.
     pub(super) fn free_dead_readers(&self) -> bool {
+        // Past the records released but not yet passed (see `release`) first.
+        self.advance_free();
         let Ok((free, head, _)) = self.positions() else {
             return false;
         };

@@ -25,8 +25,11 @@ pub(crate) struct Header {
     pub(super) free: CachePadded<AtomicU64>,
     pub(super) not_empty: CachePadded<EventCount>,
     pub(super) not_full: CachePadded<EventCount>,
-    /// Whole messages published and not yet claimed (for `len`; see the module docs).
-    pub(super) count: AtomicU64,
+    /// Whole messages published, ever (for `len`; see the module docs). Producers only
+    /// add to it, each on its own line, so a consumer's claim does not pull it away.
+    pub(super) sent: CachePadded<AtomicU64>,
+    /// Whole messages claimed, ever (for `len`). Written under the consumer lock only.
+    pub(super) taken: CachePadded<AtomicU64>,
     pub(super) closed: AtomicU32,
     /// Position + 1 of the `FIRST` chunk of the message the producer-lock holder is
     /// streaming; 0 when none is. Written under the producer lock.
@@ -53,7 +56,8 @@ impl Header {
             free: CachePadded(AtomicU64::new(0)),
             not_empty: CachePadded(EventCount::new()),
             not_full: CachePadded(EventCount::new()),
-            count: AtomicU64::new(0),
+            sent: CachePadded(AtomicU64::new(0)),
+            taken: CachePadded(AtomicU64::new(0)),
             closed: AtomicU32::new(0),
             stream: AtomicU64::new(0),
             keeper: AtomicU64::new(0),
@@ -93,12 +97,27 @@ pub(crate) struct Core {
     /// Rate-limits the dead-peer check of calls that give up (`try_*`, timeouts), which
     /// never sleep long enough for the blocking path's periodic check.
     pub(super) check: CheckClock,
+    /// Positions this process last loaded, so that the common path need not load them
+    /// again (each is a cache line the other side writes): `free` as a producer saw it,
+    /// `tail` as a consumer saw it. Both only grow, so an old value only understates the
+    /// room (or the records) there are, and the shared word is loaded again when the old
+    /// value would say "full" ("empty"). Process-local; 0 (a fresh handle) is old.
+    pub(super) seen: Seen,
+}
+
+/// See [`Core::seen`].
+#[derive(Default)]
+pub(super) struct Seen {
+    pub(super) free: AtomicU64,
+    pub(super) tail: AtomicU64,
 }
 
 impl Core {
     pub(super) fn create(capacity: usize, max_message: usize) -> Result<Core> {
         let capacity = capacity.max(4096);
-        let ring = RingMem::create("bytequeue", capacity, Header::new, |_| 0u8)?;
+        // SAFETY: the ring's bytes start as zeros (a record word of 0 is never read as a
+        // record: nothing is read beyond `tail`).
+        let ring = unsafe { RingMem::create_zeroed("bytequeue", capacity, Header::new)? };
         let h = ring.header();
         for table in [&h.handles, &h.senders, &h.receivers] {
             table.stamp_creator();
@@ -109,18 +128,22 @@ impl Core {
             partial: std::sync::Mutex::new(None),
             has_partial: AtomicBool::new(false),
             check: CheckClock::new(),
+            seen: Seen::default(),
         })
     }
 
+    #[inline]
     pub(super) fn h(&self) -> &Header {
         self.ring.header()
     }
 
+    #[inline]
     pub(super) fn cap(&self) -> u64 {
         self.ring.capacity()
     }
 
     /// Largest payload that goes in a single record.
+    #[inline]
     pub(super) fn single_limit(&self) -> u64 {
         super::record::single_limit(self.cap())
     }
@@ -187,6 +210,23 @@ impl Core {
         Some(g)
     }
 
+    /// The producer lock, if it is free right now and its last holder did not die
+    /// holding it (no repair due): the uncontended fast path of a small send, which
+    /// otherwise falls back to [`lock_producer`](Core::lock_producer). Taking and
+    /// dropping it changes nothing shared (a poisoned lock stays poisoned for the next
+    /// holder to repair).
+    #[inline]
+    pub(super) fn lock_producer_now(&self) -> Option<RawLockGuard<'_>> {
+        RawLockGuard::take_now(&self.h().producer)
+    }
+
+    /// The consumer lock, if it is free right now and needs no repair (as
+    /// [`lock_producer_now`](Core::lock_producer_now)).
+    #[inline]
+    pub(super) fn lock_consumer_now(&self) -> Option<RawLockGuard<'_>> {
+        RawLockGuard::take_now(&self.h().consumer)
+    }
+
     /// Takes the consumer lock by `deadline`. Whatever a holder that died left half done
     /// is finished by [`peek`](Core::peek) as it meets it.
     pub(super) fn lock_consumer(&self, deadline: Deadline) -> Option<RawLockGuard<'_>> {
@@ -224,6 +264,17 @@ impl<'a> RawLockGuard<'a> {
         // Not `then_some`: that would build (and drop, unlocking) a guard for a lock
         // someone else holds.
         taken.then(|| RawLockGuard(lock))
+    }
+
+    /// Takes `lock` if it is free now and not poisoned; a poisoned lock is let go
+    /// untouched at once (the guard's drop), still poisoned.
+    #[inline]
+    fn take_now(lock: &'a RawMutex) -> Option<RawLockGuard<'a>> {
+        if !lock.try_lock() {
+            return None;
+        }
+        let g = RawLockGuard(lock);
+        (!g.recovered()).then_some(g)
     }
 
     /// Whether the previous holder died holding the lock.
