@@ -34,7 +34,9 @@ pub(crate) const MAGIC: [u8; 8] = *b"PROCSHR\0";
 ///
 /// 2: the header records the data's alignment (mappings are placed so the data is aligned
 /// in every process, even above a page) and the creator's pid namespace.
-pub(crate) const ABI_VERSION: u32 = 2;
+/// 3: a `ByteQueue`'s message count is split into `sent` and `taken` (a receive no longer
+/// does a read-modify-write on the producers' line), so an older build must not share one.
+pub(crate) const ABI_VERSION: u32 = 3;
 /// Bytes reserved for the header; data starts at a multiple of this (or of the data's
 /// alignment, if larger).
 pub(crate) const HEADER_LEN: usize = 256;
