@@ -416,7 +416,7 @@ impl PeerTable {
         if proof != 0 && now.wrapping_sub(proof) < MAPS_PROOF_MS {
             return true;
         }
-        match sys::process_maps_file((holder >> 40) as u32, file) {
+        match sys::process_maps_file(crate::owner::identity_parts(holder).0, file) {
             Ok(Some(false)) => false,
             Ok(Some(true)) => {
                 slot.mapped_at.store(now, Ordering::Relaxed);
@@ -1383,7 +1383,7 @@ mod tests {
     /// An identity of this very process with the wrong start time: "recycled", so dead.
     fn dead(i: u64) -> u64 {
         let (pid, start) = sys::current_process_noalloc();
-        crate::owner::process_identity(pid, start.wrapping_add(1 + i) & ((1 << 40) - 1))
+        crate::owner::process_identity(pid, start.wrapping_add(1 + i))
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!   63        56 55        48 47                32 31                               0
 //!  [ state (8)  ][ kind (8)   ][ zero (16)         ][ payload length (32)              ]
 //!
-//!  owner (AtomicU64):
+//!  owner (AtomicU64): a thread record (`crate::owner`, where the packing is drawn):
 //!   63                     40 39                                                    0
 //!  [ thread id (24)          ][ thread start time, low 40 bits (clock ticks)         ]
 //!
@@ -195,22 +195,16 @@ impl RecHeader {
     /// Names the calling thread as the record's owner.
     #[inline]
     pub(super) fn own(&self) {
-        self.owner.store(owner_tag(), Ordering::Relaxed);
+        self.owner.store(
+            crate::owner::record_of(sys::current_thread()),
+            Ordering::Relaxed,
+        );
     }
 
     /// Whether the kernel proves the record's owner thread gone.
     pub(super) fn owner_is_dead(&self) -> bool {
-        let tag = self.owner.load(Ordering::Relaxed);
-        crate::liveness::thread_is_dead((tag >> 40) as u32, tag, 40)
+        crate::owner::record_is_dead(self.owner.load(Ordering::Relaxed))
     }
-}
-
-/// The calling thread as an `owner` word: thread id above the low 40 bits of its start
-/// time.
-#[inline]
-fn owner_tag() -> u64 {
-    let me = sys::current_thread();
-    (u64::from(me.tid) << 40) | (me.start & ((1 << 40) - 1))
 }
 
 /// A claimed or reserved record: its position, kind and payload length.
