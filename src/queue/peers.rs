@@ -568,15 +568,22 @@ const NS_KNOWN: u64 = 1 << 63;
 /// counts it as connected while it may live, and its handles are uncounted when it drops
 /// them; a foreign process that dies without dropping them leaves an `overflow` count
 /// for good (conservative: that end then never reads as disconnected).
+#[inline]
 pub(crate) fn my_namespace() -> u64 {
     match NAMESPACE.load(Ordering::Relaxed) {
-        0 => {
-            // The cache is only as good as the fork child handler that renews it.
-            register_fork_handlers();
-            compute_namespace()
-        }
+        0 => first_namespace(),
         ns => ns & !NS_KNOWN,
     }
+}
+
+/// The slow path of [`my_namespace`] (once per process), out of line so every queue
+/// operation inlines only the cached load.
+#[cold]
+#[inline(never)]
+fn first_namespace() -> u64 {
+    // The cache is only as good as the fork child handler that renews it.
+    register_fork_handlers();
+    compute_namespace()
 }
 
 fn register_fork_handlers() {
