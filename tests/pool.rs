@@ -82,6 +82,16 @@ macro_rules! under_fork_and_spawn {
     };
 }
 
+/// As `under_every_method`, without Fork: for tests of a worker's bootstrap.
+macro_rules! under_spawn_and_forkserver {
+    ($($name:ident),* $(,)?) => {
+        [$(
+            test(concat!(stringify!($name), "::spawn"), $name::<SPAWN>),
+            test(concat!(stringify!($name), "::forkserver"), $name::<FORKSERVER>),
+        )*]
+    };
+}
+
 fn main() {
     procshare::init();
     let all: Vec<common::Test> = tests![
@@ -111,6 +121,8 @@ fn main() {
         a_forked_child_cannot_use_or_break_its_parents_pool,
         a_result_whose_serialize_panics_fails_that_item_alone,
         a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers,
+        killing_the_fork_server_mid_map_neither_hangs_nor_stops_the_pool,
+        threads_started_between_tasks_under_the_default_method,
     ]
     .iter()
     .map(own)
@@ -131,6 +143,15 @@ fn main() {
         workers_die_with_the_pools_process,
         a_future_whose_worker_is_killed_resolves_to_worker_died,
         initializer_arguments_carry_handles,
+        max_tasks_one_with_chunk_maps_resends_the_segment,
+        terminate_and_drop_with_a_stopped_worker_are_prompt,
+        sigint_to_the_process_group_leaves_no_orphans,
+        a_map_of_100k_items_leaks_no_descriptors,
+        task_timeout_under_every_method,
+    ])
+    .chain(under_spawn_and_forkserver![
+        task_timeout_does_not_count_a_workers_bootstrap,
+        a_worker_killed_mid_bootstrap_is_replaced,
     ])
     .chain(under_fork_and_spawn![
         terminate_with_work_in_flight_is_prompt,
@@ -1503,4 +1524,293 @@ fn a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers() {
     );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!(pool.pids(), vec![pid]);
+}
+
+// --- hostile review, second round: Spawn/ForkServer workers at chosen points ---
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain kill of a process this test started (directly or through the pool).
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, sig) },
+        0,
+        "kill({pid}, {sig})"
+    );
+}
+
+/// A spawned worker stopped during its bootstrap (before it could take a task) and let go
+/// later: the chunk sent to it meanwhile never ran, so `task_timeout` must not count
+/// the bootstrap against it.
+fn task_timeout_does_not_count_a_workers_bootstrap<const M: u8>() {
+    // The worker is stopped right after `build` returns, normally long before its new
+    // image reaches `init()`; should it have said READY already (a lucky scheduling), the
+    // 200 ms rightly run from then: try again with a fresh pool. Before the fix every
+    // attempt failed.
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        // A fork server's child bootstraps in microseconds (the server is an image
+        // stopped in `init()` already): a helper watching the server's children stops it
+        // as it appears. A spawned worker first has an exec to do.
+        let stopper = (M == FORKSERVER).then(stop_the_next_child_of_this_fork_server);
+        let pool = builder::<M>()
+            .processes(1)
+            .task_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let pid = pool.pids()[0];
+        match stopper {
+            Some(s) => common::join(s, LIMIT),
+            None => signal(pid, libc::SIGSTOP),
+        }
+        let mut r = pool.apply_async(square, 3).unwrap();
+        if r.wait_timeout(Duration::from_millis(600)) {
+            // SAFETY: plain kill; the worker may be gone already.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            failures.push(format!("{:?}", r.get()));
+            continue;
+        }
+        signal(pid, libc::SIGCONT);
+        assert_eq!(r.get_timeout(LIMIT), Some(Ok(9)));
+        assert_eq!(pool.pids(), vec![pid], "the worker was not killed");
+        // Still enforced once the worker runs.
+        assert!(matches!(
+            pool.apply(sleep_ms, 5_000),
+            Err(TaskError::Timeout { .. })
+        ));
+        return;
+    }
+    panic!("the task ended while its worker was stopped in its bootstrap: {failures:?}");
+}
+
+fn children_of(pid: u32) -> BTreeSet<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+/// Starts this process's fork server (if not yet) and a helper process that SIGSTOPs the
+/// server's next child the moment it appears.
+fn stop_the_next_child_of_this_fork_server() -> procshare::Child<()> {
+    let warm = pool::<FORKSERVER>(1).unwrap();
+    let server = parent_of(warm.pids()[0]);
+    drop(warm);
+    common::wait_for("the server to reap its child", LIMIT, || {
+        children_of(server).is_empty()
+    });
+    let ready = procshare::Value::new(0u32).unwrap();
+    let flag = ready.clone();
+    let helper = common::spawn(move || {
+        *flag.lock().unwrap() = 1;
+        let until = Instant::now() + LIMIT;
+        while Instant::now() < until {
+            if let Some(&p) = children_of(server).iter().next() {
+                signal(p, libc::SIGSTOP);
+                return;
+            }
+        }
+        panic!("the fork server started no child");
+    });
+    common::wait_for("the helper", LIMIT, || *ready.lock().unwrap() == 1);
+    helper
+}
+
+/// SIGKILL of a worker before it finished its bootstrap is a death (replaced), not a
+/// bootstrap failure (which would stop the pool).
+fn a_worker_killed_mid_bootstrap_is_replaced<const M: u8>() {
+    let pool = builder::<M>().processes(1).retries(1).build().unwrap();
+    let pid = pool.pids()[0];
+    signal(pid, libc::SIGKILL);
+    assert_eq!(pool.map(square, 0..20u64).unwrap().len(), 20);
+    let now = pool.pids();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], pid);
+}
+
+/// The fork server killed while its workers run: they die with it (they carry
+/// PR_SET_PDEATHSIG towards it), their chunks fail or are retried, and the pool starts
+/// replacements from a new server instead of hanging or stopping.
+fn killing_the_fork_server_mid_map_neither_hangs_nor_stops_the_pool() {
+    let pool = builder::<FORKSERVER>().processes(2).build().unwrap();
+    let server = parent_of(pool.pids()[0]);
+    assert_ne!(server, std::process::id());
+    let mut r = pool.map_async_chunked(sleep_ms, [300u64; 6], 1).unwrap();
+    assert!(!r.wait_timeout(Duration::from_millis(100)));
+    signal(server, libc::SIGKILL);
+    let t = Instant::now();
+    match r.get_timeout(LIMIT).expect("the map hung") {
+        Ok(v) => assert_eq!(v, vec![300; 6]),
+        Err(TaskError::WorkerDied { .. }) => {}
+        Err(e) => panic!("{e:?}"),
+    }
+    assert!(t.elapsed() < LIMIT);
+    assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+    let new_server = parent_of(pool.pids()[0]);
+    assert_ne!(new_server, server);
+}
+
+fn chunk_pid(chunk: &[u64]) -> (u64, u32) {
+    (chunk.iter().sum(), std::process::id())
+}
+
+fn add_one(chunk: &mut [u64]) {
+    chunk.iter_mut().for_each(|x| *x += 1);
+}
+
+/// max_tasks_per_child(1) with chunk maps: each fresh worker must be sent the segment.
+fn max_tasks_one_with_chunk_maps_resends_the_segment<const M: u8>() {
+    let pool = builder::<M>()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .unwrap();
+    let data: Vec<u64> = (0..1000).collect();
+    let a = Array::from_slice(&data).unwrap();
+    let got = pool.map_chunks(&a, 50, chunk_pid).unwrap();
+    let sums: Vec<u64> = got.iter().map(|g| g.0).collect();
+    let want: Vec<u64> = data.chunks(50).map(|c| c.iter().sum()).collect();
+    assert_eq!(sums, want);
+    let pids: BTreeSet<u32> = got.iter().map(|g| g.1).collect();
+    assert_eq!(pids.len(), 20, "each chunk ran in a fresh worker");
+    pool.for_each_chunk_mut(&a, 100, add_one).unwrap();
+    assert_eq!(a.to_vec(), (1..=1000).collect::<Vec<u64>>());
+    let s: Shared<[u64]> = Shared::from_slice(&data).unwrap();
+    assert_eq!(
+        pool.map_chunks(&s, 250, chunk_pid)
+            .unwrap()
+            .iter()
+            .map(|g| g.0)
+            .sum::<u64>(),
+        data.iter().sum::<u64>()
+    );
+}
+
+/// The default start method, with threads started between tasks and workers recycled
+/// after every chunk: replacements are spawned and chunk maps still reach them.
+fn threads_started_between_tasks_under_the_default_method() {
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .unwrap();
+    let data: Vec<u64> = (0..400).collect();
+    let a = Array::from_slice(&data).unwrap();
+    assert_eq!(pool.map_chunks(&a, 100, chunk_pid).unwrap().len(), 4);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || rx.recv());
+    for _ in 0..3 {
+        let got = pool.map_chunks(&a, 100, chunk_pid).unwrap();
+        assert_eq!(
+            got.iter().map(|g| g.0).sum::<u64>(),
+            data.iter().sum::<u64>()
+        );
+        assert_eq!(pool.map(square, 0..8u64).unwrap().len(), 8);
+    }
+    tx.send(()).unwrap();
+    thread.join().unwrap().unwrap();
+    assert_eq!(pool.map(square, 0..8u64).unwrap().len(), 8);
+}
+
+/// terminate() and drop within 1 s with work in flight, one worker stopped (SIGSTOP)
+/// mid-task and one mid-chunk-map; nothing of the pool survives.
+fn terminate_and_drop_with_a_stopped_worker_are_prompt<const M: u8>() {
+    for terminate in [true, false] {
+        let pool = pool::<M>(2).unwrap();
+        let pids = pool.pids();
+        let a = Array::from_slice(&[1u64; 64]).unwrap();
+        let r = pool.map_async_chunked(sleep_ms, [10_000u64; 8], 1).unwrap();
+        assert!(!r.wait_timeout(Duration::from_millis(100)));
+        signal(pids[0], libc::SIGSTOP);
+        let t = Instant::now();
+        if terminate {
+            pool.terminate();
+        } else {
+            drop(pool);
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert_eq!(r.get(), Err(TaskError::Closed));
+        drop(a);
+        common::wait_for("the workers to be gone", Duration::from_secs(1), || {
+            pids.iter().all(|&p| dead_or_zombie(p))
+        });
+        assert_no_children_but_a_fork_server::<M>();
+    }
+}
+
+/// Ctrl-C: SIGINT to the process group of a program with a pool leaves no process of it.
+fn sigint_to_the_process_group_leaves_no_orphans<const M: u8>() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pids");
+    let path = file.clone();
+    let owner = procshare::Process::builder()
+        .daemon(true)
+        .process_group(true)
+        .fork(move || {
+            let pool = pool::<M>(2).unwrap();
+            let mut pids = pool.pids();
+            if M == FORKSERVER {
+                pids.push(parent_of(pids[0]));
+            }
+            let _r = pool.map_async_chunked(sleep_ms, [60_000u64; 4], 1).unwrap();
+            let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+            std::fs::write(&path, pids.join(" ")).unwrap();
+            std::thread::sleep(Duration::from_secs(60));
+        })
+        .unwrap();
+    common::wait_for("the pids", LIMIT, || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s.split(' ').count() >= 2)
+    });
+    let pids: Vec<u32> = std::fs::read_to_string(&file)
+        .unwrap()
+        .split(' ')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    // SAFETY: killpg takes plain integers; the group is the owner's.
+    assert_eq!(unsafe { libc::killpg(owner.pid() as i32, libc::SIGINT) }, 0);
+    common::wait_for("every process of the program to end", LIMIT, || {
+        pids.iter().all(|&p| dead_or_zombie(p))
+    });
+    let _ = common::ended_within(&mut { owner }, LIMIT);
+}
+
+/// 100k items under ForkServer: no hang, no descriptor growth.
+fn a_map_of_100k_items_leaks_no_descriptors<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
+    assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+    let before = open_fds();
+    let out = pool.map(square, 0..100_000u64).unwrap();
+    assert!(
+        out.iter()
+            .enumerate()
+            .all(|(i, &v)| v == (i as u64) * (i as u64))
+    );
+    let got: Vec<Result<u64, TaskError>> = pool
+        .imap_unordered_chunked(square, 0..100_000u64, 10)
+        .unwrap()
+        .collect();
+    assert_eq!(got.len(), 100_000);
+    assert!(got.iter().all(Result::is_ok));
+    assert_eq!(open_fds(), before, "descriptors grew");
+}
+
+/// task_timeout under Spawn and ForkServer: only the slow task fails, the pool carries on.
+fn task_timeout_under_every_method<const M: u8>() {
+    let pool = builder::<M>()
+        .processes(2)
+        .task_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let got: Vec<Result<u64, TaskError>> = pool
+        .imap(sleep_ms, [1, 10_000, 1, 1, 50, 1])
+        .unwrap()
+        .collect();
+    assert!(
+        matches!(got[1], Err(TaskError::Timeout { .. })),
+        "{:?}",
+        got[1]
+    );
+    for i in [0, 2, 3, 4, 5] {
+        assert!(got[i].is_ok(), "item {i}: {:?}", got[i]);
+    }
+    assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
 }

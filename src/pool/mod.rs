@@ -175,7 +175,7 @@
 //! |---|---|---|
 //! | a task panics | that item: [`TaskError::Panicked`] with message and location | carries on, same worker |
 //! | a worker is SIGKILLed, OOM-killed, segfaults, or exits mid-task | the chunk it was running: [`TaskError::WorkerDied`] (or re-run, up to `retries` times); the chunks queued behind it go back to the queue unharmed | replaces the worker within ~20 ms of noticing (noticed while someone waits on the pool) |
-//! | a chunk runs over `task_timeout` × its items | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
+//! | a chunk runs over `task_timeout` × its items (counted from when its worker could start it: the chunk ahead of it done and the worker past its bootstrap and initializer, so an exec under `Spawn` or a worker stopped while starting does not count; a worker stuck in its bootstrap meets the 10 s bootstrap timeout instead) | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
 //! | an argument or result fails to encode or decode | that item (the whole chunk if the chunk cannot be decoded): [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; never hangs (cpython gh-79492) |
 //! | a user's `Serialize` of a result, or `Deserialize` of an argument, panics in the worker | that item (the whole chunk, for an argument): [`TaskError::Panicked`] | carries on, same worker |
 //! | the initializer panics or its worker dies in it | [`Pool::builder`]`.build()` fails with [`PoolError::Initializer`]; later (on a respawn) every unfinished task fails with [`TaskError::Initializer`] | stops: no endless respawn loop (cpython gh-87472) |

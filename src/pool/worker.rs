@@ -160,6 +160,10 @@ pub(crate) struct Worker {
     pub(crate) results: ByteQueue,
     /// It ran its initializer (or has none): tasks may be sent.
     pub(crate) ready: bool,
+    /// It said `READY`: it is past its bootstrap (and initializer) and takes tasks, so
+    /// `task_timeout` runs for its first chunk from then, not while it was still starting
+    /// (an exec under `Spawn`, which the chunks sent meanwhile wait for).
+    pub(crate) started: bool,
     /// Chunk ids sent to it, oldest first; the first is the one it is running (or about to).
     pub(crate) outstanding: VecDeque<u64>,
     /// When the first outstanding chunk became first (the worker starts it then).
@@ -266,6 +270,7 @@ impl Worker {
             tasks,
             results,
             ready: init.is_none(),
+            started: false,
             outstanding: VecDeque::new(),
             head_since: Instant::now(),
             dispatched: 0,
