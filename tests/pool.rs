@@ -152,7 +152,17 @@ fn main() {
     .chain(under_spawn_and_forkserver![
         task_timeout_does_not_count_a_workers_bootstrap,
         a_worker_killed_mid_bootstrap_is_replaced,
+        a_forked_child_cannot_use_or_terminate_a_spawned_pool,
     ])
+    .chain(
+        // Up to three 10 s bootstrap timeouts.
+        under_spawn_and_forkserver![a_worker_stopped_in_its_bootstrap_stops_the_pool_in_time].map(
+            |t| common::Test {
+                limit: Duration::from_secs(60),
+                ..t
+            },
+        ),
+    )
     .chain(under_fork_and_spawn![
         terminate_with_work_in_flight_is_prompt,
         dropping_a_pool_mid_map_async_leaves_no_children,
@@ -1813,4 +1823,61 @@ fn task_timeout_under_every_method<const M: u8>() {
         assert!(got[i].is_ok(), "item {i}: {:?}", got[i]);
     }
     assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+}
+
+/// A child forked from a process whose pool has Spawn or ForkServer workers: it can
+/// neither use the pool nor, by `terminate`, kill or reap the parent's workers.
+fn a_forked_child_cannot_use_or_terminate_a_spawned_pool<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
+    let workers = pool.pids();
+    let mine = pool.map_async_chunked(sleep_ms, [200u64; 4], 1).unwrap();
+    let mut child = procshare::Process::fork(|| {
+        let r = pool.apply(square, 3).map_err(|e| e.to_string());
+        pool.terminate();
+        format!("{r:?}")
+    })
+    .unwrap();
+    let r = child.join_timeout(LIMIT).expect("the forked child");
+    assert!(r.contains("another process"), "{r}");
+    let mut mine = mine;
+    assert_eq!(mine.get_timeout(LIMIT), Some(Ok(vec![200u64; 4])));
+    assert_eq!(pool.pids(), workers);
+    assert_eq!(pool.apply(square, 4), Ok(16));
+}
+
+/// A worker stopped (SIGSTOP) in its bootstrap and never let go: its bootstrap timeout
+/// stops the pool with `TaskError::Start` (no hang, no respawn loop), nothing left.
+///
+/// Should the stop land after the worker's handshake (a fork server's child gets there in
+/// microseconds), the worker is merely a stopped worker, whose task is waited for as any
+/// task that never returns (see the failure table): let it go and try again.
+fn a_worker_stopped_in_its_bootstrap_stops_the_pool_in_time<const M: u8>() {
+    for _ in 0..3 {
+        let stopper = (M == FORKSERVER).then(stop_the_next_child_of_this_fork_server);
+        let pool = pool::<M>(1).unwrap();
+        let pid = pool.pids()[0];
+        match stopper {
+            Some(s) => common::join(s, LIMIT),
+            None => signal(pid, libc::SIGSTOP),
+        }
+        let t = Instant::now();
+        let mut r = pool.apply_async(square, 3).unwrap();
+        let Some(r) = r.get_timeout(Duration::from_secs(12)) else {
+            signal(pid, libc::SIGCONT);
+            continue; // stopped after its bootstrap
+        };
+        match r {
+            Err(TaskError::Start(why)) => assert!(why.contains("init()"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(12), "{:?}", t.elapsed());
+        assert!(pool.pids().is_empty());
+        drop(pool);
+        common::wait_for("the stopped worker to be gone", LIMIT, || {
+            dead_or_zombie(pid)
+        });
+        assert_no_children_but_a_fork_server::<M>();
+        return;
+    }
+    panic!("the worker was never stopped in its bootstrap");
 }

@@ -605,7 +605,17 @@ impl Core {
         }
         for slot in 0..self.workers.len() {
             let ended = match self.workers[slot].as_mut() {
-                Some(w) => w.child.try_join(),
+                Some(w) => {
+                    let r = w.child.try_join();
+                    if !w.started && r.is_none() && !w.child.is_bootstrapping() {
+                        // Past its handshake, so its `READY` is due at once (or after its
+                        // initializer, which no chunk waits behind): should it not come
+                        // (stopped in between), its chunks are timed from here.
+                        w.started = true;
+                        w.head_since = Instant::now();
+                    }
+                    r
+                }
                 None => continue,
             };
             if let Some(r) = ended {

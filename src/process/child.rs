@@ -135,6 +135,13 @@ impl<R> Child<R> {
         }
     }
 
+    /// Whether a spawned (or fork-server) child has not yet proven that it reached
+    /// `init()` and passed the handshake, as far as the last wait or `try_join` read.
+    /// Always false for a forked child.
+    pub(crate) fn is_bootstrapping(&self) -> bool {
+        self.bootstrap.is_some()
+    }
+
     /// Whether the child is still running. Does not reap it.
     pub fn is_alive(&self) -> bool {
         if self.status.is_some() {
