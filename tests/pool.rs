@@ -123,6 +123,7 @@ fn main() {
         a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers,
         killing_the_fork_server_mid_map_neither_hangs_nor_stops_the_pool,
         threads_started_between_tasks_under_the_default_method,
+        terminate_is_prompt_while_the_fork_server_is_stopped,
     ]
     .iter()
     .map(own)
@@ -153,6 +154,7 @@ fn main() {
         task_timeout_does_not_count_a_workers_bootstrap,
         a_worker_killed_mid_bootstrap_is_replaced,
         a_forked_child_cannot_use_or_terminate_a_spawned_pool,
+        recycled_workers_keep_the_initializers_handles_counted,
     ])
     .chain(
         // Up to three 10 s bootstrap timeouts.
@@ -1880,4 +1882,54 @@ fn a_worker_stopped_in_its_bootstrap_stops_the_pool_in_time<const M: u8>() {
         return;
     }
     panic!("the worker was never stopped in its bootstrap");
+}
+
+/// terminate() within 1 s even while the fork server is stopped (SIGSTOP): the workers'
+/// ends are learnt from their pidfds, not only from the server's reports.
+fn terminate_is_prompt_while_the_fork_server_is_stopped() {
+    let pool = pool::<FORKSERVER>(2).unwrap();
+    let pids = pool.pids();
+    let server = parent_of(pids[0]);
+    let mut r = pool.map_async_chunked(sleep_ms, [10_000u64; 4], 1).unwrap();
+    assert!(!r.wait_timeout(Duration::from_millis(100)));
+    signal(server, libc::SIGSTOP);
+    let t = Instant::now();
+    pool.terminate();
+    let took = t.elapsed();
+    signal(server, libc::SIGCONT);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(r.get_timeout(LIMIT), Some(Err(TaskError::Closed)));
+}
+
+/// Workers recycled after every task under Spawn/ForkServer, each given the initializer's
+/// channel sender anew: the sender count stays exact (Disconnected once the pool is gone).
+fn recycled_workers_keep_the_initializers_handles_counted<const M: u8>() {
+    let (tx, rx) = procshare::channel::<u32>(64).unwrap();
+    let pool = builder::<M>()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .initializer(report_pid, tx)
+        .build()
+        .unwrap();
+    let ran: BTreeSet<u32> = pool
+        .map_chunked(pid_of, 0..10u32, 1)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(ran.len(), 10);
+    let mut reported = BTreeSet::new();
+    while reported.len() < 10 + 2 {
+        reported.insert(rx.recv_timeout(LIMIT).unwrap());
+    }
+    assert!(ran.is_subset(&reported), "{ran:?} / {reported:?}");
+    drop(pool);
+    loop {
+        match rx.recv_timeout(LIMIT) {
+            Ok(_) => {} // a replacement started as the pool went
+            Err(e) => {
+                assert_eq!(e, procshare::RecvTimeoutError::Disconnected);
+                break;
+            }
+        }
+    }
 }

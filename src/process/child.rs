@@ -54,6 +54,11 @@ pub struct Child<R> {
     status_buf: Vec<u8>,
     /// Set when a fork-server child's pidfd says it ended: the server's report is due.
     server_grace: Option<Deadline>,
+    /// Set by `drop`: nobody will read the status, so a fork-server child counts as done
+    /// as soon as its pidfd says it ended, without waiting for the server's report (which
+    /// a stopped or busy server may hold back for [`STATUS_GRACE`]: a pool's `terminate`
+    /// waited that long per worker).
+    dropping: bool,
     via_server: bool,
     _value: PhantomData<fn() -> R>,
 }
@@ -103,6 +108,7 @@ impl<R> Child<R> {
             status_sock,
             status_buf: Vec::new(),
             server_grace: None,
+            dropping: false,
             via_server,
             _value: PhantomData,
         }
@@ -383,6 +389,10 @@ impl<R> Child<R> {
             }
         }
         if is_ready(slots[2]) {
+            if self.dropping {
+                self.finish(ChildStatus::Exited(-1));
+                return true;
+            }
             self.server_grace = Some(Deadline::after(STATUS_GRACE));
         }
         let ended = self.server_grace.is_some() || self.pidfd.is_none();
@@ -569,6 +579,7 @@ impl<R> Drop for Child<R> {
         if self.daemon || std::thread::panicking() {
             let _ = self.kill();
         }
+        self.dropping = true;
         self.pump(Deadline::NEVER);
     }
 }
