@@ -124,6 +124,7 @@ fn main() {
         killing_the_fork_server_mid_map_neither_hangs_nor_stops_the_pool,
         threads_started_between_tasks_under_the_default_method,
         terminate_is_prompt_while_the_fork_server_is_stopped,
+        fifty_forkserver_respawns_leak_no_descriptors,
     ]
     .iter()
     .map(own)
@@ -1932,4 +1933,28 @@ fn recycled_workers_keep_the_initializers_handles_counted<const M: u8>() {
             }
         }
     }
+}
+
+/// As `fifty_respawns_leak_no_descriptors_or_children`, under ForkServer (whose workers
+/// are the server's children): the descriptors of fifty recycled workers (pidfds, status
+/// and result sockets, control sockets, rings) are all closed, killed ones' too.
+fn fifty_forkserver_respawns_leak_no_descriptors() {
+    drop(pool::<FORKSERVER>(1).unwrap());
+    let before = open_fds();
+    let pool = builder::<FORKSERVER>()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .unwrap();
+    let pids: BTreeSet<u32> = pool
+        .map_chunked(pid_of, 0..50u32, 1)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(pids.len(), 50, "each chunk ran in a fresh worker");
+    for _ in 0..5 {
+        kill_and_wait_for_replacement(&pool, pool.pids()[0]);
+    }
+    drop(pool);
+    assert_eq!(open_fds(), before, "descriptors leaked");
 }
