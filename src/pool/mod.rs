@@ -189,7 +189,7 @@
 //! | a worker dies or `f` panics in a `for_each_chunk_mut` chunk | that chunk: [`TaskError::WorkerDied`] / [`TaskError::Panicked`], never retried; the array is poisoned (the chunk may be half written); every other chunk is done | replaces the worker |
 //! | a segment's descriptor cannot be passed to, or mapped by, a worker (e.g. the worker at its descriptor limit) | that chunk: [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; the descriptor is sent again with the next chunk naming it |
 //! | the pool used from a child forked while it existed (a `Process::fork` closure borrowing it, `fork_unchecked`) | every call in that child: [`TaskError::OtherProcess`] (its copies of the owner's jobs too); the child's copy forgets the workers, never signals them | the owner's pool is untouched: the child takes none of its replies |
-//! | a task never returns and no `task_timeout` is set (or its worker is stopped, `SIGSTOP`, after its bootstrap) | waited for, as in Python (`get_timeout`/`wait_timeout` bound the wait; `terminate` ends it) | — |
+//! | a task never returns, or its worker is stopped (`SIGSTOP`) after its bootstrap, and no `task_timeout` is set | waited for, as in Python (`get_timeout`/`wait_timeout` bound the wait; `terminate` ends it) | — |
 //! | the initializer never returns | `build` fails with [`PoolError::Initializer`] after 60 s; in a replacement worker it is waited for (no chunk is sent to that worker, so `task_timeout` does not apply): the other workers carry on, and if every worker is stuck there, calls wait as for a task that never returns | — |
 //!
 //! # What a worker's death between two steps leaves
