@@ -111,7 +111,6 @@ fn main() {
         the_waiter_thread_ends_when_no_future_waits,
         chunk_len_edge_cases,
         a_panicking_chunk_fails_alone_and_poisons_the_array,
-        workers_unmap_arrays_the_pool_no_longer_has,
         processes_zero_is_refused,
         the_default_start_method_follows_the_process_rule,
         a_worker_that_fails_its_bootstrap_stops_the_pool,
@@ -150,6 +149,7 @@ fn main() {
         sigint_to_the_process_group_leaves_no_orphans,
         a_map_of_100k_items_leaks_no_descriptors,
         task_timeout_under_every_method,
+        workers_unmap_arrays_the_pool_no_longer_has,
     ])
     .chain(under_spawn_and_forkserver![
         task_timeout_does_not_count_a_workers_bootstrap,
@@ -1113,8 +1113,8 @@ fn fd_count(pid: u32) -> usize {
         .count()
 }
 
-fn workers_unmap_arrays_the_pool_no_longer_has() {
-    let pool = Pool::new(1).unwrap();
+fn workers_unmap_arrays_the_pool_no_longer_has<const M: u8>() {
+    let pool = pool::<M>(1).unwrap();
     let warm = Array::from_slice(&[1u64, 2, 3]).unwrap();
     assert_eq!(pool.map_chunks(&warm, 2, summary).unwrap().len(), 2);
     let pid = pool.pids()[0];
