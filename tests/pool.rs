@@ -166,6 +166,14 @@ fn main() {
             },
         ),
     )
+    .chain([common::Test {
+        // A 10 s request timeout first.
+        limit: Duration::from_secs(60),
+        ..test(
+            "a_stopped_fork_server_is_replaced",
+            a_stopped_fork_server_is_replaced,
+        )
+    }])
     .chain(under_fork_and_spawn![
         terminate_with_work_in_flight_is_prompt,
         dropping_a_pool_mid_map_async_leaves_no_children,
@@ -1957,4 +1965,27 @@ fn fifty_forkserver_respawns_leak_no_descriptors() {
     }
     drop(pool);
     assert_eq!(open_fds(), before, "descriptors leaked");
+}
+
+/// The fork server stopped (SIGSTOP) when the pool needs a replacement: the request
+/// waits up to the bootstrap timeout, then the server is killed (its workers with it)
+/// and a new one serves; the pool carries on. No hang.
+fn a_stopped_fork_server_is_replaced() {
+    let pool = pool::<FORKSERVER>(2).unwrap();
+    let pids = pool.pids();
+    let server = parent_of(pids[0]);
+    signal(server, libc::SIGSTOP);
+    signal(pids[0], libc::SIGKILL);
+    let t = Instant::now();
+    loop {
+        match pool.apply(square, 3) {
+            Ok(9) => break,
+            Err(TaskError::WorkerDied { .. }) => {}
+            other => panic!("{other:?} after {:?}", t.elapsed()),
+        }
+        assert!(t.elapsed() < Duration::from_secs(25), "no recovery");
+    }
+    assert!(dead_or_zombie(server) || parent_of(pool.pids()[0]) != server);
+    assert_ne!(parent_of(pool.pids()[0]), server);
+    assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
 }
