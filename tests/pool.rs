@@ -156,6 +156,7 @@ fn main() {
         a_worker_killed_mid_bootstrap_is_replaced,
         a_forked_child_cannot_use_or_terminate_a_spawned_pool,
         recycled_workers_keep_the_initializers_handles_counted,
+        an_initializer_argument_that_panics_when_encoded_stops_the_pool,
     ])
     .chain(
         // Up to three 10 s bootstrap timeouts.
@@ -1988,4 +1989,53 @@ fn a_stopped_fork_server_is_replaced() {
     assert!(dead_or_zombie(server) || parent_of(pool.pids()[0]) != server);
     assert_ne!(parent_of(pool.pids()[0]), server);
     assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+}
+
+static ENCODED: AtomicU32 = AtomicU32::new(0);
+
+/// An initializer argument whose `Serialize` panics from its second use on (in the
+/// pool's process, where a spawned worker's argument is encoded).
+#[derive(Deserialize, Clone, Debug)]
+struct EncodesOnce(u32);
+
+impl Serialize for EncodesOnce {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if ENCODED.fetch_add(1, Ordering::SeqCst) >= 1 {
+            panic!("this argument cannot be encoded twice");
+        }
+        self.0.serialize(s)
+    }
+}
+
+fn init_encodes_once(_: EncodesOnce) {}
+
+/// A replacement worker whose initializer argument panics while being encoded (in the
+/// pool's process): the pool stops with `TaskError::Start` saying so; the panic does not
+/// escape into the caller, and later calls return at once instead of hanging.
+fn an_initializer_argument_that_panics_when_encoded_stops_the_pool<const M: u8>() {
+    let pool = builder::<M>()
+        .processes(1)
+        .initializer(init_encodes_once, EncodesOnce(1))
+        .build()
+        .unwrap();
+    assert_eq!(pool.apply(square, 2), Ok(4));
+    signal(pool.pids()[0], libc::SIGKILL);
+    let t = Instant::now();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        loop {
+            match pool.apply(square, 3) {
+                Err(TaskError::WorkerDied { .. }) => {}
+                other => break other,
+            }
+            assert!(t.elapsed() < LIMIT);
+        }
+    }));
+    let r = r.expect("the encoder's panic escaped into the pool's caller");
+    match r {
+        Err(TaskError::Start(why)) => assert!(why.contains("cannot be encoded twice"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let t = Instant::now();
+    assert!(matches!(pool.apply(square, 3), Err(TaskError::Start(_))));
+    assert!(t.elapsed() < Duration::from_secs(1));
 }
