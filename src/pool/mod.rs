@@ -294,6 +294,13 @@ impl PoolBuilder {
     /// compile time), and `arg` travels with postcard to a spawned worker; handles in it
     /// (a `Queue`, a channel end, an `Array`...) cross with their descriptors as in a
     /// [`Process::spawn`](crate::Process::spawn) argument. A forked worker gets a clone.
+    ///
+    /// ```compile_fail,E0080
+    /// let n = 5u32;
+    /// // Captures `n`: refused when the program is built (a spawned worker could not
+    /// // make the closure from nothing).
+    /// let pool = procshare::Pool::builder().initializer(move |x: u32| drop(x + n), 1).build();
+    /// ```
     pub fn initializer<F, A>(mut self, f: F, arg: A) -> Self
     where
         F: Fn(A) + Copy + 'static,
