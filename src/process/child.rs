@@ -29,7 +29,9 @@ const STATUS_GRACE: Duration = Duration::from_secs(2);
 /// dropping thread is already panicking, or the child is a **daemon**, it is killed
 /// (SIGKILL) instead. Either way it is reaped: no zombie is left behind. A spawned child
 /// that never reaches `procshare::init()` is killed when its bootstrap timeout expires,
-/// so the drop cannot hang on it.
+/// so the drop cannot hang on it. A fork-server child is the server's to reap: its drop
+/// returns once the child's pidfd says it ended, without waiting for the server's report
+/// of its status (a stopped or busy server delays only the reaping, done by the server).
 ///
 /// Waiting and signalling go through a pidfd, so they can never reach another process
 /// that was given a recycled pid; where the kernel refuses pidfds (before Linux 5.3, some
