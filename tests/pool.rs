@@ -1552,11 +1552,8 @@ fn a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers() {
 
 fn signal(pid: u32, sig: i32) {
     // SAFETY: plain kill of a process this test started (directly or through the pool).
-    assert_eq!(
-        unsafe { libc::kill(pid as i32, sig) },
-        0,
-        "kill({pid}, {sig})"
-    );
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
 }
 
 /// A spawned worker stopped during its bootstrap (before it could take a task) and let go
