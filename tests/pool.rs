@@ -1804,7 +1804,7 @@ fn a_map_of_100k_items_leaks_no_descriptors<const M: u8>() {
             .all(|(i, &v)| v == (i as u64) * (i as u64))
     );
     let got: Vec<Result<u64, TaskError>> = pool
-        .imap_unordered_chunked(square, 0..100_000u64, 10)
+        .imap_unordered_chunked(square, 0..100_000u64, 1)
         .unwrap()
         .collect();
     assert_eq!(got.len(), 100_000);
