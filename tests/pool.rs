@@ -157,6 +157,7 @@ fn main() {
         a_forked_child_cannot_use_or_terminate_a_spawned_pool,
         recycled_workers_keep_the_initializers_handles_counted,
         an_initializer_argument_that_panics_when_encoded_stops_the_pool,
+        terminate_during_the_workers_bootstrap_is_prompt,
     ])
     .chain(
         // Up to three 10 s bootstrap timeouts.
@@ -2035,4 +2036,20 @@ fn an_initializer_argument_that_panics_when_encoded_stops_the_pool<const M: u8>(
     let t = Instant::now();
     assert!(matches!(pool.apply(square, 3), Err(TaskError::Start(_))));
     assert!(t.elapsed() < Duration::from_secs(1));
+}
+
+/// terminate() right after `build`, with every worker still in its bootstrap (an exec, a
+/// fork server's fork): within 1 s, nothing left.
+fn terminate_during_the_workers_bootstrap_is_prompt<const M: u8>() {
+    let pool = pool::<M>(8).unwrap();
+    let pids = pool.pids();
+    let r = pool.map_async_chunked(square, 0..64u64, 1).unwrap();
+    let t = Instant::now();
+    pool.terminate();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(matches!(r.get(), Ok(_) | Err(TaskError::Closed)));
+    common::wait_for("the workers to be gone", Duration::from_secs(1), || {
+        pids.iter().all(|&p| dead_or_zombie(p))
+    });
+    assert_no_children_but_a_fork_server::<M>();
 }
