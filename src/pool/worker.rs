@@ -262,7 +262,9 @@ pub(crate) fn start(
                 Err((message, location)) => {
                     return Err(Error::InvalidArgument {
                         what: format!(
-                            "the initializer's argument panicked while being cloned or                              encoded for a spawned worker: {message}{}; make its Clone and                              Serialize infallible",
+                            "the initializer's argument panicked while being cloned or encoded \
+                             for a spawned worker: {message}{}; make its Clone and \
+                             Serialize infallible",
                             location.map(|l| format!(" at {l}")).unwrap_or_default()
                         ),
                     });
