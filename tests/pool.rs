@@ -82,6 +82,16 @@ macro_rules! under_fork_and_spawn {
     };
 }
 
+/// As `under_every_method`, without Fork: for tests of a worker's bootstrap.
+macro_rules! under_spawn_and_forkserver {
+    ($($name:ident),* $(,)?) => {
+        [$(
+            test(concat!(stringify!($name), "::spawn"), $name::<SPAWN>),
+            test(concat!(stringify!($name), "::forkserver"), $name::<FORKSERVER>),
+        )*]
+    };
+}
+
 fn main() {
     procshare::init();
     let all: Vec<common::Test> = tests![
@@ -101,7 +111,6 @@ fn main() {
         the_waiter_thread_ends_when_no_future_waits,
         chunk_len_edge_cases,
         a_panicking_chunk_fails_alone_and_poisons_the_array,
-        workers_unmap_arrays_the_pool_no_longer_has,
         processes_zero_is_refused,
         the_default_start_method_follows_the_process_rule,
         a_worker_that_fails_its_bootstrap_stops_the_pool,
@@ -111,6 +120,10 @@ fn main() {
         a_forked_child_cannot_use_or_break_its_parents_pool,
         a_result_whose_serialize_panics_fails_that_item_alone,
         a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers,
+        killing_the_fork_server_mid_map_neither_hangs_nor_stops_the_pool,
+        threads_started_between_tasks_under_the_default_method,
+        terminate_is_prompt_while_the_fork_server_is_stopped,
+        fifty_forkserver_respawns_leak_no_descriptors,
     ]
     .iter()
     .map(own)
@@ -131,7 +144,38 @@ fn main() {
         workers_die_with_the_pools_process,
         a_future_whose_worker_is_killed_resolves_to_worker_died,
         initializer_arguments_carry_handles,
+        max_tasks_one_with_chunk_maps_resends_the_segment,
+        terminate_and_drop_with_a_stopped_worker_are_prompt,
+        sigint_to_the_process_group_leaves_no_orphans,
+        a_map_of_100k_items_leaks_no_descriptors,
+        task_timeout_under_every_method,
+        workers_unmap_arrays_the_pool_no_longer_has,
     ])
+    .chain(under_spawn_and_forkserver![
+        task_timeout_does_not_count_a_workers_bootstrap,
+        a_worker_killed_mid_bootstrap_is_replaced,
+        a_forked_child_cannot_use_or_terminate_a_spawned_pool,
+        recycled_workers_keep_the_initializers_handles_counted,
+        an_initializer_argument_that_panics_when_encoded_stops_the_pool,
+        terminate_during_the_workers_bootstrap_is_prompt,
+    ])
+    .chain(
+        // Up to three 10 s bootstrap timeouts.
+        under_spawn_and_forkserver![a_worker_stopped_in_its_bootstrap_stops_the_pool_in_time].map(
+            |t| common::Test {
+                limit: Duration::from_secs(60),
+                ..t
+            },
+        ),
+    )
+    .chain([common::Test {
+        // A 10 s request timeout first.
+        limit: Duration::from_secs(60),
+        ..test(
+            "a_stopped_fork_server_is_replaced",
+            a_stopped_fork_server_is_replaced,
+        )
+    }])
     .chain(under_fork_and_spawn![
         terminate_with_work_in_flight_is_prompt,
         dropping_a_pool_mid_map_async_leaves_no_children,
@@ -1079,8 +1123,8 @@ fn fd_count(pid: u32) -> usize {
         .count()
 }
 
-fn workers_unmap_arrays_the_pool_no_longer_has() {
-    let pool = Pool::new(1).unwrap();
+fn workers_unmap_arrays_the_pool_no_longer_has<const M: u8>() {
+    let pool = pool::<M>(1).unwrap();
     let warm = Array::from_slice(&[1u64, 2, 3]).unwrap();
     assert_eq!(pool.map_chunks(&warm, 2, summary).unwrap().len(), 2);
     let pid = pool.pids()[0];
@@ -1503,4 +1547,509 @@ fn a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers() {
     );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!(pool.pids(), vec![pid]);
+}
+
+// --- hostile review, second round: Spawn/ForkServer workers at chosen points ---
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain kill of a process this test started (directly or through the pool).
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+/// A spawned worker stopped during its bootstrap (before it could take a task) and let go
+/// later: the chunk sent to it meanwhile never ran, so `task_timeout` must not count
+/// the bootstrap against it.
+fn task_timeout_does_not_count_a_workers_bootstrap<const M: u8>() {
+    // The worker is stopped right after `build` returns, normally long before its new
+    // image reaches `init()`; should it have said READY already (a lucky scheduling), the
+    // 200 ms rightly run from then: try again with a fresh pool. Before the fix every
+    // attempt failed.
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        // A fork server's child bootstraps in microseconds (the server is an image
+        // stopped in `init()` already): a helper watching the server's children stops it
+        // as it appears. A spawned worker first has an exec to do.
+        let stopper = (M == FORKSERVER).then(stop_the_next_child_of_this_fork_server);
+        let pool = builder::<M>()
+            .processes(1)
+            .task_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let pid = pool.pids()[0];
+        match stopper {
+            Some(s) => common::join(s, LIMIT),
+            None => signal(pid, libc::SIGSTOP),
+        }
+        let mut r = pool.apply_async(square, 3).unwrap();
+        if r.wait_timeout(Duration::from_millis(600)) {
+            // SAFETY: plain kill; the worker may be gone already.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            failures.push(format!("{:?}", r.get()));
+            continue;
+        }
+        signal(pid, libc::SIGCONT);
+        assert_eq!(r.get_timeout(LIMIT), Some(Ok(9)));
+        assert_eq!(pool.pids(), vec![pid], "the worker was not killed");
+        // Still enforced once the worker runs.
+        assert!(matches!(
+            pool.apply(sleep_ms, 5_000),
+            Err(TaskError::Timeout { .. })
+        ));
+        return;
+    }
+    panic!("the task ended while its worker was stopped in its bootstrap: {failures:?}");
+}
+
+fn children_of(pid: u32) -> BTreeSet<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+/// Starts this process's fork server (if not yet) and a helper process that SIGSTOPs the
+/// server's next child the moment it appears.
+fn stop_the_next_child_of_this_fork_server() -> procshare::Child<()> {
+    let warm = pool::<FORKSERVER>(1).unwrap();
+    let server = parent_of(warm.pids()[0]);
+    drop(warm);
+    common::wait_for("the server to reap its child", LIMIT, || {
+        children_of(server).is_empty()
+    });
+    let ready = procshare::Value::new(0u32).unwrap();
+    let flag = ready.clone();
+    let helper = common::spawn(move || {
+        *flag.lock().unwrap() = 1;
+        let until = Instant::now() + LIMIT;
+        while Instant::now() < until {
+            if let Some(&p) = children_of(server).iter().next() {
+                signal(p, libc::SIGSTOP);
+                return;
+            }
+        }
+        panic!("the fork server started no child");
+    });
+    common::wait_for("the helper", LIMIT, || *ready.lock().unwrap() == 1);
+    helper
+}
+
+/// SIGKILL of a worker before it finished its bootstrap is a death (replaced), not a
+/// bootstrap failure (which would stop the pool).
+fn a_worker_killed_mid_bootstrap_is_replaced<const M: u8>() {
+    let pool = builder::<M>().processes(1).retries(1).build().unwrap();
+    let pid = pool.pids()[0];
+    signal(pid, libc::SIGKILL);
+    assert_eq!(pool.map(square, 0..20u64).unwrap().len(), 20);
+    let now = pool.pids();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], pid);
+}
+
+/// The fork server killed while its workers run: they die with it (they carry
+/// PR_SET_PDEATHSIG towards it), their chunks fail or are retried, and the pool starts
+/// replacements from a new server instead of hanging or stopping.
+fn killing_the_fork_server_mid_map_neither_hangs_nor_stops_the_pool() {
+    let pool = builder::<FORKSERVER>().processes(2).build().unwrap();
+    let server = parent_of(pool.pids()[0]);
+    assert_ne!(server, std::process::id());
+    let mut r = pool.map_async_chunked(sleep_ms, [300u64; 6], 1).unwrap();
+    assert!(!r.wait_timeout(Duration::from_millis(100)));
+    signal(server, libc::SIGKILL);
+    let t = Instant::now();
+    match r.get_timeout(LIMIT).expect("the map hung") {
+        Ok(v) => assert_eq!(v, vec![300; 6]),
+        Err(TaskError::WorkerDied { .. }) => {}
+        Err(e) => panic!("{e:?}"),
+    }
+    assert!(t.elapsed() < LIMIT);
+    assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+    let new_server = parent_of(pool.pids()[0]);
+    assert_ne!(new_server, server);
+}
+
+fn chunk_pid(chunk: &[u64]) -> (u64, u32) {
+    (chunk.iter().sum(), std::process::id())
+}
+
+fn add_one(chunk: &mut [u64]) {
+    chunk.iter_mut().for_each(|x| *x += 1);
+}
+
+/// max_tasks_per_child(1) with chunk maps: each fresh worker must be sent the segment.
+fn max_tasks_one_with_chunk_maps_resends_the_segment<const M: u8>() {
+    let pool = builder::<M>()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .unwrap();
+    let data: Vec<u64> = (0..1000).collect();
+    let a = Array::from_slice(&data).unwrap();
+    let got = pool.map_chunks(&a, 50, chunk_pid).unwrap();
+    let sums: Vec<u64> = got.iter().map(|g| g.0).collect();
+    let want: Vec<u64> = data.chunks(50).map(|c| c.iter().sum()).collect();
+    assert_eq!(sums, want);
+    let pids: BTreeSet<u32> = got.iter().map(|g| g.1).collect();
+    assert_eq!(pids.len(), 20, "each chunk ran in a fresh worker");
+    pool.for_each_chunk_mut(&a, 100, add_one).unwrap();
+    assert_eq!(a.to_vec(), (1..=1000).collect::<Vec<u64>>());
+    let s: Shared<[u64]> = Shared::from_slice(&data).unwrap();
+    assert_eq!(
+        pool.map_chunks(&s, 250, chunk_pid)
+            .unwrap()
+            .iter()
+            .map(|g| g.0)
+            .sum::<u64>(),
+        data.iter().sum::<u64>()
+    );
+}
+
+/// The default start method, with threads started between tasks and workers recycled
+/// after every chunk: replacements are spawned and chunk maps still reach them.
+fn threads_started_between_tasks_under_the_default_method() {
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .unwrap();
+    let data: Vec<u64> = (0..400).collect();
+    let a = Array::from_slice(&data).unwrap();
+    assert_eq!(pool.map_chunks(&a, 100, chunk_pid).unwrap().len(), 4);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || rx.recv());
+    for _ in 0..3 {
+        let got = pool.map_chunks(&a, 100, chunk_pid).unwrap();
+        assert_eq!(
+            got.iter().map(|g| g.0).sum::<u64>(),
+            data.iter().sum::<u64>()
+        );
+        assert_eq!(pool.map(square, 0..8u64).unwrap().len(), 8);
+    }
+    tx.send(()).unwrap();
+    thread.join().unwrap().unwrap();
+    assert_eq!(pool.map(square, 0..8u64).unwrap().len(), 8);
+}
+
+/// terminate() and drop within 1 s with work in flight, one worker stopped (SIGSTOP)
+/// mid-task and one mid-chunk-map; nothing of the pool survives.
+fn terminate_and_drop_with_a_stopped_worker_are_prompt<const M: u8>() {
+    for terminate in [true, false] {
+        let pool = pool::<M>(2).unwrap();
+        let pids = pool.pids();
+        let a = Array::from_slice(&[1u64; 64]).unwrap();
+        let r = pool.map_async_chunked(sleep_ms, [10_000u64; 8], 1).unwrap();
+        assert!(!r.wait_timeout(Duration::from_millis(100)));
+        signal(pids[0], libc::SIGSTOP);
+        let t = Instant::now();
+        if terminate {
+            pool.terminate();
+        } else {
+            drop(pool);
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert_eq!(r.get(), Err(TaskError::Closed));
+        drop(a);
+        common::wait_for("the workers to be gone", Duration::from_secs(1), || {
+            pids.iter().all(|&p| dead_or_zombie(p))
+        });
+        assert_no_children_but_a_fork_server::<M>();
+    }
+}
+
+/// Ctrl-C: SIGINT to the process group of a program with a pool leaves no process of it.
+fn sigint_to_the_process_group_leaves_no_orphans<const M: u8>() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pids");
+    let path = file.clone();
+    let owner = procshare::Process::builder()
+        .daemon(true)
+        .process_group(true)
+        .fork(move || {
+            let pool = pool::<M>(2).unwrap();
+            let mut pids = pool.pids();
+            if M == FORKSERVER {
+                pids.push(parent_of(pids[0]));
+            }
+            let _r = pool.map_async_chunked(sleep_ms, [60_000u64; 4], 1).unwrap();
+            let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+            std::fs::write(&path, pids.join(" ")).unwrap();
+            std::thread::sleep(Duration::from_secs(60));
+        })
+        .unwrap();
+    common::wait_for("the pids", LIMIT, || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s.split(' ').count() >= 2)
+    });
+    let pids: Vec<u32> = std::fs::read_to_string(&file)
+        .unwrap()
+        .split(' ')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    // SAFETY: killpg takes plain integers; the group is the owner's.
+    assert_eq!(unsafe { libc::killpg(owner.pid() as i32, libc::SIGINT) }, 0);
+    common::wait_for("every process of the program to end", LIMIT, || {
+        pids.iter().all(|&p| dead_or_zombie(p))
+    });
+    let _ = common::ended_within(&mut { owner }, LIMIT);
+}
+
+/// 100k items under ForkServer: no hang, no descriptor growth.
+fn a_map_of_100k_items_leaks_no_descriptors<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
+    assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+    let before = open_fds();
+    let out = pool.map(square, 0..100_000u64).unwrap();
+    assert!(
+        out.iter()
+            .enumerate()
+            .all(|(i, &v)| v == (i as u64) * (i as u64))
+    );
+    let got: Vec<Result<u64, TaskError>> = pool
+        .imap_unordered_chunked(square, 0..100_000u64, 1)
+        .unwrap()
+        .collect();
+    assert_eq!(got.len(), 100_000);
+    assert!(got.iter().all(Result::is_ok));
+    assert_eq!(open_fds(), before, "descriptors grew");
+}
+
+/// task_timeout under Spawn and ForkServer: only the slow task fails, the pool carries on.
+fn task_timeout_under_every_method<const M: u8>() {
+    let pool = builder::<M>()
+        .processes(2)
+        .task_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let got: Vec<Result<u64, TaskError>> = pool
+        .imap(sleep_ms, [1, 10_000, 1, 1, 50, 1])
+        .unwrap()
+        .collect();
+    assert!(
+        matches!(got[1], Err(TaskError::Timeout { .. })),
+        "{:?}",
+        got[1]
+    );
+    for i in [0, 2, 3, 4, 5] {
+        assert!(got[i].is_ok(), "item {i}: {:?}", got[i]);
+    }
+    assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+}
+
+/// A child forked from a process whose pool has Spawn or ForkServer workers: it can
+/// neither use the pool nor, by `terminate`, kill or reap the parent's workers.
+fn a_forked_child_cannot_use_or_terminate_a_spawned_pool<const M: u8>() {
+    let pool = pool::<M>(2).unwrap();
+    let workers = pool.pids();
+    let mine = pool.map_async_chunked(sleep_ms, [200u64; 4], 1).unwrap();
+    let mut child = procshare::Process::fork(|| {
+        let r = pool.apply(square, 3).map_err(|e| e.to_string());
+        pool.terminate();
+        format!("{r:?}")
+    })
+    .unwrap();
+    let r = child.join_timeout(LIMIT).expect("the forked child");
+    assert!(r.contains("another process"), "{r}");
+    let mut mine = mine;
+    assert_eq!(mine.get_timeout(LIMIT), Some(Ok(vec![200u64; 4])));
+    assert_eq!(pool.pids(), workers);
+    assert_eq!(pool.apply(square, 4), Ok(16));
+}
+
+/// A worker stopped (SIGSTOP) in its bootstrap and never let go: its bootstrap timeout
+/// stops the pool with `TaskError::Start` (no hang, no respawn loop), nothing left.
+///
+/// Should the stop land after the worker's handshake (a fork server's child gets there in
+/// microseconds), the worker is merely a stopped worker, whose task is waited for as any
+/// task that never returns (see the failure table): let it go and try again.
+fn a_worker_stopped_in_its_bootstrap_stops_the_pool_in_time<const M: u8>() {
+    for _ in 0..3 {
+        let stopper = (M == FORKSERVER).then(stop_the_next_child_of_this_fork_server);
+        let pool = pool::<M>(1).unwrap();
+        let pid = pool.pids()[0];
+        match stopper {
+            Some(s) => common::join(s, LIMIT),
+            None => signal(pid, libc::SIGSTOP),
+        }
+        let t = Instant::now();
+        let mut r = pool.apply_async(square, 3).unwrap();
+        let Some(r) = r.get_timeout(Duration::from_secs(12)) else {
+            signal(pid, libc::SIGCONT);
+            continue; // stopped after its bootstrap
+        };
+        match r {
+            Err(TaskError::Start(why)) => assert!(why.contains("init()"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(12), "{:?}", t.elapsed());
+        assert!(pool.pids().is_empty());
+        drop(pool);
+        common::wait_for("the stopped worker to be gone", LIMIT, || {
+            dead_or_zombie(pid)
+        });
+        assert_no_children_but_a_fork_server::<M>();
+        return;
+    }
+    panic!("the worker was never stopped in its bootstrap");
+}
+
+/// terminate() within 1 s even while the fork server is stopped (SIGSTOP): the workers'
+/// ends are learnt from their pidfds, not only from the server's reports.
+fn terminate_is_prompt_while_the_fork_server_is_stopped() {
+    let pool = pool::<FORKSERVER>(2).unwrap();
+    let pids = pool.pids();
+    let server = parent_of(pids[0]);
+    let mut r = pool.map_async_chunked(sleep_ms, [10_000u64; 4], 1).unwrap();
+    assert!(!r.wait_timeout(Duration::from_millis(100)));
+    signal(server, libc::SIGSTOP);
+    let t = Instant::now();
+    pool.terminate();
+    let took = t.elapsed();
+    signal(server, libc::SIGCONT);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(r.get_timeout(LIMIT), Some(Err(TaskError::Closed)));
+}
+
+/// Workers recycled after every task under Spawn/ForkServer, each given the initializer's
+/// channel sender anew: the sender count stays exact (Disconnected once the pool is gone).
+fn recycled_workers_keep_the_initializers_handles_counted<const M: u8>() {
+    let (tx, rx) = procshare::channel::<u32>(64).unwrap();
+    let pool = builder::<M>()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .initializer(report_pid, tx)
+        .build()
+        .unwrap();
+    let ran: BTreeSet<u32> = pool
+        .map_chunked(pid_of, 0..10u32, 1)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(ran.len(), 10);
+    let mut reported = BTreeSet::new();
+    while reported.len() < 10 + 2 {
+        reported.insert(rx.recv_timeout(LIMIT).unwrap());
+    }
+    assert!(ran.is_subset(&reported), "{ran:?} / {reported:?}");
+    drop(pool);
+    loop {
+        match rx.recv_timeout(LIMIT) {
+            Ok(_) => {} // a replacement started as the pool went
+            Err(e) => {
+                assert_eq!(e, procshare::RecvTimeoutError::Disconnected);
+                break;
+            }
+        }
+    }
+}
+
+/// As `fifty_respawns_leak_no_descriptors_or_children`, under ForkServer (whose workers
+/// are the server's children): the descriptors of fifty recycled workers (pidfds, status
+/// and result sockets, control sockets, rings) are all closed, killed ones' too.
+fn fifty_forkserver_respawns_leak_no_descriptors() {
+    drop(pool::<FORKSERVER>(1).unwrap());
+    let before = open_fds();
+    let pool = builder::<FORKSERVER>()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .unwrap();
+    let pids: BTreeSet<u32> = pool
+        .map_chunked(pid_of, 0..50u32, 1)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(pids.len(), 50, "each chunk ran in a fresh worker");
+    for _ in 0..5 {
+        kill_and_wait_for_replacement(&pool, pool.pids()[0]);
+    }
+    drop(pool);
+    assert_eq!(open_fds(), before, "descriptors leaked");
+}
+
+/// The fork server stopped (SIGSTOP) when the pool needs a replacement: the request
+/// waits up to the bootstrap timeout, then the server is killed (its workers with it)
+/// and a new one serves; the pool carries on. No hang.
+fn a_stopped_fork_server_is_replaced() {
+    let pool = pool::<FORKSERVER>(2).unwrap();
+    let pids = pool.pids();
+    let server = parent_of(pids[0]);
+    signal(server, libc::SIGSTOP);
+    signal(pids[0], libc::SIGKILL);
+    let t = Instant::now();
+    loop {
+        match pool.apply(square, 3) {
+            Ok(9) => break,
+            Err(TaskError::WorkerDied { .. }) => {}
+            other => panic!("{other:?} after {:?}", t.elapsed()),
+        }
+        assert!(t.elapsed() < Duration::from_secs(25), "no recovery");
+    }
+    assert!(dead_or_zombie(server) || parent_of(pool.pids()[0]) != server);
+    assert_ne!(parent_of(pool.pids()[0]), server);
+    assert_eq!(pool.map(square, 0..10u64).unwrap().len(), 10);
+}
+
+static ENCODED: AtomicU32 = AtomicU32::new(0);
+
+/// An initializer argument whose `Serialize` panics from its second use on (in the
+/// pool's process, where a spawned worker's argument is encoded).
+#[derive(Deserialize, Clone, Debug)]
+struct EncodesOnce(u32);
+
+impl Serialize for EncodesOnce {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if ENCODED.fetch_add(1, Ordering::SeqCst) >= 1 {
+            panic!("this argument cannot be encoded twice");
+        }
+        self.0.serialize(s)
+    }
+}
+
+fn init_encodes_once(_: EncodesOnce) {}
+
+/// A replacement worker whose initializer argument panics while being encoded (in the
+/// pool's process): the pool stops with `TaskError::Start` saying so; the panic does not
+/// escape into the caller, and later calls return at once instead of hanging.
+fn an_initializer_argument_that_panics_when_encoded_stops_the_pool<const M: u8>() {
+    let pool = builder::<M>()
+        .processes(1)
+        .initializer(init_encodes_once, EncodesOnce(1))
+        .build()
+        .unwrap();
+    assert_eq!(pool.apply(square, 2), Ok(4));
+    signal(pool.pids()[0], libc::SIGKILL);
+    let t = Instant::now();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        loop {
+            match pool.apply(square, 3) {
+                Err(TaskError::WorkerDied { .. }) => {}
+                other => break other,
+            }
+            assert!(t.elapsed() < LIMIT);
+        }
+    }));
+    let r = r.expect("the encoder's panic escaped into the pool's caller");
+    match r {
+        Err(TaskError::Start(why)) => assert!(why.contains("cannot be encoded twice"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let t = Instant::now();
+    assert!(matches!(pool.apply(square, 3), Err(TaskError::Start(_))));
+    assert!(t.elapsed() < Duration::from_secs(1));
+}
+
+/// terminate() right after `build`, with every worker still in its bootstrap (an exec, a
+/// fork server's fork): within 1 s, nothing left.
+fn terminate_during_the_workers_bootstrap_is_prompt<const M: u8>() {
+    let pool = pool::<M>(8).unwrap();
+    let pids = pool.pids();
+    let r = pool.map_async_chunked(square, 0..64u64, 1).unwrap();
+    let t = Instant::now();
+    pool.terminate();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(matches!(r.get(), Ok(_) | Err(TaskError::Closed)));
+    common::wait_for("the workers to be gone", Duration::from_secs(1), || {
+        pids.iter().all(|&p| dead_or_zombie(p))
+    });
+    assert_no_children_but_a_fork_server::<M>();
 }

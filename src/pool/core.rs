@@ -330,6 +330,7 @@ impl Core {
         self.workers
             .iter()
             .flatten()
+            .filter(|w| w.started)
             .filter_map(|w| {
                 let head = self.chunks.get(w.outstanding.front()?)?;
                 Some(w.head_since + limit * head.items.max(1) as u32)
@@ -540,7 +541,12 @@ impl Core {
             return;
         };
         match kind {
-            READY => w.ready = true,
+            READY => {
+                w.ready = true;
+                w.started = true;
+                // A chunk sent while it was starting starts now (see `check_timeouts`).
+                w.head_since = Instant::now();
+            }
             INIT_FAILED => {
                 let (message, location) = postcard::from_bytes::<(String, Option<String>)>(payload)
                     .unwrap_or_else(|_| ("(message unreadable)".into(), None));
@@ -599,7 +605,17 @@ impl Core {
         }
         for slot in 0..self.workers.len() {
             let ended = match self.workers[slot].as_mut() {
-                Some(w) => w.child.try_join(),
+                Some(w) => {
+                    let r = w.child.try_join();
+                    if !w.started && r.is_none() && !w.child.is_bootstrapping() {
+                        // Past its handshake, so its `READY` is due at once (or after its
+                        // initializer, which no chunk waits behind): should it not come
+                        // (stopped in between), its chunks are timed from here.
+                        w.started = true;
+                        w.head_since = Instant::now();
+                    }
+                    r
+                }
                 None => continue,
             };
             if let Some(r) = ended {
@@ -625,10 +641,16 @@ impl Core {
         };
         let now = Instant::now();
         for slot in 0..self.workers.len() {
-            let over = self.workers[slot].as_ref().and_then(|w| {
-                let head = self.chunks.get(w.outstanding.front()?)?;
-                (now >= w.head_since + limit * head.items.max(1) as u32).then_some(())
-            });
+            // Not before it said READY: a worker still starting (an exec, a fork server's
+            // fork, a stopped bootstrap) has not begun its first chunk; its bootstrap
+            // has its own deadline (`Child`'s, then `TaskError::Start`).
+            let over = self.workers[slot]
+                .as_ref()
+                .filter(|w| w.started)
+                .and_then(|w| {
+                    let head = self.chunks.get(w.outstanding.front()?)?;
+                    (now >= w.head_since + limit * head.items.max(1) as u32).then_some(())
+                });
             if over.is_none() {
                 continue;
             }

@@ -175,20 +175,23 @@
 //! |---|---|---|
 //! | a task panics | that item: [`TaskError::Panicked`] with message and location | carries on, same worker |
 //! | a worker is SIGKILLed, OOM-killed, segfaults, or exits mid-task | the chunk it was running: [`TaskError::WorkerDied`] (or re-run, up to `retries` times); the chunks queued behind it go back to the queue unharmed | replaces the worker within ~20 ms of noticing (noticed while someone waits on the pool) |
-//! | a chunk runs over `task_timeout` × its items | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
+//! | a chunk runs over `task_timeout` × its items (counted from when its worker could start it: the chunk ahead of it done and the worker past its bootstrap and initializer, so an exec under `Spawn` or a worker stopped while starting does not count; a worker stuck in its bootstrap meets the 10 s bootstrap timeout instead) | that chunk: [`TaskError::Timeout`] | kills only that worker and replaces it |
 //! | an argument or result fails to encode or decode | that item (the whole chunk if the chunk cannot be decoded): [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; never hangs (cpython gh-79492) |
 //! | a user's `Serialize` of a result, or `Deserialize` of an argument, panics in the worker | that item (the whole chunk, for an argument): [`TaskError::Panicked`] | carries on, same worker |
 //! | the initializer panics or its worker dies in it | [`Pool::builder`]`.build()` fails with [`PoolError::Initializer`]; later (on a respawn) every unfinished task fails with [`TaskError::Initializer`] | stops: no endless respawn loop (cpython gh-87472) |
 //! | a replacement worker cannot be started (out of processes or memory; or, for a pool fixed to `Fork`, this process has started threads of its own since the pool was built, which makes fork unsafe: [`Error::MultiThreaded`]; the pool's own waiter thread is stopped for the fork and does not count; with the default start method the replacement is spawned instead, see [Start methods](#start-methods)) | every unfinished task: [`TaskError::Start`] | stops |
 //! | a `Spawn` or `ForkServer` worker fails its bootstrap (another executable, a different function type, no `init()` within 10 s, an exit before it) | every unfinished task: [`TaskError::Start`] with the reason (`build` fails with [`PoolError::Start`] when it waits for an initializer) | stops: no respawn loop |
-//! | `terminate()`, or the pool dropped | every unfinished task: [`TaskError::Closed`] | workers SIGKILLed and reaped at once |
+//! | the fork server dies or stops answering (`ForkServer` workers, or default ones that use it) | its workers die with it (`PR_SET_PDEATHSIG`): the chunks they were running fail with [`TaskError::WorkerDied`] (or are re-run), the rest go back to the queue | replacements are forked by a new server, started by the first request that finds the old one gone; a server that is alive but does not answer (stopped, hung) is waited for up to the 10 s bootstrap timeout inside the pool call that needs the replacement (overrunning that call's own bound, e.g. `get_timeout`), then killed (its workers with it) and replaced |
+//! | the initializer's argument panics in its `Clone` or `Serialize` as a `Spawn` or `ForkServer` worker starts (in the pool's process) | `build` fails with [`PoolError::Start`]; on a replacement, every unfinished task: [`TaskError::Start`] with the panic's message (the panic does not reach the caller) | stops |
+//! | `terminate()`, or the pool dropped | every unfinished task: [`TaskError::Closed`] | workers SIGKILLed and reaped at once (a `ForkServer` worker once its pidfd says it ended, without waiting for the server's report, so a stopped or busy server does not delay it) |
 //! | the pool's process dies | workers get SIGKILL (`PR_SET_PDEATHSIG`; a `ForkServer` worker from the server, which sees the pool's process go) | — |
 //! | Ctrl-C | the terminal's SIGINT reaches the workers too (same process group, the fork server's included); the ones that survive it get SIGKILL when the pool's process dies | — |
 //! | a chunk's arguments or results exceed the 1 GiB message limit | that chunk: [`TaskError::Encode`] | carries on |
 //! | a worker dies or `f` panics in a `for_each_chunk_mut` chunk | that chunk: [`TaskError::WorkerDied`] / [`TaskError::Panicked`], never retried; the array is poisoned (the chunk may be half written); every other chunk is done | replaces the worker |
 //! | a segment's descriptor cannot be passed to, or mapped by, a worker (e.g. the worker at its descriptor limit) | that chunk: [`TaskError::Encode`] / [`TaskError::Decode`] | carries on; the descriptor is sent again with the next chunk naming it |
 //! | the pool used from a child forked while it existed (a `Process::fork` closure borrowing it, `fork_unchecked`) | every call in that child: [`TaskError::OtherProcess`] (its copies of the owner's jobs too); the child's copy forgets the workers, never signals them | the owner's pool is untouched: the child takes none of its replies |
-//! | a task never returns and no `task_timeout` is set | waited for, as in Python (`get_timeout`/`wait_timeout` bound the wait; `terminate` ends it) | — |
+//! | a task never returns, or its worker is stopped (`SIGSTOP`) after its bootstrap, and no `task_timeout` is set | waited for, as in Python (`get_timeout`/`wait_timeout` bound the wait; `terminate` ends it) | — |
+//! | the initializer never returns | `build` fails with [`PoolError::Initializer`] after 60 s; in a replacement worker it is waited for (no chunk is sent to that worker, so `task_timeout` does not apply): the other workers carry on, and if every worker is stuck there, calls wait as for a task that never returns | — |
 //!
 //! # What a worker's death between two steps leaves
 //!
@@ -291,6 +294,13 @@ impl PoolBuilder {
     /// compile time), and `arg` travels with postcard to a spawned worker; handles in it
     /// (a `Queue`, a channel end, an `Array`...) cross with their descriptors as in a
     /// [`Process::spawn`](crate::Process::spawn) argument. A forked worker gets a clone.
+    ///
+    /// ```compile_fail,E0080
+    /// let n = 5u32;
+    /// // Captures `n`: refused when the program is built (a spawned worker could not
+    /// // make the closure from nothing).
+    /// let pool = procshare::Pool::builder().initializer(move |x: u32| drop(x + n), 1).build();
+    /// ```
     pub fn initializer<F, A>(mut self, f: F, arg: A) -> Self
     where
         F: Fn(A) + Copy + 'static,

@@ -160,6 +160,10 @@ pub(crate) struct Worker {
     pub(crate) results: ByteQueue,
     /// It ran its initializer (or has none): tasks may be sent.
     pub(crate) ready: bool,
+    /// It said `READY`: it is past its bootstrap (and initializer) and takes tasks, so
+    /// `task_timeout` runs for its first chunk from then, not while it was still starting
+    /// (an exec under `Spawn`, which the chunks sent meanwhile wait for).
+    pub(crate) started: bool,
     /// Chunk ids sent to it, oldest first; the first is the one it is running (or about to).
     pub(crate) outstanding: VecDeque<u64>,
     /// When the first outstanding chunk became first (the worker starts it then).
@@ -243,9 +247,28 @@ pub(crate) fn start(
                 max_tasks: max_tasks.map(|m| m as u64),
             };
             let builder = builder.start_method(method);
-            match init {
-                Some(i) => (i.spawner)(builder, parts)?,
-                None => spawn_parts::<NoInit>(builder, parts, None)?,
+            // The initializer's argument is cloned and encoded here, in the pool's
+            // process, by the user's `Clone` and `Serialize`: a panic there must not
+            // unwind through the pool (a replacement starts inside any pool call, with
+            // the worker's slot already emptied). It is an error that stops the pool
+            // (`TaskError::Start`), or fails `build`. (The handles' loans made before the
+            // panic are cancelled by `process::handles`.)
+            let started = catch_panic(|| match init {
+                Some(i) => (i.spawner)(builder, parts),
+                None => spawn_parts::<NoInit>(builder, parts, None),
+            });
+            match started {
+                Ok(r) => r?,
+                Err((message, location)) => {
+                    return Err(Error::InvalidArgument {
+                        what: format!(
+                            "the initializer's argument panicked while being cloned or encoded \
+                             for a spawned worker: {message}{}; make its Clone and \
+                             Serialize infallible",
+                            location.map(|l| format!(" at {l}")).unwrap_or_default()
+                        ),
+                    });
+                }
             }
         }
     };
@@ -266,6 +289,7 @@ impl Worker {
             tasks,
             results,
             ready: init.is_none(),
+            started: false,
             outstanding: VecDeque::new(),
             head_since: Instant::now(),
             dispatched: 0,

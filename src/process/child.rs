@@ -29,7 +29,9 @@ const STATUS_GRACE: Duration = Duration::from_secs(2);
 /// dropping thread is already panicking, or the child is a **daemon**, it is killed
 /// (SIGKILL) instead. Either way it is reaped: no zombie is left behind. A spawned child
 /// that never reaches `procshare::init()` is killed when its bootstrap timeout expires,
-/// so the drop cannot hang on it.
+/// so the drop cannot hang on it. A fork-server child is the server's to reap: its drop
+/// returns once the child's pidfd says it ended, without waiting for the server's report
+/// of its status (a stopped or busy server delays only the reaping, done by the server).
 ///
 /// Waiting and signalling go through a pidfd, so they can never reach another process
 /// that was given a recycled pid; where the kernel refuses pidfds (before Linux 5.3, some
@@ -54,6 +56,11 @@ pub struct Child<R> {
     status_buf: Vec<u8>,
     /// Set when a fork-server child's pidfd says it ended: the server's report is due.
     server_grace: Option<Deadline>,
+    /// Set by `drop`: nobody will read the status, so a fork-server child counts as done
+    /// as soon as its pidfd says it ended, without waiting for the server's report (which
+    /// a stopped or busy server may hold back for [`STATUS_GRACE`]: a pool's `terminate`
+    /// waited that long per worker).
+    dropping: bool,
     via_server: bool,
     _value: PhantomData<fn() -> R>,
 }
@@ -103,6 +110,7 @@ impl<R> Child<R> {
             status_sock,
             status_buf: Vec::new(),
             server_grace: None,
+            dropping: false,
             via_server,
             _value: PhantomData,
         }
@@ -133,6 +141,13 @@ impl<R> Child<R> {
             Some(fd) => WaitTarget::Pidfd(fd.as_fd()),
             None => WaitTarget::Pid(self.pid),
         }
+    }
+
+    /// Whether a spawned (or fork-server) child has not yet proven that it reached
+    /// `init()` and passed the handshake, as far as the last wait or `try_join` read.
+    /// Always false for a forked child.
+    pub(crate) fn is_bootstrapping(&self) -> bool {
+        self.bootstrap.is_some()
     }
 
     /// Whether the child is still running. Does not reap it.
@@ -376,6 +391,10 @@ impl<R> Child<R> {
             }
         }
         if is_ready(slots[2]) {
+            if self.dropping {
+                self.finish(ChildStatus::Exited(-1));
+                return true;
+            }
             self.server_grace = Some(Deadline::after(STATUS_GRACE));
         }
         let ended = self.server_grace.is_some() || self.pidfd.is_none();
@@ -562,6 +581,7 @@ impl<R> Drop for Child<R> {
         if self.daemon || std::thread::panicking() {
             let _ = self.kill();
         }
+        self.dropping = true;
         self.pump(Deadline::NEVER);
     }
 }

@@ -263,7 +263,7 @@ impl Process {
     /// `f` must be a `fn` item or a closure that captures nothing; anything else is a
     /// compile-time error:
     ///
-    /// ```compile_fail
+    /// ```compile_fail,E0080
     /// let n = 5u32;
     /// let child = procshare::Process::spawn(move |x: u32| x + n, 1)?; // captures `n`
     /// # Ok::<(), procshare::Error>(())
