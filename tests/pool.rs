@@ -1520,10 +1520,15 @@ fn a_worker_out_of_descriptors_fails_one_chunk_map_then_recovers() {
     // (`MSG_CTRUNC`). The limit bounds descriptor numbers, not counts: set it to the
     // lowest free number (retried, should a descriptor the worker held for a moment
     // have hidden a lower one).
+    // Every array stays alive until the end: dropping one makes the pool tell the worker
+    // to forget it, and the descriptor the worker then closes would open a hole below the
+    // limit just set (the next descriptor would fit, and the map would succeed).
     let mut failed = None;
+    let mut kept = Vec::new();
     let mut a = Array::from_slice(&data).unwrap();
     for _ in 0..10 {
-        a = Array::from_slice(&data).unwrap(); // a segment this worker has not seen
+        // A segment this worker has not seen.
+        kept.push(std::mem::replace(&mut a, Array::from_slice(&data).unwrap()));
         let open: BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().to_string_lossy().parse().ok())
