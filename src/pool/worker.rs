@@ -22,9 +22,9 @@ use crate::queue::{ByteQueue, QueueError};
 use crate::shm::Segment;
 use crate::sys;
 
-/// Ring size of each worker's task and result queues. Small, because creating a queue
-/// costs about 0.5 µs per KiB of ring (1 MiB: ~0.6 ms, 64 KiB: ~65 µs); larger messages
-/// stream through it in pieces while the other side reads.
+/// Ring size of each worker's task and result queues. Small, because every worker start
+/// (and restart) creates two and a pool's memory grows with them; larger messages stream
+/// through it in pieces while the other side reads.
 pub(crate) const RING: usize = 64 << 10;
 /// A frame above this streams in pieces ([`ByteQueue`] chunks records over a quarter of
 /// the ring): the reader must be waiting for it.

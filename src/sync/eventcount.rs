@@ -235,8 +235,8 @@ impl LoomEventCount {
 }
 
 /// How long a waiter polls before it sleeps, when it has a CPU of its own. A futex sleep
-/// and wake-up costs ~14 µs on these VMs while a peer on another CPU answers in well under
-/// a microsecond, so a few microseconds of polling usually saves the sleep.
+/// and wake-up costs tens of times what a peer running on another CPU takes to answer
+/// (figures in BENCHMARKS.md), so a few microseconds of polling usually saves the sleep.
 #[cfg(not(loom))]
 const SPIN_BUDGET: std::time::Duration = std::time::Duration::from_micros(8);
 
@@ -341,8 +341,8 @@ pub(crate) enum Attempt<R> {
 ///
 /// Spinning is short and bounded, and there is no `sched_yield` phase: two processes
 /// sharing one vCPU would otherwise keep each other off it for whole time slices (with a
-/// busy third process on that CPU, four yields made a one-CPU round trip 1.4 ms; without
-/// them it is 11 µs). The futex sleep gives the CPU to the peer directly.
+/// busy third process on that CPU, a few yields made a one-CPU round trip two orders of
+/// magnitude slower). The futex sleep gives the CPU to the peer directly.
 pub(crate) fn block_on<R>(
     ec: &EventCount,
     deadline: Deadline,
