@@ -238,7 +238,7 @@ use self::core::{Config, Core, State};
 pub use chunks::SharedSlice;
 pub use error::{PoolError, TaskError};
 pub use handle::{AsCompleted, AsyncResult, IMap, as_completed};
-use task::{Call, One, Star, ZeroSized, entry_of, run_frame};
+use task::{Call, One, Star, ZeroSized, encode_run_frame, entry_of};
 
 use crate::error::Error;
 use crate::process::StartMethod;
@@ -455,14 +455,12 @@ impl Pool {
         let chunks = items
             .chunks(chunksize)
             .map(|chunk| {
-                let frame = postcard::to_allocvec(chunk)
-                    .map(|args| run_frame(core.fresh_id(), entry, hash, chunk.len(), &args))
-                    .map_err(|e| {
-                        TaskError::Encode(format!(
-                            "the pool could not encode an argument of type {} ({e})",
-                            std::any::type_name::<A>()
-                        ))
-                    });
+                let frame = encode_run_frame(core.fresh_id(), entry, hash, chunk).map_err(|e| {
+                    TaskError::Encode(format!(
+                        "the pool could not encode an argument of type {} ({e})",
+                        std::any::type_name::<A>()
+                    ))
+                });
                 (chunk.len(), frame)
             })
             .collect();
