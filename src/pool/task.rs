@@ -225,6 +225,72 @@ pub(crate) fn decode_results<R: DeserializeOwned>(
     }
 }
 
+/// Decodes a chunk's `n` results in the pool's process straight onto `out` (no vector of
+/// `Result`s in between), for `map`: `Err` with the first failure, judged exactly as
+/// [`decode_results`] followed by a scan would (a chunk that does not decode, or holds
+/// another number of results, is [`TaskError::Decode`] whatever its items say). On `Err`,
+/// `out` holds a part of the chunk's values, for the caller to discard.
+pub(crate) fn decode_results_into<R: DeserializeOwned>(
+    bytes: &[u8],
+    n: usize,
+    out: &mut Vec<R>,
+) -> Result<(), TaskError> {
+    let mut first = None;
+    let seed = ResultsInto {
+        out,
+        first: &mut first,
+    };
+    let mut de = postcard::Deserializer::from_bytes(bytes);
+    match serde::de::DeserializeSeed::deserialize(seed, &mut de) {
+        Ok(count) if count == n => first.map_or(Ok(()), Err),
+        Ok(count) => Err(TaskError::Decode(format!(
+            "a worker returned {count} results for a chunk of {n}"
+        ))),
+        Err(e) => Err(TaskError::Decode(format!(
+            "the pool could not decode a result of type {} ({e})",
+            std::any::type_name::<R>()
+        ))),
+    }
+}
+
+/// Visits a chunk's `Vec<Result<R, TaskError>>`: values go onto `out` until the first
+/// failure, which is kept; the rest is still decoded (and dropped), to count and check it.
+struct ResultsInto<'a, R> {
+    out: &'a mut Vec<R>,
+    first: &'a mut Option<TaskError>,
+}
+
+impl<'de, R: serde::Deserialize<'de>> serde::de::DeserializeSeed<'de> for ResultsInto<'_, R> {
+    type Value = usize;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, R: serde::Deserialize<'de>> serde::de::Visitor<'de> for ResultsInto<'_, R> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence of task results")
+    }
+
+    fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<usize, S::Error> {
+        let mut count = 0usize;
+        while let Some(r) = seq.next_element::<Result<R, TaskError>>()? {
+            count += 1;
+            match r {
+                Ok(v) if self.first.is_none() => self.out.push(v),
+                Ok(_) => {}
+                Err(e) => {
+                    self.first.get_or_insert(e);
+                }
+            }
+        }
+        Ok(count)
+    }
+}
+
 /// Runs a task frame's chunk in the worker. `entry` and `hash` come from shared memory.
 pub(crate) fn run_chunk(entry: u64, hash: u64, args: &[u8], n: usize) -> Vec<u8> {
     let address = (anchor as Entry as usize).wrapping_add(entry as usize);
@@ -448,6 +514,22 @@ mod tests {
             Good(u32),
             Bad(()),
         }
+        let mut values: Vec<MaybeOut> = Vec::new();
+        let first = decode_results_into(&bytes, 3, &mut values);
+        assert!(matches!(first, Err(TaskError::Encode(_))));
+        assert_eq!(values, [MaybeOut::Good(1)]);
+        assert!(matches!(
+            decode_results_into(&bytes, 2, &mut values),
+            Err(TaskError::Decode(m)) if m.contains("3 results for a chunk of 2")
+        ));
+        assert!(matches!(
+            decode_results_into(&bytes[..bytes.len() - 1], 3, &mut values),
+            Err(TaskError::Decode(_))
+        ));
+        let ok = encode_results(&[Ok(7u64), Ok(8)]);
+        let mut values: Vec<u64> = vec![1];
+        assert_eq!(decode_results_into(&ok, 2, &mut values), Ok(()));
+        assert_eq!(values, [1, 7, 8]);
         let out: Vec<Result<MaybeOut, TaskError>> = decode_results(&bytes, 3);
         assert_eq!(out[0], Ok(MaybeOut::Good(1)));
         assert!(matches!(out[1], Err(TaskError::Encode(_))));
