@@ -200,20 +200,50 @@ impl Core {
 
     /// Registers a job of `chunks` = (items, frame or the error that stopped it).
     pub(crate) fn add_job(&mut self, chunks: Vec<(usize, Result<Vec<u8>, TaskError>)>) -> u64 {
+        let count = chunks.len();
+        let mut chunks = chunks.into_iter();
+        self.add_job_with(count, |_, _| chunks.next().expect("one per index"))
+    }
+
+    /// Registers a job of `count` chunks made one at a time by `make(chunk_id, index)`
+    /// = (items, frame made with `chunk_id` or another id from
+    /// [`fresh_id`](Core::fresh_id), or the error that stopped it). The first
+    /// chunks are sent as soon as they are made (then after 2, 4, 8, ... chunks), so the
+    /// workers start while the rest are encoded. If `make` panics, the job is forgotten
+    /// (what was sent of it is discarded on arrival) and the panic goes on.
+    pub(crate) fn add_job_with(
+        &mut self,
+        count: usize,
+        mut make: impl FnMut(u64, usize) -> (usize, Result<Vec<u8>, TaskError>),
+    ) -> u64 {
         let id = self.fresh_id();
-        let mut job = Job {
-            sizes: chunks.iter().map(|c| c.0).collect(),
-            outcomes: Vec::with_capacity(chunks.len()),
-            arrivals: VecDeque::new(),
-            remaining: 0,
-        };
-        for (index, (items, frame)) in chunks.into_iter().enumerate() {
+        self.jobs.insert(
+            id,
+            Job {
+                sizes: Vec::with_capacity(count),
+                outcomes: Vec::with_capacity(count),
+                arrivals: VecDeque::new(),
+                remaining: 0,
+            },
+        );
+        for index in 0..count {
+            let cid = self.fresh_id();
+            let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(cid, index)));
+            let (items, frame) = match made {
+                Ok(made) => made,
+                Err(panic) => {
+                    self.forget_job(id);
+                    std::panic::resume_unwind(panic);
+                }
+            };
+            let job = self.jobs.get_mut(&id).expect("inserted above");
+            job.sizes.push(items);
             match frame {
                 Ok(frame) => {
                     job.outcomes.push(None);
                     job.remaining += 1;
-                    // The id the frame was made with (see `fresh_id`).
-                    let cid = word(&frame, 8).expect("a run frame has a header");
+                    // The id the frame was made with (`cid`, or one from `fresh_id`).
+                    let cid = word(&frame, 8).expect("a task frame has a header");
                     self.chunks.insert(
                         cid,
                         Chunk {
@@ -225,6 +255,9 @@ impl Core {
                         },
                     );
                     self.pending.push_back(cid);
+                    if index < self.cfg.processes || index.is_power_of_two() {
+                        self.dispatch();
+                    }
                 }
                 Err(e) => {
                     job.outcomes.push(Some(Outcome::Failed(e)));
@@ -232,7 +265,6 @@ impl Core {
                 }
             }
         }
-        self.jobs.insert(id, job);
         self.dispatch();
         id
     }

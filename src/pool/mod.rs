@@ -452,19 +452,18 @@ impl Pool {
             State::Stopped(e) => return Err(e.clone()),
         }
         let (entry, hash) = entry_of::<C, A, R>();
-        let chunks = items
-            .chunks(chunksize)
-            .map(|chunk| {
-                let frame = encode_run_frame(core.fresh_id(), entry, hash, chunk).map_err(|e| {
-                    TaskError::Encode(format!(
-                        "the pool could not encode an argument of type {} ({e})",
-                        std::any::type_name::<A>()
-                    ))
-                });
-                (chunk.len(), frame)
-            })
-            .collect();
-        Ok(core.add_job(chunks))
+        let mut chunks = items.chunks(chunksize);
+        let job = core.add_job_with(items.len().div_ceil(chunksize), |cid, _| {
+            let chunk = chunks.next().expect("one chunk per index");
+            let frame = encode_run_frame(cid, entry, hash, chunk).map_err(|e| {
+                TaskError::Encode(format!(
+                    "the pool could not encode an argument of type {} ({e})",
+                    std::any::type_name::<A>()
+                ))
+            });
+            (chunk.len(), frame)
+        });
+        Ok(job)
     }
 
     fn default_chunksize(&self, len: usize) -> usize {
