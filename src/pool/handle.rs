@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use super::core::{Core, Outcome};
 use super::error::TaskError;
-use super::task::{decode_results, decode_results_into};
+use super::task::{decode_one, decode_results, decode_results_into};
 
 /// Turns a finished job's chunk outcomes into the handle's value.
 pub(crate) type Finish<T> = fn(Vec<(usize, Outcome)>) -> Result<T, TaskError>;
@@ -51,6 +51,9 @@ pub(crate) fn finish_one<R: DeserializeOwned>(
         .into_iter()
         .next()
         .expect("an apply job has one chunk");
+    if let (1, Outcome::Ran(bytes)) = (n, &o) {
+        return decode_one(bytes);
+    }
     items::<R>(n, o)
         .into_iter()
         .next()

@@ -436,7 +436,7 @@ impl Pool {
     }
 
     /// Queues a job of `items` in chunks of `chunksize`; returns its id.
-    fn submit_job<C, A, R>(&self, items: Vec<A>, chunksize: usize) -> Result<u64, TaskError>
+    fn submit_job<C, A, R>(&self, items: &[A], chunksize: usize) -> Result<u64, TaskError>
     where
         C: Call<A, R>,
         A: Serialize + DeserializeOwned,
@@ -553,7 +553,7 @@ impl Pool {
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let job = self.submit_job::<C, A, R>(items, chunksize)?;
+        let job = self.submit_job::<C, A, R>(&items, chunksize)?;
         Ok(AsyncResult::new(
             Rc::clone(&self.core),
             job,
@@ -613,7 +613,8 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         let chunksize = check_chunksize(chunksize)?;
-        let job = self.submit_job::<One<F>, A, R>(items.into_iter().collect(), chunksize)?;
+        let items: Vec<A> = items.into_iter().collect();
+        let job = self.submit_job::<One<F>, A, R>(&items, chunksize)?;
         Ok(IMap::new(Rc::clone(&self.core), job, true))
     }
 
@@ -650,7 +651,8 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         let chunksize = check_chunksize(chunksize)?;
-        let job = self.submit_job::<One<F>, A, R>(items.into_iter().collect(), chunksize)?;
+        let items: Vec<A> = items.into_iter().collect();
+        let job = self.submit_job::<One<F>, A, R>(&items, chunksize)?;
         Ok(IMap::new(Rc::clone(&self.core), job, false))
     }
 
@@ -679,7 +681,7 @@ impl Pool {
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let job = self.submit_job::<One<F>, A, R>(vec![arg], 1)?;
+        let job = self.submit_job::<One<F>, A, R>(std::slice::from_ref(&arg), 1)?;
         Ok(AsyncResult::new(
             Rc::clone(&self.core),
             job,

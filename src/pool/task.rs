@@ -253,6 +253,20 @@ pub(crate) fn decode_results_into<R: DeserializeOwned>(
     }
 }
 
+/// Decodes the results of a one-item chunk, as [`decode_results`]`(bytes, 1)` would,
+/// without a vector: postcard writes a one-element sequence as the length 1 (a varint)
+/// then the element, which are the bytes of the pair `(1usize, element)`.
+pub(crate) fn decode_one<R: DeserializeOwned>(bytes: &[u8]) -> Result<R, TaskError> {
+    match postcard::from_bytes::<(usize, Result<R, TaskError>)>(bytes) {
+        Ok((1, r)) => r,
+        // Another count, or bytes that are no pair: the general path says which.
+        _ => decode_results(bytes, 1)
+            .into_iter()
+            .next()
+            .unwrap_or(Err(TaskError::Decode("a worker returned no result".into()))),
+    }
+}
+
 /// Visits a chunk's `Vec<Result<R, TaskError>>`: values go onto `out` until the first
 /// failure, which is kept; the rest is still decoded (and dropped), to count and check it.
 struct ResultsInto<'a, R> {
@@ -526,6 +540,16 @@ mod tests {
             decode_results_into(&bytes[..bytes.len() - 1], 3, &mut values),
             Err(TaskError::Decode(_))
         ));
+        assert_eq!(decode_one::<u64>(&encode_results(&[Ok(7u64)])), Ok(7));
+        assert!(matches!(
+            decode_one::<u64>(&encode_results(&[Ok(7u64), Ok(8)])),
+            Err(TaskError::Decode(m)) if m.contains("2 results for a chunk of 1")
+        ));
+        assert!(matches!(
+            decode_one::<u64>(&encode_one_error(TaskError::Closed)),
+            Err(TaskError::Closed)
+        ));
+        assert!(matches!(decode_one::<u64>(&[]), Err(TaskError::Decode(_))));
         let ok = encode_results(&[Ok(7u64), Ok(8)]);
         let mut values: Vec<u64> = vec![1];
         assert_eq!(decode_results_into(&ok, 2, &mut values), Ok(()));
