@@ -19,9 +19,18 @@ use crate::sys;
 
 /// Longest single sleep: how soon a dead worker is noticed while the pool is waited on.
 pub(crate) const SLICE: Duration = Duration::from_millis(20);
-/// Most chunks queued per worker (one running, the rest ready to go; see `dispatch`), so
-/// a worker runs through small tasks without waiting for the pool to wake up.
-const DEPTH: usize = 8;
+/// Most chunks queued per worker whose chunks are quick (one running, the rest ready to
+/// go; see `dispatch`), so a worker runs through small tasks without waiting for the pool
+/// to wake up (every refill of a worker that ran dry costs a futex wake-up, ~15 µs
+/// across vCPUs on a loaded machine; with 8 this was a third of a wake-up per item).
+const DEPTH: usize = 128;
+/// Chunks queued per worker whose last chunk took [`QUICK`] or longer, or whose speed is
+/// not known yet (a new worker): one running and one ready. Long chunks gain nothing from
+/// a deeper queue, and a deep queue would fix their split between workers in advance
+/// (largest-first `imap_unordered` of `fib` would give every other task to each worker).
+pub(crate) const SLOW_DEPTH: usize = 2;
+/// A chunk that came back quicker than this lets its worker take [`DEPTH`] chunks.
+const QUICK: Duration = Duration::from_micros(100);
 /// How long one `drain` waits for announced big replies to stream in.
 const BIG_WAIT: Duration = Duration::from_secs(1);
 /// How long `join` waits for a worker told to exit before killing it.
@@ -132,6 +141,9 @@ pub(crate) struct Core {
     segments: Vec<(Weak<Segment>, u64)>,
     /// Scratch for `dispatch`: the slots that take nothing more in this call.
     skip: Vec<bool>,
+    /// The time of the last doorbell wait's end, read once per pump: when the replies
+    /// that pump takes arrived, closely enough to tell quick chunks from long ones.
+    clock: Instant,
 }
 
 /// What the end of worker `pid` means for its chunk. A worker that never reached its
@@ -171,6 +183,7 @@ impl Core {
             chunks: IdMap::default(),
             jobs: IdMap::default(),
             skip: Vec::new(),
+            clock: Instant::now(),
             next_id: 1,
             state: State::Running,
             last_health: Instant::now(),
@@ -365,7 +378,9 @@ impl Core {
             // Nothing can ring: stopped, or every respawn failed.
             std::thread::sleep(wait.min(Duration::from_millis(1)));
         } else {
-            match self.bell_rx.recv_timeout(wait) {
+            let rung = self.bell_rx.recv_timeout(wait);
+            self.clock = Instant::now();
+            match rung {
                 Ok(bell) => {
                     self.ring(bell);
                     while let Ok(bell) = self.bell_rx.try_recv() {
@@ -439,7 +454,7 @@ impl Core {
                 let level = w.outstanding.len();
                 if skip[slot]
                     || !w.ready
-                    || level >= DEPTH
+                    || level >= w.depth
                     || self.cfg.max_tasks.is_some_and(|m| w.dispatched >= m)
                 {
                     continue;
@@ -504,8 +519,10 @@ impl Core {
             match sent {
                 Ok(()) => {
                     self.pending.pop_front();
-                    if w.outstanding.is_empty() && self.cfg.task_timeout.is_some() {
-                        w.head_since = Instant::now();
+                    if w.outstanding.is_empty() {
+                        let now = Instant::now();
+                        w.head_start = now;
+                        w.head_since = now;
                     }
                     w.outstanding.push_back(cid);
                     w.dispatched += 1;
@@ -646,8 +663,15 @@ impl Core {
                     return; // not ours (stale or overwritten): ignore
                 };
                 w.outstanding.remove(pos);
-                if pos == 0 && self.cfg.task_timeout.is_some() {
-                    w.head_since = Instant::now();
+                if pos == 0 {
+                    // Replies taken in one pump share its clock: a worker that finished
+                    // several chunks between two pumps is quick.
+                    let took = self.clock.saturating_duration_since(w.head_start);
+                    w.depth = if took < QUICK { DEPTH } else { SLOW_DEPTH };
+                    w.head_start = self.clock;
+                    if self.cfg.task_timeout.is_some() {
+                        w.head_since = Instant::now();
+                    }
                 }
                 // A chunk map that failed in the worker (its one result is `Err`: postcard
                 // writes the length 1, then variant 1) may have failed to receive or map
