@@ -2,6 +2,7 @@
 //! (there is no supervisor thread): dispatch, results, deaths, timeouts, respawns.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -18,9 +19,18 @@ use crate::sys;
 
 /// Longest single sleep: how soon a dead worker is noticed while the pool is waited on.
 pub(crate) const SLICE: Duration = Duration::from_millis(20);
-/// Most chunks queued per worker (one running, the rest ready to go; see `dispatch`), so
-/// a worker runs through small tasks without waiting for the pool to wake up.
-const DEPTH: usize = 8;
+/// Most chunks queued per worker whose chunks are quick (one running, the rest ready to
+/// go; see `dispatch`), so a worker runs through small tasks without waiting for the pool
+/// to wake up (every refill of a worker that ran dry costs a futex wake-up, ~15 µs
+/// across vCPUs on a loaded machine; with 8 this was a third of a wake-up per item).
+const DEPTH: usize = 128;
+/// Chunks queued per worker whose last chunk took [`QUICK`] or longer, or whose speed is
+/// not known yet (a new worker): one running and one ready. Long chunks gain nothing from
+/// a deeper queue, and a deep queue would fix their split between workers in advance
+/// (largest-first `imap_unordered` of `fib` would give every other task to each worker).
+pub(crate) const SLOW_DEPTH: usize = 2;
+/// A chunk that came back quicker than this lets its worker take [`DEPTH`] chunks.
+const QUICK: Duration = Duration::from_micros(100);
 /// How long one `drain` waits for announced big replies to stream in.
 const BIG_WAIT: Duration = Duration::from_secs(1);
 /// How long `join` waits for a worker told to exit before killing it.
@@ -39,6 +49,33 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 fn bell_capacity(processes: usize) -> usize {
     processes.saturating_mul(8 * DEPTH + 4).clamp(64, 1 << 16)
 }
+
+/// A hasher for the pool's own ids (chunks and jobs: counters it hands out, looked up
+/// several times per chunk), much cheaper than the default SipHash. An id read from a ring
+/// is only ever looked up, never inserted, so a hostile one cannot flood a table.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // FxHash's step: the multiply spreads a counter over the high bits, which the
+        // table's tags use, and keeps the low bits, which pick its bucket, distinct.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// A map keyed by a pool id.
+pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 pub(crate) struct Config {
     pub(crate) processes: usize,
@@ -90,8 +127,8 @@ pub(crate) struct Core {
     bell_rx: channel::Receiver<u32>,
     bell_tx: channel::Sender<u32>,
     pending: VecDeque<u64>,
-    chunks: HashMap<u64, Chunk>,
-    pub(crate) jobs: HashMap<u64, Job>,
+    chunks: IdMap<Chunk>,
+    pub(crate) jobs: IdMap<Job>,
     next_id: u64,
     pub(crate) state: State,
     last_health: Instant,
@@ -102,6 +139,11 @@ pub(crate) struct Core {
     /// as the entry lives; an entry whose segment is gone stays until every worker that
     /// mapped it was told to forget it.
     segments: Vec<(Weak<Segment>, u64)>,
+    /// Scratch for `dispatch`: the slots that take nothing more in this call.
+    skip: Vec<bool>,
+    /// The time of the last doorbell wait's end, read once per pump: when the replies
+    /// that pump takes arrived, closely enough to tell quick chunks from long ones.
+    clock: Instant,
 }
 
 /// What the end of worker `pid` means for its chunk. A worker that never reached its
@@ -138,8 +180,10 @@ impl Core {
             bell_rx,
             bell_tx,
             pending: VecDeque::new(),
-            chunks: HashMap::new(),
-            jobs: HashMap::new(),
+            chunks: IdMap::default(),
+            jobs: IdMap::default(),
+            skip: Vec::new(),
+            clock: Instant::now(),
             next_id: 1,
             state: State::Running,
             last_health: Instant::now(),
@@ -169,20 +213,50 @@ impl Core {
 
     /// Registers a job of `chunks` = (items, frame or the error that stopped it).
     pub(crate) fn add_job(&mut self, chunks: Vec<(usize, Result<Vec<u8>, TaskError>)>) -> u64 {
+        let count = chunks.len();
+        let mut chunks = chunks.into_iter();
+        self.add_job_with(count, |_, _| chunks.next().expect("one per index"))
+    }
+
+    /// Registers a job of `count` chunks made one at a time by `make(chunk_id, index)`
+    /// = (items, frame made with `chunk_id` or another id from
+    /// [`fresh_id`](Core::fresh_id), or the error that stopped it). The first
+    /// chunks are sent as soon as they are made (then after 2, 4, 8, ... chunks), so the
+    /// workers start while the rest are encoded. If `make` panics, the job is forgotten
+    /// (what was sent of it is discarded on arrival) and the panic goes on.
+    pub(crate) fn add_job_with(
+        &mut self,
+        count: usize,
+        mut make: impl FnMut(u64, usize) -> (usize, Result<Vec<u8>, TaskError>),
+    ) -> u64 {
         let id = self.fresh_id();
-        let mut job = Job {
-            sizes: chunks.iter().map(|c| c.0).collect(),
-            outcomes: Vec::with_capacity(chunks.len()),
-            arrivals: VecDeque::new(),
-            remaining: 0,
-        };
-        for (index, (items, frame)) in chunks.into_iter().enumerate() {
+        self.jobs.insert(
+            id,
+            Job {
+                sizes: Vec::with_capacity(count),
+                outcomes: Vec::with_capacity(count),
+                arrivals: VecDeque::new(),
+                remaining: 0,
+            },
+        );
+        for index in 0..count {
+            let cid = self.fresh_id();
+            let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(cid, index)));
+            let (items, frame) = match made {
+                Ok(made) => made,
+                Err(panic) => {
+                    self.forget_job(id);
+                    std::panic::resume_unwind(panic);
+                }
+            };
+            let job = self.jobs.get_mut(&id).expect("inserted above");
+            job.sizes.push(items);
             match frame {
                 Ok(frame) => {
                     job.outcomes.push(None);
                     job.remaining += 1;
-                    // The id the frame was made with (see `fresh_id`).
-                    let cid = word(&frame, 8).expect("a run frame has a header");
+                    // The id the frame was made with (`cid`, or one from `fresh_id`).
+                    let cid = word(&frame, 8).expect("a task frame has a header");
                     self.chunks.insert(
                         cid,
                         Chunk {
@@ -194,6 +268,9 @@ impl Core {
                         },
                     );
                     self.pending.push_back(cid);
+                    if index < self.cfg.processes || index.is_power_of_two() {
+                        self.dispatch();
+                    }
                 }
                 Err(e) => {
                     job.outcomes.push(Some(Outcome::Failed(e)));
@@ -201,7 +278,6 @@ impl Core {
                 }
             }
         }
-        self.jobs.insert(id, job);
         self.dispatch();
         id
     }
@@ -302,7 +378,9 @@ impl Core {
             // Nothing can ring: stopped, or every respawn failed.
             std::thread::sleep(wait.min(Duration::from_millis(1)));
         } else {
-            match self.bell_rx.recv_timeout(wait) {
+            let rung = self.bell_rx.recv_timeout(wait);
+            self.clock = Instant::now();
+            match rung {
                 Ok(bell) => {
                     self.ring(bell);
                     while let Ok(bell) = self.bell_rx.try_recv() {
@@ -338,114 +416,132 @@ impl Core {
             .min()
     }
 
-    /// Sends pending chunks to workers with room, spreading them: first one each, then a
-    /// second each.
+    /// Sends pending chunks to workers with room, in queue order, spreading them: each
+    /// chunk goes to the worker with the fewest outstanding (the lowest slot on a tie),
+    /// so first one each, then a second each, and so on up to [`DEPTH`].
     fn dispatch(&mut self) {
         if self.state != State::Running && self.state != State::Closed {
             return;
         }
-        for level in 0..DEPTH {
-            for slot in 0..self.workers.len() {
-                loop {
-                    // Skip chunks whose job was forgotten.
-                    let Some(&cid) = self.pending.front() else {
-                        return;
-                    };
-                    let Some(chunk) = self.chunks.get(&cid) else {
-                        self.pending.pop_front();
-                        continue;
-                    };
-                    if !self.jobs.contains_key(&chunk.job) {
+        let mut skip = std::mem::take(&mut self.skip);
+        skip.clear();
+        skip.resize(self.workers.len(), false);
+        self.dispatch_with(&mut skip);
+        self.skip = skip;
+    }
+
+    fn dispatch_with(&mut self, skip: &mut [bool]) {
+        loop {
+            // Skip chunks whose job was forgotten.
+            let cid = loop {
+                let Some(&cid) = self.pending.front() else {
+                    return;
+                };
+                match self.chunks.get(&cid) {
+                    Some(c) if self.jobs.contains_key(&c.job) => break cid,
+                    Some(_) => {
                         self.pending.pop_front();
                         self.chunks.remove(&cid);
-                        continue;
                     }
-                    break;
+                    None => {
+                        self.pending.pop_front();
+                    }
                 }
-                let cid = self.pending[0];
-                let chunk = &self.chunks[&cid];
-                let Some(w) = self.workers[slot].as_mut() else {
-                    continue;
-                };
-                // A chunk queued behind others waits for them, so the `level`-th one is
-                // queued only while there is work for every worker `level + 1` times
-                // over: the tail of a job goes to whichever worker is free first.
-                if level > 0 && self.pending.len() < (level + 1) * self.cfg.processes {
-                    return;
-                }
-                if !w.ready
-                    || w.outstanding.len() != level
+            };
+            // The worker with the fewest chunks outstanding that can take one now.
+            let mut best: Option<(usize, usize)> = None;
+            for (slot, w) in self.workers.iter().enumerate() {
+                let Some(w) = w else { continue };
+                let level = w.outstanding.len();
+                if skip[slot]
+                    || !w.ready
+                    || level >= w.depth
                     || self.cfg.max_tasks.is_some_and(|m| w.dispatched >= m)
                 {
                     continue;
                 }
-                let big = chunk.frame.len() > BIG;
-                if big && !w.outstanding.is_empty() {
-                    continue;
+                if best.is_none_or(|(_, b)| level < b) {
+                    best = Some((slot, level));
                 }
-                if chunk.frame[0] == MAP {
-                    let id = word(&chunk.frame, 32).unwrap_or(0);
-                    if !w.segments.contains(&id) {
-                        let seg = self
-                            .segments
-                            .iter()
-                            .find(|s| s.1 == id)
-                            .and_then(|s| s.0.upgrade());
-                        let sent = match seg {
-                            Some(seg) => sys::send_with_fds(
-                                w.ctrl.as_fd(),
-                                &id.to_le_bytes(),
-                                &[seg.as_fd()],
-                            )
-                            .map_err(|e| {
-                                format!("passing the segment's descriptor to a worker failed: {e}")
-                            }),
-                            None => Err("the segment was dropped before its chunk ran".into()),
-                        };
-                        match sent {
-                            Ok(()) => {
-                                w.segments.insert(id);
-                            }
-                            Err(why) => {
-                                self.pending.pop_front();
-                                self.finish(cid, Outcome::Failed(TaskError::Encode(why)));
-                                continue;
-                            }
+            }
+            let Some((slot, level)) = best else {
+                return;
+            };
+            // A chunk queued behind others waits for them, so the `level`-th one is
+            // queued only while there is work for every worker `level + 1` times over:
+            // the tail of a job goes to whichever worker is free first.
+            if level > 0 && self.pending.len() < (level + 1) * self.cfg.processes {
+                return;
+            }
+            let chunk = &self.chunks[&cid];
+            let big = chunk.frame.len() > BIG;
+            if big && level > 0 {
+                return; // a big frame streams to an idle worker only, and none is idle
+            }
+            let w = self.workers[slot].as_mut().expect("chosen above");
+            if chunk.frame[0] == MAP {
+                let id = word(&chunk.frame, 32).unwrap_or(0);
+                if !w.segments.contains(&id) {
+                    let seg = self
+                        .segments
+                        .iter()
+                        .find(|s| s.1 == id)
+                        .and_then(|s| s.0.upgrade());
+                    let sent = match seg {
+                        Some(seg) => {
+                            sys::send_with_fds(w.ctrl.as_fd(), &id.to_le_bytes(), &[seg.as_fd()])
+                                .map_err(|e| {
+                                    format!(
+                                        "passing the segment's descriptor to a worker failed: {e}"
+                                    )
+                                })
+                        }
+                        None => Err("the segment was dropped before its chunk ran".into()),
+                    };
+                    match sent {
+                        Ok(()) => {
+                            w.segments.insert(id);
+                        }
+                        Err(why) => {
+                            self.pending.pop_front();
+                            self.finish(cid, Outcome::Failed(TaskError::Encode(why)));
+                            continue;
                         }
                     }
                 }
-                let sent = if big {
-                    // Streamed in pieces while the (idle) worker reads them.
-                    let t =
-                        Duration::from_secs(1) + Duration::from_nanos(chunk.frame.len() as u64 * 5);
-                    w.tasks.send_timeout(&chunk.frame, t)
-                } else {
-                    w.tasks.try_send(&chunk.frame)
-                };
-                match sent {
-                    Ok(()) => {
-                        self.pending.pop_front();
-                        if w.outstanding.is_empty() {
-                            w.head_since = Instant::now();
-                        }
-                        w.outstanding.push_back(cid);
-                        w.dispatched += 1;
+            }
+            let sent = if big {
+                // Streamed in pieces while the (idle) worker reads them.
+                let t = Duration::from_secs(1) + Duration::from_nanos(chunk.frame.len() as u64 * 5);
+                w.tasks.send_timeout(&chunk.frame, t)
+            } else {
+                w.tasks.try_send(&chunk.frame)
+            };
+            match sent {
+                Ok(()) => {
+                    self.pending.pop_front();
+                    if w.outstanding.is_empty() {
+                        let now = Instant::now();
+                        w.head_start = now;
+                        w.head_since = now;
                     }
-                    Err(QueueError::MessageTooLarge { size, max }) => {
-                        // No worker could ever take it: fail it rather than retry forever.
-                        self.pending.pop_front();
-                        self.finish(
-                            cid,
-                            Outcome::Failed(TaskError::Encode(format!(
-                                "a chunk's arguments take {size} bytes, over the pool's \
-                                 {max} byte message limit; use a smaller chunksize or pass \
-                                 large data through a Segment"
-                            ))),
-                        );
-                    }
-                    // Full or timed out: later. A dead worker is found by `health`.
-                    Err(_) => {}
+                    w.outstanding.push_back(cid);
+                    w.dispatched += 1;
                 }
+                Err(QueueError::MessageTooLarge { size, max }) => {
+                    // No worker could ever take it: fail it rather than retry forever.
+                    self.pending.pop_front();
+                    self.finish(
+                        cid,
+                        Outcome::Failed(TaskError::Encode(format!(
+                            "a chunk's arguments take {size} bytes, over the pool's \
+                             {max} byte message limit; use a smaller chunksize or pass \
+                             large data through a Segment"
+                        ))),
+                    );
+                }
+                // Full or timed out: later. A dead worker is found by `health`.
+                Err(_) => skip[slot] = true,
             }
         }
     }
@@ -460,7 +556,23 @@ impl Core {
                 w.big_expected += 1;
             }
         }
-        self.drain(slot);
+        self.drain_rung(slot);
+    }
+
+    /// `drain` after a doorbell: a worker rings only after its reply is in the ring (and
+    /// the ring counts a message before it is visible), so a ring that counts none has
+    /// nothing for us, e.g. when an earlier doorbell's drain took this one's reply too.
+    /// That saves the full empty receive (its clock reads and repair checks), which
+    /// `health` still makes every slice.
+    fn drain_rung(&mut self, slot: usize) {
+        let idle = self
+            .workers
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|w| w.big_expected == 0 && w.results.is_empty());
+        if !idle {
+            self.drain(slot);
+        }
     }
 
     /// Takes every reply waiting in worker `slot`'s result ring, and waits for the big
@@ -500,7 +612,7 @@ impl Core {
             }
         }
         for r in replies {
-            self.reply(slot, &r);
+            self.reply(slot, r);
         }
         self.retire(slot);
         if corrupted {
@@ -532,8 +644,8 @@ impl Core {
         self.lost(slot, w, cause);
     }
 
-    fn reply(&mut self, slot: usize, r: &[u8]) {
-        let (Some(&kind), Some(chunk)) = (r.first(), word(r, 8)) else {
+    fn reply(&mut self, slot: usize, mut r: Vec<u8>) {
+        let (Some(&kind), Some(chunk)) = (r.first(), word(&r, 8)) else {
             return;
         };
         let payload = r.get(REPLY_HEADER..).unwrap_or_default();
@@ -558,7 +670,14 @@ impl Core {
                 };
                 w.outstanding.remove(pos);
                 if pos == 0 {
-                    w.head_since = Instant::now();
+                    // Replies taken in one pump share its clock: a worker that finished
+                    // several chunks between two pumps is quick.
+                    let took = self.clock.saturating_duration_since(w.head_start);
+                    w.depth = if took < QUICK { DEPTH } else { SLOW_DEPTH };
+                    w.head_start = self.clock;
+                    if self.cfg.task_timeout.is_some() {
+                        w.head_since = Instant::now();
+                    }
                 }
                 // A chunk map that failed in the worker (its one result is `Err`: postcard
                 // writes the length 1, then variant 1) may have failed to receive or map
@@ -575,7 +694,8 @@ impl Core {
                         w.segments.remove(&id);
                     }
                 }
-                self.finish(chunk, Outcome::Ran(payload.to_vec()));
+                r.drain(..REPLY_HEADER); // the payload, without a copy into a new buffer
+                self.finish(chunk, Outcome::Ran(r));
             }
             _ => {}
         }

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use super::core::{Core, Outcome};
 use super::error::TaskError;
-use super::task::decode_results;
+use super::task::{decode_one, decode_results, decode_results_into};
 
 /// Turns a finished job's chunk outcomes into the handle's value.
 pub(crate) type Finish<T> = fn(Vec<(usize, Outcome)>) -> Result<T, TaskError>;
@@ -34,8 +34,10 @@ pub(crate) fn finish_all<R: DeserializeOwned>(
 ) -> Result<Vec<R>, TaskError> {
     let mut out = Vec::with_capacity(chunks.iter().map(|c| c.0).sum());
     for (n, o) in chunks {
-        for r in items::<R>(n, o) {
-            out.push(r?);
+        match o {
+            Outcome::Ran(bytes) => decode_results_into(&bytes, n, &mut out)?,
+            Outcome::Failed(e) if n > 0 => return Err(e),
+            Outcome::Failed(_) => {}
         }
     }
     Ok(out)
@@ -49,6 +51,9 @@ pub(crate) fn finish_one<R: DeserializeOwned>(
         .into_iter()
         .next()
         .expect("an apply job has one chunk");
+    if let (1, Outcome::Ran(bytes)) = (n, &o) {
+        return decode_one(bytes);
+    }
     items::<R>(n, o)
         .into_iter()
         .next()

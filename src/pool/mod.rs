@@ -60,9 +60,13 @@
 //! out) and all share one [`channel`](fn@crate::channel) of `u32` "doorbells" (sized by the
 //! number of workers) on which a worker rings its number after each reply (64 KiB rings;
 //! larger messages stream through in pieces). Each worker also has a control socket that
-//! carries only segment descriptors for the zero-copy chunk maps. The pool queues up to 8 chunks per worker while there is plenty of work
-//! (the k-th only while at least k × processes chunks wait, so the tail of a job goes to
-//! whichever worker is free first), and a worker runs its chunks in order, so the pool
+//! carries only segment descriptors for the zero-copy chunk maps. The pool queues chunks
+//! to a worker ahead of time while there is plenty of work: up to 128 while its chunks
+//! come back quickly (under 100 µs each), so a worker runs through small tasks without
+//! waiting for the pool to wake up, and 2 (one running, one ready) while they take longer
+//! or before its first one came back, so long tasks are not split between workers in
+//! advance. The k-th is queued only while at least k × processes chunks wait, so the tail
+//! of a job goes to whichever worker is free first. A worker runs its chunks in order, so the pool
 //! knows exactly which chunk each worker is running: the oldest it sent that has not come
 //! back. No pipe or socket carries data; the pidfd of each worker (through
 //! [`Child`](crate::Child)) tells of its death.
@@ -241,7 +245,7 @@ use self::core::{Config, Core, State};
 pub use chunks::SharedSlice;
 pub use error::{PoolError, TaskError};
 pub use handle::{AsCompleted, AsyncResult, IMap, as_completed};
-use task::{Call, One, Star, ZeroSized, entry_of, run_frame};
+use task::{Call, One, Star, ZeroSized, encode_run_frame, entry_of};
 
 use crate::error::Error;
 use crate::process::StartMethod;
@@ -446,7 +450,7 @@ impl Pool {
     }
 
     /// Queues a job of `items` in chunks of `chunksize`; returns its id.
-    fn submit_job<C, A, R>(&self, items: Vec<A>, chunksize: usize) -> Result<u64, TaskError>
+    fn submit_job<C, A, R>(&self, items: &[A], chunksize: usize) -> Result<u64, TaskError>
     where
         C: Call<A, R>,
         A: Serialize + DeserializeOwned,
@@ -462,21 +466,18 @@ impl Pool {
             State::Stopped(e) => return Err(e.clone()),
         }
         let (entry, hash) = entry_of::<C, A, R>();
-        let chunks = items
-            .chunks(chunksize)
-            .map(|chunk| {
-                let frame = postcard::to_allocvec(chunk)
-                    .map(|args| run_frame(core.fresh_id(), entry, hash, chunk.len(), &args))
-                    .map_err(|e| {
-                        TaskError::Encode(format!(
-                            "the pool could not encode an argument of type {} ({e})",
-                            std::any::type_name::<A>()
-                        ))
-                    });
-                (chunk.len(), frame)
-            })
-            .collect();
-        Ok(core.add_job(chunks))
+        let mut chunks = items.chunks(chunksize);
+        let job = core.add_job_with(items.len().div_ceil(chunksize), |cid, _| {
+            let chunk = chunks.next().expect("one chunk per index");
+            let frame = encode_run_frame(cid, entry, hash, chunk).map_err(|e| {
+                TaskError::Encode(format!(
+                    "the pool could not encode an argument of type {} ({e})",
+                    std::any::type_name::<A>()
+                ))
+            });
+            (chunk.len(), frame)
+        });
+        Ok(job)
     }
 
     fn default_chunksize(&self, len: usize) -> usize {
@@ -566,7 +567,7 @@ impl Pool {
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let job = self.submit_job::<C, A, R>(items, chunksize)?;
+        let job = self.submit_job::<C, A, R>(&items, chunksize)?;
         Ok(AsyncResult::new(
             Rc::clone(&self.core),
             job,
@@ -626,7 +627,8 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         let chunksize = check_chunksize(chunksize)?;
-        let job = self.submit_job::<One<F>, A, R>(items.into_iter().collect(), chunksize)?;
+        let items: Vec<A> = items.into_iter().collect();
+        let job = self.submit_job::<One<F>, A, R>(&items, chunksize)?;
         Ok(IMap::new(Rc::clone(&self.core), job, true))
     }
 
@@ -663,7 +665,8 @@ impl Pool {
         I: IntoIterator<Item = A>,
     {
         let chunksize = check_chunksize(chunksize)?;
-        let job = self.submit_job::<One<F>, A, R>(items.into_iter().collect(), chunksize)?;
+        let items: Vec<A> = items.into_iter().collect();
+        let job = self.submit_job::<One<F>, A, R>(&items, chunksize)?;
         Ok(IMap::new(Rc::clone(&self.core), job, false))
     }
 
@@ -692,7 +695,7 @@ impl Pool {
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned,
     {
-        let job = self.submit_job::<One<F>, A, R>(vec![arg], 1)?;
+        let job = self.submit_job::<One<F>, A, R>(std::slice::from_ref(&arg), 1)?;
         Ok(AsyncResult::new(
             Rc::clone(&self.core),
             job,

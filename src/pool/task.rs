@@ -225,6 +225,86 @@ pub(crate) fn decode_results<R: DeserializeOwned>(
     }
 }
 
+/// Decodes a chunk's `n` results in the pool's process straight onto `out` (no vector of
+/// `Result`s in between), for `map`: `Err` with the first failure, judged exactly as
+/// [`decode_results`] followed by a scan would (a chunk that does not decode, or holds
+/// another number of results, is [`TaskError::Decode`] whatever its items say). On `Err`,
+/// `out` holds a part of the chunk's values, for the caller to discard.
+pub(crate) fn decode_results_into<R: DeserializeOwned>(
+    bytes: &[u8],
+    n: usize,
+    out: &mut Vec<R>,
+) -> Result<(), TaskError> {
+    let mut first = None;
+    let seed = ResultsInto {
+        out,
+        first: &mut first,
+    };
+    let mut de = postcard::Deserializer::from_bytes(bytes);
+    match serde::de::DeserializeSeed::deserialize(seed, &mut de) {
+        Ok(count) if count == n => first.map_or(Ok(()), Err),
+        Ok(count) => Err(TaskError::Decode(format!(
+            "a worker returned {count} results for a chunk of {n}"
+        ))),
+        Err(e) => Err(TaskError::Decode(format!(
+            "the pool could not decode a result of type {} ({e})",
+            std::any::type_name::<R>()
+        ))),
+    }
+}
+
+/// Decodes the results of a one-item chunk, as [`decode_results`]`(bytes, 1)` would,
+/// without a vector: postcard writes a one-element sequence as the length 1 (a varint)
+/// then the element, which are the bytes of the pair `(1usize, element)`.
+pub(crate) fn decode_one<R: DeserializeOwned>(bytes: &[u8]) -> Result<R, TaskError> {
+    match postcard::from_bytes::<(usize, Result<R, TaskError>)>(bytes) {
+        Ok((1, r)) => r,
+        // Another count, or bytes that are no pair: the general path says which.
+        _ => decode_results(bytes, 1)
+            .into_iter()
+            .next()
+            .unwrap_or(Err(TaskError::Decode("a worker returned no result".into()))),
+    }
+}
+
+/// Visits a chunk's `Vec<Result<R, TaskError>>`: values go onto `out` until the first
+/// failure, which is kept; the rest is still decoded (and dropped), to count and check it.
+struct ResultsInto<'a, R> {
+    out: &'a mut Vec<R>,
+    first: &'a mut Option<TaskError>,
+}
+
+impl<'de, R: serde::Deserialize<'de>> serde::de::DeserializeSeed<'de> for ResultsInto<'_, R> {
+    type Value = usize;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, R: serde::Deserialize<'de>> serde::de::Visitor<'de> for ResultsInto<'_, R> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence of task results")
+    }
+
+    fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<usize, S::Error> {
+        let mut count = 0usize;
+        while let Some(r) = seq.next_element::<Result<R, TaskError>>()? {
+            count += 1;
+            match r {
+                Ok(v) if self.first.is_none() => self.out.push(v),
+                Ok(_) => {}
+                Err(e) => {
+                    self.first.get_or_insert(e);
+                }
+            }
+        }
+        Ok(count)
+    }
+}
+
 /// Runs a task frame's chunk in the worker. `entry` and `hash` come from shared memory.
 pub(crate) fn run_chunk(entry: u64, hash: u64, args: &[u8], n: usize) -> Vec<u8> {
     let address = (anchor as Entry as usize).wrapping_add(entry as usize);
@@ -394,15 +474,21 @@ pub(crate) fn map_frame(
     f
 }
 
-/// A task frame: header then the encoded arguments.
-pub(crate) fn run_frame(chunk: u64, entry: u64, hash: u64, n: usize, args: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(RUN_HEADER + args.len());
+/// A task frame for `items`, encoded straight after its header (one buffer, no copy).
+pub(crate) fn encode_run_frame<A: Serialize>(
+    chunk: u64,
+    entry: u64,
+    hash: u64,
+    items: &[A],
+) -> postcard::Result<Vec<u8>> {
+    // A guess that fits small plain arguments at once (postcard's varints are no longer
+    // than the value); the buffer grows for anything else.
+    let mut f = Vec::with_capacity(RUN_HEADER + 1 + std::mem::size_of_val(items));
     f.extend_from_slice(&[RUN, 0, 0, 0, 0, 0, 0, 0]);
-    for w in [chunk, entry, hash, n as u64] {
+    for w in [chunk, entry, hash, items.len() as u64] {
         f.extend_from_slice(&w.to_le_bytes());
     }
-    f.extend_from_slice(args);
-    f
+    postcard::to_extend(items, f)
 }
 
 /// A reply frame: header then the payload.
@@ -442,6 +528,32 @@ mod tests {
             Good(u32),
             Bad(()),
         }
+        let mut values: Vec<MaybeOut> = Vec::new();
+        let first = decode_results_into(&bytes, 3, &mut values);
+        assert!(matches!(first, Err(TaskError::Encode(_))));
+        assert_eq!(values, [MaybeOut::Good(1)]);
+        assert!(matches!(
+            decode_results_into(&bytes, 2, &mut values),
+            Err(TaskError::Decode(m)) if m.contains("3 results for a chunk of 2")
+        ));
+        assert!(matches!(
+            decode_results_into(&bytes[..bytes.len() - 1], 3, &mut values),
+            Err(TaskError::Decode(_))
+        ));
+        assert_eq!(decode_one::<u64>(&encode_results(&[Ok(7u64)])), Ok(7));
+        assert!(matches!(
+            decode_one::<u64>(&encode_results(&[Ok(7u64), Ok(8)])),
+            Err(TaskError::Decode(m)) if m.contains("2 results for a chunk of 1")
+        ));
+        assert!(matches!(
+            decode_one::<u64>(&encode_one_error(TaskError::Closed)),
+            Err(TaskError::Closed)
+        ));
+        assert!(matches!(decode_one::<u64>(&[]), Err(TaskError::Decode(_))));
+        let ok = encode_results(&[Ok(7u64), Ok(8)]);
+        let mut values: Vec<u64> = vec![1];
+        assert_eq!(decode_results_into(&ok, 2, &mut values), Ok(()));
+        assert_eq!(values, [1, 7, 8]);
         let out: Vec<Result<MaybeOut, TaskError>> = decode_results(&bytes, 3);
         assert_eq!(out[0], Ok(MaybeOut::Good(1)));
         assert!(matches!(out[1], Err(TaskError::Encode(_))));
@@ -546,11 +658,16 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let f = run_frame(7, 8, 9, 2, b"ab");
+        let f = encode_run_frame(7, 8, 9, &[300u32, 2]).unwrap();
         assert_eq!(f[0], RUN);
         assert_eq!(word(&f, 8), Some(7));
+        assert_eq!(word(&f, 16), Some(8));
+        assert_eq!(word(&f, 24), Some(9));
         assert_eq!(word(&f, 32), Some(2));
-        assert_eq!(&f[RUN_HEADER..], b"ab");
-        assert_eq!(word(&f, 40), None);
+        assert_eq!(
+            &f[RUN_HEADER..],
+            postcard::to_allocvec(&[300u32, 2][..]).unwrap()
+        );
+        assert_eq!(word(&f, 48), None);
     }
 }

@@ -168,6 +168,11 @@ pub(crate) struct Worker {
     pub(crate) outstanding: VecDeque<u64>,
     /// When the first outstanding chunk became first (the worker starts it then).
     pub(crate) head_since: Instant,
+    /// How many chunks may be queued to it (see `core::dispatch`): a few while its
+    /// chunks take long or its speed is unknown, many while they are quick.
+    pub(crate) depth: usize,
+    /// When its current head chunk started, as the pool's clock saw it (for `depth`).
+    pub(crate) head_start: Instant,
     /// Chunks sent to it in all (for `max_tasks_per_child`).
     pub(crate) dispatched: usize,
     /// Big replies announced ([`BIG_BELL`]) and not yet received.
@@ -292,6 +297,8 @@ impl Worker {
             started: false,
             outstanding: VecDeque::new(),
             head_since: Instant::now(),
+            depth: super::core::SLOW_DEPTH,
+            head_start: Instant::now(),
             dispatched: 0,
             big_expected: 0,
             ctrl,

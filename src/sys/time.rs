@@ -32,7 +32,15 @@ impl Deadline {
     pub(crate) const NEVER: Deadline = Deadline { at: None };
 
     /// `timeout` from now; a timeout too large to represent means "never".
+    ///
+    /// A zero timeout (every `try_*` call) is the clock's origin, already passed, so
+    /// neither making it nor asking it reads the clock.
     pub(crate) fn after(timeout: Duration) -> Deadline {
+        if timeout.is_zero() {
+            return Deadline {
+                at: Some(Duration::ZERO),
+            };
+        }
         Deadline {
             at: monotonic_now().checked_add(timeout),
         }
@@ -41,7 +49,13 @@ impl Deadline {
     /// Time left, `None` for a deadline that never expires.
     #[inline]
     pub(crate) fn remaining(&self) -> Option<Duration> {
-        self.at.map(|at| at.saturating_sub(monotonic_now()))
+        self.at.map(|at| {
+            if at.is_zero() {
+                Duration::ZERO
+            } else {
+                at.saturating_sub(monotonic_now())
+            }
+        })
     }
 
     #[inline]
