@@ -267,14 +267,23 @@ fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>, polled: bool) -> Option<R> 
         return None;
     }
     let start = std::time::Instant::now();
+    let mut polls = 0u32;
     loop {
-        for _ in 0..16 {
+        // Backing off: 1, 1, 2, 2, 4, 4, 8, 8, then 16 pauses between polls. A reply a
+        // peer on another CPU sends at once is seen within a pause or two, so a round trip
+        // pays almost no poll granularity; a longer wait polls the line the peer writes
+        // less and less often, so its stores do not each pull the line back. A fixed 16
+        // made round trips about five times slower; the back-off costs a streaming
+        // consumer that keeps catching up some of its batching instead (BENCHMARKS.md,
+        // "Polling": the compromise, measured).
+        for _ in 0..1u32 << (polls / 2).min(4) {
             spin_hint();
         }
         if let Attempt::Ready(r) = attempt() {
             return Some(r);
         }
-        if start.elapsed() > SPIN_BUDGET {
+        polls = polls.wrapping_add(1);
+        if polls % 16 == 0 && start.elapsed() > SPIN_BUDGET {
             return None;
         }
     }
