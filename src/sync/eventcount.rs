@@ -269,14 +269,14 @@ fn spin<R>(attempt: &mut impl FnMut() -> Attempt<R>, polled: bool) -> Option<R> 
     let start = std::time::Instant::now();
     let mut polls = 0u32;
     loop {
-        // Backing off: 1, 1, 2, 2, 4, 4, 8, 8, then 16 pauses between polls. A reply a
-        // peer on another CPU sends at once is seen within a pause or two, so a round trip
-        // pays almost no poll granularity; a longer wait polls the line the peer writes
-        // less and less often, so its stores do not each pull the line back. A fixed 16
-        // made round trips about five times slower; the back-off costs a streaming
-        // consumer that keeps catching up some of its batching instead (BENCHMARKS.md,
-        // "Polling": the compromise, measured).
-        for _ in 0..1u32 << (polls / 2).min(4) {
+        // Backing off: 4, 4, 8, 8, then 16 pauses between polls. A reply a peer on
+        // another CPU sends at once is seen within a few pauses, so a round trip pays
+        // little poll granularity; a longer wait polls the line the peer writes less and
+        // less often, so its stores do not each pull the line back. A fixed 16 made round
+        // trips several times slower; starting at 1 pause made them faster still but
+        // cost a streaming consumer (one that keeps catching up) much of its batching.
+        // The compromise is measured in BENCHMARKS.md ("Polling").
+        for _ in 0..4u32 << (polls / 2).min(2) {
             spin_hint();
         }
         if let Attempt::Ready(r) = attempt() {
