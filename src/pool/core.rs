@@ -24,13 +24,22 @@ pub(crate) const SLICE: Duration = Duration::from_millis(20);
 /// to wake up (every refill of a worker that ran dry costs a futex wake-up, ~15 µs
 /// across vCPUs on a loaded machine; with 8 this was a third of a wake-up per item).
 const DEPTH: usize = 128;
-/// Chunks queued per worker whose last chunk took [`QUICK`] or longer, or whose speed is
-/// not known yet (a new worker): one running and one ready. Long chunks gain nothing from
-/// a deeper queue, and a deep queue would fix their split between workers in advance
-/// (largest-first `imap_unordered` of `fib` would give every other task to each worker).
-pub(crate) const SLOW_DEPTH: usize = 2;
+/// Chunks queued per worker whose last chunk took between [`QUICK`] and [`LONG`]: one
+/// running and one ready. Such chunks gain nothing from a deeper queue, and a deep queue
+/// would fix their split between workers in advance (largest-first `imap_unordered` of
+/// `fib` would give every other task to each worker).
+const SLOW_DEPTH: usize = 2;
+/// Chunks queued per worker whose last chunk took [`LONG`] or more, or whose speed is not
+/// known yet (a new worker): only the running one. A chunk waiting behind a long one is a
+/// chunk the other worker could have started: with largest-first `fib(1..=40)`, one ready
+/// chunk each held the speed-up on two CPUs at ~1.83× instead of ~1.9×. The price, a round
+/// trip between a worker's chunks, is noise beside a chunk of a millisecond or more; a new
+/// worker pays it once, until its first chunk tells how quick it is.
+pub(crate) const LONG_DEPTH: usize = 1;
 /// A chunk that came back quicker than this lets its worker take [`DEPTH`] chunks.
 const QUICK: Duration = Duration::from_micros(100);
+/// A chunk that took this long or longer limits its worker to [`LONG_DEPTH`].
+const LONG: Duration = Duration::from_millis(1);
 /// How long one `drain` waits for announced big replies to stream in.
 const BIG_WAIT: Duration = Duration::from_secs(1);
 /// How long `join` waits for a worker told to exit before killing it.
@@ -673,7 +682,13 @@ impl Core {
                     // Replies taken in one pump share its clock: a worker that finished
                     // several chunks between two pumps is quick.
                     let took = self.clock.saturating_duration_since(w.head_start);
-                    w.depth = if took < QUICK { DEPTH } else { SLOW_DEPTH };
+                    w.depth = if took < QUICK {
+                        DEPTH
+                    } else if took < LONG {
+                        SLOW_DEPTH
+                    } else {
+                        LONG_DEPTH
+                    };
                     w.head_start = self.clock;
                     if self.cfg.task_timeout.is_some() {
                         w.head_since = Instant::now();

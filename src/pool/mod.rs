@@ -63,9 +63,10 @@
 //! carries only segment descriptors for the zero-copy chunk maps. The pool queues chunks
 //! to a worker ahead of time while there is plenty of work: up to 128 while its chunks
 //! come back quickly (under 100 µs each), so a worker runs through small tasks without
-//! waiting for the pool to wake up, and 2 (one running, one ready) while they take longer
-//! or before its first one came back, so long tasks are not split between workers in
-//! advance. The k-th is queued only while at least k × processes chunks wait, so the tail
+//! waiting for the pool to wake up, 2 (one running, one ready) while they take up to a
+//! millisecond, and only the running one while they take longer or before its first one
+//! came back, so long tasks are not split between workers in advance (a chunk waiting
+//! behind a long one is one the other worker could have started). The k-th is queued only while at least k × processes chunks wait, so the tail
 //! of a job goes to whichever worker is free first. A worker runs its chunks in order, so the pool
 //! knows exactly which chunk each worker is running: the oldest it sent that has not come
 //! back. No pipe or socket carries data; the pidfd of each worker (through

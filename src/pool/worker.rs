@@ -297,7 +297,7 @@ impl Worker {
             started: false,
             outstanding: VecDeque::new(),
             head_since: Instant::now(),
-            depth: super::core::SLOW_DEPTH,
+            depth: super::core::LONG_DEPTH,
             head_start: Instant::now(),
             dispatched: 0,
             big_expected: 0,
