@@ -16,7 +16,6 @@
 //! | `linux/procfs.rs` | `/proc` evidence: stat, thread lists, maps, pid namespace | the Linux back end |
 //! | `linux/shm.rs` | memfd, named objects, aligned shared mappings | the Linux back end |
 //! | `linux/task.rs` | fork, exit, wait, signals, task existence | the Linux back end |
-//! | `maps.rs` | this process's mappings, read once per fork (`/proc/self/maps`) | Linux |
 //! | `process.rs` | pidfds, `waitid`, re-exec with inherited descriptors (the `Process` layer) | Linux only, for now |
 //!
 //! # The back-end contract
@@ -54,8 +53,9 @@
 //!   (zombie); `thread_stat(tid) -> io::Result<Option<ThreadStat>>` (`Ok(None)`: no such
 //!   task); `thread_count()`; `thread_ids(pid)`; `children_of_current_thread()`.
 //! * `proc_matches_own_namespace() -> bool`; `pid_namespace_id() -> Option<u64>`.
-//! * `struct MappedFile`; `own_mapping_at(addr)`; `process_maps_file(pid, file)`: whether
-//!   a live process still maps a file (a lock owner that `exec`'d something else).
+//! * `struct MappedFile`; `own_mappings()` (all at once, for the fork handler),
+//!   `own_mapping_at(addr)`; `process_maps_file(pid, file)`: whether a live process still
+//!   maps a file (a lock owner that `exec`'d something else).
 //!
 //! **Shared memory** (`linux/shm.rs`).
 //! * `memfd_create(name, len) -> io::Result<File>`: anonymous, close-on-exec, sealed size.
@@ -88,10 +88,6 @@ pub(crate) use process::*;
 // POSIX too; only the `Process` layer (Linux, for now) calls it.
 mod process_group;
 pub(crate) use process_group::*;
-#[cfg(target_os = "linux")]
-mod maps;
-#[cfg(target_os = "linux")]
-pub(crate) use maps::*;
 
 // Sockets are POSIX, not Linux-specific: shared by every Unix back end.
 mod socket;
@@ -128,6 +124,7 @@ const _: () = {
     let _: fn() -> io::Result<Vec<u32>> = children_of_current_thread;
     let _: fn() -> bool = proc_matches_own_namespace;
     let _: fn() -> Option<u64> = pid_namespace_id;
+    let _: fn() -> io::Result<Vec<(usize, usize, Option<MappedFile>)>> = own_mappings;
     let _: fn(usize) -> io::Result<Option<(usize, usize, Option<MappedFile>)>> = own_mapping_at;
     let _: fn(u32, MappedFile) -> io::Result<Option<bool>> = process_maps_file;
     // Shared memory.

@@ -203,11 +203,10 @@ pub(crate) fn parse_maps_line(line: &[u8]) -> Option<(usize, usize, Option<Mappe
     Some((start, end, file))
 }
 
-/// The mapping of the calling process that contains `addr`: its range and its file
-/// (`None` for an anonymous mapping). `Ok(None)` if `addr` is not mapped.
-pub(crate) fn own_mapping_at(
-    addr: usize,
-) -> io::Result<Option<(usize, usize, Option<MappedFile>)>> {
+/// Every mapping of the calling process: its range and its file (`None` for an anonymous
+/// mapping), from one read of `/proc/self/maps`. For callers that look up several
+/// addresses at once (the fork handler), instead of one read per address.
+pub(crate) fn own_mappings() -> io::Result<Vec<(usize, usize, Option<MappedFile>)>> {
     if cfg!(miri) {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -218,6 +217,16 @@ pub(crate) fn own_mapping_at(
     Ok(text
         .split(|&b| b == b'\n')
         .filter_map(parse_maps_line)
+        .collect())
+}
+
+/// The mapping of the calling process that contains `addr`: its range and its file
+/// (`None` for an anonymous mapping). `Ok(None)` if `addr` is not mapped.
+pub(crate) fn own_mapping_at(
+    addr: usize,
+) -> io::Result<Option<(usize, usize, Option<MappedFile>)>> {
+    Ok(own_mappings()?
+        .into_iter()
         .find(|&(start, end, _)| start <= addr && addr < end))
 }
 
